@@ -1,0 +1,14 @@
+// `npm run bench -- NAME [options]`: runs one benchmark; each compares vmshift with QEMU,
+// qemu-nbd and nbdkit on the same work in the same run and prints ratios.
+const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
+  shim: () => import('./shim.ts'),
+  migrate: () => import('./migrate.ts'),
+};
+
+const [name, ...rest] = process.argv.slice(2);
+if (!name || !benches[name]) {
+  process.stderr.write(`usage: npm run bench -- <${Object.keys(benches).join('|')}> [options]\n`);
+  process.exit(2);
+}
+const mod = await benches[name]!();
+await mod.main(rest);

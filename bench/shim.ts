@@ -1,0 +1,93 @@
+// `npm run bench -- shim [--size 1G] [--seconds 8]`: fio (nbd engine) on the same raw file
+// through qemu-nbd, nbdkit's file plugin and a vmshift shim (bitmap tracking on).
+// Condition: "warm": the file is fully written first and stays resident; each system gets
+// the same workloads in the same run, and vmshift is reported as a ratio to qemu-nbd.
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { fio, peakRssMiB, table, type FioResult } from './lib.ts';
+import { parseSize } from '../src/util/size.ts';
+
+const root = new URL('..', import.meta.url).pathname;
+
+interface System {
+  name: string;
+  start(file: string, sock: string): ChildProcess;
+  exportName: string;
+}
+
+const systems: System[] = [
+  { name: 'qemu-nbd', exportName: 'disk', start: (f, s) => spawn('qemu-nbd', ['-t', '-e', '8', '-f', 'raw', '-k', s, '-x', 'disk', f], { stdio: 'ignore' }) },
+  { name: 'nbdkit', exportName: 'disk', start: (f, s) => spawn('nbdkit', ['-U', s, '--foreground', '--exit-with-parent', 'file', f], { stdio: 'ignore' }) },
+  { name: 'vmshift', exportName: 'disk', start: (f, s) => spawn(join(root, 'bin/vmshift'), ['serve', f, '--socket', s, '--track', 'bitmap', '--state', `${s}.state.json`], { stdio: 'ignore' }) },
+];
+
+const workloads = [
+  { name: '4k randread qd16', unit: 'IOPS', args: ['--rw=randread', '--bs=4k', '--iodepth=16'] },
+  { name: '4k randwrite qd16', unit: 'IOPS', args: ['--rw=randwrite', '--bs=4k', '--iodepth=16'] },
+  { name: '1M read qd4', unit: 'MiB/s', args: ['--rw=read', '--bs=1M', '--iodepth=4'] },
+  { name: '1M write qd4', unit: 'MiB/s', args: ['--rw=write', '--bs=1M', '--iodepth=4'] },
+];
+
+async function waitSocket(path: string, proc: ChildProcess): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (proc.exitCode !== null) throw new Error(`server exited (${proc.exitCode}) before ${path} appeared`);
+    if (existsSync(path)) {
+      try {
+        execFileSync('nbdinfo', ['--size', `nbd+unix:///disk?socket=${path}`], { stdio: 'ignore' });
+        return;
+      } catch { /* not ready */ }
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${path}`);
+}
+
+export async function main(args: string[]): Promise<void> {
+  const opt = (name: string, def: string) => {
+    const i = args.indexOf(`--${name}`);
+    return i >= 0 ? args[i + 1]! : def;
+  };
+  const size = parseSize(opt('size', '1G'));
+  const seconds = Number(opt('seconds', '8'));
+  const dir = mkdtempSync(join(tmpdir(), 'vmshift-bench-'));
+  const file = join(dir, 'disk.raw');
+  const results: Record<string, Record<string, FioResult>> = {};
+  const rss: Record<string, number> = {};
+  try {
+    process.stderr.write(`bench shim: filling ${size} bytes (warm condition)\n`);
+    execFileSync('fio', ['--name=fill', `--filename=${file}`, '--rw=write', '--bs=1M', `--size=${size}`, '--ioengine=psync', '--end_fsync=1', '--refill_buffers'], { stdio: 'ignore' });
+    for (const sys of systems) {
+      const sock = join(dir, `${sys.name}.sock`);
+      const proc = sys.start(file, sock);
+      try {
+        await waitSocket(sock, proc);
+        results[sys.name] = {};
+        for (const w of workloads) {
+          process.stderr.write(`bench shim: ${sys.name}: ${w.name}\n`);
+          results[sys.name]![w.name] = await fio([
+            '--name=b', '--ioengine=nbd', `--uri=nbd+unix:///${sys.exportName}?socket=${sock}`, `--size=${size}`,
+            '--time_based', `--runtime=${seconds}`, '--ramp_time=1', '--norandommap', '--randrepeat=0', ...w.args,
+          ]);
+        }
+        if (sys.name === 'vmshift') rss[sys.name] = peakRssMiB(proc.pid!);
+      } finally {
+        proc.kill('SIGTERM');
+        await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.on('exit', r)));
+      }
+    }
+    const rows = workloads.map((w) => {
+      const v = (s: string) => (w.unit === 'IOPS' ? results[s]![w.name]!.iops : results[s]![w.name]!.mibps);
+      return [w.name, w.unit, v('qemu-nbd'), v('nbdkit'), v('vmshift'), `${(v('vmshift') / v('qemu-nbd')).toFixed(2)}x`, `${(v('vmshift') / v('nbdkit')).toFixed(2)}x`];
+    });
+    const out = table(['workload', 'unit', 'qemu-nbd', 'nbdkit file', 'vmshift', 'vmshift/qemu-nbd', 'vmshift/nbdkit'], rows);
+    const summary = `${out}\n\nvmshift peak RSS: ${rss.vmshift?.toFixed(1)} MiB; file ${size} bytes, warm, fio ${seconds} s per cell, nbd engine over a unix socket.`;
+    process.stdout.write(summary + '\n');
+    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+    writeFileSync(join(root, 'bench/results', `shim-${stamp}.json`), JSON.stringify({ size, seconds, results: Object.fromEntries(Object.entries(results).map(([k, v]) => [k, Object.fromEntries(Object.entries(v).map(([w, r]) => [w, { ...r, raw: undefined }]))])), rss }, null, 2));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,306 @@
+// FileDevice: a raw image file or a block device as a BlockDevice.
+//
+// Reads and writes are positional on one FileHandle (so requests may run concurrently);
+// flush is fdatasync, FUA is write then fdatasync. Sparse-aware through the native addon
+// (native/vmshift_native.c): blockStatus comes from SEEK_DATA/SEEK_HOLE, and write-zeroes
+// and trim punch holes. Without the addon everything still works, only less cleverly:
+// every byte is reported as data, zeroes are written for real, trim does nothing and is
+// not advertised, and fast-zero fails with ENOTSUP.
+import { constants as fsc, promises as fsp, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { debuglog } from 'node:util';
+import {
+  BlockError, DEFAULT_CAPS, checkRange, errnoOf,
+  type BlockDevice, type DeviceCaps, type Extent, type WriteOpts, type ZeroOpts,
+} from './device.ts';
+
+const debug = debuglog('vmshift');
+
+/** The native addon's functions (see native/vmshift_native.c). */
+export interface NativeFileOps {
+  /** Next data offset at or after `offset`, or -1 when only a hole follows. */
+  seekData(fd: number, offset: number): number;
+  /** Next hole offset at or after `offset` (the end counts as a hole), or -1 past the end. */
+  seekHole(fd: number, offset: number): number;
+  punchHole(fd: number, offset: number, length: number): void;
+  zeroRange(fd: number, offset: number, length: number): void;
+  blockDeviceSize(fd: number): number;
+}
+
+let nativeOps: NativeFileOps | null | undefined;
+
+/**
+ * The addon, loaded on first use (scripts/build-native.sh builds it), or null when it is
+ * missing or VMSHIFT_NO_NATIVE is set. The fallback is said once, in the NODE_DEBUG=vmshift log.
+ */
+export function loadNative(): NativeFileOps | null {
+  if (nativeOps !== undefined) return nativeOps;
+  if (process.env.VMSHIFT_NO_NATIVE) {
+    debug('native addon disabled by VMSHIFT_NO_NATIVE: no sparse files, zeroes are written');
+    return (nativeOps = null);
+  }
+  try {
+    nativeOps = createRequire(import.meta.url)('../../native/build/vmshift_native.node') as NativeFileOps;
+  } catch (err) {
+    debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', String((err as Error).message).split('\n')[0]);
+    nativeOps = null;
+  }
+  return nativeOps;
+}
+
+export interface FileOpenOptions {
+  readOnly?: boolean;
+  /** Create the file with this size if it does not exist (or is empty); an existing file must already have it. */
+  create?: { size: number };
+  /** Use the native addon when available (default true); false forces the portable fallback. */
+  native?: boolean;
+}
+
+/** Largest single buffer for zeroes written by hand (fallback path). */
+const ZERO_CHUNK = 1024 * 1024;
+/** Bound on extents in one blockStatus answer; NBD allows answering a prefix. */
+const MAX_EXTENTS = 1024;
+
+/** Errnos that mean "this filesystem/device cannot do that fallocate mode". */
+function unsupported(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'EINVAL' || code === 'ENOTTY';
+}
+
+/** Linux dev_t -> "major:minor" (glibc's encoding), to find a block device in /sys. */
+function majorMinor(rdev: number): string {
+  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
+  return `${major}:${minor}`;
+}
+
+export class FileDevice implements BlockDevice {
+  readonly caps: DeviceCaps;
+  readonly name: string;
+  #closed = false;
+  #syncs = 0;
+
+  private constructor(
+    private readonly handle: fsp.FileHandle,
+    readonly path: string,
+    readonly size: number,
+    readonly isBlockDevice: boolean,
+    private readonly native: NativeFileOps | null,
+    readOnly: boolean,
+  ) {
+    this.name = `file:${path}`;
+    this.caps = Object.freeze({
+      ...DEFAULT_CAPS,
+      readOnly,
+      canTrim: !readOnly && native !== null,
+      canZero: !readOnly,
+      canFastZero: !readOnly && native !== null,
+      // fsync and the page cache make several connections to one file consistent.
+      canMultiConn: true,
+    });
+  }
+
+  static async open(path: string, opts: FileOpenOptions = {}): Promise<FileDevice> {
+    const readOnly = opts.readOnly ?? false;
+    if (readOnly && opts.create) throw new BlockError('EINVAL', `file:${path}: cannot create a read-only device`);
+    const native = opts.native === false ? null : loadNative();
+    let flags = readOnly ? fsc.O_RDONLY : fsc.O_RDWR;
+    if (opts.create) flags |= fsc.O_CREAT;
+    let handle: fsp.FileHandle;
+    try {
+      handle = await fsp.open(path, flags, 0o600);
+    } catch (err) {
+      throw new BlockError(errnoOf(err), `file:${path}: open failed: ${(err as Error).message}`, { cause: err });
+    }
+    try {
+      const st = await handle.stat();
+      let size: number;
+      if (st.isBlockDevice()) {
+        size = native ? native.blockDeviceSize(handle.fd) : FileDevice.#sysfsSize(st.rdev);
+      } else if (st.isFile()) {
+        size = st.size;
+        if (opts.create) {
+          const want = opts.create.size;
+          if (!Number.isSafeInteger(want) || want < 0) throw new BlockError('EINVAL', `file:${path}: bad create size ${want}`);
+          if (size === 0 && want > 0) {
+            await handle.truncate(want);
+            size = want;
+          } else if (size !== want) {
+            throw new BlockError('EINVAL', `file:${path}: exists with size ${size}, not the requested ${want}`);
+          }
+        }
+      } else {
+        throw new BlockError('EINVAL', `file:${path}: not a regular file or block device`);
+      }
+      return new FileDevice(handle, path, size, st.isBlockDevice(), native, readOnly);
+    } catch (err) {
+      await handle.close().catch(() => {});
+      if (err instanceof BlockError) throw err;
+      throw new BlockError(errnoOf(err), `file:${path}: open failed: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** Block device size without the addon: /sys/dev/block/MAJ:MIN/size counts 512-byte sectors. */
+  static #sysfsSize(rdev: number): number {
+    const sectors = Number(readFileSync(`/sys/dev/block/${majorMinor(rdev)}/size`, 'utf8').trim());
+    if (!Number.isSafeInteger(sectors)) throw new Error(`cannot read the size of block device ${majorMinor(rdev)}`);
+    return sectors * 512;
+  }
+
+  /** Whether the sparse-file addon is in use for this device. */
+  get sparse(): boolean {
+    return this.native !== null;
+  }
+
+  /** fdatasync calls made so far (flushes and FUA writes): lets tests and status see durability work. */
+  get syncCount(): number {
+    return this.#syncs;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.#check('read', offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    await this.#io('read', offset, length, async () => {
+      while (done < length) {
+        const { bytesRead } = await this.handle.read(buf, done, length - done, offset + done);
+        // The size was fixed at open; a file that shrank under us reads short.
+        if (bytesRead === 0) throw new BlockError('EIO', `${this.name}: read ${offset}+${length}: unexpected end of file at ${offset + done}`);
+        done += bytesRead;
+      }
+    });
+    return buf;
+  }
+
+  async write(offset: number, data: Buffer, opts: WriteOpts = {}): Promise<void> {
+    this.#check('write', offset, data.length, true);
+    await this.#io('write', offset, data.length, async () => {
+      await this.#writeAll(offset, data);
+      if (opts.fua) await this.#sync();
+    });
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOpts = {}): Promise<void> {
+    this.#check('write-zeroes', offset, length, true);
+    if (length === 0) return;
+    await this.#io('write-zeroes', offset, length, async () => {
+      if (!(await this.#zeroFast(offset, length, opts.noHole ?? false))) {
+        if (opts.fastZero) throw new BlockError('ENOTSUP', `${this.name}: write-zeroes ${offset}+${length}: no fast zeroing here`);
+        await this.#writeZeroesSlowly(offset, length);
+      }
+      if (opts.fua) await this.#sync();
+    });
+  }
+
+  async trim(offset: number, length: number, opts: WriteOpts = {}): Promise<void> {
+    this.#check('trim', offset, length, true);
+    if (length === 0 || !this.native) return; // trim is advisory: doing nothing is correct
+    await this.#io('trim', offset, length, async () => {
+      try {
+        this.native!.punchHole(this.handle.fd, offset, length);
+      } catch (err) {
+        if (!unsupported(err)) throw err;
+      }
+      if (opts.fua) await this.#sync();
+    });
+  }
+
+  async flush(): Promise<void> {
+    this.#check('flush', 0, 0);
+    await this.#io('flush', 0, 0, () => this.#sync());
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.#check('block-status', offset, length);
+    if (length === 0) return [];
+    const end = offset + length;
+    // Block devices reject SEEK_DATA (EINVAL): report them, like files without the addon, as all data.
+    if (!this.native || this.isBlockDevice) return [{ offset, length, hole: false, zero: false }];
+    const extents: Extent[] = [];
+    await this.#io('block-status', offset, length, async () => {
+      const fd = this.handle.fd;
+      let pos = offset;
+      while (pos < end && extents.length < MAX_EXTENTS) {
+        const data = this.native!.seekData(fd, pos);
+        if (data < 0 || data > pos) {
+          // A hole up to the next data (or to the end: -1 means no data follows).
+          const holeEnd = data < 0 ? end : Math.min(data, end);
+          extents.push({ offset: pos, length: holeEnd - pos, hole: true, zero: true });
+          pos = holeEnd;
+        } else {
+          const hole = this.native!.seekHole(fd, pos);
+          const dataEnd = hole < 0 ? end : Math.min(hole, end);
+          extents.push({ offset: pos, length: dataEnd - pos, hole: false, zero: false });
+          pos = dataEnd;
+        }
+      }
+    });
+    return extents;
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    // Advisory; the page cache does read-ahead on its own.
+    this.#check('cache', offset, length);
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.handle.close();
+  }
+
+  /** Zero with one fallocate call; false when that is not possible here (caller writes zeroes). */
+  async #zeroFast(offset: number, length: number, noHole: boolean): Promise<boolean> {
+    if (!this.native) return false;
+    const fd = this.handle.fd;
+    // Punching a hole both zeroes and frees space; ZERO_RANGE zeroes and keeps it allocated,
+    // which NO_HOLE asks for. A filesystem without PUNCH_HOLE may still have ZERO_RANGE.
+    const modes = noHole ? [this.native.zeroRange] : [this.native.punchHole, this.native.zeroRange];
+    for (const mode of modes) {
+      try {
+        mode(fd, offset, length);
+        return true;
+      } catch (err) {
+        if (!unsupported(err)) throw err;
+      }
+    }
+    return false;
+  }
+
+  async #writeZeroesSlowly(offset: number, length: number): Promise<void> {
+    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+    for (let done = 0; done < length; ) {
+      const n = Math.min(zeroes.length, length - done);
+      await this.#writeAll(offset + done, n === zeroes.length ? zeroes : zeroes.subarray(0, n));
+      done += n;
+    }
+  }
+
+  async #writeAll(offset: number, data: Buffer): Promise<void> {
+    for (let done = 0; done < data.length; ) {
+      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async #sync(): Promise<void> {
+    this.#syncs++;
+    await this.handle.datasync();
+  }
+
+  #check(op: string, offset: number, length: number, modifies = false): void {
+    if (this.#closed) throw new BlockError('ESHUTDOWN', `${this.name}: ${op} after close`);
+    if (modifies && this.caps.readOnly) throw new BlockError('EPERM', `${this.name}: ${op} on a read-only device`);
+    checkRange(this, offset, length);
+  }
+
+  /** Runs one operation, turning any failure into a BlockError that names the device and request. */
+  async #io(op: string, offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      if (err instanceof BlockError) throw err;
+      throw new BlockError(errnoOf(err), `${this.name}: ${op} ${offset}+${length} failed: ${(err as Error).message}`, { cause: err });
+    }
+  }
+}

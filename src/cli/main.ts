@@ -1,0 +1,27 @@
+// The vmshift command: virsh-style verbs, human output on a terminal, --json for scripts.
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { serveCommand } from './serve.ts';
+import { statusCommand } from './status.ts';
+import { fail, EXIT_USAGE } from './output.ts';
+
+const argv = hideBin(process.argv);
+const json = argv.includes('--json');
+
+await yargs(argv)
+  .scriptName('vmshift')
+  .option('json', { type: 'boolean', default: false, global: true, describe: 'machine-readable output' })
+  .command(serveCommand as never)
+  .command(statusCommand as never)
+  .demandCommand(1, 'name a command')
+  .strict()
+  .fail((msg, err) => {
+    if (err) fail(err, json);
+    if (json) process.stdout.write(JSON.stringify({ error: { code: 'usage', message: msg } }) + '\n');
+    else process.stderr.write(`vmshift: ${msg}\nTry 'vmshift --help'.\n`);
+    process.exit(EXIT_USAGE);
+  })
+  .help()
+  .version(false)
+  .parseAsync()
+  .catch((e) => fail(e, json));

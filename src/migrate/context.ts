@@ -1,0 +1,100 @@
+// What the phases of a storage migration (precopy, selective mirroring, switch-over) share:
+// the stack they act on, the copier, the options, and the job's running figures.
+import type { Gate } from '../block/gate.ts';
+import type { Tracker } from '../block/tracker.ts';
+import type { Mirror } from '../block/mirror.ts';
+import type { DirtySet } from '../tracking/dirty-set.ts';
+import type { Copier } from './copier.ts';
+import type { Destination } from './destination.ts';
+
+export type MigrateMode = 'auto' | 'precopy' | 'mirror';
+export type TrackerChoice = 'bitmap' | 'incremental' | 'bloom';
+export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'switchover' | 'done' | 'failed' | 'aborted';
+
+export interface MigrateOptions {
+  /** Destination: absolute file path or NBD URI. */
+  to: string;
+  mode: MigrateMode;
+  /** The I/O stall the switch-over may take, in ms (default 50). */
+  maxDowntimeMs: number;
+  /** Copy rate limit in bytes/s; 0 = unlimited. Guest writes mirrored are not limited. */
+  bandwidth: number;
+  tracker: TrackerChoice;
+  /** Leave regions the guest keeps rewriting for the final pass. */
+  heat: boolean;
+  /** Pre-copy passes after the first before giving up converging (default 8). */
+  maxPasses: number;
+  /** Remove the old source file after a successful switch-over. */
+  deleteSource: boolean;
+  /** Pause the guest through this QMP socket during the switch-over instead of only holding I/O. */
+  suspendQmp?: string;
+  chunkSize: number;
+  concurrency: number;
+}
+
+export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
+  mode: 'auto',
+  maxDowntimeMs: 50,
+  bandwidth: 0,
+  tracker: 'bitmap',
+  heat: false,
+  maxPasses: 8,
+  deleteSource: false,
+  chunkSize: 2 * 1024 * 1024,
+  concurrency: 4,
+};
+
+/** What the job reports, in progress events and at the end. */
+export interface JobFigures {
+  phase: JobPhase;
+  pass: number;
+  /** Bytes of the current pass processed / to process. */
+  passDone: number;
+  passTotal: number;
+  /** Bytes written to the destination by the copier (data + zeroes). */
+  bytesCopied: number;
+  dataBytes: number;
+  zeroBytes: number;
+  /** Zero regions not written at all (destination already zero). */
+  skippedBytes: number;
+  /** Guest writes mirrored to the destination. */
+  mirroredBytes: number;
+  /** Copy rate measured over the last pass, bytes/s. */
+  rate: number;
+  /** Dirty bytes still to copy (tracker set + deferred, or the mirror's pending set). */
+  dirtyBytes: number;
+  etaSeconds: number | null;
+  switchedToMirror: boolean;
+  stallMs: number | null;
+  savings: {
+    /** Guest writes the incremental tracker did not mark (ahead of the first pass's cursor). */
+    incrementalSkippedWrites: number;
+    incrementalSkippedBytes: number;
+    /** Copies heat deferral left out of intermediate passes, and those that were rewritten before the final copy. */
+    heatDeferredBytes: number;
+    heatSavedBytes: number;
+    /** Memory of the Bloom set vs an exact bitmap of the same granularity. */
+    bloomBytes: number | null;
+    bitmapBytes: number | null;
+    bloomFalsePositiveRate: number | null;
+  };
+}
+
+export interface JobContext {
+  readonly opts: MigrateOptions;
+  readonly gate: Gate;
+  readonly tracker: Tracker;
+  readonly mirror: Mirror;
+  readonly copier: Copier;
+  readonly dest: Destination;
+  readonly size: number;
+  readonly granularity: number;
+  readonly signal: AbortSignal;
+  readonly figures: JobFigures;
+  /** Sets the phase and tells watchers. */
+  setPhase(phase: JobPhase): void;
+  /** Tells watchers where the job is (rate limited inside). */
+  progress(force?: boolean): void;
+  /** Note a swapped dirty set (Bloom accounting). */
+  noteSet(set: DirtySet): void;
+}

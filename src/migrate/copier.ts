@@ -1,0 +1,212 @@
+// The copier: moves byte ranges from a source device to a destination device in large
+// chunks with several in flight. It keeps thin disks thin: block status skips holes and
+// zero extents, and data that reads as zeroes is detected block by block; such regions are
+// written as holes (write-zeroes without NO_HOLE), or not at all when the destination is
+// known to be zero there (a file the job just created).
+import { BlockError, errnoOf, type BlockDevice, type Extent } from '../block/device.ts';
+import type { RateLimiter } from './limiter.ts';
+
+export interface CopyRange {
+  offset: number;
+  length: number;
+}
+
+export interface CopierOptions {
+  /** Bytes read and written per request (default 2 MiB). */
+  chunkSize?: number;
+  /** Chunks in flight (default 4). */
+  concurrency?: number;
+  limiter?: RateLimiter;
+  signal?: AbortSignal;
+}
+
+export interface CopyRunOptions {
+  /** The destination reads as zeroes in these ranges (skip zero regions entirely). */
+  destIsZero?: boolean;
+  /** Called synchronously before each chunk is read (the incremental tracker's cursor). */
+  beforeChunk?: (start: number, end: number) => void;
+  /** Chunk size for this run only (the mirror copies a small window in several pieces). */
+  chunkSize?: number;
+}
+
+export interface CopierStats {
+  /** Data bytes written to the destination. */
+  dataBytes: number;
+  /** Bytes written as holes/zeroes on the destination. */
+  zeroBytes: number;
+  /** Zero bytes not written at all (destination already zero). */
+  skippedBytes: number;
+  /** Bytes of ranges finished, whatever happened to them (for progress). */
+  processedBytes: number;
+}
+
+/** A copy failure that says which side failed (the job's message depends on it). */
+export class CopyError extends Error {
+  constructor(
+    readonly side: 'source' | 'destination',
+    readonly errno: string,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'CopyError';
+  }
+}
+
+/** Thrown when the job's abort signal fired; carries the signal's reason. */
+export function throwIfAborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw signal.reason instanceof Error ? signal.reason : new Error(String(signal.reason ?? 'aborted'));
+}
+
+/** Zero detection granularity inside data extents. */
+const ZERO_BLOCK = 64 * 1024;
+
+export class Copier {
+  readonly chunkSize: number;
+  readonly concurrency: number;
+  readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0 };
+  readonly #zeroes: Buffer;
+
+  constructor(
+    readonly source: BlockDevice,
+    readonly destination: BlockDevice,
+    readonly opts: CopierOptions = {},
+  ) {
+    this.chunkSize = opts.chunkSize ?? 2 * 1024 * 1024;
+    this.concurrency = Math.max(1, opts.concurrency ?? 4);
+    this.#zeroes = Buffer.alloc(Math.max(this.chunkSize, ZERO_BLOCK));
+  }
+
+  /** Bytes that reached the destination (data and zeroes). */
+  get writtenBytes(): number {
+    return this.stats.dataBytes + this.stats.zeroBytes;
+  }
+
+  /** Copy `ranges` (ascending), `concurrency` chunks at a time; the first failure stops it. */
+  async copy(ranges: Iterable<CopyRange>, run: CopyRunOptions = {}): Promise<void> {
+    const chunks = this.#chunks(ranges, run.chunkSize ?? this.chunkSize);
+    let failure: unknown = null;
+    const worker = async () => {
+      for (;;) {
+        if (failure) return;
+        throwIfAborted(this.opts.signal);
+        const next = chunks.next();
+        if (next.done) return;
+        const [start, end] = next.value;
+        run.beforeChunk?.(start, end);
+        try {
+          await this.copyChunk(start, end, run.destIsZero ?? false);
+          this.stats.processedBytes += end - start;
+        } catch (e) {
+          failure ??= e;
+          return;
+        }
+      }
+    };
+    const results = await Promise.allSettled(Array.from({ length: this.concurrency }, worker));
+    if (failure) throw failure;
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /** Copy [start, end) now: block status first, then data runs and zero runs. */
+  async copyChunk(start: number, end: number, destIsZero: boolean): Promise<void> {
+    for (const ext of await this.#extents(start, end)) {
+      if (ext.zero) {
+        await this.#zero(ext.offset, ext.length, destIsZero);
+        continue;
+      }
+      const data = await this.#side('source', `read ${ext.offset}+${ext.length}`, () => this.source.read(ext.offset, ext.length));
+      await this.#writeData(ext.offset, data, destIsZero);
+    }
+  }
+
+  /** Chunks of at most chunkSize, aligned to chunkSize, covering the ranges in order. */
+  *#chunks(ranges: Iterable<CopyRange>, size: number): Generator<[number, number]> {
+    for (const r of ranges) {
+      const end = Math.min(r.offset + r.length, this.source.size);
+      for (let pos = r.offset; pos < end; ) {
+        const next = Math.min(end, (Math.floor(pos / size) + 1) * size);
+        yield [pos, next];
+        pos = next;
+      }
+    }
+  }
+
+  /** Block status for the whole of [start, end) (servers may answer a prefix at a time). */
+  async #extents(start: number, end: number): Promise<Extent[]> {
+    if (!this.source.caps.canBlockStatus) return [{ offset: start, length: end - start, hole: false, zero: false }];
+    const out: Extent[] = [];
+    for (let pos = start; pos < end; ) {
+      const at = pos;
+      const got = await this.#side('source', `block-status ${pos}+${end - pos}`, () => this.source.blockStatus(at, end - at));
+      for (const e of got) {
+        const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
+        if (t <= s) continue;
+        const last = out[out.length - 1];
+        if (last && last.zero === e.zero && last.offset + last.length === s) last.length += t - s;
+        else out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
+        pos = t;
+      }
+      if (pos === at) throw new CopyError('source', 'EIO', `${this.source.name}: block-status at ${at} answered nothing usable`);
+    }
+    return out;
+  }
+
+  /** Write data, turning blocks that are all zeroes into zero runs. */
+  async #writeData(offset: number, data: Buffer, destIsZero: boolean): Promise<void> {
+    let runStart = 0;
+    let runZero: boolean | null = null;
+    const flush = async (to: number) => {
+      if (runZero === null || to <= runStart) return;
+      if (runZero) await this.#zero(offset + runStart, to - runStart, destIsZero);
+      else {
+        const part = data.subarray(runStart, to);
+        await this.opts.limiter?.take(part.length, this.opts.signal);
+        await this.#side('destination', `write ${offset + runStart}+${part.length}`, () => this.destination.write(offset + runStart, part));
+        this.stats.dataBytes += part.length;
+      }
+    };
+    for (let pos = 0; pos < data.length; pos += ZERO_BLOCK) {
+      const n = Math.min(ZERO_BLOCK, data.length - pos);
+      const zero = data.subarray(pos, pos + n).equals(this.#zeroes.subarray(0, n));
+      if (zero !== runZero) {
+        await flush(pos);
+        runStart = pos;
+        runZero = zero;
+      }
+    }
+    await flush(data.length);
+  }
+
+  async #zero(offset: number, length: number, destIsZero: boolean): Promise<void> {
+    if (destIsZero) {
+      this.stats.skippedBytes += length;
+      return;
+    }
+    const dst = this.destination;
+    if (dst.caps.canZero) {
+      // No NO_HOLE flag: the destination may punch a hole, which keeps it thin.
+      await this.#side('destination', `write-zeroes ${offset}+${length}`, () => dst.writeZeroes(offset, length));
+    } else {
+      for (let done = 0; done < length; ) {
+        const n = Math.min(this.#zeroes.length, length - done);
+        await this.#side('destination', `write ${offset + done}+${n}`, () => dst.write(offset + done, this.#zeroes.subarray(0, n)));
+        done += n;
+      }
+    }
+    this.stats.zeroBytes += length;
+  }
+
+  /** Run one request and say which device failed, with its errno. */
+  async #side<T>(side: 'source' | 'destination', what: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      if (e instanceof CopyError) throw e;
+      const dev = side === 'source' ? this.source : this.destination;
+      const errno = e instanceof BlockError ? e.errno : errnoOf(e);
+      const msg = (e as Error).message ?? String(e);
+      throw new CopyError(side, errno, msg.includes(dev.name) ? `${what}: ${msg}` : `${dev.name}: ${what}: ${msg}`, { cause: e });
+    }
+  }
+}

@@ -1,0 +1,135 @@
+// Iterative pre-copy (idea 1) with cheaper tracking (idea 2): a full first pass while the
+// tracker records writes, then passes over what was dirtied, until the rest can be copied
+// within the downtime budget at the measured copy rate.
+//  - incremental: during pass 1 the tracker's cursor follows the copier, so writes ahead of
+//    it are not marked (their data is copied when the copier gets there anyway);
+//  - heat: regions the guest keeps rewriting are left out of intermediate passes (up to what
+//    the final stall can absorb) and copied once, at the switch-over;
+//  - convergence policy: the job stops iterating when the estimated stall fits the budget;
+//    `auto` gives up on pre-copy when a pass does not shrink the dirty set enough (the
+//    writes outpace the copy) and `precopy` when the pass limit is hit.
+import { DirtyBitmap } from '../tracking/bitmap.ts';
+import type { DirtyRange, DirtySet } from '../tracking/dirty-set.ts';
+import { throwIfAborted } from './copier.ts';
+import { splitAt, unionRanges } from './ranges.ts';
+import type { JobContext } from './context.ts';
+
+/** A pass must leave at most this fraction of what it copied dirty, or auto mirrors. */
+export const SHRINK_REQUIRED = 0.6;
+/** Decayed writes per heat region that make it "hot". */
+export const HOT_WRITES = 4;
+/** Share of the downtime budget heat deferral may fill. */
+const DEFER_SHARE = 0.5;
+
+export interface PrecopyOutcome {
+  /** converged: fits the budget; diverging: auto should mirror; limit: pass limit hit. */
+  kind: 'converged' | 'diverging' | 'limit';
+  /** Dirty sets still to copy (the switch-over or the mirror pass takes them). */
+  carry: DirtySet[];
+}
+
+export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
+  const { tracker, copier, opts, figures } = ctx;
+  ctx.setPhase('precopy');
+  const incremental = opts.tracker === 'incremental';
+  let skippedBytes = 0;
+  const unlisten = incremental ? tracker.onWrite((offset, length) => {
+    if (offset >= tracker.cursor) skippedBytes += length;
+  }) : () => {};
+  const skippedBefore = tracker.stats().skippedAhead;
+  let prevCopied: number;
+  try {
+    prevCopied = await timedPass(ctx, 1, ctx.size, () =>
+      copier.copy([{ offset: 0, length: ctx.size }], {
+        destIsZero: ctx.dest.initiallyZero,
+        // Set BEFORE the chunk is read: writes into it count as behind the cursor.
+        beforeChunk: incremental ? (_start, end) => void (tracker.cursor = Math.max(tracker.cursor, end)) : undefined,
+      }));
+  } finally {
+    tracker.cursor = Infinity;
+    unlisten();
+  }
+  figures.savings.incrementalSkippedWrites = tracker.stats().skippedAhead - skippedBefore;
+  figures.savings.incrementalSkippedBytes = skippedBytes;
+
+  let deferred: DirtyBitmap | null = null;
+  for (let pass = 2; ; pass++) {
+    throwIfAborted(ctx.signal);
+    const set = tracker.swap();
+    ctx.noteSet(set);
+    if (deferred) figures.savings.heatSavedBytes += rewritten(deferred, set);
+    const carry = deferred ? [set, deferred] : [set];
+    const toCopy = set.dirtyBytes() + (deferred?.dirtyBytes() ?? 0);
+    figures.dirtyBytes = toCopy;
+    const stallMs = figures.rate > 0 ? (toCopy / figures.rate) * 1000 : toCopy === 0 ? 0 : Infinity;
+    if (stallMs <= opts.maxDowntimeMs) return { kind: 'converged', carry };
+    if (opts.mode === 'auto' && toCopy > SHRINK_REQUIRED * prevCopied) return { kind: 'diverging', carry };
+    if (pass > opts.maxPasses) return { kind: 'limit', carry };
+
+    const next = opts.heat ? new DirtyBitmap(ctx.size, ctx.granularity) : null;
+    const work = next ? deferHot(ctx, unionRanges(carry.map((s) => s.ranges())), next) : unionRanges(carry.map((s) => s.ranges()));
+    prevCopied = await timedPass(ctx, pass, toCopy, () => copier.copy(work, { destIsZero: false }));
+    deferred = next && next.dirtyBytes() > 0 ? next : null;
+    tracker.heat?.decay(0.5);
+  }
+}
+
+/** Run one pass, measure its copy rate, and return the bytes it wrote to the destination. */
+async function timedPass(ctx: JobContext, pass: number, total: number, run: () => Promise<void>): Promise<number> {
+  const { copier, figures } = ctx;
+  figures.pass = pass;
+  figures.passTotal = total;
+  const written0 = copier.writtenBytes, processed0 = copier.stats.processedBytes;
+  const started = performance.now();
+  const tick = setInterval(() => {
+    figures.passDone = copier.stats.processedBytes - processed0;
+    ctx.progress();
+  }, 250);
+  try {
+    await run();
+  } finally {
+    clearInterval(tick);
+  }
+  const secs = Math.max((performance.now() - started) / 1000, 1e-3);
+  const written = copier.writtenBytes - written0;
+  // A pass that wrote little (a sparse disk) measures the rate poorly: count what it scanned.
+  const basis = written >= 1024 * 1024 ? written : copier.stats.processedBytes - processed0;
+  if (basis > 0) figures.rate = basis / secs;
+  figures.passDone = copier.stats.processedBytes - processed0;
+  ctx.progress(true);
+  return written;
+}
+
+/**
+ * Leave the hottest regions out of this pass (marking them in `deferred`), as many as fit
+ * in a share of the downtime budget at the measured rate; yield the rest.
+ */
+function* deferHot(ctx: JobContext, ranges: Iterable<DirtyRange>, deferred: DirtyBitmap): Generator<DirtyRange> {
+  const heat = ctx.tracker.heat;
+  if (!heat) return yield* ranges;
+  const budget = DEFER_SHARE * ctx.figures.rate * (ctx.opts.maxDowntimeMs / 1000);
+  const hot = new Set<number>();
+  let room = budget;
+  for (const r of heat.hotRegions(64)) {
+    if (r.writes < HOT_WRITES || r.length > room) break;
+    hot.add(r.offset);
+    room -= r.length;
+  }
+  for (const piece of splitAt(ranges, heat.regionSize)) {
+    if (hot.has(Math.floor(piece.offset / heat.regionSize) * heat.regionSize)) {
+      deferred.mark(piece.offset, piece.length);
+      ctx.figures.savings.heatDeferredBytes += piece.length;
+    } else yield piece;
+  }
+}
+
+/** Deferred bytes the guest wrote again since: copies heat deferral did not have to make. */
+function rewritten(deferred: DirtyBitmap, set: DirtySet): number {
+  let n = 0;
+  for (const r of deferred.ranges()) {
+    for (let pos = r.offset; pos < r.offset + r.length; pos += deferred.granularity) {
+      if (set.has(pos, 1)) n += Math.min(deferred.granularity, r.offset + r.length - pos);
+    }
+  }
+  return n;
+}

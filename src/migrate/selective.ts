@@ -1,0 +1,96 @@
+// Selective mirroring (idea 4): one pass from offset 0 to the end with the Mirror layer
+// active. Behind the copier's cursor every guest write goes to both devices; ahead of it,
+// to the source only (and into the Mirror's `pending` set); writes into the window being
+// copied wait for it. When the cursor reaches the end the destination equals the source,
+// whatever the write rate: no second pass.
+//  - `full` (mode mirror): every chunk is copied (holes skipped via block status);
+//  - `dirty` (auto, after pre-copy): only what the carried dirty sets and `pending` name
+//    is copied; clean stretches are skipped in one step.
+import { DirtyBitmap } from '../tracking/bitmap.ts';
+import type { DirtySet } from '../tracking/dirty-set.ts';
+import { throwIfAborted } from './copier.ts';
+import { firstDirty, unionRanges } from './ranges.ts';
+import type { JobContext } from './context.ts';
+
+/** Bytes the copier holds at a time: guest writes into it wait at most one window's copy. */
+export const MIRROR_WINDOW = 1024 * 1024;
+
+/**
+ * Activate the mirror with the gate paused (no write in flight may straddle the change) and
+ * take the tracker's set into `carry` so nothing written so far is missed.
+ */
+export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null): Promise<DirtySet[] | null> {
+  const { gate, tracker, mirror } = ctx;
+  await gate.pause();
+  try {
+    if (carry) {
+      const set = tracker.swap();
+      ctx.noteSet(set);
+      carry = [...carry, set];
+    }
+    // From here on the mirror decides what the destination needs; tracking would only
+    // make the switch-over recopy mirrored blocks.
+    tracker.cursor = 0;
+    mirror.start(carry ? new DirtyBitmap(ctx.size, ctx.granularity) : null);
+  } finally {
+    gate.resume();
+  }
+  return carry;
+}
+
+/** The mirror pass: `carry` null copies everything, else only the carried sets and pending. */
+export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Promise<void> {
+  const { mirror, copier, figures, size } = ctx;
+  ctx.setPhase('mirror');
+  const sets = carry ? [...carry, mirror.pending!] : null;
+  figures.pass += 1;
+  figures.passTotal = size;
+  const started = performance.now();
+  const written0 = copier.writtenBytes;
+  let lastTick = 0;
+  while (mirror.cursor < size) {
+    throwIfAborted(ctx.signal);
+    if (mirror.error) throw mirror.error;
+    // Choosing the next start and moving the cursor happen in one synchronous step: a write
+    // that started before has already marked `pending`, so nothing is skipped over.
+    const start = sets ? firstDirty(sets, mirror.cursor) : mirror.cursor;
+    if (start < 0) {
+      mirror.cursor = size;
+      break;
+    }
+    mirror.cursor = start;
+    const end = Math.min(size, start + MIRROR_WINDOW);
+    await mirror.hold(start, end);
+    try {
+      const work = sets ? unionRanges(sets.map((s) => s.ranges(start)), start, end) : [{ offset: start, length: end - start }];
+      await copier.copy(work, { destIsZero: !carry && ctx.dest.initiallyZero, chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency) });
+      mirror.cursor = end;
+    } finally {
+      mirror.release();
+    }
+    figures.passDone = mirror.cursor;
+    figures.dirtyBytes = sets ? remaining(sets, mirror.cursor) : size - mirror.cursor;
+    figures.mirroredBytes = mirror.stats().mirroredBytes;
+    const now = performance.now();
+    if (now - lastTick > 250) {
+      lastTick = now;
+      const secs = (now - started) / 1000;
+      if (secs > 0.5 && copier.writtenBytes > written0) figures.rate = (copier.writtenBytes - written0) / secs;
+      ctx.progress();
+    }
+  }
+  if (mirror.error) throw mirror.error;
+  figures.passDone = size;
+  figures.dirtyBytes = 0;
+  ctx.progress(true);
+}
+
+/** Dirty bytes at or after `from` (an estimate for progress only; bounded work). */
+function remaining(sets: DirtySet[], from: number): number {
+  let n = 0, i = 0;
+  for (const r of unionRanges(sets.map((s) => s.ranges(from)), from)) {
+    n += r.length;
+    if (++i > 4096) break;
+  }
+  return n;
+}

@@ -1,0 +1,27 @@
+// A shim's durable record of which device it serves. The origin is what the operator first
+// gave; the backing is where the disk lives now (it changes only at a switch-over, and is
+// written with write-then-rename before the devices are swapped). A restarted shim reads it,
+// so it serves the migrated disk, not the stale source.
+import { z } from 'zod';
+import { readJsonIfExists, writeFileAtomic } from '../util/atomic-file.ts';
+
+export const ShimStateSchema = z.object({
+  version: z.literal(1),
+  origin: z.string().min(1),
+  backing: z.string().min(1),
+  updatedAt: z.string(),
+  history: z.array(z.object({ from: z.string(), to: z.string(), at: z.string() })).default([]),
+});
+export type ShimState = z.infer<typeof ShimStateSchema>;
+
+export async function loadShimState(path: string): Promise<ShimState | undefined> {
+  const raw = await readJsonIfExists<unknown>(path);
+  if (raw === undefined) return undefined;
+  const parsed = ShimStateSchema.safeParse(raw);
+  if (!parsed.success) throw new Error(`${path}: not a vmshift shim state file: ${parsed.error.issues[0]?.message}`);
+  return parsed.data;
+}
+
+export async function saveShimState(path: string, state: ShimState): Promise<void> {
+  await writeFileAtomic(path, JSON.stringify(state, null, 2) + '\n');
+}

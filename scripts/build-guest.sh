@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 exec 9>"$OUT/.lock"
 flock 9
 
-want=$(cat "$0" guest/* | sha256sum | cut -d' ' -f1)
+want=$(find scripts/build-guest.sh guest -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$want" ] \
    && [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
   exit 0
@@ -30,6 +30,7 @@ BUSYBOX=$(command -v busybox || true)
 if [ -z "$BUSYBOX" ] || ldd "$BUSYBOX" >/dev/null 2>&1; then
   log "needs a static busybox (apt-get install busybox-static)"; exit 1
 fi
+command -v cpio >/dev/null || { log "needs cpio (apt-get install cpio)"; exit 1; }
 TMP=$(mktemp -d /tmp/vmshift-guest.XXXXXX)
 chmod 755 "$TMP"   # apt-get download runs as _apt and wants to write here
 trap 'rm -rf "$TMP"' EXIT

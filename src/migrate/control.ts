@@ -1,4 +1,93 @@
-// Placeholder: the storage-migration engineer registers migrate.* methods on a shim here.
+// The migrate.* methods on a shim's control socket:
+//   migrate.start  {to, mode, ...options, follow?}  start a job; with follow, stream its
+//                  `phase`/`progress`/`end` events and answer with the result when it ends
+//   migrate.watch  follow the running job (or get the last result)
+//   migrate.status the running job's figures, or the last result
+//   migrate.abort  stop the running job (rolls back unless already committed); answers
+//                  with its result
+// A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it).
+// On registration, a journal left by a job that died with the process is cleaned up.
+import { z } from 'zod';
 import type { Shim } from '../shim/shim.ts';
+import { ControlError } from '../control/protocol.ts';
+import type { CallContext } from '../control/server.ts';
+import { MigrationJob, type JobResult } from './job.ts';
+import { DEFAULT_OPTIONS, type MigrateOptions } from './context.ts';
+import { journalPath, recoverJournal } from './journal.ts';
 
-export function registerMigrationMethods(_shim: Shim): void {}
+const StartParams = z.object({
+  to: z.string().min(1),
+  mode: z.enum(['auto', 'precopy', 'mirror']).default(DEFAULT_OPTIONS.mode),
+  maxDowntimeMs: z.number().nonnegative().default(DEFAULT_OPTIONS.maxDowntimeMs),
+  bandwidth: z.number().int().nonnegative().default(DEFAULT_OPTIONS.bandwidth),
+  tracker: z.enum(['bitmap', 'incremental', 'bloom']).default(DEFAULT_OPTIONS.tracker),
+  heat: z.boolean().default(DEFAULT_OPTIONS.heat),
+  maxPasses: z.number().int().min(1).max(1000).default(DEFAULT_OPTIONS.maxPasses),
+  deleteSource: z.boolean().default(DEFAULT_OPTIONS.deleteSource),
+  suspendQmp: z.string().min(1).optional(),
+  chunkSize: z.number().int().min(64 * 1024).max(64 * 1024 * 1024).default(DEFAULT_OPTIONS.chunkSize),
+  concurrency: z.number().int().min(1).max(64).default(DEFAULT_OPTIONS.concurrency),
+  follow: z.boolean().default(false),
+});
+
+interface Slot {
+  job: MigrationJob | null;
+  last: JobResult | null;
+  /** What start-up recovery did about a job that died with the process, if anything. */
+  recovered: string | null;
+}
+
+export async function registerMigrationMethods(shim: Shim): Promise<void> {
+  const slot: Slot = { job: null, last: null, recovered: null };
+  if (!shim.opts.readOnly) {
+    slot.recovered = await recoverJournal(journalPath(shim.opts.statePath), shim.backing);
+    if (slot.recovered) process.stderr.write(`vmshift: ${slot.recovered}\n`);
+  }
+  const none = () => new ControlError('no-job', `${shim.opts.socket}: no migration is running`);
+
+  shim.control.on('migrate.start', async (params, ctx) => {
+    const parsed = StartParams.safeParse(params);
+    if (!parsed.success) {
+      const i = parsed.error.issues[0]!;
+      throw new ControlError('bad-request', `migrate.start: ${i.path.join('.') || 'params'}: ${i.message}`);
+    }
+    const { follow: wantsFollow, ...opts } = parsed.data;
+    const job = await MigrationJob.start(shim, opts as MigrateOptions);
+    slot.job = job;
+    void job.done.then((r) => {
+      slot.last = r;
+      if (slot.job === job) slot.job = null;
+    });
+    return wantsFollow ? follow(job, ctx) : job.snapshot();
+  });
+
+  shim.control.on('migrate.watch', (_params, ctx) => {
+    if (slot.job) return follow(slot.job, ctx);
+    if (slot.last) return slot.last;
+    throw none();
+  });
+
+  shim.control.on('migrate.status', () => ({
+    running: slot.job !== null,
+    job: slot.job ? slot.job.snapshot() : slot.last,
+    recovered: slot.recovered,
+  }));
+
+  shim.control.on('migrate.abort', async () => {
+    const job = slot.job;
+    if (!job) throw none();
+    job.abort();
+    return job.done;
+  });
+}
+
+/** Stream the job's events to this caller until it ends; a failed job answers with its error. */
+async function follow(job: MigrationJob, ctx: CallContext): Promise<JobResult> {
+  const unsubscribe = job.subscribe((event, data) => ctx.emit(event, data));
+  void ctx.closed.then(unsubscribe);
+  ctx.emit('phase', { phase: job.phase, pass: job.figures.pass });
+  const result = await job.done;
+  unsubscribe();
+  if (!result.ok) throw new ControlError(result.error?.code ?? 'failed', result.error?.message ?? 'migration failed');
+  return result;
+}

@@ -50,12 +50,12 @@ export class Shim {
 
   static async start(options: ShimOptions): Promise<Shim> {
     const opts = {
+      ...options,
       exportName: options.exportName ?? 'disk',
       readOnly: options.readOnly ?? false,
       track: options.track ?? ('bitmap' as TrackKind),
       granularity: options.granularity ?? 64 * 1024,
       statePath: options.statePath ?? `${options.socket}.state.json`,
-      ...options,
     };
     let state = await loadShimState(opts.statePath);
     if (state && state.origin !== opts.source) {
@@ -76,7 +76,7 @@ export class Shim {
       await server.listenUnix(opts.socket, opts.socketMode ?? 0o600);
       if (opts.tcp) await server.listenTcp(opts.tcp.host, opts.tcp.port);
       control.on('status', () => shim.status());
-      registerMigrationMethods(shim);
+      await registerMigrationMethods(shim);
       await control.listen(controlSocketFor(opts.socket));
     } catch (e) {
       await shim.stop().catch(() => {});

@@ -23,5 +23,5 @@ export function formatBytes(n: number): string {
     n /= 1024;
     i++;
   }
-  return `${i === 0 ? n : n.toFixed(n < 10 ? 2 : 1)} ${units[i]}`;
+  return `${Number.isInteger(n) ? n : n.toFixed(n < 10 ? 2 : 1)} ${units[i]}`;
 }

@@ -15,7 +15,7 @@ export const GUEST_INITRD = join(GUEST_DIR, 'initramfs.cpio.gz');
 export const GUEST_DISK_NODE = 'd0';
 export const GUEST_DISK_DEVICE = 'vd0';
 
-export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle';
+export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty';
 export type GuestDisk = { nbdSocket: string; exportName: string } | { file: string; format?: 'raw' | 'qcow2' };
 
 export interface GuestParams {
@@ -29,8 +29,10 @@ export interface GuestParams {
   start?: number;
   /** Writer: stop after this many records (default 0 = run until stopped). */
   count?: number;
-  /** Writer: milliseconds between records (default 0). */
+  /** Writer or dirty: milliseconds between records or passes (default 0). */
   delay?: number;
+  /** Dirty: MiB of guest RAM rewritten each pass (default 32). */
+  mib?: number;
 }
 
 export interface BootOptions {

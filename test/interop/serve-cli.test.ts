@@ -23,7 +23,7 @@ test('serve: QEMU writes through the shim, status shows exact dirty bytes, SIGTE
   await waitForSocket(sock, shim);
   await waitForSocket(`${sock}.ctl`, shim);
 
-  await run('qemu-io', ['-f', 'raw', '--image-opts', nbdOpts(sock), '-c', `write -P 0xab ${1 * MiB} 128k`, '-c', `write -P 0xcd ${8 * MiB + 100} 10`]);
+  await run('qemu-io', ['--image-opts', nbdOpts(sock), '-c', `write -P 0xab ${1 * MiB} 128k`, '-c', `write -P 0xcd ${8 * MiB + 100} 10`]);
   const st = JSON.parse((await run(vmshift, ['status', '--socket', sock, '--json'])).stdout);
   assert.is(st.backing, file);
   assert.is(st.size, 16 * MiB);

@@ -1,0 +1,254 @@
+// A storage-migration job on one shim: checks and opens the destination, inserts its own
+// Tracker -> Mirror -> source stack under the gate, runs the mode's phases, switches over,
+// and reports. It runs inside the shim process; callers watch it through the control
+// socket and may go away without stopping it. Any failure before the commit point puts the
+// shim's original stack back, removes what the job created, and leaves the source as the
+// disk; an abort is such a failure, on request.
+import { unlink } from 'node:fs/promises';
+import type { Shim } from '../shim/shim.ts';
+import type { BlockDevice } from '../block/device.ts';
+import { Tracker } from '../block/tracker.ts';
+import { Mirror } from '../block/mirror.ts';
+import { isNbdUri } from '../block/open.ts';
+import { BloomDirtySet } from '../tracking/bloom.ts';
+import type { DirtySet } from '../tracking/dirty-set.ts';
+import { ControlError } from '../control/protocol.ts';
+import { Copier, CopyError } from './copier.ts';
+import { RateLimiter } from './limiter.ts';
+import { openDestination, discard, type Destination } from './destination.ts';
+import { journalPath, writeJournal, removeJournal } from './journal.ts';
+import { precopy } from './precopy.ts';
+import { startMirroring, mirrorPass } from './selective.ts';
+import { switchOver, CommittedError } from './switchover.ts';
+import type { JobContext, JobFigures, JobPhase, MigrateOptions } from './context.ts';
+
+export interface JobResult extends JobFigures {
+  ok: boolean;
+  mode: MigrateOptions['mode'];
+  tracker: MigrateOptions['tracker'];
+  from: string;
+  to: string;
+  startedAt: string;
+  durationMs: number;
+  error: { code: string; message: string } | null;
+}
+
+export type JobListener = (event: 'progress' | 'phase' | 'end', data: unknown) => void;
+
+class AbortRequested extends Error {
+  override name = 'AbortRequested';
+}
+
+export class MigrationJob {
+  readonly startedAt = new Date();
+  readonly from: string;
+  readonly figures: JobFigures = {
+    phase: 'starting', pass: 0, passDone: 0, passTotal: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
+    mirroredBytes: 0, rate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null,
+    savings: { incrementalSkippedWrites: 0, incrementalSkippedBytes: 0, heatDeferredBytes: 0, heatSavedBytes: 0, bloomBytes: null, bitmapBytes: null, bloomFalsePositiveRate: null },
+  };
+  readonly done: Promise<JobResult>;
+  readonly #abort = new AbortController();
+  readonly #listeners = new Set<JobListener>();
+  #lastProgress = 0;
+  #copier: Copier;
+
+  private constructor(
+    private readonly shim: Shim,
+    readonly opts: MigrateOptions,
+    private readonly dest: Destination,
+    private readonly release: () => void,
+    private readonly journal: string,
+  ) {
+    this.from = shim.backing;
+    this.#copier = new Copier(shim.bottom, dest.device, {
+      chunkSize: opts.chunkSize,
+      concurrency: opts.concurrency,
+      limiter: new RateLimiter(opts.bandwidth),
+      signal: this.#abort.signal,
+    });
+    this.done = this.#run();
+  }
+
+  /** Claim the disk, check and open the destination, and start; errors here are the caller's. */
+  static async start(shim: Shim, opts: MigrateOptions): Promise<MigrationJob> {
+    if (shim.opts.readOnly) throw new ControlError('read-only', `${shim.opts.socket}: the shim serves its disk read-only; nothing to migrate live`);
+    const release = shim.claim('migrate-storage');
+    const journal = journalPath(shim.opts.statePath);
+    try {
+      const disk = { backing: shim.backing, socket: shim.opts.socket, size: shim.gate.size, caps: shim.gate.caps };
+      const dest = await openDestination(opts.to, disk, (path) => writeJournal(journal, path, true));
+      return new MigrationJob(shim, opts, dest, release, journal);
+    } catch (e) {
+      await removeJournal(journal).catch(() => {});
+      release();
+      throw e;
+    }
+  }
+
+  get phase(): JobPhase {
+    return this.figures.phase;
+  }
+
+  /** Ask the job to stop; it rolls back unless the switch-over has already committed. */
+  abort(reason = 'aborted by request'): void {
+    this.#abort.abort(new AbortRequested(reason));
+  }
+
+  subscribe(fn: JobListener): () => void {
+    this.#listeners.add(fn);
+    return () => this.#listeners.delete(fn);
+  }
+
+  snapshot(): JobResult {
+    this.#sync();
+    return {
+      ...structuredClone(this.figures),
+      ok: this.figures.phase === 'done',
+      mode: this.opts.mode,
+      tracker: this.opts.tracker,
+      from: this.from,
+      to: this.dest.spec,
+      startedAt: this.startedAt.toISOString(),
+      durationMs: Date.now() - this.startedAt.getTime(),
+      error: null,
+    };
+  }
+
+  #emit(event: 'progress' | 'phase' | 'end', data: unknown): void {
+    for (const fn of this.#listeners) {
+      try {
+        fn(event, data);
+      } catch {
+        // A watcher's failure is not the job's.
+      }
+    }
+  }
+
+  #sync(): void {
+    const s = this.#copier.stats, f = this.figures;
+    f.dataBytes = s.dataBytes;
+    f.zeroBytes = s.zeroBytes;
+    f.skippedBytes = s.skippedBytes;
+    f.bytesCopied = this.#copier.writtenBytes;
+    f.etaSeconds = f.rate > 0 ? Math.max(0, f.passTotal - f.passDone) / f.rate : null;
+  }
+
+  async #run(): Promise<JobResult> {
+    const { shim, opts, dest } = this;
+    const gate = shim.gate;
+    // Our own stack under the gate: the tracker kind is the job's choice, and the mirror
+    // layer is in place (inactive) so auto can start mirroring without another swap.
+    const mirror = new Mirror(shim.bottom, dest.device);
+    const tracker = new Tracker(mirror, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity: shim.opts.granularity, heat: opts.heat });
+    let original: BlockDevice | null = null;
+    let committed = false;
+    const ctx: JobContext = {
+      opts, gate, tracker, mirror, copier: this.#copier, dest, size: gate.size, granularity: shim.opts.granularity,
+      signal: this.#abort.signal, figures: this.figures,
+      setPhase: (phase) => {
+        this.figures.phase = phase;
+        this.#emit('phase', { phase, pass: this.figures.pass });
+        ctx.progress(true);
+      },
+      progress: (force = false) => {
+        const now = Date.now();
+        if (!force && now - this.#lastProgress < 200) return;
+        this.#lastProgress = now;
+        this.figures.mirroredBytes = mirror.stats().mirroredBytes;
+        this.#sync();
+        this.#emit('progress', { ...this.figures, savings: undefined });
+      },
+      noteSet: (set: DirtySet) => this.#noteSet(set),
+    };
+    try {
+      // Give the first tick a chance: the caller gets its answer (job started) first.
+      await new Promise((r) => setImmediate(r));
+      await gate.pause();
+      try {
+        original = gate.swap(tracker);
+        if (opts.tracker === 'incremental') tracker.cursor = 0;
+      } finally {
+        gate.resume();
+      }
+      let carry: DirtySet[] = [];
+      if (opts.mode === 'mirror') {
+        await startMirroring(ctx, null);
+        await mirrorPass(ctx, null);
+      } else {
+        const outcome = await precopy(ctx);
+        if (outcome.kind === 'diverging') {
+          this.figures.switchedToMirror = true;
+          const sets = await startMirroring(ctx, outcome.carry);
+          await mirrorPass(ctx, sets);
+        } else carry = outcome.carry;
+      }
+      const sw = await switchOver(ctx, shim, carry);
+      committed = true;
+      // The old source device is no longer below the gate; close it, and delete it if asked.
+      await sw.old.close().catch(() => {});
+      if (opts.deleteSource && !isNbdUri(this.from)) await unlink(this.from).catch(() => {});
+      await removeJournal(this.journal).catch(() => {});
+      this.figures.phase = 'done';
+      return this.#finish(null);
+    } catch (e) {
+      if (e instanceof CommittedError) {
+        committed = true;
+        gate.resume();
+      }
+      if (!committed) await this.#rollback(original, tracker, mirror);
+      this.figures.phase = this.#abort.signal.aborted && !committed ? 'aborted' : 'failed';
+      return this.#finish(this.#describe(e));
+    } finally {
+      this.release();
+    }
+  }
+
+  /** Put the shim's own stack back on the source and undo what the job created. */
+  async #rollback(original: BlockDevice | null, tracker: Tracker, mirror: Mirror): Promise<void> {
+    const gate = this.shim.gate;
+    mirror.stop();
+    await gate.pause();
+    try {
+      if (original && gate.next === tracker) gate.swap(original);
+    } finally {
+      gate.resume();
+    }
+    await discard(this.dest).catch((e) => this.#emit('progress', { warning: (e as Error).message }));
+    await removeJournal(this.journal).catch(() => {});
+  }
+
+  #finish(error: JobResult['error']): JobResult {
+    const result = { ...this.snapshot(), ok: error === null, error };
+    this.#emit('end', result);
+    return result;
+  }
+
+  /** A message that names what failed and says the guest is still on the source. */
+  #describe(e: unknown): { code: string; message: string } {
+    const stay = `the disk stays on ${this.from}`;
+    if (e instanceof AbortRequested) return { code: 'aborted', message: `migration to ${this.dest.spec} aborted during ${this.#phaseName()}: ${stay}` };
+    if (e instanceof CommittedError) return { code: 'swap-failed', message: e.message };
+    const cause = e instanceof Error ? e.message : String(e);
+    if (e instanceof CopyError && e.side === 'destination') {
+      if (e.errno === 'ENOSPC') return { code: 'destination-full', message: `destination ${this.dest.spec} is out of space (${cause}): ${stay}` };
+      return { code: 'destination-failed', message: `destination ${this.dest.spec} failed during ${this.#phaseName()}: ${cause}: ${stay}` };
+    }
+    if (e instanceof CopyError) return { code: 'source-failed', message: `reading the source failed during ${this.#phaseName()}: ${cause}: ${stay}` };
+    if (/mirroring to/.test(cause)) return { code: 'destination-failed', message: `${cause}: ${stay}` };
+    return { code: 'failed', message: `migration to ${this.dest.spec} failed during ${this.#phaseName()}: ${cause}: ${stay}` };
+  }
+
+  #phaseName(): string {
+    const f = this.figures;
+    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase;
+  }
+
+  #noteSet(set: DirtySet): void {
+    if (!(set instanceof BloomDirtySet)) return;
+    const s = this.figures.savings;
+    s.bloomBytes = set.words.byteLength;
+    s.bitmapBytes = Math.ceil(set.blocks / 32) * 4;
+    s.bloomFalsePositiveRate = Math.max(s.bloomFalsePositiveRate ?? 0, set.estimatedFalsePositiveRate());
+  }
+}

@@ -3,6 +3,8 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { serveCommand } from './serve.ts';
 import { statusCommand } from './status.ts';
+import { migrateStorageCommand } from './migrate-storage.ts';
+import { abortCommand } from './abort.ts';
 import { fail, EXIT_USAGE } from './output.ts';
 
 const argv = hideBin(process.argv);
@@ -13,6 +15,8 @@ await yargs(argv)
   .option('json', { type: 'boolean', default: false, global: true, describe: 'machine-readable output' })
   .command(serveCommand as never)
   .command(statusCommand as never)
+  .command(migrateStorageCommand as never)
+  .command(abortCommand as never)
   .demandCommand(1, 'name a command')
   .strict()
   .fail((msg, err) => {

@@ -1,0 +1,112 @@
+// `vmshift migrate-storage --socket SHIM_SOCKET --to DEST [...]`: move a running shim's disk
+// to DEST while the guest keeps writing. The job runs inside the shim; this command starts
+// it and follows it (a progress bar on a terminal, JSON lines otherwise or with --json).
+// Ctrl-C asks the shim to abort the job (the disk stays on its source); --detach starts it
+// and returns at once. Exit 0 when the disk moved, 1 when the job failed.
+import type { Argv, ArgumentsCamelCase } from 'yargs';
+import { resolve } from 'node:path';
+import cliProgress from 'cli-progress';
+import { controlCall } from '../control/client.ts';
+import { controlSocketFor } from '../shim/shim.ts';
+import { isNbdUri } from '../block/open.ts';
+import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
+import { printJson, UsageError } from './output.ts';
+import type { JobResult } from '../migrate/job.ts';
+import type { JobFigures } from '../migrate/context.ts';
+
+interface MigrateArgs {
+  socket: string;
+  to: string;
+  mode: 'auto' | 'precopy' | 'mirror';
+  maxDowntime: string;
+  bandwidth?: string;
+  tracker: 'bitmap' | 'incremental' | 'bloom';
+  heat: boolean;
+  maxPasses: number;
+  deleteSource: boolean;
+  qmp?: string;
+  suspend: boolean;
+  detach: boolean;
+  json: boolean;
+}
+
+export const migrateStorageCommand = {
+  command: 'migrate-storage',
+  describe: "Move a running shim's disk to another file or NBD export while the guest writes",
+  builder: (y: Argv) =>
+    y
+      .option('socket', { type: 'string', demandOption: true, describe: 'the NBD socket the shim serves (its control socket is beside it)' })
+      .option('to', { type: 'string', demandOption: true, describe: 'destination: a raw file (created if missing) or nbd+unix:// / nbd:// URI' })
+      .option('mode', { choices: ['auto', 'precopy', 'mirror'] as const, default: 'auto' as const, describe: 'auto: pre-copy, mirror when it does not converge' })
+      .option('max-downtime', { type: 'string', default: '50ms', describe: 'I/O stall allowed at the switch-over' })
+      .option('bandwidth', { type: 'string', describe: 'copy rate limit per second (e.g. 100M)' })
+      .option('tracker', { choices: ['bitmap', 'incremental', 'bloom'] as const, default: 'bitmap' as const, describe: 'dirty tracking during pre-copy' })
+      .option('heat', { type: 'boolean', default: false, describe: 'leave often-rewritten regions for the final pass (--no-heat: off)' })
+      .option('max-passes', { type: 'number', default: 8, describe: 'pre-copy passes before giving up converging' })
+      .option('delete-source', { type: 'boolean', default: false, describe: 'remove the old source file after the switch-over' })
+      .option('qmp', { type: 'string', describe: "the guest's QMP socket (for --suspend)" })
+      .option('suspend', { type: 'boolean', default: false, describe: 'pause the guest through QMP during the switch-over' })
+      .option('detach', { type: 'boolean', default: false, describe: 'start the job and return; follow it with `vmshift status`' }),
+  handler: async (argv: ArgumentsCamelCase<MigrateArgs>) => {
+    if (argv.suspend && !argv.qmp) throw new UsageError('--suspend needs --qmp PATH (the guest QMP socket)');
+    const params = {
+      // The shim may run in another directory: give it an absolute path.
+      to: isNbdUri(argv.to) ? argv.to : resolve(argv.to),
+      mode: argv.mode,
+      maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
+      bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
+      tracker: argv.tracker,
+      heat: argv.heat,
+      maxPasses: argv.maxPasses,
+      deleteSource: argv.deleteSource,
+      suspendQmp: argv.suspend ? resolve(argv.qmp!) : undefined,
+      follow: !argv.detach,
+    };
+    const ctl = controlSocketFor(argv.socket);
+    const human = !argv.json && process.stderr.isTTY;
+    const bar = human ? new cliProgress.SingleBar({
+      format: '{phase} pass {pass} |{bar}| {percentage}% {copied} copied, {rate}/s, dirty {dirty}, ETA {eta_s}',
+      hideCursor: true,
+    }, cliProgress.Presets.shades_classic) : null;
+    let started = false;
+    const onEvent = (event: string, data: unknown) => {
+      if (!bar) return printJson({ event, data });
+      const f = data as Partial<JobFigures>;
+      if (event !== 'progress' || f.passTotal === undefined) return;
+      const payload = { phase: f.phase, pass: f.pass, copied: formatBytes(f.bytesCopied ?? 0), rate: formatBytes(f.rate ?? 0), dirty: formatBytes(f.dirtyBytes ?? 0) };
+      if (!started) bar.start(Math.max(1, f.passTotal), 0, payload);
+      started = true;
+      bar.setTotal(Math.max(1, f.passTotal));
+      bar.update(Math.min(f.passDone ?? 0, f.passTotal), { ...payload, eta: f.etaSeconds === null ? 'n/a' : Math.round(f.etaSeconds ?? 0) });
+    };
+    // Ctrl-C is a request to abort: the shim rolls back and this command reports it.
+    const onSigint = () => {
+      if (!argv.json) process.stderr.write('\nvmshift: aborting the migration (the disk stays on its source)...\n');
+      controlCall(ctl, 'migrate.abort', {}).catch(() => {});
+    };
+    process.on('SIGINT', onSigint);
+    try {
+      const result = await controlCall<JobResult>(ctl, 'migrate.start', params, { onEvent });
+      bar?.stop();
+      if (argv.json || !process.stdout.isTTY) return printJson(argv.detach ? { started: result } : { result });
+      if (argv.detach) return void process.stdout.write(`migration of ${result.from} to ${result.to} started; follow it with vmshift status --socket ${argv.socket}\n`);
+      process.stdout.write(summary(result));
+    } finally {
+      bar?.stop();
+      process.off('SIGINT', onSigint);
+    }
+  },
+};
+
+function summary(r: JobResult): string {
+  const s = r.savings;
+  const lines = [
+    `moved ${r.from} -> ${r.to} (${r.mode}${r.switchedToMirror ? ', switched to mirroring' : ''}) in ${(r.durationMs / 1000).toFixed(1)} s`,
+    `  passes ${r.pass}, copied ${formatBytes(r.bytesCopied)} (${formatBytes(r.dataBytes)} data, ${formatBytes(r.zeroBytes)} zeroes, ${formatBytes(r.skippedBytes)} holes skipped), mirrored ${formatBytes(r.mirroredBytes)}`,
+    `  switch-over stall ${r.stallMs?.toFixed(1)} ms`,
+  ];
+  if (r.tracker === 'incremental') lines.push(`  incremental tracking ignored ${s.incrementalSkippedWrites} writes (${formatBytes(s.incrementalSkippedBytes)}) ahead of the first pass`);
+  if (s.heatDeferredBytes) lines.push(`  heat deferred ${formatBytes(s.heatDeferredBytes)}, of which ${formatBytes(s.heatSavedBytes)} would have been recopied`);
+  if (s.bloomBytes !== null) lines.push(`  Bloom set ${formatBytes(s.bloomBytes)} vs bitmap ${formatBytes(s.bitmapBytes ?? 0)}, false-positive rate ${(100 * (s.bloomFalsePositiveRate ?? 0)).toFixed(2)}%`);
+  return lines.join('\n') + '\n';
+}

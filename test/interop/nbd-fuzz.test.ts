@@ -40,8 +40,10 @@ class Window extends Layer {
   }
 }
 
-/** The client bytes of one valid session, built with the raw helpers on a capture stream. */
-function recordSession(): Buffer {
+interface Session { bytes: Buffer; requests: number[] }
+
+/** The client bytes of one valid session, and where each request header starts in them. */
+function recordSession(): Session {
   const capture = new PassThrough();
   const chunks: Buffer[] = [];
   const w = new RawConn(capture);
@@ -52,24 +54,52 @@ function recordSession(): Buffer {
   w.sendOption(Opt.STRUCTURED_REPLY);
   w.sendOption(Opt.SET_META_CONTEXT, metaData('disk', [BASE_ALLOCATION]));
   w.sendOption(Opt.GO, goData('disk', [Info.NAME, Info.BLOCK_SIZE]));
-  w.request(Cmd.WRITE, 1n, 0, 4096, { data: pattern(4096, 1) });
-  w.request(Cmd.WRITE, 2n, WINDOW - 8192, 8192, { data: pattern(8192, 2), flags: CmdFlag.FUA });
-  w.request(Cmd.READ, 3n, 0, 4096);
-  w.request(Cmd.BLOCK_STATUS, 4n, 0, WINDOW);
-  w.request(Cmd.TRIM, 5n, 65536, 65536);
-  w.request(Cmd.WRITE_ZEROES, 6n, 8192, 4096, { flags: CmdFlag.NO_HOLE });
-  w.request(Cmd.FLUSH, 7n, 0, 0);
-  w.request(Cmd.CACHE, 8n, 0, 4096);
-  w.request(Cmd.READ, 9n, WINDOW - 512, 512, { flags: CmdFlag.DF });
-  w.request(Cmd.DISC, 10n, 0, 0);
   capture.end();
-  return Buffer.concat(chunks);
+  const parts: Buffer[] = [Buffer.concat(chunks)];
+  const requests: number[] = [];
+  let at = parts[0]!.length;
+  const req = (type: number, offset: number, length: number, opts: { flags?: number; data?: Buffer } = {}) => {
+    const h = Buffer.alloc(28);
+    h.writeUInt32BE(0x25609513, 0);
+    h.writeUInt16BE(opts.flags ?? 0, 4);
+    h.writeUInt16BE(type, 6);
+    h.writeBigUInt64BE(BigInt(requests.length + 1), 8);
+    h.writeBigUInt64BE(BigInt(offset), 16);
+    h.writeUInt32BE(length, 24);
+    requests.push(at);
+    parts.push(h);
+    if (opts.data) parts.push(opts.data);
+    at += 28 + (opts.data?.length ?? 0);
+  };
+  req(Cmd.WRITE, 0, 4096, { data: pattern(4096, 1) });
+  req(Cmd.WRITE, WINDOW - 8192, 8192, { data: pattern(8192, 2), flags: CmdFlag.FUA });
+  req(Cmd.READ, 0, 4096);
+  req(Cmd.BLOCK_STATUS, 0, WINDOW);
+  req(Cmd.TRIM, 65536, 65536);
+  req(Cmd.WRITE_ZEROES, 8192, 4096, { flags: CmdFlag.NO_HOLE });
+  req(Cmd.FLUSH, 0, 0);
+  req(Cmd.WRITE, 12288, 4096, { data: pattern(4096, 3) });
+  req(Cmd.CACHE, 0, 4096);
+  req(Cmd.READ, WINDOW - 512, 512, { flags: CmdFlag.DF });
+  req(Cmd.WRITE_ZEROES, WINDOW - 65536, 65536);
+  req(Cmd.DISC, 0, 0);
+  return { bytes: Buffer.concat(parts), requests };
 }
 
-function mutate(session: Buffer, rnd: () => number): Buffer {
-  const b = Buffer.from(session);
+function mutate(session: Session, rnd: () => number): Buffer {
+  const b = Buffer.from(session.bytes);
   const pos = () => Math.floor(rnd() * b.length);
-  switch (Math.floor(rnd() * 5)) {
+  switch (Math.floor(rnd() * 6)) {
+    case 5: { // aim a request at the end of the export: offsets and lengths around the boundary
+      const n = 1 + Math.floor(rnd() * 3);
+      for (let i = 0; i < n; i++) {
+        const at = session.requests[Math.floor(rnd() * session.requests.length)]!;
+        const near = [WINDOW - 4096, WINDOW - 1, WINDOW, WINDOW + 4096, GUARD, 2 ** 53 - 4096, 2 ** 63];
+        if (rnd() < 0.7) b.writeBigUInt64BE(BigInt(near[Math.floor(rnd() * near.length)]!), at + 16);
+        else b.writeUInt32BE([8192, 65536, WINDOW, 0xffffffff][Math.floor(rnd() * 4)]!, at + 24);
+      }
+      return b;
+    }
     case 0: { // bit flips
       const n = 1 + Math.floor(rnd() * 8);
       for (let i = 0; i < n; i++) { const p = pos(); b[p]! ^= 1 << Math.floor(rnd() * 8); }
@@ -139,9 +169,10 @@ test(`server survives ${ROUNDS} mutated sessions and never writes outside the ex
   };
 
   // The unmutated session is valid: its writes arrive (so mutations start from something real).
-  await feed(session, prng(1));
-  for (let i = 0; i < 100 && !(await backing.read(GUARD + WINDOW - 8192, 8192)).equals(pattern(8192, 2)); i++) await new Promise((r) => setTimeout(r, 20));
-  assert.ok((await backing.read(GUARD + WINDOW - 8192, 8192)).equals(pattern(8192, 2)), 'recorded session writes');
+  await feed(session.bytes, prng(1));
+  const landed = async () => (await backing.read(GUARD + 12288, 4096)).equals(pattern(4096, 3)) && (await backing.read(GUARD + WINDOW - 4096, 4096)).equals(Buffer.alloc(4096));
+  for (let i = 0; i < 100 && !(await landed()); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(await landed(), 'the recorded session\'s requests reach the device');
 
   const rnd = prng(SEED);
   const deadline = Date.now() + 120_000;

@@ -53,6 +53,8 @@ export const serveCommand = {
     if (argv.tlsCert && argv.tlsKey) {
       tls = { cert: readFileSync(argv.tlsCert, 'utf8'), key: readFileSync(argv.tlsKey, 'utf8'), ca: argv.tlsCa ? readFileSync(argv.tlsCa, 'utf8') : undefined };
     }
+    // Sockets and state files are born private: no window between listen() and chmod().
+    process.umask(0o077);
     const shim = await Shim.start({
       source: argv.source,
       socket: argv.socket,

@@ -258,7 +258,7 @@ export class Transmission {
         if (req.length === 0) throw new RequestError('EINVAL', 'BLOCK_STATUS of length 0');
         break;
     }
-    if (false && req.offset >= MAX_OFFSET) {
+    if (req.offset >= MAX_OFFSET || req.offset + req.length > this.size) {
       // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
       const errno = req.type === Cmd.WRITE || req.type === Cmd.WRITE_ZEROES ? 'ENOSPC' : 'EINVAL';
       throw new RequestError(errno, `${name}: range ${req.offset}+${req.length} is outside the export (size ${this.size})`);

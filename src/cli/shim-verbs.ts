@@ -1,0 +1,68 @@
+// Verbs that ask vmshiftd to start, stop and list shims:
+//   vmshift shim-start NAME SOURCE [--export disk] [--track bitmap] [--group libvirt-qemu]
+//   vmshift shim-stop NAME [--force]
+//   vmshift list
+// The daemon runs each shim as its own process and remembers it across its own restarts.
+import type { Argv, ArgumentsCamelCase } from 'yargs';
+import { callDaemon, daemonSocket, daemonSocketOption } from './daemon-client.ts';
+import { printJson } from './output.ts';
+import type { ShimRecord } from '../daemon/registry.ts';
+
+interface CommonArgs {
+  daemonSocket?: string;
+  json: boolean;
+}
+
+export const shimStartCommand = {
+  command: 'shim-start <name> <source>',
+  describe: 'Have vmshiftd start a shim serving SOURCE (absolute path or NBD URI) as NAME',
+  builder: (y: Argv) =>
+    y
+      .positional('name', { type: 'string', demandOption: true, describe: 'shim name (letters, digits, . _ -)' })
+      .positional('source', { type: 'string', demandOption: true, describe: 'absolute path of a raw file or block device, or an NBD URI' })
+      .option('export', { type: 'string', default: 'disk', describe: 'NBD export name' })
+      .option('track', { choices: ['bitmap', 'bloom', 'none'] as const, default: 'bitmap' as const, describe: 'dirty tracking' })
+      .option('group', { type: 'string', describe: "group allowed to reach the NBD socket (QEMU's user, e.g. libvirt-qemu)" })
+      .option('daemon-socket', daemonSocketOption),
+  handler: async (argv: ArgumentsCamelCase<CommonArgs & { name: string; source: string; export: string; track: string; group?: string }>) => {
+    const r = await callDaemon<{ shim: ShimRecord; already: boolean }>(daemonSocket(argv.daemonSocket), 'shim.start', {
+      name: argv.name,
+      source: argv.source,
+      export: argv.export,
+      track: argv.track,
+      group: argv.group,
+    });
+    if (argv.json) return printJson(r);
+    const s = r.shim;
+    process.stdout.write(`shim ${s.name} ${r.already ? 'already serves' : 'serves'} ${s.source} as "${s.export}" on ${s.socket} (pid ${s.pid})\n`);
+  },
+};
+
+export const shimStopCommand = {
+  command: 'shim-stop <name>',
+  describe: 'Have vmshiftd stop a shim (it flushes and exits) and forget it',
+  builder: (y: Argv) =>
+    y
+      .positional('name', { type: 'string', demandOption: true })
+      .option('force', { type: 'boolean', default: false, describe: 'stop even while a migration job runs (the job rolls back)' })
+      .option('daemon-socket', daemonSocketOption),
+  handler: async (argv: ArgumentsCamelCase<CommonArgs & { name: string; force: boolean }>) => {
+    const r = await callDaemon<{ name: string; pid: number | null; backing: string }>(daemonSocket(argv.daemonSocket), 'shim.stop', { name: argv.name, force: argv.force });
+    if (argv.json) return printJson(r);
+    process.stdout.write(`shim ${r.name} stopped; the disk is at ${r.backing}\n`);
+  },
+};
+
+export const listCommand = {
+  command: 'list',
+  describe: 'List the shims vmshiftd owns',
+  builder: (y: Argv) => y.option('daemon-socket', daemonSocketOption),
+  handler: async (argv: ArgumentsCamelCase<CommonArgs>) => {
+    const { shims } = await callDaemon<{ shims: ShimRecord[] }>(daemonSocket(argv.daemonSocket), 'shim.list');
+    if (argv.json) return printJson({ shims });
+    if (!shims.length) return void process.stdout.write('no shims\n');
+    const rows = [['NAME', 'PID', 'SOURCE', 'SOCKET'], ...shims.map((s) => [s.name, String(s.pid ?? '-'), s.source, s.socket])];
+    const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+    process.stdout.write(rows.map((r) => r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i]!) : c)).join('  ')).join('\n') + '\n');
+  },
+};

@@ -1,0 +1,68 @@
+// vmshiftd, the per-host daemon: loads its registry, brings the shims back in line with it
+// (adopt, restart, finish stops), then answers the API on a root-only unix socket until
+// SIGTERM/SIGINT. Stopping the daemon never stops shims: they are separate processes (and the
+// systemd unit uses KillMode=process), so guests keep their disks while vmshiftd restarts.
+import { chmod, mkdir, unlink } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import pino, { type Logger } from 'pino';
+import { ControlServer } from '../control/server.ts';
+import { controlCall } from '../control/client.ts';
+import { Registry } from './registry.ts';
+import { Supervisor } from './supervisor.ts';
+import { registerApi } from './api.ts';
+
+export { DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_RUN_DIR } from './defaults.ts';
+
+export interface DaemonOptions {
+  socket: string;
+  stateDir: string;
+  runDir: string;
+  log?: Logger;
+  /** argv that runs the vmshift CLI; default: this checkout's bin/vmshift. */
+  vmshiftCommand?: string[];
+}
+
+export function defaultLogger(): Logger {
+  // Synchronous writes: the line about a state change must be out before a crash.
+  return pino({ name: 'vmshiftd' }, pino.destination({ fd: 2, sync: true }));
+}
+
+export class Daemon {
+  private constructor(
+    readonly opts: DaemonOptions,
+    readonly log: Logger,
+    private readonly supervisor: Supervisor,
+    private readonly server: ControlServer,
+  ) {}
+
+  static async start(opts: DaemonOptions): Promise<Daemon> {
+    const log = opts.log ?? defaultLogger();
+    // Another daemon on this socket would fight over the same shims.
+    const running = await controlCall<{ pid: number }>(opts.socket, 'ping', {}, { timeoutMs: 2000 }).catch(() => undefined);
+    if (running) throw new Error(`another vmshiftd (pid ${running.pid}) already answers on ${opts.socket}`);
+
+    await mkdir(opts.stateDir, { recursive: true, mode: 0o700 });
+    await mkdir(opts.runDir, { recursive: true });
+    await chmod(opts.runDir, 0o755);
+    const registry = await Registry.load(opts.stateDir);
+    const vmshiftCommand = opts.vmshiftCommand ?? [fileURLToPath(new URL('../../bin/vmshift', import.meta.url))];
+    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand });
+    log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length }, 'vmshiftd starting');
+    await supervisor.adoptAll();
+
+    const server = new ControlServer();
+    registerApi(server, supervisor, log);
+    await server.listen(opts.socket, 0o600);
+    supervisor.watch();
+    log.info({ socket: opts.socket, pid: process.pid }, 'vmshiftd ready');
+    return new Daemon(opts, log, supervisor, server);
+  }
+
+  /** Stop answering and watching; the API socket is removed, the shims keep running. */
+  async stop(): Promise<void> {
+    this.supervisor.close();
+    await this.server.close();
+    await unlink(this.opts.socket).catch(() => {});
+    this.log.info({ socket: this.opts.socket }, 'vmshiftd stopped; shims left running');
+  }
+}

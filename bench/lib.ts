@@ -61,3 +61,95 @@ export async function dropCaches(): Promise<void> {
     p.on('close', () => resolve());
   });
 }
+
+/** Write counters of a process (all its threads) from /proc/PID/io. */
+export interface ProcIo {
+  /** Bytes passed to write-family syscalls (files and sockets): counts every rewrite. */
+  wchar: number;
+  /** Bytes accounted when page-cache pages become dirty: a rewrite of a still-dirty page is not counted again. */
+  writeBytes: number;
+}
+
+export function procIo(pid: number): ProcIo {
+  const text = readFileSync(`/proc/${pid}/io`, 'utf8');
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? NaN);
+  return { wchar: field('wchar'), writeBytes: field('write_bytes') };
+}
+
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Write `size` bytes of non-zero data to a new file and fsync it: a fully allocated disk. */
+export async function fillFile(path: string, size: number): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const p = spawn('fio', ['--name=fill', `--filename=${path}`, '--rw=write', '--bs=1M', `--size=${size}`, '--ioengine=psync', '--end_fsync=1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let e = '';
+    p.stderr.on('data', (b) => (e += b));
+    p.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`fio fill of ${path} exited ${code}: ${e}`))));
+  });
+}
+
+export interface LatencyStats {
+  /** I/Os that completed in the window. */
+  n: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+/** The value below which `p` (0..1) of the sorted values lie (nearest rank). */
+export function percentile(sorted: number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))]!;
+}
+
+/**
+ * Latency of the I/Os that completed between `fromMs` and `toMs` (unix ms), from a fio
+ * per-I/O log written with `--write_lat_log=P --log_avg_msec=0 --log_unix_epoch=1`
+ * (lines "completion time ms, latency ns, direction, size, offset"). Whole-run
+ * percentiles hide what a job does to the I/O running beside it; this window does not.
+ */
+export function latencyWindow(logPath: string, fromMs: number, toMs: number): LatencyStats {
+  const lat: number[] = [];
+  for (const line of readFileSync(logPath, 'utf8').split('\n')) {
+    const comma = line.indexOf(',');
+    if (comma < 0) continue;
+    const t = Number(line.slice(0, comma));
+    if (t < fromMs || t > toMs) continue;
+    lat.push(Number(line.slice(comma + 1, line.indexOf(',', comma + 1))) / 1e6);
+  }
+  lat.sort((a, b) => a - b);
+  return { n: lat.length, p50Ms: percentile(lat, 0.5), p99Ms: percentile(lat, 0.99), maxMs: lat.length ? lat[lat.length - 1]! : NaN };
+}
+
+export interface BackgroundFio {
+  pid: number;
+  /** Stop fio (SIGINT: it finishes in-flight I/O and writes its report); resolves with what it wrote. */
+  stop(): Promise<{ writeBytes: number; writeIos: number }>;
+}
+
+/**
+ * Start fio in the background with its JSON report going to `jsonPath`; `stop()` ends it
+ * whenever the caller's work is done, which a fixed --runtime cannot do.
+ */
+export function startFio(args: string[], jsonPath: string): BackgroundFio {
+  const p = spawn('fio', [...args, '--output-format=json', `--output=${jsonPath}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  p.stderr.on('data', (b) => { err = (err + b).slice(-4000); });
+  const exited = new Promise<void>((resolve) => p.on('close', () => resolve()));
+  return {
+    pid: p.pid!,
+    async stop() {
+      if (p.exitCode === null && p.signalCode === null) p.kill('SIGINT');
+      const t = setTimeout(() => p.kill('SIGKILL'), 15_000);
+      await exited;
+      clearTimeout(t);
+      let job: { write: { io_bytes: number; total_ios: number } };
+      try {
+        job = JSON.parse(readFileSync(jsonPath, 'utf8').replace(/^[^{]*/, '')).jobs[0];
+      } catch (e) {
+        throw new Error(`fio ${args.join(' ')} left no JSON report (exit ${p.exitCode ?? p.signalCode}): ${err}`, { cause: e });
+      }
+      return { writeBytes: job.write.io_bytes, writeIos: job.write.total_ios };
+    },
+  };
+}

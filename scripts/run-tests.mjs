@@ -25,7 +25,7 @@ for (const file of files) {
   process.stdout.write(`\n### ${rel}\n`);
   const started = Date.now();
   const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'node_modules/uvu/bin.js'), '.', rel], {
-    env: { ...process.env, FORCE_COLOR: '0', NO_COLOR: '1' },
+    env: { ...process.env, FORCE_COLOR: '0' },
     cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15 * 60 * 1000,
   });
   process.stdout.write(r.stdout ?? '');

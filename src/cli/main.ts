@@ -5,8 +5,10 @@ import { serveCommand } from './serve.ts';
 import { statusCommand } from './status.ts';
 import { migrateStorageCommand } from './migrate-storage.ts';
 import { abortCommand } from './abort.ts';
+import { attachCommand, detachCommand } from './attach.ts';
 import { daemonCommand } from './vmshiftd.ts';
 import { shimStartCommand, shimStopCommand, listCommand } from './shim-verbs.ts';
+import { enableCommand, disableCommand } from './libvirt-verbs.ts';
 import { fail, EXIT_USAGE } from './output.ts';
 
 const argv = hideBin(process.argv);
@@ -19,10 +21,14 @@ await yargs(argv)
   .command(statusCommand as never)
   .command(migrateStorageCommand as never)
   .command(abortCommand as never)
+  .command(attachCommand as never)
+  .command(detachCommand as never)
   .command(daemonCommand as never)
   .command(shimStartCommand as never)
   .command(shimStopCommand as never)
   .command(listCommand as never)
+  .command(enableCommand as never)
+  .command(disableCommand as never)
   .demandCommand(1, 'name a command')
   .strict()
   .fail((msg, err) => {

@@ -1,20 +1,27 @@
 // `vmshift status --socket PATH`: what a running shim is doing, from its control socket.
+// `vmshift status` (no --socket): every shim and job vmshiftd owns, asked of the daemon.
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { controlCall } from '../control/client.ts';
 import { controlSocketFor } from '../shim/shim.ts';
 import { formatBytes } from '../util/size.ts';
 import { printJson } from './output.ts';
+import { callDaemon, daemonSocket, daemonSocketOption } from './daemon-client.ts';
 
 interface StatusArgs {
-  socket: string;
+  socket?: string;
+  daemonSocket?: string;
   json: boolean;
 }
 
 export const statusCommand = {
   command: 'status',
-  describe: 'Show a running shim: backing, clients, bytes, dirty bytes, hot regions, job',
-  builder: (y: Argv) => y.option('socket', { type: 'string', demandOption: true, describe: 'the NBD socket the shim serves' }),
+  describe: 'Show every shim and job of vmshiftd, or one shim (--socket): backing, clients, bytes, dirty bytes, job',
+  builder: (y: Argv) =>
+    y
+      .option('socket', { type: 'string', describe: 'the NBD socket of one shim (asks the shim itself, no daemon needed)' })
+      .option('daemon-socket', daemonSocketOption),
   handler: async (argv: ArgumentsCamelCase<StatusArgs>) => {
+    if (!argv.socket) return daemonStatus(argv);
     const s = await controlCall<ShimStatus>(controlSocketFor(argv.socket), 'status', {}, { timeoutMs: 5000 });
     if (argv.json) return printJson(s);
     const lines = [
@@ -43,4 +50,55 @@ interface ShimStatus {
   job: string | null;
   nbd: { clients: number; connectionsTotal: number; bytesRead: number; bytesWritten: number; requests: number; errors: number };
   tracking: { dirtyBytes: number; writes: number; hot?: Array<{ offset: number; length: number; writes: number }> } | null;
+}
+
+interface DaemonShim {
+  name: string;
+  pid: number | null;
+  source: string;
+  socket: string;
+  restarts: number;
+  state: string;
+  error: string | null;
+  shim: ShimStatus | null;
+  job: { running: boolean; job: JobView | null } | null;
+}
+interface JobView {
+  phase: string;
+  pass: number;
+  passDone: number;
+  passTotal: number;
+  bytesCopied: number;
+  dirtyBytes: number;
+  to: string;
+  ok: boolean;
+  error: { message: string } | null;
+}
+
+async function daemonStatus(argv: StatusArgs): Promise<void> {
+  const r = await callDaemon<{ shims: DaemonShim[] }>(daemonSocket(argv.daemonSocket), 'status', {}, { timeoutMs: 30_000 });
+  if (argv.json) return printJson(r);
+  if (!r.shims.length) return void process.stdout.write('vmshiftd owns no shims\n');
+  const out: string[] = [];
+  for (const d of r.shims) {
+    out.push(`${d.name}  ${d.state}  pid ${d.pid ?? '-'}${d.restarts ? ` (restarted ${d.restarts}x)` : ''}  ${d.socket}`);
+    if (d.shim) {
+      const s = d.shim;
+      out.push(`  backing: ${s.backing}${s.backing !== s.origin ? ` (moved from ${s.origin})` : ''}, ${formatBytes(s.size)}, ${s.nbd.clients} clients`);
+      if (s.tracking) out.push(`  dirty:   ${formatBytes(s.tracking.dirtyBytes)}`);
+    } else if (d.error) {
+      out.push(`  ${d.error}`);
+    }
+    const j = d.job?.job;
+    if (j && d.job?.running) out.push(`  job:     -> ${j.to} ${j.phase} pass ${j.pass} ${bar(j.passDone, j.passTotal)} ${formatBytes(j.bytesCopied)} copied, dirty ${formatBytes(j.dirtyBytes)}`);
+    else if (j) out.push(`  last job: -> ${j.to} ${j.ok ? 'done' : `failed: ${j.error?.message ?? j.phase}`}`);
+  }
+  process.stdout.write(out.join('\n') + '\n');
+}
+
+/** A one-line progress bar for a job seen in a status snapshot. */
+function bar(done: number, total: number, width = 20): string {
+  const f = total > 0 ? Math.min(1, done / total) : 0;
+  const n = Math.round(f * width);
+  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}] ${Math.round(f * 100)}%`;
 }

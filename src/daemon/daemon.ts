@@ -54,7 +54,7 @@ export class Daemon {
     registerApi(server, supervisor, log);
     await server.listen(opts.socket, 0o600);
     supervisor.watch();
-    log.info({ socket: opts.socket, pid: process.pid }, 'vmshiftd ready');
+    log.info({ socket: opts.socket }, 'vmshiftd ready');
     return new Daemon(opts, log, supervisor, server);
   }
 

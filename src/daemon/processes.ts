@@ -2,7 +2,7 @@
 // /etc/group. A PID in the registry may have been reused by an unrelated process after a
 // reboot or a long outage: before signalling or adopting a PID we check that its command
 // line is a `vmshift serve` of that very socket.
-import { readFile } from 'node:fs/promises';
+import { readFile, readdir } from 'node:fs/promises';
 
 /** Alive and not a zombie (an orphaned shim that died may linger as one until reaped). */
 export async function processAlive(pid: number): Promise<boolean> {
@@ -32,6 +32,16 @@ export async function isShimProcess(pid: number | null, socket: string): Promise
   if (!argv) return false;
   const at = argv.indexOf('--socket');
   return argv.includes('serve') && at >= 0 && argv[at + 1] === socket;
+}
+
+/**
+ * The live `vmshift serve` of this socket, whatever the registry says: a daemon that died
+ * between spawning a shim and recording its PID must find that shim, not start a second one.
+ */
+export async function findShimProcess(socket: string): Promise<number | undefined> {
+  const pids = (await readdir('/proc').catch(() => [] as string[])).filter((n) => /^\d+$/.test(n)).map(Number);
+  for (const pid of pids) if (pid !== process.pid && (await isShimProcess(pid, socket))) return pid;
+  return undefined;
 }
 
 /** Wait until `pid` is gone; false when it still runs after timeoutMs. */

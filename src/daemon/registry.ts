@@ -92,7 +92,7 @@ export class Registry {
   }
 
   /** Insert or replace a record and persist; the in-memory copy changes only once it is on disk. */
-  put(record: ShimRecord): Promise<void> {
+  async put(record: ShimRecord): Promise<void> {
     const valid = ShimRecordSchema.parse(record);
     return this.update((m) => m.set(valid.name, valid));
   }

@@ -13,7 +13,7 @@ import { ControlError } from '../control/protocol.ts';
 import { controlSocketFor } from '../shim/shim.ts';
 import { loadShimState } from '../shim/state.ts';
 import { Registry, checkName, checkSource, type ShimRecord } from './registry.ts';
-import { isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
+import { findShimProcess, isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
 
 export interface SupervisorOptions {
   stateDir: string;
@@ -90,24 +90,32 @@ export class Supervisor {
     const rec = this.registry.get(name);
     if (!rec) return;
     const alive = await isShimProcess(rec.pid, rec.socket);
+    if (!alive) {
+      const found = await findShimProcess(rec.socket);
+      if (found) {
+        this.log.warn({ shim: name, shimPid: found, recordedPid: rec.pid }, 'found the shim under an unrecorded PID');
+        await this.registry.put({ ...rec, pid: found });
+        return this.reconcile(name);
+      }
+    }
     if (rec.desired === 'stopped') {
       // A stop was interrupted by a daemon crash: finish it.
       if (alive) await this.terminate(rec);
       await this.forget(rec);
-      this.log.info({ shim: name, pid: rec.pid }, 'finished an interrupted stop; record dropped');
+      this.log.info({ shim: name, shimPid: rec.pid }, 'finished an interrupted stop; record dropped');
       return;
     }
     if (alive && (await this.answers(rec.socket, 10_000))) {
       this.health.set(name, { failures: 0, nextAttemptAt: 0, upSince: Date.now() });
-      this.log.info({ shim: name, pid: rec.pid, socket: rec.socket }, 'adopted running shim');
+      this.log.info({ shim: name, shimPid: rec.pid, socket: rec.socket }, 'adopted running shim');
       return;
     }
     if (alive) {
       // Never start a second shim on a disk whose first shim still runs: leave it to the operator.
-      this.log.warn({ shim: name, pid: rec.pid }, 'shim process is alive but its control socket does not answer; left alone');
+      this.log.warn({ shim: name, shimPid: rec.pid }, 'shim process is alive but its control socket does not answer; left alone');
       return;
     }
-    this.log.warn({ shim: name, pid: rec.pid }, 'shim process is gone; restarting it');
+    this.log.warn({ shim: name, shimPid: rec.pid }, 'shim process is gone; restarting it');
     await this.launch(rec, true);
   }
 
@@ -177,7 +185,7 @@ export class Supervisor {
       if (alive) await this.terminate(rec);
       const backing = (await loadShimState(rec.statePath).catch(() => undefined))?.backing ?? rec.source;
       await this.forget(rec);
-      this.log.info({ shim: name, pid: rec.pid, backing }, 'shim stopped; record dropped');
+      this.log.info({ shim: name, shimPid: rec.pid, backing }, 'shim stopped; record dropped');
       return { name, pid: rec.pid, backing };
     });
   }
@@ -219,7 +227,7 @@ export class Supervisor {
           continue;
         }
         if (Date.now() < h.nextAttemptAt) continue;
-        this.log.warn({ shim: rec.name, pid: rec.pid }, 'shim process died; restarting it');
+        this.log.warn({ shim: rec.name, shimPid: rec.pid }, 'shim process died; restarting it');
         await this.withLock(rec.name, async () => {
           const now = this.registry.get(rec.name);
           if (now?.desired === 'running' && !(await isShimProcess(now.pid, now.socket))) await this.launch(now, true);
@@ -262,7 +270,7 @@ export class Supervisor {
     const h = this.health.get(rec.name) ?? { failures: 0, nextAttemptAt: 0, upSince: 0 };
     const next: ShimRecord = { ...rec, pid, startedAt: new Date().toISOString(), restarts: rec.restarts + (restart ? 1 : 0) };
     await this.registry.put(next);
-    this.log.info({ shim: rec.name, pid, source: rec.source, socket: rec.socket, restart }, 'shim spawned');
+    this.log.info({ shim: rec.name, shimPid: pid, source: rec.source, socket: rec.socket, restart }, 'shim spawned');
     try {
       await this.waitReady(next);
       if (rec.group) await chown(rec.socket, -1, await resolveGroup(rec.group));
@@ -272,7 +280,7 @@ export class Supervisor {
       throw e;
     }
     this.health.set(rec.name, { failures: h.failures, nextAttemptAt: 0, upSince: Date.now() });
-    this.log.info({ shim: rec.name, pid, socket: rec.socket }, 'shim serving');
+    this.log.info({ shim: rec.name, shimPid: pid, socket: rec.socket }, 'shim serving');
     return next;
   }
 
@@ -324,7 +332,7 @@ export class Supervisor {
       return;
     }
     if (await waitForExit(pid, this.opts.stopTimeoutMs ?? 30_000)) return;
-    this.log.error({ shim: rec.name, pid }, 'shim did not exit after SIGTERM; sending SIGKILL');
+    this.log.error({ shim: rec.name, shimPid: pid }, 'shim did not exit after SIGTERM; sending SIGKILL');
     try {
       process.kill(pid, 'SIGKILL');
     } catch {

@@ -2,6 +2,7 @@
 // LC_ALL, PATH and HOME, so what a hook needs beyond defaults lives in a file:
 //   /etc/vmshift/hooks.json (or $VMSHIFT_HOOK_CONFIG), all keys optional:
 //   { "daemonSocket": "/run/vmshift/vmshiftd.sock",
+//     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
 import { readFile } from 'node:fs/promises';
@@ -12,6 +13,8 @@ export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
 const HookConfigSchema = z
   .object({
     daemonSocket: z.string().min(1).optional(),
+    /** vmshiftd's --run-dir (the VDSM hook writes socket paths under it). */
+    runDir: z.string().startsWith('/').optional(),
     group: z.string().min(1).nullable().optional(),
     pathMap: z.record(z.string().startsWith('/'), z.string().startsWith('/')).default({}),
   })

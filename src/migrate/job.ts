@@ -196,9 +196,10 @@ export class MigrationJob {
         committed = true;
         gate.resume();
       }
+      const error = this.#describe(e);
       if (!committed) await this.#rollback(original, tracker, mirror);
       this.figures.phase = this.#abort.signal.aborted && !committed ? 'aborted' : 'failed';
-      return this.#finish(this.#describe(e));
+      return this.#finish(error);
     } finally {
       this.release();
     }

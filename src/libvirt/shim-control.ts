@@ -1,0 +1,45 @@
+// Starting and stopping a domain's shims through vmshiftd (hooks and verbs share this). The
+// daemon picks each shim's socket; the domain's XML already names one (written by
+// `vmshift enable`): if they differ QEMU would connect to nothing, so that is an error.
+import { readFile } from 'node:fs/promises';
+import { callDaemon } from '../cli/daemon-client.ts';
+import type { DomainShims } from './shim-plan.ts';
+
+interface StartedShim {
+  shim: { name: string; socket: string; source: string };
+  already: boolean;
+}
+
+/** QEMU's group on Debian/Ubuntu libvirt hosts; used when the config names none and it exists. */
+const QEMU_GROUP = 'libvirt-qemu';
+
+export async function defaultGroup(configured: string | null | undefined): Promise<string | null> {
+  if (configured !== undefined) return configured;
+  const groups = await readFile('/etc/group', 'utf8').catch(() => '');
+  return groups.split('\n').some((l) => l.startsWith(`${QEMU_GROUP}:`)) ? QEMU_GROUP : null;
+}
+
+/** Make every shim of the domain run (idempotent); returns one line per disk for logs. */
+export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null): Promise<string[]> {
+  const lines: string[] = [];
+  for (const d of plan.disks) {
+    const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group });
+    if (r.shim.socket !== d.socket) {
+      throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
+    }
+    lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
+  }
+  return lines;
+}
+
+/** Stop every shim of the domain; a shim the daemon does not know is already stopped. */
+export async function stopShims(plan: DomainShims, daemonSocket: string): Promise<string[]> {
+  const lines: string[] = [];
+  const known = new Set((await callDaemon<{ shims: Array<{ name: string }> }>(daemonSocket, 'shim.list')).shims.map((s) => s.name));
+  for (const d of plan.disks) {
+    if (!known.has(d.name)) continue;
+    await callDaemon(daemonSocket, 'shim.stop', { name: d.name });
+    lines.push(`${d.dev}: shim '${d.name}' stopped`);
+  }
+  return lines;
+}

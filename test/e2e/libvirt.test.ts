@@ -1,0 +1,181 @@
+// vmshift under a real libvirtd (private mount namespace, hook installed before it starts)
+// with a real vmshiftd and the tiny guest running its continuous writer:
+// enable -> start (hook starts the shim) -> libvirtd restart (reconnect) -> vmshiftd restart
+// -> migrate-storage by domain name -> destroy (hook stops the shim) -> the writer log is
+// complete on the new path -> start again on the new path -> disable gives back the
+// original XML with only the disk's path changed. Plus the refusals.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { createHash, randomUUID } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { cleanupAll, runStatus, type Daemon } from '../helpers/proc.ts';
+import { GUEST_INITRD, GUEST_KERNEL, ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
+import { migrateDomainStorage } from '../../src/libvirt/enable.ts';
+import { isEnabled } from '../../src/libvirt/domain-xml.ts';
+import { planShims } from '../../src/libvirt/shim-plan.ts';
+import { VMSHIFT, libvirtHost, vmshiftHost, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
+
+test.after(cleanupAll);
+
+const SLOTS = 256;
+const NAME = 'vmsh-e2e';
+let vm: VmshiftHost, lv: LibvirtHost, daemon: Daemon, disk: string, console_: string;
+
+function domainXml(name: string, diskPath: string, consolePath: string): string {
+  return `<domain type='qemu'>
+  <name>${name}</name>
+  <uuid>${randomUUID()}</uuid>
+  <memory unit='MiB'>256</memory>
+  <features><acpi/></features>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>${GUEST_KERNEL}</kernel>
+    <initrd>${GUEST_INITRD}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${SLOTS} delay=10</cmdline>
+  </os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='${diskPath}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='${consolePath}'/></serial>
+  </devices>
+</domain>
+`;
+}
+
+const cli = (args: string[]) => runStatus(VMSHIFT, [...args, '-c', lv.uri], { env: vm.env });
+const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
+
+/** Highest acknowledged writer record in this run's console (libvirt truncates it at start). */
+function lastSeq(): number {
+  if (!existsSync(console_)) return 0;
+  let last = 0;
+  for (const m of readFileSync(console_, 'latin1').matchAll(/^VMSHIFT-SEQ (\d+)\r?$/gm)) last = Math.max(last, Number(m[1]));
+  if (/VMSHIFT-ERROR/.test(readFileSync(console_, 'latin1'))) throw new Error(`guest error:\n${readFileSync(console_, 'latin1').slice(-2000)}`);
+  return last;
+}
+
+async function writerPasses(seq: number, timeoutMs = 120_000): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  while (lastSeq() < seq) {
+    if (Date.now() > deadline) throw new Error(`writer did not reach record ${seq} (at ${lastSeq()}); console:\n${existsSync(console_) ? readFileSync(console_, 'latin1').slice(-2000) : '(none)'}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return lastSeq();
+}
+
+const shimOf = () => vm.shims().find((s) => s.name === `${NAME}-vda`);
+
+test('setup: vmshiftd, libvirtd with the hook, a defined domain on a raw file', async () => {
+  await ensureGuest();
+  vm = vmshiftHost();
+  daemon = await vm.start();
+  lv = libvirtHost(vm);
+  await lv.start();
+  mkdirSync(join(vm.dir, 'ds1'));
+  disk = join(vm.dir, 'ds1/disk.raw');
+  writeFileSync(disk, Buffer.alloc(16 * 1024 * 1024));
+  console_ = join(vm.dir, 'console.log');
+  await lv.virsh.define(domainXml(NAME, disk, console_));
+});
+
+test('bad input: unknown domain, unknown disk, not enabled: clear errors, XML unchanged', async () => {
+  const before = await lv.virsh.dumpxml(NAME, { inactive: true });
+  let r = await cli(['enable', 'no-such-domain']);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /no-such-domain/);
+  r = await cli(['enable', NAME, '--disk', 'vdz']);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /no disk with target 'vdz'/);
+  r = await cli(['disable', NAME]);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /not enabled/);
+  const err = await migrateDomainStorage(lv.virsh, NAME, { disk: 'vda', to: join(vm.dir, 'x.raw'), daemonSocket: vm.api }).catch((e: Error) => e);
+  assert.match(String(err), /not enabled in domain 'vmsh-e2e'/);
+  assert.is(await lv.virsh.dumpxml(NAME, { inactive: true }), before);
+});
+
+let original: string, oldSum: string, beforeDestroy = Infinity;
+test('enable rewrites the persistent XML; start runs the shim through the hook', async () => {
+  original = await lv.virsh.dumpxml(NAME, { inactive: true });
+  const r = await cli(['enable', NAME, '--disk', 'vda', '--run-dir', vm.runDir]);
+  assert.is(r.code, 0, r.stderr);
+  const xml = await lv.virsh.dumpxml(NAME, { inactive: true });
+  assert.ok(isEnabled(xml));
+  assert.ok(xml.includes(`socket='${join(vm.runDir, `${NAME}-vda`, 'nbd.sock')}'`), xml);
+  await lv.virsh.start(NAME);
+  assert.is(shimOf()?.source, disk);
+  await writerPasses(50);
+});
+
+test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async () => {
+  const pid = shimOf()?.pid;
+  await lv.stop();
+  await lv.start();
+  // libvirtd reconnects to its guests in a thread after its socket is up.
+  for (let i = 0; i < 300 && !lv.hookCalls().includes(`${NAME} reconnect begin`); i++) await new Promise((r) => setTimeout(r, 100));
+  assert.ok(lv.hookCalls().includes(`${NAME} reconnect begin`), lv.hookCalls().join('\n'));
+  assert.is(await lv.virsh.domstate(NAME), 'running');
+  let seq = await writerPasses(lastSeq() + 30);
+  // The daemon's restart re-adopts the running shim (same process); the guest never notices.
+  await daemon.stop();
+  daemon = await vm.start();
+  assert.is(shimOf()?.pid, pid);
+  seq = await writerPasses(seq + 30);
+  assert.ok(seq > 0);
+});
+
+test('migrate-storage by domain name moves the disk and records the new path', async () => {
+  const to = join(vm.dir, 'ds2/disk.raw');
+  mkdirSync(join(vm.dir, 'ds2'));
+  const r = await migrateDomainStorage(lv.virsh, NAME, { disk: 'vda', to, daemonSocket: vm.api, params: { mode: 'auto', maxDowntimeMs: 200 } });
+  assert.is(r.from, disk);
+  assert.is(r.to, to);
+  const xml = await lv.virsh.dumpxml(NAME, { inactive: true });
+  assert.is(planShims(xml)?.disks[0]?.source, to);
+  assert.not.ok(xml.includes(disk), xml);
+  beforeDestroy = await writerPasses(lastSeq() + 30);
+});
+
+test('destroy stops the shim; every acknowledged record is on the new path', async () => {
+  await lv.virsh.destroy(NAME);
+  assert.ok(lv.hookCalls().includes(`${NAME} release end`));
+  assert.is(shimOf(), undefined);
+  const last = lastSeq();
+  assert.ok(last >= beforeDestroy, `only ${last} records`);
+  assert.equal(verifyWriterLog(join(vm.dir, 'ds2/disk.raw'), last, SLOTS), []);
+  oldSum = sha(disk);
+});
+
+test('start again serves the new path; the old file is not touched', async () => {
+  await lv.virsh.start(NAME);
+  assert.is(shimOf()?.source, join(vm.dir, 'ds2/disk.raw'));
+  await writerPasses(40);
+  await lv.virsh.destroy(NAME);
+  assert.equal(verifyWriterLog(join(vm.dir, 'ds2/disk.raw'), lastSeq(), SLOTS), []);
+  assert.is(sha(disk), oldSum);
+});
+
+test('disable restores the original XML except for the disk path', async () => {
+  const r = await cli(['disable', NAME]);
+  assert.is(r.code, 0, r.stderr);
+  const xml = await lv.virsh.dumpxml(NAME, { inactive: true });
+  assert.is(xml, original.replace(`file='${disk}'`, `file='${join(vm.dir, 'ds2/disk.raw')}'`));
+});
+
+test('an enabled domain does not start while vmshiftd is down, with the reason', async () => {
+  assert.is((await cli(['enable', NAME, '--run-dir', vm.runDir])).code, 0);
+  // The domain is off, so no shim runs: stop the daemon, then try to start the domain.
+  assert.is(vm.shims().length, 0);
+  await daemon.stop();
+  const err = await lv.virsh.start(NAME).catch((e: Error) => e);
+  assert.instance(err, Error);
+  assert.match(String(err), /vmshiftd is not running/);
+  assert.is(await lv.virsh.domstate(NAME), 'shut off');
+});
+
+test.run();

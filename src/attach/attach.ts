@@ -21,6 +21,8 @@ export interface AttachOptions {
   records: AttachRecords;
   /** Only this disk; without it every disk that can be attached is. */
   disk?: string;
+  /** Recorded so that detach asks the same owner; default 'direct'. */
+  starterKind?: AttachRecord['starter'];
 }
 
 export type AttachOutcome =
@@ -37,9 +39,14 @@ export class AttachError extends Error {
 type NodeList = Awaited<ReturnType<typeof queryNamedNodes>>;
 interface ImageInfo { image?: { 'virtual-size'?: number }; backing_file_depth?: number }
 
-/** How the operator calls the disk: its device id, else its drive id, else its node name. */
+/**
+ * How the operator calls the disk: its device id, else its drive id, else its node name.
+ * QEMU reports `qdev` as a QOM path for virtio-blk (the id is on its PCI proxy) but as the
+ * bare id for devices that own their drive (scsi-hd: `scsi0`).
+ */
 export function diskLabel(d: DiskPicture): string {
-  return d.deviceId ?? (d.device || d.formatNode);
+  const bareId = d.qdev && !d.qdev.startsWith('/') ? d.qdev : undefined;
+  return d.deviceId ?? bareId ?? (d.device || d.formatNode);
 }
 
 /** Why vmshift cannot sit under this disk, or null when it can. */
@@ -114,6 +121,9 @@ async function attachDisk(target: GuestTarget, d: DiskPicture, opts: AttachOptio
   try {
     const shim = await step(`starting a shim on ${d.filename}`, () => opts.shims.start(shimName, d.filename));
     undo.push({ what: `stop shim ${shimName}`, fn: () => opts.shims.stop(shimName) });
+    // The shim must serve exactly what QEMU has open: never a copy a stale state file names.
+    const serving = await step(`asking shim ${shimName} what it serves`, () => opts.shims.backing(shimName));
+    if (serving !== d.filename) throw new AttachError(`attach disk ${label} of ${target.label}: shim ${shimName} serves ${serving}, not ${d.filename} which QEMU has open`);
     const record: AttachRecord = {
       version: 1,
       guest: target.label,
@@ -130,6 +140,7 @@ async function attachDisk(target: GuestTarget, d: DiskPicture, opts: AttachOptio
         ...target.fileHints(d),
       },
       shim: { name: shimName, socket: shim.socket, exportName: shim.exportName },
+      starter: opts.starterKind ?? 'direct',
       state: 'attaching',
       at: new Date().toISOString(),
     };

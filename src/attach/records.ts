@@ -36,6 +36,8 @@ export const AttachRecordSchema = z.object({
   nbdNode: z.string(),
   originalFile: FileNodeOptionsSchema,
   shim: z.object({ name: z.string(), socket: z.string(), exportName: z.string() }),
+  /** Who runs the shim: a `vmshift serve` of its own, or vmshiftd. Detach asks the same one. */
+  starter: z.enum(['direct', 'daemon']).default('direct'),
   state: z.enum(['attaching', 'attached']),
   at: z.string(),
 });

@@ -11,6 +11,10 @@ import { DirectShims, defaultRunDir } from '../attach/direct-shims.ts';
 import { openGuest } from '../attach/guest-target.ts';
 import { AttachRecords, type MonitorRef } from '../attach/records.ts';
 import { printJson, UsageError } from './output.ts';
+import { daemonSocket, daemonSocketOption } from './daemon-client.ts';
+import { DaemonShims } from '../attach/daemon-shims.ts';
+import type { ShimStarter } from '../attach/shim-starter.ts';
+import { existsSync } from 'node:fs';
 import { Virsh } from '../libvirt/virsh.ts';
 
 interface Args {
@@ -19,12 +23,28 @@ interface Args {
   qmp?: string;
   json: boolean;
   guestStopped?: boolean;
+  daemonSocket?: string;
 }
 
-// Until vmshiftd's client lands, shims are `vmshift serve` processes of their own.
-function context() {
+/**
+ * Shims belong to vmshiftd when it runs (its socket exists), else each is a `vmshift serve`
+ * of its own. Detach asks whichever owner the attach record names.
+ */
+function context(daemonSocketFlag?: string) {
   const run = defaultRunDir();
-  return { shims: new DirectShims(join(run, 'shims')), records: new AttachRecords(join(run, 'attached')) };
+  const records = new AttachRecords(join(run, 'attached'));
+  const direct = new DirectShims(join(run, 'shims'));
+  const sock = daemonSocket(daemonSocketFlag);
+  const daemon = new DaemonShims(sock);
+  const kind: 'daemon' | 'direct' = existsSync(sock) ? 'daemon' : 'direct';
+  // An attach in progress has no record yet (or one naming `kind`): the current owner.
+  const owner = async (name: string) => (((await records.get(name))?.starter ?? kind) === 'daemon' ? daemon : direct);
+  const shims: ShimStarter = {
+    start: (name, source) => (kind === 'daemon' ? daemon : direct).start(name, source),
+    backing: async (name) => (await owner(name)).backing(name),
+    stop: async (name) => (await owner(name)).stop(name),
+  };
+  return { shims, records, starterKind: kind };
 }
 
 const common = (y: Argv) =>
@@ -32,6 +52,7 @@ const common = (y: Argv) =>
     .positional('guest', { type: 'string', describe: 'libvirt domain name (with --qmp: a label for the guest)' })
     .option('disk', { type: 'string', describe: 'only this disk: target dev (vda) for libvirt, else device id, drive id or node name' })
     .option('qmp', { type: 'string', describe: "the guest's QMP socket, for guests libvirt does not run" })
+    .option('daemon-socket', daemonSocketOption)
     .check((a) => {
       if (!a.guest && !a.qmp) throw new UsageError('name a guest: a libvirt domain, or --qmp PATH');
       return true;
@@ -62,7 +83,7 @@ export const attachCommand = {
   handler: async (argv: ArgumentsCamelCase<Args>) => {
     const target = await openGuest({ guest: argv.guest, qmp: argv.qmp });
     try {
-      const outcomes = await attachGuest(target, { ...context(), disk: argv.disk });
+      const outcomes = await attachGuest(target, { ...context(argv.daemonSocket), disk: argv.disk });
       report(target.label, outcomes, argv.json);
       const attached = outcomes.filter((o) => o.status === 'attached').length;
       // Without --disk, disks vmshift cannot sit under are only reported; with it, a refusal fails.
@@ -83,7 +104,7 @@ export const detachCommand = {
   builder: (y: Argv) =>
     common(y).option('guest-stopped', { type: 'boolean', default: false, describe: 'the guest has exited: only stop its shims (no QMP)' }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
-    const ctx = { ...context(), disk: argv.disk };
+    const ctx = { ...context(argv.daemonSocket), disk: argv.disk };
     let label: string;
     let outcomes: DetachOutcome[];
     if (argv.guestStopped) {

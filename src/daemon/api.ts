@@ -12,7 +12,8 @@ import type { Logger } from 'pino';
 import { ControlServer } from '../control/server.ts';
 import { ControlError } from '../control/protocol.ts';
 import { controlCall } from '../control/client.ts';
-import { RegistryError, checkSource } from './registry.ts';
+import { RegistryError } from './registry.ts';
+import { isNbdUri } from '../block/open.ts';
 import type { Supervisor } from './supervisor.ts';
 
 export const API_VERSION = 1;
@@ -69,7 +70,9 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
     guard(async () => {
       const { name, ...params } = p;
       const ctl = sup.controlSocket(str(p, 'name'));
-      checkSource(params.to);
+      if (typeof params.to !== 'string' || !(params.to.startsWith('/') || isNbdUri(params.to))) {
+        throw new ControlError('bad-request', `job.start: "to" must be an absolute path or an NBD URI, not ${JSON.stringify(params.to)}`);
+      }
       const follow = params.follow !== false;
       log.info({ shim: name, to: params.to, mode: params.mode ?? 'auto' }, 'job starting');
       // The caller going away stops the relay, not the job (abort it with job.abort).

@@ -21,7 +21,8 @@ export function runDir(): { dir: string; env: NodeJS.ProcessEnv; shims: DirectSh
   onCleanup(async () => {
     for (const name of shims.list()) await shims.stop(name);
   });
-  return { dir, env: { ...process.env, VMSHIFT_RUN_DIR: dir }, shims };
+  // No vmshiftd here: its socket would make the CLI hand shims to it.
+  return { dir, env: { ...process.env, VMSHIFT_RUN_DIR: dir, VMSHIFT_SOCKET: join(dir, 'no-vmshiftd.sock') }, shims };
 }
 
 export async function withQmp<T>(sock: string, fn: (q: QmpClient) => Promise<T>): Promise<T> {

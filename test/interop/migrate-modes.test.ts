@@ -5,6 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { tempDir, cleanupAll } from '../helpers/proc.ts';
+import { controlCall } from '../../src/control/client.ts';
 import { MiB, startShim, makeDisk, fioWrite, fioVerify, migrate, status, compareWithShim } from './migrate-helpers.ts';
 
 test.after(cleanupAll);
@@ -12,7 +13,8 @@ test.after(cleanupAll);
 /** Wait until fio is really writing through the shim (it takes a while to start under load). */
 async function writesSeen(socket: string, n: number): Promise<void> {
   for (let i = 0; i < 600; i++) {
-    if (((await status(socket)).tracking?.writes ?? 0) >= n) return;
+    const s = await controlCall<any>(`${socket}.ctl`, 'status', {}, { timeoutMs: 5000 });
+    if ((s.tracking?.writes ?? 0) >= n) return;
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(`fio did not start writing through ${socket}`);
@@ -43,7 +45,7 @@ const cases: Case[] = [
   {
     // A larger downtime budget leaves room to defer a few 1 MiB regions; fio writes faster
     // so that an intermediate pass happens.
-    name: 'precopy with heat deferral', flags: ['--mode', 'precopy', '--heat', '--max-downtime', '200ms'], fioRate: '8m', ioSize: '24M',
+    name: 'precopy with heat deferral', flags: ['--mode', 'precopy', '--heat', '--max-downtime', '200ms'], fioRate: '6m', ioSize: '32M',
     check: (r) => assert.ok(r.savings.heatDeferredBytes > 0, `hot regions were deferred: ${JSON.stringify(r.savings)}`),
   },
 ];
@@ -54,7 +56,7 @@ for (const c of cases) {
     const src = join(dir, 'src.raw'), dst = join(dir, 'dst.raw');
     await makeDisk(src, 32 * MiB);
     const shim = await startShim(src, join(dir, 's'), ['--granularity', '4K']);
-    const job = { uri: shim.uri, seed: 1234, ioSize: c.ioSize ?? '8M', rate: c.fioRate ?? '2m' };
+    const job = { uri: shim.uri, seed: 1234, ioSize: c.ioSize ?? '16M', rate: c.fioRate ?? '2m' };
     const writer = fioWrite(job);
     await writesSeen(shim.socket, 200);
     // A limited copy rate keeps the migration running while fio writes.

@@ -23,7 +23,7 @@ function pveEnv(qmpDir: string, runDirPath: string, extra: Record<string, string
   return {
     PATH: '/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C',
     VMSHIFT_PVE_CONF: '/nonexistent/proxmox.conf', VMSHIFT_BIN: VMSHIFT,
-    VMSHIFT_PVE_QMP_DIR: qmpDir, VMSHIFT_RUN_DIR: runDirPath, ...extra,
+    VMSHIFT_PVE_QMP_DIR: qmpDir, VMSHIFT_RUN_DIR: runDirPath, VMSHIFT_SOCKET: join(runDirPath, 'no-vmshiftd.sock'), ...extra,
   };
 }
 
@@ -64,7 +64,6 @@ test('post-start attaches, pre-stop detaches, under a writing guest; an unattach
   // Strict, and only the disk vmshift cannot attach: the hook fails, nothing changes.
   const strict = await runStatus(HOOK, ['100', 'post-start'], { env: { ...env, VMSHIFT_PVE_STRICT: '1', VMSHIFT_PVE_DISKS: 'scsi0' } });
   assert.is(strict.code, 1, strict.stderr);
-  console.log(JSON.stringify(strict));
   assert.match(strict.stderr, /cannot attach disk scsi0 of pve-100: QEMU named its nodes itself/);
   assert.is((await disk(qmp, 'scsi0')).fileDriver, 'file');
   assert.equal(leftovers(dir, shims), { running: [], records: [] });

@@ -32,5 +32,8 @@ fi
 # The sparse-file addon (SEEK_DATA/SEEK_HOLE, hole punching); FileDevice works without it.
 bash scripts/build-native.sh >&2 || echo "setup: native addon not built; files will not stay sparse" >&2
 
+# The CLI bundle (faster start for hooks and tests; bin/vmshift falls back to tsx).
+bash scripts/build-cli.sh >&2
+
 # The tiny guest (kernel + busybox initramfs), built once into .cache/guest.
 bash scripts/build-guest.sh >&2

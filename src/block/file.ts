@@ -8,6 +8,8 @@
 // not advertised, and fast-zero fails with ENOTSUP.
 import { constants as fsc, promises as fsp, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { projectRoot } from '../util/paths.ts';
 import { debuglog } from 'node:util';
 import {
   BlockError, DEFAULT_CAPS, checkRange, errnoOf,
@@ -40,7 +42,7 @@ export function loadNative(): NativeFileOps | null {
     return (nativeOps = null);
   }
   try {
-    nativeOps = createRequire(import.meta.url)('../../native/build/vmshift_native.node') as NativeFileOps;
+    nativeOps = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as NativeFileOps;
   } catch (err) {
     debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', String((err as Error).message).split('\n')[0]);
     nativeOps = null;

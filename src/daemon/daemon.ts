@@ -3,7 +3,7 @@
 // SIGTERM/SIGINT. Stopping the daemon never stops shims: they are separate processes (and the
 // systemd unit uses KillMode=process), so guests keep their disks while vmshiftd restarts.
 import { chmod, mkdir, unlink } from 'node:fs/promises';
-import { fileURLToPath } from 'node:url';
+import { vmshiftBin } from '../util/paths.ts';
 import pino, { type Logger } from 'pino';
 import { ControlServer } from '../control/server.ts';
 import { controlCall } from '../control/client.ts';
@@ -45,7 +45,7 @@ export class Daemon {
     await mkdir(opts.runDir, { recursive: true });
     await chmod(opts.runDir, 0o755);
     const registry = await Registry.load(opts.stateDir);
-    const vmshiftCommand = opts.vmshiftCommand ?? [fileURLToPath(new URL('../../bin/vmshift', import.meta.url))];
+    const vmshiftCommand = opts.vmshiftCommand ?? [vmshiftBin];
     const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand });
     log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length }, 'vmshiftd starting');
     await supervisor.adoptAll();

@@ -27,6 +27,8 @@ interface Case {
   distribution: string;
   bandwidth: number;
   capMs: number;
+  /** Issue 3's targets for this case: every target, or (copy slower than the writes) completing with a short stall. */
+  targets: 'all' | 'completes';
 }
 
 interface Row {
@@ -65,12 +67,12 @@ function options(args: string[]) {
   // A generous safety net for the rate cases (QEMU alone copies ~200 MiB/s here).
   const rateCap = 120_000 + (size / (10 * MiB)) * 1000;
   const cases: Case[] = [
-    { id: '2m', label: 'zipf 2 MiB/s', size, rate: '2m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap },
-    { id: '8m', label: 'zipf 8 MiB/s', size, rate: '8m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap },
-    { id: '32m', label: 'zipf 32 MiB/s', size, rate: '32m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap },
-    { id: 'max', label: 'zipf unthrottled', size, rate: null, distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap },
+    { id: '2m', label: 'zipf 2 MiB/s', size, rate: '2m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
+    { id: '8m', label: 'zipf 8 MiB/s', size, rate: '8m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
+    { id: '32m', label: 'zipf 32 MiB/s', size, rate: '32m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
+    { id: 'max', label: 'zipf unthrottled', size, rate: null, distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
     // Copy limited below the write rate: the case where a background mirror never becomes ready.
-    { id: 'bw', label: `uniform 8 MiB/s, copy ${formatBytes(bandwidth)}/s`, size: bwSize, rate: '8m', distribution: 'random', bandwidth, capMs: 3 * (bwSize / bandwidth) * 1000 },
+    { id: 'bw', label: `uniform 8 MiB/s, copy ${formatBytes(bandwidth)}/s`, size: bwSize, rate: '8m', distribution: 'random', bandwidth, capMs: 3 * (bwSize / bandwidth) * 1000, targets: 'completes' },
   ].filter((c) => !only || only.includes(c.id));
   return { quick, size, bandwidth, bwSize, idleMs, cases };
 }
@@ -132,9 +134,10 @@ function failedRow(c: Case, sys: MigrateSystem, e: Error): Row {
 const x = (bytes: number, size: number) => bytes / size;
 
 /** Targets from issue 3 that a vmshift row misses, against the QEMU rows of its case. */
-function misses(r: Row, bg: Row | undefined, wb: Row | undefined): string {
+function misses(c: Case, r: Row, bg: Row | undefined, wb: Row | undefined): string {
   const out: string[] = [];
   if (!r.job.converged) return short(r.job.error ?? 'failed');
+  if (c.targets === 'completes') return r.job.switchMs < 50 ? 'completes' : 'completes, stall>=50ms';
   if (x(r.job.bytesToDest, r.size) > 1.05) out.push('bytes>1.05x');
   if (wb?.job.converged && r.window.p99Ms > 0.5 * wb.window.p99Ms) out.push('p99>0.5x wb');
   if (bg?.job.converged && r.window.p99Ms > 1.5 * bg.window.p99Ms) out.push('p99>1.5x bg');
@@ -154,8 +157,9 @@ function ratios(r: Row, q: Row | undefined): string {
   return `${f(r.job.endMs - r.job.startMs, q.job.endMs - q.job.startMs)} / ${f(r.job.bytesToDest, q.job.bytesToDest)} / ${f(r.window.p99Ms, q.window.p99Ms)}`;
 }
 
-function report(rows: Row[]): string {
+function report(cases: Case[], rows: Row[]): string {
   const body = rows.map((r) => {
+    const c = cases.find((k) => k.label === r.case)!;
     const same = (mode: string) => rows.find((q) => q.case === r.case && q.system === 'QEMU' && q.mode === mode);
     const bg = same('background');
     const wb = same('write-blocking');
@@ -164,7 +168,7 @@ function report(rows: Row[]): string {
       r.job.converged ? (r.job.endMs - r.job.startMs) / 1000 : `dnf (${((r.job.endMs - r.job.startMs) / 1000).toFixed(0)})`,
       `${x(r.job.bytesToDest, r.size).toFixed(2)}x`, `${x(r.destIoBytes, r.size).toFixed(2)}x`,
       r.job.passes, r.job.switchMs, r.window.p50Ms, r.window.p99Ms, r.window.maxMs,
-      ratios(r, bg), ratios(r, wb), r.system === 'vmshift' ? misses(r, bg, wb) : short(r.job.error ?? ''),
+      ratios(r, bg), ratios(r, wb), r.system === 'vmshift' ? misses(c, r, bg, wb) : short(r.job.error ?? ''),
     ];
   });
   return table(['case', 'system/mode', 'total s', 'to dest (job)', 'to dest (io)', 'passes', 'switch-over ms',
@@ -194,7 +198,7 @@ export async function main(args: string[]): Promise<void> {
   } finally {
     await cleanupAll();
   }
-  const out = `${report(rows)}\n\n${condition.map((l) => `- ${l}`).join('\n')}\n- wall time of the whole run: ${((Date.now() - began) / 1000).toFixed(0)} s\n`;
+  const out = `${report(o.cases, rows)}\n\n${condition.map((l) => `- ${l}`).join('\n')}\n- wall time of the whole run: ${((Date.now() - began) / 1000).toFixed(0)} s\n`;
   process.stdout.write(out);
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
   mkdirSync(join(root, 'bench/results'), { recursive: true });

@@ -2,7 +2,8 @@
 // [--bandwidth 4M] [--bw-size 128M]`:
 // live storage migration of a fully written disk while fio writes 4k random data through
 // the system's NBD export, QEMU 7.2's blockdev-mirror (background, write-blocking) against
-// vmshift's modes (auto, precopy, mirror), in one run, one table.
+// vmshift's modes (auto, precopy, mirror), in one run, one table. --quick is the smoke run:
+// a 256M disk, the 8 MiB/s, unthrottled and bandwidth-limited cases, 1 s idle.
 // Condition: "cold": every run gets a freshly written source, a destination that does not
 // exist yet, and a dropped page cache followed by a few idle seconds (see ENVIRONMENT.md:
 // page-cache state alone swings copy times 5x on these machines).
@@ -66,14 +67,17 @@ function options(args: string[]) {
   const only = casesOpt === 'all' ? undefined : casesOpt.split(',');
   // A generous safety net for the rate cases (QEMU alone copies ~200 MiB/s here).
   const rateCap = 120_000 + (size / (10 * MiB)) * 1000;
-  const cases: Case[] = [
+  const all: Case[] = [
     { id: '2m', label: 'zipf 2 MiB/s', size, rate: '2m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
     { id: '8m', label: 'zipf 8 MiB/s', size, rate: '8m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
     { id: '32m', label: 'zipf 32 MiB/s', size, rate: '32m', distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
     { id: 'max', label: 'zipf unthrottled', size, rate: null, distribution: 'zipf:1.2', bandwidth: 0, capMs: rateCap, targets: 'all' },
     // Copy limited below the write rate: the case where a background mirror never becomes ready.
     { id: 'bw', label: `uniform 8 MiB/s, copy ${formatBytes(bandwidth)}/s`, size: bwSize, rate: '8m', distribution: 'random', bandwidth, capMs: 3 * (bwSize / bandwidth) * 1000, targets: 'completes' },
-  ].filter((c) => !only || only.includes(c.id));
+  ];
+  const unknown = only?.filter((id) => !all.some((c) => c.id === id)) ?? [];
+  if (unknown.length) throw new Error(`--cases: unknown ${unknown.join(',')} (known: all, ${all.map((c) => c.id).join(', ')})`);
+  const cases = all.filter((c) => !only || only.includes(c.id));
   return { quick, size, bandwidth, bwSize, idleMs, cases };
 }
 

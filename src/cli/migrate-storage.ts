@@ -11,11 +11,16 @@ import { controlSocketFor } from '../shim/shim.ts';
 import { isNbdUri } from '../block/open.ts';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
+import { migrateStorageByDomain } from './libvirt-verbs.ts';
 import type { JobResult } from '../migrate/job.ts';
 import type { JobFigures } from '../migrate/context.ts';
 
 interface MigrateArgs {
-  socket: string;
+  domain?: string;
+  disk?: string;
+  connect?: string;
+  daemonSocket?: string;
+  socket?: string;
   to: string;
   mode: 'auto' | 'precopy' | 'mirror';
   maxDowntime: string;
@@ -31,11 +36,15 @@ interface MigrateArgs {
 }
 
 export const migrateStorageCommand = {
-  command: 'migrate-storage',
+  command: 'migrate-storage [domain]',
   describe: "Move a running shim's disk to another file or NBD export while the guest writes",
   builder: (y: Argv) =>
     y
-      .option('socket', { type: 'string', demandOption: true, describe: 'the NBD socket the shim serves (its control socket is beside it)' })
+      .positional('domain', { type: 'string', describe: 'a libvirt domain enabled with `vmshift enable` (with --disk); or name the shim with --socket' })
+      .option('disk', { type: 'string', describe: 'with DOMAIN: the disk target (vda...)' })
+      .option('connect', { alias: 'c', type: 'string', describe: 'with DOMAIN: libvirt URI (default qemu:///system)' })
+      .option('daemon-socket', { type: 'string', describe: "with DOMAIN: vmshiftd's API socket" })
+      .option('socket', { type: 'string', describe: 'the NBD socket the shim serves (its control socket is beside it)' })
       .option('to', { type: 'string', demandOption: true, describe: 'destination: a raw file (created if missing) or nbd+unix:// / nbd:// URI' })
       .option('mode', { choices: ['auto', 'precopy', 'mirror'] as const, default: 'auto' as const, describe: 'auto: pre-copy, mirror when it does not converge' })
       .option('max-downtime', { type: 'string', default: '50ms', describe: 'I/O stall allowed at the switch-over' })
@@ -62,7 +71,14 @@ export const migrateStorageCommand = {
       suspendQmp: argv.suspend ? resolve(argv.qmp!) : undefined,
       follow: !argv.detach,
     };
-    const ctl = controlSocketFor(argv.socket);
+    if (argv.domain) {
+      if (argv.socket) throw new UsageError('give either DOMAIN (with --disk) or --socket, not both');
+      const { to, ...rest } = params;
+      return migrateStorageByDomain({ domain: argv.domain, disk: argv.disk, to, connect: argv.connect, daemonSocket: argv.daemonSocket, json: argv.json, params: rest });
+    }
+    if (!argv.socket) throw new UsageError('name the disk: --socket SHIM_SOCKET, or DOMAIN --disk vda');
+    const socket = argv.socket;
+    const ctl = controlSocketFor(socket);
     const human = !argv.json && process.stderr.isTTY;
     const bar = human ? new cliProgress.SingleBar({
       format: '{phase} pass {pass} |{bar}| {percentage}% {copied} copied, {rate}/s, dirty {dirty}, ETA {eta_s}',
@@ -89,7 +105,7 @@ export const migrateStorageCommand = {
       const result = await controlCall<JobResult>(ctl, 'migrate.start', params, { onEvent });
       bar?.stop();
       if (argv.json || !process.stdout.isTTY) return printJson(argv.detach ? { started: result } : { result });
-      if (argv.detach) return void process.stdout.write(`migration of ${result.from} to ${result.to} started; follow it with vmshift status --socket ${argv.socket}\n`);
+      if (argv.detach) return void process.stdout.write(`migration of ${result.from} to ${result.to} started; follow it with vmshift status --socket ${socket}\n`);
       process.stdout.write(summary(result));
     } finally {
       bar?.stop();

@@ -132,7 +132,10 @@ test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async
 test('migrate-storage by domain name moves the disk and records the new path', async () => {
   const to = join(vm.dir, 'ds2/disk.raw');
   mkdirSync(join(vm.dir, 'ds2'));
-  const r = await migrateDomainStorage(lv.virsh, NAME, { disk: 'vda', to, daemonSocket: vm.api, params: { mode: 'auto', maxDowntimeMs: 200 } });
+  // As an operator runs it: the CLI verb by domain name.
+  const cli = await runStatus(VMSHIFT, ['migrate-storage', NAME, '--disk', 'vda', '--to', to, '-c', lv.uri, '--daemon-socket', vm.api, '--max-downtime', '200ms', '--json']);
+  assert.is(cli.code, 0, cli.stderr + cli.stdout);
+  const r = JSON.parse(cli.stdout.trim().split('\n').pop()!);
   assert.is(r.from, disk);
   assert.is(r.to, to);
   const xml = await lv.virsh.dumpxml(NAME, { inactive: true });

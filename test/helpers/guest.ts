@@ -76,7 +76,7 @@ const q = (s: string) => s.replaceAll(',', ',,');
 function diskArgs(disk: GuestDisk): string[] {
   const node = 'nbdSocket' in disk
     ? { driver: 'nbd', 'node-name': GUEST_DISK_NODE, server: { type: 'unix', path: disk.nbdSocket }, export: disk.exportName }
-    : { driver: disk.format ?? 'raw', 'node-name': GUEST_DISK_NODE, file: { driver: 'file', filename: disk.file } };
+    : { driver: disk.format ?? 'raw', 'node-name': GUEST_DISK_NODE, file: { driver: 'file', filename: disk.file, 'node-name': `${GUEST_DISK_NODE}-file` } };
   // JSON -blockdev needs no escaping; the device id lets tests address it over QMP.
   return ['-blockdev', JSON.stringify(node), '-device', `virtio-blk-pci,drive=${GUEST_DISK_NODE},id=${GUEST_DISK_DEVICE}`];
 }

@@ -25,7 +25,7 @@ for (const file of files) {
   process.stdout.write(`\n### ${rel}\n`);
   const started = Date.now();
   const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'node_modules/uvu/bin.js'), '.', rel], {
-    env: { ...process.env, FORCE_COLOR: '0' },
+    env: { ...withoutColor(process.env), NO_COLOR: '1' },
     cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15 * 60 * 1000,
   });
   process.stdout.write(r.stdout ?? '');
@@ -52,3 +52,8 @@ if (passed + failed === 0) {
 }
 process.stdout.write(`\n${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}\n`);
 process.exit(failed ? 1 : 0);
+
+function withoutColor(env) {
+  const { FORCE_COLOR: _drop, ...rest } = env;
+  return rest;
+}

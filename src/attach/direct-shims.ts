@@ -10,12 +10,12 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { vmshiftBin } from '../util/paths.ts';
 import { controlCall } from '../control/client.ts';
 import { controlSocketFor } from '../shim/shim.ts';
 import type { ShimStarter, StartedShim } from './shim-starter.ts';
 
-const VMSHIFT_BIN = fileURLToPath(new URL('../../bin/vmshift', import.meta.url));
+const VMSHIFT_BIN = vmshiftBin;
 /** sockaddr_un holds 108 bytes including the NUL; `.ctl` is appended for the control socket. */
 const MAX_SOCKET = 107 - '.ctl'.length;
 

@@ -1,5 +1,5 @@
 // `npm run bench -- migrate [--size 1G] [--quick] [--idle 3] [--cases all|2m,8m,32m,max,bw]
-// [--bandwidth 4M] [--bw-size 128M]`:
+// [--bandwidth 4M] [--bw-size 128M]` (or `--report bench/results/migrate-X.json` to print a saved run):
 // live storage migration of a fully written disk while fio writes 4k random data through
 // the system's NBD export, QEMU 7.2's blockdev-mirror (background, write-blocking) against
 // vmshift's modes (auto, precopy, mirror), in one run, one table. --quick is the smoke run:
@@ -7,7 +7,7 @@
 // Condition: "cold": every run gets a freshly written source, a destination that does not
 // exist yet, and a dropped page cache followed by a few idle seconds (see ENVIRONMENT.md:
 // page-cache state alone swings copy times 5x on these machines).
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, tempDir } from '../test/helpers/proc.ts';
 import { dropCaches, fillFile, latencyWindow, procIo, sleep, startFio, table, type LatencyStats } from './lib.ts';
@@ -161,6 +161,15 @@ function ratios(r: Row, q: Row | undefined): string {
   return `${f(r.job.endMs - r.job.startMs, q.job.endMs - q.job.startMs)} / ${f(r.job.bytesToDest, q.job.bytesToDest)} / ${f(r.window.p99Ms, q.window.p99Ms)}`;
 }
 
+/**
+ * The write rate fio achieved during the job (all its writes are 4 KiB). Latency and bytes
+ * copied only compare fairly when the systems let the guest write at the same rate.
+ */
+function windowMiBps(r: Row): number {
+  const seconds = (r.job.endMs - r.job.startMs) / 1000;
+  return seconds > 0 ? (r.window.n * 4096) / MiB / seconds : NaN;
+}
+
 function report(cases: Case[], rows: Row[]): string {
   const body = rows.map((r) => {
     const c = cases.find((k) => k.label === r.case)!;
@@ -171,15 +180,22 @@ function report(cases: Case[], rows: Row[]): string {
       r.case, `${r.system} ${r.mode}`,
       r.job.converged ? (r.job.endMs - r.job.startMs) / 1000 : `dnf (${((r.job.endMs - r.job.startMs) / 1000).toFixed(0)})`,
       `${x(r.job.bytesToDest, r.size).toFixed(2)}x`, `${x(r.destIoBytes, r.size).toFixed(2)}x`,
-      r.job.passes, r.job.switchMs, r.window.p50Ms, r.window.p99Ms, r.window.maxMs,
+      r.job.passes, r.job.switchMs, r.window.p50Ms, r.window.p99Ms, r.window.maxMs, windowMiBps(r),
       ratios(r, bg), ratios(r, wb), r.system === 'vmshift' ? misses(c, r, bg, wb) : short(r.job.error ?? ''),
     ];
   });
   return table(['case', 'system/mode', 'total s', 'to dest (job)', 'to dest (io)', 'passes', 'switch-over ms',
-    'p50 ms', 'p99 ms', 'max ms', 'vs QEMU bg t/bytes/p99', 'vs QEMU wb t/bytes/p99', 'issue-3 targets'], body);
+    'p50 ms', 'p99 ms', 'max ms', 'fio MiB/s', 'vs QEMU bg t/bytes/p99', 'vs QEMU wb t/bytes/p99', 'issue-3 targets'], body);
 }
 
 export async function main(args: string[]): Promise<void> {
+  // --report FILE prints the table of an earlier run's results file again (JSON stores NaN as null).
+  const again = args.indexOf('--report');
+  if (again >= 0) {
+    const saved = JSON.parse(readFileSync(args[again + 1]!, 'utf8'), (_k, v: unknown) => (v === null ? NaN : v)) as { options: { cases: Case[] }; condition: string[]; rows: Row[] };
+    process.stdout.write(`${report(saved.options.cases, saved.rows)}\n\n${saved.condition.map((l) => `- ${l}`).join('\n')}\n`);
+    return;
+  }
   const o = options(args);
   const began = Date.now();
   const rows: Row[] = [];

@@ -16,6 +16,12 @@ export interface CopierOptions {
   chunkSize?: number;
   /** Chunks in flight (default 4). */
   concurrency?: number;
+  /**
+   * Flush the destination after this many bytes were written to it (default 64 MiB), so
+   * its unwritten page cache stays small: the guest's own writes are not throttled behind a
+   * huge writeback, and the flush inside the switch-over stall has little left to do.
+   */
+  flushEvery?: number;
   limiter?: RateLimiter;
   signal?: AbortSignal;
 }
@@ -27,6 +33,12 @@ export interface CopyRunOptions {
   beforeChunk?: (start: number, end: number) => void;
   /** Chunk size for this run only (the mirror copies a small window in several pieces). */
   chunkSize?: number;
+  /**
+   * Charge the rate limiter without waiting; the caller waits (`limiter.ready()`) before
+   * its next run. The mirror uses this so that guest writes held by its window wait only
+   * for the copy itself, never for the bandwidth limit.
+   */
+  deferLimit?: boolean;
 }
 
 export interface CopierStats {
@@ -66,6 +78,8 @@ export class Copier {
   readonly concurrency: number;
   readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0 };
   readonly #zeroes: Buffer;
+  #unflushed = 0;
+  #flushing: Promise<void> | null = null;
 
   constructor(
     readonly source: BlockDevice,
@@ -95,8 +109,9 @@ export class Copier {
         const [start, end] = next.value;
         run.beforeChunk?.(start, end);
         try {
-          await this.copyChunk(start, end, run.destIsZero ?? false);
+          await this.copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
           this.stats.processedBytes += end - start;
+          await this.#maybeFlush();
         } catch (e) {
           failure ??= e;
           return;
@@ -109,15 +124,25 @@ export class Copier {
   }
 
   /** Copy [start, end) now: block status first, then data runs and zero runs. */
-  async copyChunk(start: number, end: number, destIsZero: boolean): Promise<void> {
+  async copyChunk(start: number, end: number, destIsZero: boolean, deferLimit = false): Promise<void> {
     for (const ext of await this.#extents(start, end)) {
       if (ext.zero) {
         await this.#zero(ext.offset, ext.length, destIsZero);
         continue;
       }
       const data = await this.#side('source', `read ${ext.offset}+${ext.length}`, () => this.source.read(ext.offset, ext.length));
-      await this.#writeData(ext.offset, data, destIsZero);
+      await this.#writeData(ext.offset, data, destIsZero, deferLimit);
     }
+  }
+
+  /** One periodic destination flush at a time; the worker that crosses the mark waits for it. */
+  async #maybeFlush(): Promise<void> {
+    if (this.#unflushed < (this.opts.flushEvery ?? 64 * 1024 * 1024)) return;
+    if (!this.#flushing) {
+      this.#unflushed = 0;
+      this.#flushing = this.#side('destination', 'flush', () => this.destination.flush()).finally(() => (this.#flushing = null));
+    }
+    await this.#flushing;
   }
 
   /** Chunks of at most chunkSize, aligned to chunkSize, covering the ranges in order. */
@@ -153,7 +178,7 @@ export class Copier {
   }
 
   /** Write data, turning blocks that are all zeroes into zero runs. */
-  async #writeData(offset: number, data: Buffer, destIsZero: boolean): Promise<void> {
+  async #writeData(offset: number, data: Buffer, destIsZero: boolean, deferLimit: boolean): Promise<void> {
     let runStart = 0;
     let runZero: boolean | null = null;
     const flush = async (to: number) => {
@@ -161,9 +186,11 @@ export class Copier {
       if (runZero) await this.#zero(offset + runStart, to - runStart, destIsZero);
       else {
         const part = data.subarray(runStart, to);
-        await this.opts.limiter?.take(part.length, this.opts.signal);
+        if (deferLimit) this.opts.limiter?.charge(part.length);
+        else await this.opts.limiter?.take(part.length, this.opts.signal);
         await this.#side('destination', `write ${offset + runStart}+${part.length}`, () => this.destination.write(offset + runStart, part));
         this.stats.dataBytes += part.length;
+        this.#unflushed += part.length;
       }
     };
     for (let pos = 0; pos < data.length; pos += ZERO_BLOCK) {

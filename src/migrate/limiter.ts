@@ -28,6 +28,18 @@ export class RateLimiter {
     }
   }
 
+  /** Take `bytes` without waiting: the debt is paid by the next `ready()` or `take()`. */
+  charge(bytes: number): void {
+    if (!this.limited) return;
+    this.#refill();
+    this.#tokens -= bytes;
+  }
+
+  /** Wait until no debt is left (takes nothing). */
+  async ready(signal?: AbortSignal): Promise<void> {
+    await this.take(0, signal);
+  }
+
   #refill(): void {
     const now = Date.now();
     this.#tokens = Math.min(this.#burst, this.#tokens + ((now - this.#last) / 1000) * this.bytesPerSecond);

@@ -60,10 +60,14 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
     }
     mirror.cursor = start;
     const end = Math.min(size, start + MIRROR_WINDOW);
+    // Pay the bandwidth limit before taking the window, not while holding it: a guest
+    // write into the window then waits for one window's I/O, never for the limiter.
+    await copier.opts.limiter?.ready(ctx.signal);
+    throwIfAborted(ctx.signal);
     await mirror.hold(start, end);
     try {
       const work = sets ? unionRanges(sets.map((s) => s.ranges(start)), start, end) : [{ offset: start, length: end - start }];
-      await copier.copy(work, { destIsZero: !carry && ctx.dest.initiallyZero, chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency) });
+      await copier.copy(work, { destIsZero: !carry && ctx.dest.initiallyZero, chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency), deferLimit: true });
       mirror.cursor = end;
     } finally {
       mirror.release();

@@ -27,9 +27,13 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
   const { gate, tracker, mirror, copier, dest, figures } = ctx;
   ctx.setPhase('switchover');
   const qmp = ctx.opts.suspendQmp ? await QmpClient.connect(ctx.opts.suspendQmp, { timeoutMs: 5000 }) : null;
-  const started = performance.now();
   let stopped = false;
   try {
+    // Flush what the copy wrote so far BEFORE holding I/O: the flush inside the stall then
+    // covers only the last dirty blocks (measured: 1.6-2 s of stall on 1 GiB without it).
+    await dest.device.flush();
+    throwIfAborted(ctx.signal);
+    const started = performance.now(); // the stall starts here
     if (qmp) {
       await qmp.execute('stop');
       stopped = true;

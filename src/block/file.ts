@@ -10,6 +10,7 @@ import { constants as fsc, promises as fsp, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { projectRoot } from '../util/paths.ts';
+import { preadFull, pwriteFull } from './pio.ts';
 import { debuglog } from 'node:util';
 import {
   BlockError, DEFAULT_CAPS, checkRange, errnoOf,
@@ -80,6 +81,8 @@ export class FileDevice implements BlockDevice {
   readonly caps: DeviceCaps;
   readonly name: string;
   #closed = false;
+  #rawInFlight = 0;
+  #rawIdle: (() => void) | undefined;
   #syncs = 0;
 
   private constructor(
@@ -162,24 +165,22 @@ export class FileDevice implements BlockDevice {
   async read(offset: number, length: number): Promise<Buffer> {
     this.#check('read', offset, length);
     const buf = Buffer.allocUnsafe(length);
-    let done = 0;
-    await this.#io('read', offset, length, async () => {
-      while (done < length) {
-        const { bytesRead } = await this.handle.read(buf, done, length - done, offset + done);
-        // The size was fixed at open; a file that shrank under us reads short.
-        if (bytesRead === 0) throw new BlockError('EIO', `${this.name}: read ${offset}+${length}: unexpected end of file at ${offset + done}`);
-        done += bytesRead;
-      }
-    });
+    try {
+      await this.#raw(preadFull(this.handle.fd, buf, offset));
+    } catch (err) {
+      throw this.#wrap('read', offset, length, err);
+    }
     return buf;
   }
 
   async write(offset: number, data: Buffer, opts: WriteOpts = {}): Promise<void> {
     this.#check('write', offset, data.length, true);
-    await this.#io('write', offset, data.length, async () => {
-      await this.#writeAll(offset, data);
+    try {
+      await this.#raw(pwriteFull(this.handle.fd, data, offset));
       if (opts.fua) await this.#sync();
-    });
+    } catch (err) {
+      throw this.#wrap('write', offset, data.length, err);
+    }
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOpts = {}): Promise<void> {
@@ -248,7 +249,18 @@ export class FileDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    // Raw-fd reads and writes are not tracked by the FileHandle: let them finish first, so
+    // the fd is never closed (and reused) under a request still in the thread pool.
+    while (this.#rawInFlight > 0) await new Promise<void>((r) => (this.#rawIdle = r));
     await this.handle.close();
+  }
+
+  /** Count a raw-fd request until it settles (see close). */
+  #raw<T>(p: Promise<T>): Promise<T> {
+    this.#rawInFlight++;
+    return p.finally(() => {
+      if (--this.#rawInFlight === 0) this.#rawIdle?.();
+    });
   }
 
   /** Zero with one fallocate call; false when that is not possible here (caller writes zeroes). */
@@ -278,11 +290,8 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  async #writeAll(offset: number, data: Buffer): Promise<void> {
-    for (let done = 0; done < data.length; ) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+  #writeAll(offset: number, data: Buffer): Promise<void> {
+    return this.#raw(pwriteFull(this.handle.fd, data, offset));
   }
 
   async #sync(): Promise<void> {
@@ -301,8 +310,12 @@ export class FileDevice implements BlockDevice {
     try {
       await fn();
     } catch (err) {
-      if (err instanceof BlockError) throw err;
-      throw new BlockError(errnoOf(err), `${this.name}: ${op} ${offset}+${length} failed: ${(err as Error).message}`, { cause: err });
+      throw this.#wrap(op, offset, length, err);
     }
+  }
+
+  #wrap(op: string, offset: number, length: number, err: unknown): BlockError {
+    if (err instanceof BlockError) return err;
+    return new BlockError(errnoOf(err), `${this.name}: ${op} ${offset}+${length} failed: ${(err as Error).message}`, { cause: err });
   }
 }

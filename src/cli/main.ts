@@ -1,34 +1,34 @@
 // The vmshift command: virsh-style verbs, human output on a terminal, --json for scripts.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { serveCommand } from './serve.ts';
-import { statusCommand } from './status.ts';
-import { migrateStorageCommand } from './migrate-storage.ts';
-import { abortCommand } from './abort.ts';
-import { attachCommand, detachCommand } from './attach.ts';
-import { daemonCommand } from './vmshiftd.ts';
-import { shimStartCommand, shimStopCommand, listCommand } from './shim-verbs.ts';
-import { enableCommand, disableCommand } from './libvirt-verbs.ts';
 import { fail, EXIT_USAGE } from './output.ts';
 
 const argv = hideBin(process.argv);
 const json = argv.includes('--json');
 
-await yargs(argv)
+/**
+ * `serve` is the long-lived process, one per disk: it loads only its own verb, so it does
+ * not carry the libvirt, progress-bar and daemon code (and their packages) in its memory.
+ */
+async function commands(): Promise<object[]> {
+  if (argv[0] === 'serve') return [(await import('./serve.ts')).serveCommand];
+  const [serve, status, migrate, abort, attach, daemon, shims, libvirt] = await Promise.all([
+    import('./serve.ts'), import('./status.ts'), import('./migrate-storage.ts'), import('./abort.ts'),
+    import('./attach.ts'), import('./vmshiftd.ts'), import('./shim-verbs.ts'), import('./libvirt-verbs.ts'),
+  ]);
+  return [
+    serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, abort.abortCommand,
+    attach.attachCommand, attach.detachCommand, daemon.daemonCommand,
+    shims.shimStartCommand, shims.shimStopCommand, shims.listCommand,
+    libvirt.enableCommand, libvirt.disableCommand,
+  ];
+}
+
+let cli = yargs(argv)
   .scriptName('vmshift')
-  .option('json', { type: 'boolean', default: false, global: true, describe: 'machine-readable output' })
-  .command(serveCommand as never)
-  .command(statusCommand as never)
-  .command(migrateStorageCommand as never)
-  .command(abortCommand as never)
-  .command(attachCommand as never)
-  .command(detachCommand as never)
-  .command(daemonCommand as never)
-  .command(shimStartCommand as never)
-  .command(shimStopCommand as never)
-  .command(listCommand as never)
-  .command(enableCommand as never)
-  .command(disableCommand as never)
+  .option('json', { type: 'boolean', default: false, global: true, describe: 'machine-readable output' });
+for (const c of await commands()) cli = cli.command(c as never);
+await cli
   .demandCommand(1, 'name a command')
   .strict()
   .fail((msg, err) => {

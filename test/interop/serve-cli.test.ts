@@ -97,4 +97,28 @@ test('serve: a state file of another disk is refused, nothing served', async () 
   assert.match(second.stderr, /belongs to a shim of .*a\.raw/);
 });
 
+test('serve: an upstream NBD export (qemu-nbd) in place of a file, by nbd+unix URI', async () => {
+  const dir = tempDir();
+  const file = join(dir, 'up.raw');
+  writeFileSync(file, Buffer.alloc(4 * MiB));
+  const upSock = join(dir, 'up.sock');
+  const up = startDaemon('qemu-nbd', ['-t', '-e', '8', '-f', 'raw', '-k', upSock, '-x', 'up', file]);
+  await waitForSocket(upSock, up);
+  const sock = join(dir, 'shim.sock');
+  const uri = `nbd+unix:///up?socket=${upSock}`;
+  const shim = startDaemon(vmshift, ['serve', uri, '--socket', sock]);
+  await waitForSocket(`${sock}.ctl`, shim);
+  await run('qemu-io', ['--image-opts', nbdOpts(sock), '-c', `write -P 0x5e ${MiB} 64k`]);
+  const st = JSON.parse((await run(vmshift, ['status', '--socket', sock, '--json'])).stdout);
+  assert.is(st.backing, uri);
+  assert.is(st.size, 4 * MiB);
+  assert.is(st.tracking.dirtyBytes, 64 * 1024);
+  await shim.stop();
+  assert.is(shim.proc.exitCode, 0, shim.output());
+  // The bytes went through our client into qemu-nbd's file.
+  const data = readFileSync(file);
+  assert.ok(data.subarray(MiB, MiB + 64 * 1024).every((b) => b === 0x5e));
+  assert.is(data[MiB + 64 * 1024], 0);
+});
+
 test.run();

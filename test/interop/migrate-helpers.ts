@@ -40,7 +40,7 @@ export interface FioJob {
 function fioArgs(j: FioJob): string[] {
   return [
     '--name=w', '--ioengine=nbd', `--uri=${j.uri}`, '--rw=randwrite', '--bs=4k', `--size=${j.size ?? '32M'}`,
-    `--io_size=${j.ioSize}`, '--iodepth=8', '--verify=crc32c', `--randseed=${j.seed}`, '--output-format=normal',
+    `--io_size=${j.ioSize}`, '--iodepth=8', '--verify=crc32c', '--verify_state_save=0', `--randseed=${j.seed}`, '--output-format=normal',
   ];
 }
 

@@ -114,7 +114,7 @@ test('fio nbd engine: random 4k writes at QD16 verify with crc32c', async () => 
   sparseFile(file, []);
   const s = await serveFile(file, 'fio');
   const r = await run('fio', ['--name=v', '--ioengine=nbd', `--uri=nbd+unix:///fio?socket=${s.sock}`, '--rw=randwrite', '--bs=4k', '--size=16M',
-    '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--output-format=json']);
+    '--iodepth=16', '--verify=crc32c', '--verify_state_save=0', '--do_verify=1', '--output-format=json']);
   const job = (JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: Array<{ error: number; write: { io_bytes: number }; read: { io_bytes: number } }> }).jobs[0]!;
   assert.is(job.error, 0);
   assert.is(job.write.io_bytes, 16 * MiB);

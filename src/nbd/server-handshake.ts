@@ -1,7 +1,7 @@
 // The server side of the fixed newstyle handshake: greeting, client flags, then option
 // haggling until the client picks an export (NBD_OPT_GO / NBD_OPT_EXPORT_NAME) or leaves.
 // States: GREETING -> OPTIONS (-> STARTTLS -> OPTIONS over TLS) -> TRANSMISSION | ENDED.
-import type { Logger } from 'pino';
+import type { NbdLogger as Logger } from './logger.ts';
 import type { BlockDevice } from '../block/device.ts';
 import {
   BASE_ALLOCATION, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,

@@ -2,7 +2,7 @@
 // arrive and dispatched at once (pipelined); each replies when its device call completes,
 // so replies go out of order, matched by cookie. Reading pauses while too many requests or
 // bytes are in flight, or while the socket has too much unsent output (backpressure).
-import type { Logger } from 'pino';
+import type { NbdLogger as Logger } from './logger.ts';
 import { errnoOf, type BlockErrno, type Extent } from '../block/device.ts';
 import {
   Cmd, CmdFlag, ERRNO_CODES, MAX_PAYLOAD, REQUEST_MAGIC, ReplyFlag, ReplyType, SIMPLE_REPLY_MAGIC,

@@ -8,7 +8,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
-import { pino, type Logger } from 'pino';
+import { silentLogger, type NbdLogger as Logger } from './logger.ts';
 import { ServerHandshake, type ExportSpec } from './server-handshake.ts';
 import { ConnectionClosed, ProtocolViolation, Wire } from './server-io.ts';
 import { DEFAULT_LIMITS, Transmission, type ServerCounters, type TransmissionLimits } from './server-transmission.ts';
@@ -65,7 +65,7 @@ export class NbdServer {
       this.exports.set(exp.name, exp);
     }
     if (opts.tls) this.tls = serverTls(opts.tls);
-    this.log = opts.logger ?? pino({ level: 'silent' });
+    this.log = opts.logger ?? silentLogger;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
   }

@@ -5,23 +5,18 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { startDaemon, waitForSocket } from '../test/helpers/proc.ts';
 import { fio, peakRssMiB, table, type FioResult } from './lib.ts';
 import { parseSize } from '../src/util/size.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 
-interface System {
-  name: string;
-  start(file: string, sock: string): ChildProcess;
-  exportName: string;
-}
-
-const systems: System[] = [
-  { name: 'qemu-nbd', exportName: 'disk', start: (f, s) => spawn('qemu-nbd', ['-t', '-e', '8', '-f', 'raw', '-k', s, '-x', 'disk', f], { stdio: 'ignore' }) },
-  { name: 'nbdkit', exportName: 'disk', start: (f, s) => spawn('nbdkit', ['-U', s, '--foreground', '--exit-with-parent', 'file', f], { stdio: 'ignore' }) },
-  { name: 'vmshift', exportName: 'disk', start: (f, s) => spawn(join(root, 'bin/vmshift'), ['serve', f, '--socket', s, '--track', 'bitmap', '--state', `${s}.state.json`], { stdio: 'ignore' }) },
+/** How each system serves FILE as export "disk" on the unix socket SOCK. */
+const systems: Array<{ name: string; command(file: string, sock: string): [string, string[]] }> = [
+  { name: 'qemu-nbd', command: (f, s) => ['qemu-nbd', ['-t', '-e', '8', '-f', 'raw', '-k', s, '-x', 'disk', f]] },
+  { name: 'nbdkit', command: (f, s) => ['nbdkit', ['-U', s, '--foreground', '--exit-with-parent', 'file', f]] },
+  { name: 'vmshift', command: (f, s) => [join(root, 'bin/vmshift'), ['serve', f, '--socket', s, '--track', 'bitmap', '--state', `${s}.state.json`]] },
 ];
 
 const workloads = [
@@ -30,20 +25,6 @@ const workloads = [
   { name: '1M read qd4', unit: 'MiB/s', args: ['--rw=read', '--bs=1M', '--iodepth=4'] },
   { name: '1M write qd4', unit: 'MiB/s', args: ['--rw=write', '--bs=1M', '--iodepth=4'] },
 ];
-
-async function waitSocket(path: string, proc: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (proc.exitCode !== null) throw new Error(`server exited (${proc.exitCode}) before ${path} appeared`);
-    if (existsSync(path)) {
-      try {
-        execFileSync('nbdinfo', ['--size', `nbd+unix:///disk?socket=${path}`], { stdio: 'ignore' });
-        return;
-      } catch { /* not ready */ }
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${path}`);
-}
 
 export async function main(args: string[]): Promise<void> {
   const opt = (name: string, def: string) => {
@@ -66,21 +47,20 @@ export async function main(args: string[]): Promise<void> {
     for (let round = 1; round <= rounds; round++) {
       for (const sys of systems) {
         const sock = join(dir, `${sys.name}-${round}.sock`);
-        const proc = sys.start(file, sock);
+        const server = startDaemon(...sys.command(file, sock));
         try {
-          await waitSocket(sock, proc);
+          await waitForSocket(sock, server);
           for (const w of workloads) {
             process.stderr.write(`bench shim: round ${round}/${rounds}: ${sys.name}: ${w.name}\n`);
             const r = await fio([
-              '--name=b', '--ioengine=nbd', `--uri=nbd+unix:///${sys.exportName}?socket=${sock}`, `--size=${size}`,
+              '--name=b', '--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`, `--size=${size}`,
               '--time_based', `--runtime=${seconds}`, '--ramp_time=1', '--norandommap', '--randrepeat=0', ...w.args,
             ]);
             ((samples[sys.name] ??= {})[w.name] ??= []).push(r);
           }
-          if (sys.name === 'vmshift') rss[sys.name] = Math.max(rss[sys.name] ?? 0, peakRssMiB(proc.pid!));
+          if (sys.name === 'vmshift') rss[sys.name] = Math.max(rss[sys.name] ?? 0, peakRssMiB(server.pid));
         } finally {
-          proc.kill('SIGTERM');
-          await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.on('exit', r)));
+          await server.stop();
         }
       }
     }

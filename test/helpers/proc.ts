@@ -107,3 +107,13 @@ export function run(cmd: string, args: string[], opts: SpawnOptions & { input?: 
 export function runStatus(cmd: string, args: string[], opts: SpawnOptions & { input?: string } = {}) {
   return run(cmd, args, opts).catch((e: { stdout: string; stderr: string; code: number }) => ({ stdout: e.stdout ?? '', stderr: e.stderr ?? String(e), code: e.code ?? -1 }));
 }
+
+/** The error a promise rejects with; throws if it resolves instead. */
+export async function rejection(p: Promise<unknown>): Promise<unknown> {
+  try {
+    await p;
+  } catch (e) {
+    return e;
+  }
+  throw new Error('expected a rejection');
+}

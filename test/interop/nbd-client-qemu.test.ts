@@ -12,7 +12,7 @@ import { BlockError } from '../../src/block/device.ts';
 import { NbdClientDevice } from '../../src/block/nbd-device.ts';
 import { NbdClient, NbdError } from '../../src/nbd/client.ts';
 import { TF } from '../../src/nbd/constants.ts';
-import { cleanupAll, startDaemon, tempDir, waitForSocket, type Daemon } from '../helpers/proc.ts';
+import { cleanupAll, startDaemon, tempDir, waitForSocket, type Daemon, rejection } from '../helpers/proc.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -40,15 +40,6 @@ function within<T>(p: Promise<T>, what: string, ms = 20000): Promise<T> {
     p.finally(() => clearTimeout(t)),
     new Promise<T>((_, reject) => { t = setTimeout(() => reject(new Error(`${what}: still pending after ${ms} ms`)), ms); }),
   ]);
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  try {
-    await p;
-  } catch (e) {
-    return e;
-  }
-  throw new Error('expected a rejection');
 }
 
 test('writes at many offsets and sizes read back equal and land in the file byte for byte', async () => {

@@ -12,7 +12,7 @@ import { MemoryDevice } from '../../src/block/memory.ts';
 import { NbdClientDevice } from '../../src/block/nbd-device.ts';
 import { NbdClient } from '../../src/nbd/client.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { cleanupAll, onCleanup, run, tempDir } from '../helpers/proc.ts';
+import { cleanupAll, onCleanup, run, tempDir, rejection } from '../helpers/proc.ts';
 
 const MiB = 1024 * 1024;
 
@@ -22,15 +22,6 @@ function serve(exports: Array<{ name: string; device: MemoryDevice; description?
   const server = new NbdServer({ exports, tls: tls ? { ...tls, required: true } : undefined });
   onCleanup(() => server.close());
   return server;
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  try {
-    await p;
-  } catch (e) {
-    return e;
-  }
-  throw new Error('expected a rejection');
 }
 
 test('round trip over a unix socket: data, zeroes, trim and block status from a MemoryDevice', async () => {

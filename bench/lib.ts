@@ -76,6 +76,14 @@ export function procIo(pid: number): ProcIo {
   return { wchar: field('wchar'), writeBytes: field('write_bytes') };
 }
 
+/** CPU seconds (utime + stime) a process has used so far, from /proc/PID/stat. */
+export function procCpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may hold spaces) start at state; utime and stime are fields 14 and 15.
+  const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(rest[11]) + Number(rest[12])) / 100;
+}
+
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Write `size` bytes of non-zero data to a new file and fsync it: a fully allocated disk. */

@@ -1,5 +1,5 @@
 // `npm run bench -- migrate [--size 1G] [--quick] [--idle 3] [--cases all|2m,8m,32m,max,bw]
-// [--bandwidth 4M] [--bw-size 128M]` (or `--report bench/results/migrate-X.json` to print a saved run):
+// [--bandwidth 4M] [--bw-size 128M] [--systems background,write-blocking,auto,precopy,mirror]` (or `--report bench/results/migrate-X.json` to print a saved run):
 // live storage migration of a fully written disk while fio writes 4k random data through
 // the system's NBD export, QEMU 7.2's blockdev-mirror (background, write-blocking) against
 // vmshift's modes (auto, precopy, mirror), in one run, one table. --quick is the smoke run:
@@ -10,7 +10,7 @@
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, tempDir } from '../test/helpers/proc.ts';
-import { dropCaches, fillFile, latencyWindow, procIo, sleep, startFio, table, type LatencyStats } from './lib.ts';
+import { dropCaches, fillFile, latencyWindow, procCpuSeconds, procIo, sleep, startFio, table, type LatencyStats } from './lib.ts';
 import { qemuMirror } from './migrate-qemu.ts';
 import { vmshiftMode } from './migrate-vmshift.ts';
 import type { JobOutcome, MigrateSystem } from './migrate-system.ts';
@@ -43,6 +43,8 @@ interface Row {
   /** The same from write_bytes (page-dirtying accounting: rewrites of dirty pages are missed). */
   destDirtyBytes: number;
   fioWriteBytes: number;
+  /** CPU seconds (user + system) the serving process used from fio's start to the job's end. */
+  cpuS?: number;
   window: LatencyStats;
 }
 
@@ -78,7 +80,12 @@ function options(args: string[]) {
   const unknown = only?.filter((id) => !all.some((c) => c.id === id)) ?? [];
   if (unknown.length) throw new Error(`--cases: unknown ${unknown.join(',')} (known: all, ${all.map((c) => c.id).join(', ')})`);
   const cases = all.filter((c) => !only || only.includes(c.id));
-  return { quick, size, bandwidth, bwSize, idleMs, cases };
+  // --systems background,auto,...: a subset of the systems (by mode name), for quick iterations.
+  const pick = opt('systems')?.split(',');
+  const badSys = pick?.filter((m) => !systems.some((s) => s.mode === m)) ?? [];
+  if (badSys.length) throw new Error(`--systems: unknown ${badSys.join(',')} (known: ${systems.map((s) => s.mode).join(', ')})`);
+  const chosen = systems.filter((s) => !pick || pick.includes(s.mode));
+  return { quick, size, bandwidth, bwSize, idleMs, cases, systems: chosen };
 }
 
 /** One system on one case: fresh disk, cold cache, fio through the export, the job, then teardown. */
@@ -92,6 +99,7 @@ async function runCase(c: Case, sys: MigrateSystem, idleMs: number): Promise<Row
       await dropCaches();
       await sleep(idleMs);
       const io0 = procIo(served.pid);
+      const cpu0 = procCpuSeconds(served.pid);
       const fio = startFio([
         '--name=w', '--ioengine=nbd', `--uri=${served.uri}`, '--rw=randwrite', '--bs=4k', `--size=${c.size}`,
         `--random_distribution=${c.distribution}`, '--iodepth=4', '--norandommap', '--randrepeat=0',
@@ -109,6 +117,7 @@ async function runCase(c: Case, sys: MigrateSystem, idleMs: number): Promise<Row
         fioDone = await fio.stop();
       }
       const io1 = procIo(served.pid);
+      const cpuS = procCpuSeconds(served.pid) - cpu0;
       // Every fio write costs the server its bytes on the source plus a 16-byte NBD reply.
       const fioShare = fioDone.writeBytes + 16 * fioDone.writeIos;
       return {
@@ -116,6 +125,7 @@ async function runCase(c: Case, sys: MigrateSystem, idleMs: number): Promise<Row
         destIoBytes: io1.wchar - io0.wchar - fioShare,
         destDirtyBytes: io1.writeBytes - io0.writeBytes - fioDone.writeBytes,
         fioWriteBytes: fioDone.writeBytes,
+        cpuS,
         window: latencyWindow(join(dir, 'lat_lat.1.log'), job.startMs, job.endMs),
       };
     } finally {
@@ -180,12 +190,12 @@ function report(cases: Case[], rows: Row[]): string {
       r.case, `${r.system} ${r.mode}`,
       r.job.converged ? (r.job.endMs - r.job.startMs) / 1000 : `dnf (${((r.job.endMs - r.job.startMs) / 1000).toFixed(0)})`,
       `${x(r.job.bytesToDest, r.size).toFixed(2)}x`, `${x(r.destIoBytes, r.size).toFixed(2)}x`,
-      r.job.passes, r.job.switchMs, r.window.p50Ms, r.window.p99Ms, r.window.maxMs, windowMiBps(r),
+      r.job.passes, r.job.switchMs, r.window.p50Ms, r.window.p99Ms, r.window.maxMs, windowMiBps(r), r.cpuS ?? NaN,
       ratios(r, bg), ratios(r, wb), r.system === 'vmshift' ? misses(c, r, bg, wb) : short(r.job.error ?? ''),
     ];
   });
   return table(['case', 'system/mode', 'total s', 'to dest (job)', 'to dest (io)', 'passes', 'switch-over ms',
-    'p50 ms', 'p99 ms', 'max ms', 'fio MiB/s', 'vs QEMU bg t/bytes/p99', 'vs QEMU wb t/bytes/p99', 'issue-3 targets'], body);
+    'p50 ms', 'p99 ms', 'max ms', 'fio MiB/s', 'server CPU s', 'vs QEMU bg t/bytes/p99', 'vs QEMU wb t/bytes/p99', 'issue-3 targets'], body);
 }
 
 export async function main(args: string[]): Promise<void> {
@@ -207,7 +217,7 @@ export async function main(args: string[]): Promise<void> {
   ];
   try {
     for (const c of o.cases) {
-      for (const sys of systems) {
+      for (const sys of o.systems) {
         process.stderr.write(`bench migrate: ${c.label}: ${sys.system} ${sys.mode} (${formatBytes(c.size)})...`);
         // A system that fails one run is reported as failed; the others still run.
         const row = await runCase(c, sys, o.idleMs).catch((e: Error) => failedRow(c, sys, e));
@@ -223,6 +233,6 @@ export async function main(args: string[]): Promise<void> {
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
   mkdirSync(join(root, 'bench/results'), { recursive: true });
   const file = join(root, 'bench/results', `migrate-${stamp}.json`);
-  writeFileSync(file, JSON.stringify({ options: { ...o, cases: o.cases }, condition, rows }, null, 2));
+  writeFileSync(file, JSON.stringify({ options: { ...o, cases: o.cases, systems: o.systems.map((m) => `${m.system} ${m.mode}`) }, condition, rows }, null, 2));
   process.stderr.write(`bench migrate: results in ${file}\n`);
 }

@@ -6,8 +6,10 @@
  *   punchHole(fd, offset, len)  fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate, reads as zeroes
  *   zeroRange(fd, offset, len)  fallocate(ZERO_RANGE | KEEP_SIZE): reads as zeroes, stays allocated
  *   blockDeviceSize(fd)         ioctl(BLKGETSIZE64): the size of a block device in bytes
+ *   copyRange(src, dst, offset, length, destIsZero, writeback) -> Promise<counts>
+ *                               copy one chunk file-to-file in a libuv worker thread (below)
  *
- * All calls are synchronous: each is one short syscall. Failures throw an Error whose `code`
+ * All calls but copyRange are synchronous: each is one short syscall. Failures throw an Error whose `code`
  * is the errno name (EOPNOTSUPP, EINVAL, ...), as Node's own fs errors do, so callers map
  * them the same way.
  */
@@ -16,11 +18,14 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <node_api.h>
 
 /* Offsets travel as JS numbers: exact up to 2^53, which covers any real disk. */
@@ -104,6 +109,270 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
   return number(env, (int64_t)size);
 }
 
+/*
+ * copyRange: the migration copier's file-to-file fast path. One call copies [offset,
+ * offset+length) of src to the same range of dst entirely in a worker thread: holes in the
+ * source (SEEK_DATA/SEEK_HOLE) and 64 KiB blocks that read as zeroes become holes on the
+ * destination (punched, or skipped when destIsZero), data is written with pwrite. With
+ * writeback set, sync_file_range(SYNC_FILE_RANGE_WRITE) then starts writing the chunk back
+ * without waiting, so the destination's dirty pages do not pile up for the flush before the
+ * switch-over. Why native: in JavaScript each chunk is a 2 MiB Buffer and its lseeks and
+ * zero checks run on the event loop that also serves the guest's NBD requests; here the
+ * event loop sees one completion per chunk.
+ * Not O_DIRECT (measured): direct reads of the source take ext4's inode lock for the whole
+ * disk read, which stalls every guest write behind them; direct writes to the destination
+ * made each chunk wait for the disk and the job 20-40% slower than page cache + writeback.
+ * The promise resolves to { dataBytes, zeroBytes, skippedBytes } or rejects with an Error
+ * whose code is the errno name and whose `side` is "source" or "destination".
+ */
+#define ZERO_BLOCK (64 * 1024)
+
+/* A few chunk buffers reused across calls: a fresh 2 MiB malloc is an mmap and 512 page faults. */
+#define POOL_MAX 4
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *pool_buf[POOL_MAX];
+static size_t pool_cap[POOL_MAX];
+static int pool_n;
+static char zeroes[ZERO_BLOCK];
+
+static void *pool_get(size_t len, size_t *cap) {
+  void *b = NULL;
+  pthread_mutex_lock(&pool_lock);
+  for (int i = 0; i < pool_n; i++) {
+    if (pool_cap[i] >= len) {
+      b = pool_buf[i];
+      *cap = pool_cap[i];
+      pool_buf[i] = pool_buf[--pool_n];
+      pool_cap[i] = pool_cap[pool_n];
+      break;
+    }
+  }
+  pthread_mutex_unlock(&pool_lock);
+  if (b) return b;
+  if (posix_memalign(&b, 4096, len) != 0) return NULL;
+  *cap = len;
+  return b;
+}
+
+static void pool_put(void *b, size_t cap) {
+  pthread_mutex_lock(&pool_lock);
+  if (pool_n < POOL_MAX) {
+    pool_buf[pool_n] = b;
+    pool_cap[pool_n++] = cap;
+    b = NULL;
+  }
+  pthread_mutex_unlock(&pool_lock);
+  free(b);
+}
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int src, dst, dest_is_zero, writeback;
+  int64_t offset, length;
+  /* results */
+  int err;
+  const char *side, *op;
+  int64_t err_at;
+  int64_t data_bytes, zero_bytes, skipped_bytes;
+} copy_req;
+
+static int fail(copy_req *r, const char *side, const char *op, int64_t at, int err) {
+  r->side = side;
+  r->op = op;
+  r->err_at = at;
+  r->err = err;
+  return -1;
+}
+
+static int read_full(copy_req *r, char *buf, int64_t len, int64_t at) {
+  for (int64_t done = 0; done < len;) {
+    ssize_t n = pread(r->src, buf + done, (size_t)(len - done), (off_t)(at + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail(r, "source", "read", at + done, errno);
+    if (n == 0) return fail(r, "source", "read", at + done, EIO); /* file shorter than the range */
+    done += n;
+  }
+  return 0;
+}
+
+static int write_full(copy_req *r, const char *buf, int64_t len, int64_t at) {
+  for (int64_t done = 0; done < len;) {
+    ssize_t n = pwrite(r->dst, buf + done, (size_t)(len - done), (off_t)(at + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail(r, "destination", "write", at + done, errno);
+    done += n;
+  }
+  return 0;
+}
+
+/* Zero [at, at+len) on the destination as a hole if it can; what FileDevice.writeZeroes does. */
+static int zero_dest(copy_req *r, int64_t at, int64_t len) {
+  if (len <= 0) return 0;
+  if (r->dest_is_zero) {
+    r->skipped_bytes += len;
+    return 0;
+  }
+  int modes[2] = { FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE };
+  for (int i = 0; i < 2; i++) {
+    int rc;
+    do rc = fallocate(r->dst, modes[i], (off_t)at, (off_t)len);
+    while (rc < 0 && errno == EINTR);
+    if (rc == 0) {
+      r->zero_bytes += len;
+      return 0;
+    }
+    if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL && errno != ENOTTY)
+      return fail(r, "destination", "write-zeroes", at, errno);
+  }
+  for (int64_t done = 0; done < len;) { /* no fallocate here: real zeroes */
+    int64_t n = len - done < ZERO_BLOCK ? len - done : ZERO_BLOCK;
+    if (write_full(r, zeroes, n, at + done) < 0) return -1;
+    done += n;
+  }
+  r->zero_bytes += len;
+  return 0;
+}
+
+static int is_zero(const char *p, size_t n) {
+  /* The first 16 bytes, then the block against itself shifted by 16: memcmp's speed. */
+  size_t head = n < 16 ? n : 16;
+  for (size_t i = 0; i < head; i++)
+    if (p[i]) return 0;
+  return n <= 16 || memcmp(p, p + 16, n - 16) == 0;
+}
+
+/* Finish the run [from, to) of a data extent: written as data, or zeroed (run_zero < 0: no run yet). */
+static int end_run(copy_req *r, const char *buf, int64_t at, int64_t from, int64_t to, int run_zero) {
+  if (run_zero < 0 || to <= from) return 0;
+  if (run_zero) return zero_dest(r, at + from, to - from);
+  if (write_full(r, buf + from, to - from, at + from) < 0) return -1;
+  r->data_bytes += to - from;
+  return 0;
+}
+
+/* Data extent [at, at+len): read it whole, write data runs, turn zero blocks into holes. */
+static int copy_data(copy_req *r, char *buf, int64_t at, int64_t len) {
+  if (read_full(r, buf, len, at) < 0) return -1;
+  int64_t run = 0;
+  int run_zero = -1;
+  for (int64_t pos = 0; pos < len; pos += ZERO_BLOCK) {
+    int zero = is_zero(buf + pos, (size_t)(len - pos < ZERO_BLOCK ? len - pos : ZERO_BLOCK));
+    if (zero == run_zero) continue;
+    if (end_run(r, buf, at, run, pos, run_zero) < 0) return -1;
+    run = pos;
+    run_zero = zero;
+  }
+  return end_run(r, buf, at, run, len, run_zero);
+}
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_req *r = data;
+  size_t cap = 0;
+  char *buf = pool_get((size_t)r->length, &cap);
+  if (!buf) {
+    fail(r, "source", "read", r->offset, ENOMEM);
+    return;
+  }
+  int64_t end = r->offset + r->length;
+  for (int64_t pos = r->offset; pos < end;) {
+    off_t d = lseek(r->src, (off_t)pos, SEEK_DATA);
+    if (d < 0 && errno == ENXIO) d = end;                 /* only a hole follows */
+    else if (d < 0 && errno == EINVAL) d = pos;           /* no SEEK_DATA here (block device): all data */
+    else if (d < 0) { fail(r, "source", "block-status", pos, errno); break; }
+    if (d > end) d = end;
+    if (d > pos) {
+      if (zero_dest(r, pos, d - pos) < 0) break;
+      pos = d;
+      continue;
+    }
+    off_t h = lseek(r->src, (off_t)pos, SEEK_HOLE);
+    if (h < 0 && (errno == ENXIO || errno == EINVAL)) h = end;
+    else if (h < 0) { fail(r, "source", "block-status", pos, errno); break; }
+    if (h > end) h = end;
+    if (h <= pos) h = end;                                /* defensive: never loop in place */
+    if (copy_data(r, buf, pos, h - pos) < 0) break;
+    pos = h;
+  }
+  pool_put(buf, cap);
+  if (!r->err && r->writeback && r->data_bytes > 0)
+    sync_file_range(r->dst, (off_t)r->offset, (off_t)r->length, SYNC_FILE_RANGE_WRITE); /* advisory */
+}
+
+static void set_num(napi_env env, napi_value obj, const char *key, int64_t v) {
+  napi_set_named_property(env, obj, key, number(env, v));
+}
+
+static void copy_complete(napi_env env, napi_status status, void *data) {
+  copy_req *r = data;
+  if (status != napi_ok && !r->err) fail(r, "source", "read", r->offset, ECANCELED);
+  if (r->err) {
+    char msg[200];
+    snprintf(msg, sizeof msg, "%s %lld: %s", r->op, (long long)r->err_at, strerror(r->err));
+    const char *name = strerrorname_np(r->err);
+    napi_value code, text, err, side;
+    napi_create_string_utf8(env, name ? name : "EIO", NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
+    napi_create_error(env, code, text, &err);
+    napi_create_string_utf8(env, r->side, NAPI_AUTO_LENGTH, &side);
+    napi_set_named_property(env, err, "side", side);
+    napi_reject_deferred(env, r->deferred, err);
+  } else {
+    napi_value obj;
+    napi_create_object(env, &obj);
+    set_num(env, obj, "dataBytes", r->data_bytes);
+    set_num(env, obj, "zeroBytes", r->zero_bytes);
+    set_num(env, obj, "skippedBytes", r->skipped_bytes);
+    napi_resolve_deferred(env, r->deferred, obj);
+  }
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+/* Largest chunk one call may copy (the job's --chunk-size limit). */
+#define COPY_MAX (64 * 1024 * 1024)
+
+static napi_value CopyRange(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  size_t argc = 6;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc < 6) {
+    napi_throw_type_error(env, "EINVAL", "copyRange: expected 6 arguments");
+    return NULL;
+  }
+  int64_t a[4];
+  for (int i = 0; i < 4; i++) {
+    double d;
+    if (napi_get_value_double(env, argv[i], &d) != napi_ok || d != (double)(int64_t)d || d < 0 || d > (double)MAX_SAFE) {
+      napi_throw_type_error(env, "EINVAL", "copyRange: fds, offset and length must be non-negative safe integers");
+      return NULL;
+    }
+    a[i] = (int64_t)d;
+  }
+  if (a[3] == 0 || a[3] > COPY_MAX || a[2] + a[3] > MAX_SAFE) {
+    napi_throw_range_error(env, "EINVAL", "copyRange: length must be 1 byte to 64 MiB");
+    return NULL;
+  }
+  bool dest_is_zero = false, writeback = false;
+  napi_get_value_bool(env, argv[4], &dest_is_zero);
+  napi_get_value_bool(env, argv[5], &writeback);
+  copy_req *r = calloc(1, sizeof *r);
+  if (!r) return throw_errno(env, "copyRange", ENOMEM);
+  r->src = (int)a[0];
+  r->dst = (int)a[1];
+  r->offset = a[2];
+  r->length = a[3];
+  r->dest_is_zero = dest_is_zero;
+  r->writeback = writeback;
+  napi_value promise, name;
+  napi_create_promise(env, &r->deferred, &promise);
+  napi_create_string_utf8(env, "vmshift.copyRange", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, copy_execute, copy_complete, r, &r->work);
+  napi_queue_async_work(env, r->work);
+  return promise;
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL },
@@ -111,6 +380,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL },
     { "zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL },
     { "blockDeviceSize", NULL, BlockDeviceSize, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "copyRange", NULL, CopyRange, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -25,7 +25,7 @@ if [ -n "$inc" ]; then
   cc=$(command -v gcc || command -v cc || command -v g++ || true)
   if [ -z "$cc" ]; then echo "build-native: no C compiler (gcc/cc) found" >&2; exit 1; fi
   # An N-API addon resolves napi_* symbols from the node binary at load time.
-  "$cc" -O2 -Wall -Wextra -fPIC -shared -x c -std=gnu11 \
+  "$cc" -O2 -Wall -Wextra -fPIC -shared -pthread -x c -std=gnu11 \
     -DNAPI_VERSION=8 -DNODE_GYP_MODULE_NAME=vmshift_native -I"$inc" \
     -o "$out.$$.tmp" "$src"
   mv -f "$out.$$.tmp" "$out"   # atomic: a concurrent loader never sees half a file

@@ -114,12 +114,17 @@ export const migrateStorageCommand = {
   },
 };
 
+function stallParts(r: JobResult): string {
+  const p = r.stallParts;
+  return p ? ` (drain ${p.drainMs.toFixed(1)}, final copy ${p.copyMs.toFixed(1)}, flush ${p.flushMs.toFixed(1)}, commit ${p.commitMs.toFixed(1)})` : '';
+}
+
 function summary(r: JobResult): string {
   const s = r.savings;
   const lines = [
     `moved ${r.from} -> ${r.to} (${r.mode}${r.switchedToMirror ? ', switched to mirroring' : ''}) in ${(r.durationMs / 1000).toFixed(1)} s`,
     `  passes ${r.pass}, copied ${formatBytes(r.bytesCopied)} (${formatBytes(r.dataBytes)} data, ${formatBytes(r.zeroBytes)} zeroes, ${formatBytes(r.skippedBytes)} holes skipped), mirrored ${formatBytes(r.mirroredBytes)}`,
-    `  switch-over stall ${r.stallMs?.toFixed(1)} ms`,
+    `  switch-over stall ${r.stallMs?.toFixed(1)} ms${stallParts(r)}`,
   ];
   if (r.tracker === 'incremental') lines.push(`  incremental tracking ignored ${s.incrementalSkippedWrites} writes (${formatBytes(s.incrementalSkippedBytes)}) ahead of the first pass`);
   if (s.heatDeferredBytes) lines.push(`  heat deferred ${formatBytes(s.heatDeferredBytes)}, of which ${formatBytes(s.heatSavedBytes)} would have been recopied`);

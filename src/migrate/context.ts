@@ -66,6 +66,8 @@ export interface JobFigures {
   etaSeconds: number | null;
   switchedToMirror: boolean;
   stallMs: number | null;
+  /** Where the stall went: drain (Gate.pause), final copy, destination flush, state commit and swap. */
+  stallParts: { drainMs: number; copyMs: number; flushMs: number; commitMs: number } | null;
   savings: {
     /** Guest writes the incremental tracker did not mark (ahead of the first pass's cursor). */
     incrementalSkippedWrites: number;

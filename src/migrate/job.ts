@@ -44,7 +44,7 @@ export class MigrationJob {
   readonly from: string;
   readonly figures: JobFigures = {
     phase: 'starting', pass: 0, passDone: 0, passTotal: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
-    mirroredBytes: 0, rate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null,
+    mirroredBytes: 0, rate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
     savings: { incrementalSkippedWrites: 0, incrementalSkippedBytes: 0, heatDeferredBytes: 0, heatSavedBytes: 0, bloomBytes: null, bitmapBytes: null, bloomFalsePositiveRate: null },
   };
   readonly done: Promise<JobResult>;

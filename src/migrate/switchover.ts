@@ -1,16 +1,19 @@
 // The switch-over, in one place (QEMU's drain -> change -> resume):
-//   [QMP stop] -> Gate.pause (drain) -> copy the last dirty blocks -> destination flush ->
-//   shim.commitBacking(dest) -> shim.replaceBottom(dest) -> Gate.resume [-> QMP cont].
-// Until commitBacking returns, any failure leaves the stack as it was and the caller rolls
-// back to the source; after it, the destination is the disk. The stall (first held
-// request possible to resume) is measured.
+//   outside the stall: destination flush; while the writes since the last pass are estimated
+//   to take more than half the budget, copy them and flush again; write the new shim state
+//   (synced, not yet in place);
+//   the stall: [QMP stop] -> Gate.pause (drain) -> copy the last dirty blocks -> destination
+//   flush -> rename the new state into place -> shim.replaceBottom(dest) -> Gate.resume
+//   [-> QMP cont].
+// Until the rename, any failure leaves the stack as it was and the caller rolls back to the
+// source; after it, the destination is the disk. The stall (first held request possible to
+// resume) is measured, and so is each of its parts.
 import type { Shim } from '../shim/shim.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { throwIfAborted } from './copier.ts';
 import { unionRanges } from './ranges.ts';
 import type { JobContext } from './context.ts';
-
 export interface SwitchResult {
   stallMs: number;
   finalBytes: number;
@@ -18,10 +21,13 @@ export interface SwitchResult {
   old: import('../block/device.ts').BlockDevice;
 }
 
-/** Switch-over attempts before the stall is taken whatever its size. */
-const MAX_ATTEMPTS = 3;
-/** A final set estimated above this multiple of the budget is copied outside the stall first. */
-const RETRY_FACTOR = 1.5;
+/** Catch-up copies outside the stall before the stall is taken whatever the final set's size. */
+const MAX_CATCH_UP = 4;
+/**
+ * The final copy may fill this share of the downtime budget; the rest is for the drain, the
+ * flush and the state rename (measured: each a few ms, the rename's directory sync up to ~20).
+ */
+const COPY_SHARE = 0.5;
 
 /** Thrown after the commit point: the job must not roll back. */
 export class CommittedError extends Error {
@@ -33,47 +39,48 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
   ctx.setPhase('switchover');
   const qmp = ctx.opts.suspendQmp ? await QmpClient.connect(ctx.opts.suspendQmp, { timeoutMs: 5000 }) : null;
   let stopped = false;
+  let state: Awaited<ReturnType<Shim['prepareBacking']>> | null = null;
   try {
-    let sets: DirtySet[];
-    let started: number;
-    for (let attempt = 1; ; attempt++) {
-      // Flush what the copy wrote so far BEFORE holding I/O: the flush inside the stall then
-      // covers only the last dirty blocks (measured: 1.6-2 s of stall on 1 GiB without it).
+    // Outside the stall. The flush writes back what the copy left in the page cache (without
+    // it the stall's own flush took 1.6-2 s on 1 GiB). The guest keeps writing meanwhile:
+    // when what it wrote since the last pass would take more than the copy's share of the
+    // budget, copy that too and flush again, rather than stall for it.
+    const pending = () => carry.reduce((n, set) => n + set.dirtyBytes(), 0) + (tracker.dirty?.dirtyBytes() ?? 0);
+    for (let round = 0; ; round++) {
       await dest.device.flush();
       throwIfAborted(ctx.signal);
-      started = performance.now(); // the stall starts here
-      if (qmp) {
-        await qmp.execute('stop');
-        stopped = true;
-      }
-      await gate.pause();
-      throwIfAborted(ctx.signal);
-      if (mirror.error) throw mirror.error;
-      // Everything not on the destination yet: the carried sets and the writes since the last
-      // swap (none are in flight: the gate is drained). After a mirror pass both are empty:
-      // the mirror kept the destination in step.
-      if (mirror.active && mirror.cursor < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${mirror.cursor} of ${ctx.size})`);
-      sets = [...carry, tracker.swap()];
-      // The guest may have written more during the last pass than the estimate allowed for.
-      // Rather than stall for it, let I/O go again, copy it outside the stall, and retry.
-      const bytes = sets.reduce((n, set) => n + set.dirtyBytes(), 0);
-      const estimateMs = figures.rate > 0 ? (bytes / figures.rate) * 1000 : 0;
-      if (attempt >= MAX_ATTEMPTS || estimateMs <= RETRY_FACTOR * ctx.opts.maxDowntimeMs) break;
-      if (stopped) {
-        await qmp!.execute('cont');
-        stopped = false;
-      }
-      gate.resume();
-      await copier.copy(unionRanges(sets.map((set) => set.ranges())), { destIsZero: false });
+      const estimateMs = figures.rate > 0 ? (pending() / figures.rate) * 1000 : 0;
+      if (round >= MAX_CATCH_UP || estimateMs <= COPY_SHARE * ctx.opts.maxDowntimeMs) break;
+      await copier.copy(unionRanges([...carry, tracker.swap()].map((set) => set.ranges())), { destIsZero: false });
       carry = [];
     }
-    const before = copier.writtenBytes;
-    await copier.copy(unionRanges(sets.map((s) => s.ranges())), { destIsZero: false });
+    state = await shim.prepareBacking(dest.spec);
+    throwIfAborted(ctx.signal);
+
+    const t0 = performance.now(); // the stall starts here
+    if (qmp) {
+      await qmp.execute('stop');
+      stopped = true;
+    }
+    await gate.pause();
+    throwIfAborted(ctx.signal);
     if (mirror.error) throw mirror.error;
+    // Everything not on the destination yet: the carried sets and the writes since the last
+    // swap (none are in flight: the gate is drained). After a mirror pass both are empty:
+    // the mirror kept the destination in step.
+    if (mirror.active && mirror.cursor < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${mirror.cursor} of ${ctx.size})`);
+    const sets = [...carry, tracker.swap()];
+    const t1 = performance.now();
+    const before = copier.writtenBytes;
+    await copier.copy(unionRanges(sets.map((set) => set.ranges())), { destIsZero: false });
+    if (mirror.error) throw mirror.error;
+    const finalBytes = copier.writtenBytes - before;
+    const t2 = performance.now();
     await dest.device.flush();
     throwIfAborted(ctx.signal);
-    const finalBytes = copier.writtenBytes - before;
-    await shim.commitBacking(dest.spec);
+    const t3 = performance.now();
+    await state.commit();
+    state = null;
     // Committed: from here the destination is the disk, whatever happens next.
     let old;
     try {
@@ -83,10 +90,13 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
       throw new CommittedError(`the new backing ${dest.spec} is recorded but the swap failed: ${(e as Error).message}; restart the shim to serve it`);
     }
     gate.resume();
-    const stallMs = performance.now() - started;
+    const t4 = performance.now();
+    const stallMs = t4 - t0;
     figures.stallMs = stallMs;
+    figures.stallParts = { drainMs: t1 - t0, copyMs: t2 - t1, flushMs: t3 - t2, commitMs: t4 - t3 };
     return { stallMs, finalBytes, old };
   } finally {
+    if (state) await state.discard().catch(() => {});
     if (stopped) await qmp!.execute('cont').catch(() => {});
     await qmp?.close().catch(() => {});
   }

@@ -10,7 +10,7 @@ import { openDevice } from '../block/open.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { ControlServer } from '../control/server.ts';
 import { ControlError } from '../control/protocol.ts';
-import { loadShimState, saveShimState, type ShimState } from './state.ts';
+import { loadShimState, prepareShimState, saveShimState, type ShimState } from './state.ts';
 import { registerMigrationMethods } from '../migrate/control.ts';
 
 export type TrackKind = 'bitmap' | 'bloom' | 'none';
@@ -119,10 +119,25 @@ export class Shim {
    * destination, which already holds every acknowledged write.
    */
   async commitBacking(spec: string): Promise<void> {
+    await (await this.prepareBacking(spec)).commit();
+  }
+
+  /**
+   * Write the state that names `spec` as the backing, synced but not in place; commit()
+   * renames it into place (the durable record a restarted shim reads), discard() drops it.
+   * The switch-over prepares before it holds I/O and commits inside the stall.
+   */
+  async prepareBacking(spec: string): Promise<{ commit(): Promise<void>; discard(): Promise<void> }> {
     const at = new Date().toISOString();
     const next: ShimState = { ...this.state, backing: spec, updatedAt: at, history: [...this.state.history, { from: this.state.backing, to: spec, at }] };
-    await saveShimState(this.opts.statePath, next);
-    this.state = next;
+    const file = await prepareShimState(this.opts.statePath, next);
+    return {
+      commit: async () => {
+        await file.commit();
+        this.state = next;
+      },
+      discard: () => file.discard(),
+    };
   }
 
   /** Swap the stack below the gate (gate must be paused) onto a new bottom device. */

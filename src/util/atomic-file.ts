@@ -5,6 +5,23 @@ import { open, rename, unlink, readFile } from 'node:fs/promises';
 import { dirname, basename, join } from 'node:path';
 
 export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<void> {
+  await (await prepareFileAtomic(path, data, mode)).commit();
+}
+
+/** A replacement written and synced beside its target, not yet in place. */
+export interface PreparedFile {
+  /** Rename it over the target and sync the directory: from here the new content is durable. */
+  commit(): Promise<void>;
+  /** Remove it, leaving the target as it was. */
+  discard(): Promise<void>;
+}
+
+/**
+ * The first half of writeFileAtomic: write and fsync the temp file now, rename later. A
+ * switch-over prepares its new state before it holds guest I/O, so that only the rename and
+ * the directory sync (one journal commit, not two) fall inside the stall.
+ */
+export async function prepareFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<PreparedFile> {
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
   const fh = await open(tmp, 'w', mode);
   try {
@@ -16,18 +33,30 @@ export async function writeFileAtomic(path: string, data: string | Buffer, mode 
     throw e;
   }
   await fh.close();
-  try {
-    await rename(tmp, path);
-  } catch (e) {
-    await unlink(tmp).catch(() => {});
-    throw e;
-  }
-  const dir = await open(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
+  let done = false;
+  return {
+    async commit() {
+      if (done) throw new Error(`${path}: prepared replacement already used`);
+      done = true;
+      try {
+        await rename(tmp, path);
+      } catch (e) {
+        await unlink(tmp).catch(() => {});
+        throw e;
+      }
+      const dir = await open(dirname(path), 'r');
+      try {
+        await dir.sync();
+      } finally {
+        await dir.close();
+      }
+    },
+    async discard() {
+      if (done) return;
+      done = true;
+      await unlink(tmp).catch(() => {});
+    },
+  };
 }
 
 /** Read and parse a JSON file; undefined when it does not exist. */

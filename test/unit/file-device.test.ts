@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { BlockError, type Extent } from '../../src/block/device.ts';
 import { FileDevice, loadNative } from '../../src/block/file.ts';
+import { Copier, CopyError } from '../../src/migrate/copier.ts';
 import { cleanupAll, onCleanup, tempDir } from '../helpers/proc.ts';
 
 // execFile rather than the helpers' run(): no stdin pipe, so a command that exits at once
@@ -187,6 +188,85 @@ test('without the addon: all data, real zeroes, no fast zero, same bytes', async
   await rejects(dev.writeZeroes(0, 4096, { fastZero: true }), 'ENOTSUP');
   await dev.trim(2 * MiB - 4096, 4096); // advisory: accepted, does nothing
   assert.ok((await dev.read(2 * MiB - 4096, 4096)).equals(data.subarray(MiB - 4096)));
+});
+
+/** A source with data, a hole, zero blocks inside data and an unaligned tail: what copies must keep. */
+async function mixedSource(size: number): Promise<FileDevice> {
+  const src = await fresh(size);
+  await src.write(0, randomBytes(3 * MiB + 12345));
+  await src.write(MiB + 64 * 1024, Buffer.alloc(192 * 1024)); // zero blocks inside data
+  await src.write(5 * MiB + 100, randomBytes(700_000)); // after a hole, not block aligned
+  await src.write(size - 777, randomBytes(777)); // the last bytes
+  return src;
+}
+
+test('copyTo copies file to file in a worker thread: same bytes, holes and zero blocks stay holes', async () => {
+  const size = 8 * MiB + 4096;
+  const src = await mixedSource(size);
+  const dst = await fresh(size);
+  assert.ok(src.canCopyTo(dst));
+  const total = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
+  // Chunks that do not line up with the data, the hole or the end.
+  for (let off = 0; off < size; off += 3 * MiB - 4096) {
+    const got = await src.copyTo(dst, off, Math.min(3 * MiB - 4096, size - off), { writeback: true });
+    for (const k of Object.keys(total) as Array<keyof typeof total>) total[k] += got[k];
+  }
+  assert.ok(readFileSync(dst.path).equals(readFileSync(src.path)), 'destination equals source');
+  assert.is(total.dataBytes + total.zeroBytes + total.skippedBytes, size, 'every byte accounted for');
+  assert.ok(total.zeroBytes >= 192 * 1024 + 2 * MiB - 100_000, `holes and zero blocks zeroed: ${total.zeroBytes}`);
+  assert.ok(blocksOf(dst) <= blocksOf(src) - (192 * 1024) / 512, `destination thinner than the source: ${blocksOf(dst)} vs ${blocksOf(src)} blocks`);
+  // destIsZero: zero regions are not touched at all.
+  const dst2 = await fresh(size);
+  const got = await src.copyTo(dst2, 0, size, { destIsZero: true });
+  assert.is(got.zeroBytes, 0);
+  assert.is(got.skippedBytes, size - got.dataBytes);
+  assert.ok(readFileSync(dst2.path).equals(readFileSync(src.path)), 'destIsZero copy equals source');
+});
+
+test('copyTo refuses ranges past the end and read-only destinations, and names the side that failed', async () => {
+  const src = await mixedSource(8 * MiB + 4096);
+  const dst = await fresh(8 * MiB + 4096);
+  await rejects(src.copyTo(dst, 8 * MiB, MiB), 'EINVAL');
+  const roPath = join(dir, 'ro-dst.raw');
+  writeFileSync(roPath, Buffer.alloc(src.size));
+  const ro = await FileDevice.open(roPath, { readOnly: true });
+  onCleanup(() => ro.close());
+  assert.not.ok(src.canCopyTo(ro));
+  await rejects(src.copyTo(ro, 0, MiB), 'ENOTSUP');
+  assert.equal(readFileSync(roPath), Buffer.alloc(src.size), 'read-only destination untouched');
+  // A closed destination is refused before any worker runs. (ENOSPC mid-copy, reported as
+  // the destination's, is tested in test/interop/migrate-faults.test.ts on a full tmpfs.)
+  const closed = await fresh(8 * MiB + 4096);
+  await closed.close();
+  await rejects(src.copyTo(closed, 0, MiB), 'ESHUTDOWN');
+});
+
+test('the copier gives the same destination through copyTo and through reads and writes', async () => {
+  const size = 8 * MiB + 4096;
+  const src = await mixedSource(size);
+  const outs: Buffer[] = [];
+  for (const native of [true, false]) {
+    const dst = await fresh(size);
+    const copier = new Copier(src, dst, { chunkSize: 2 * MiB, concurrency: 3, native });
+    assert.is(copier.native, native);
+    await copier.copy([{ offset: 0, length: size }], { destIsZero: true });
+    assert.is(copier.stats.processedBytes, size);
+    assert.is(copier.stats.dataBytes + copier.stats.skippedBytes, size);
+    outs.push(readFileSync(dst.path));
+  }
+  assert.ok(outs[0]!.equals(readFileSync(src.path)), 'native copy equals the source');
+  assert.ok(outs[1]!.equals(outs[0]!), 'both paths give the same destination');
+  // A destination failure surfaces as a CopyError on the destination side.
+  const dst = await fresh(size);
+  const copier = new Copier(src, dst, {});
+  await dst.close();
+  try {
+    await copier.copy([{ offset: 0, length: size }]);
+    assert.unreachable('copy to a closed destination succeeded');
+  } catch (err) {
+    assert.instance(err, CopyError);
+    assert.is((err as CopyError).side, 'destination');
+  }
 });
 
 test('a block device reports its size, with and without the addon', async () => {

@@ -6,10 +6,10 @@
  *   punchHole(fd, offset, len)  fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate, reads as zeroes
  *   zeroRange(fd, offset, len)  fallocate(ZERO_RANGE | KEEP_SIZE): reads as zeroes, stays allocated
  *   blockDeviceSize(fd)         ioctl(BLKGETSIZE64): the size of a block device in bytes
- *   copyRange(src, dst, offset, length, destIsZero, writeback) -> Promise<counts>
- *                               copy one chunk file-to-file in a libuv worker thread (below)
+ *   copyRanges(src, dst, ranges, destIsZero, writeback) -> Promise<counts>
+ *                               copy ranges file-to-file in a libuv worker thread (below)
  *
- * All calls but copyRange are synchronous: each is one short syscall. Failures throw an Error whose `code`
+ * All calls but copyRanges are synchronous: each is one short syscall. Failures throw an Error whose `code`
  * is the errno name (EOPNOTSUPP, EINVAL, ...), as Node's own fs errors do, so callers map
  * them the same way.
  */
@@ -110,8 +110,11 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
 }
 
 /*
- * copyRange: the migration copier's file-to-file fast path. One call copies [offset,
- * offset+length) of src to the same range of dst entirely in a worker thread: holes in the
+ * copyRanges: the migration copier's file-to-file fast path. One call copies a batch of
+ * ranges (a Float64Array of offset, length pairs: one 2 MiB chunk of a full pass, or up to
+ * a few hundred scattered dirty blocks) of src to the same ranges of dst, all in one worker
+ * thread; a thread-pool round trip per 4 KiB dirty block capped dirty passes at ~24 MiB/s
+ * (measured). In each range, holes in the
  * source (SEEK_DATA/SEEK_HOLE) and 64 KiB blocks that read as zeroes become holes on the
  * destination (punched, or skipped when destIsZero), data is written with pwrite. With
  * writeback set, sync_file_range(SYNC_FILE_RANGE_WRITE) then starts writing the chunk back
@@ -169,7 +172,9 @@ typedef struct {
   napi_async_work work;
   napi_deferred deferred;
   int src, dst, dest_is_zero, writeback;
-  int64_t offset, length;
+  int64_t *ranges; /* offset, length pairs */
+  size_t count;
+  int64_t max_len, lo, hi; /* longest range; span of all */
   /* results */
   int err;
   const char *side, *op;
@@ -266,38 +271,45 @@ static int copy_data(copy_req *r, char *buf, int64_t at, int64_t len) {
   return end_run(r, buf, at, run, len, run_zero);
 }
 
-static void copy_execute(napi_env env, void *data) {
-  (void)env;
-  copy_req *r = data;
-  size_t cap = 0;
-  char *buf = pool_get((size_t)r->length, &cap);
-  if (!buf) {
-    fail(r, "source", "read", r->offset, ENOMEM);
-    return;
-  }
-  int64_t end = r->offset + r->length;
-  for (int64_t pos = r->offset; pos < end;) {
+/* One range: holes in the source zero the destination, data extents are copied. */
+static int copy_range(copy_req *r, char *buf, int64_t offset, int64_t length) {
+  int64_t end = offset + length;
+  for (int64_t pos = offset; pos < end;) {
     off_t d = lseek(r->src, (off_t)pos, SEEK_DATA);
     if (d < 0 && errno == ENXIO) d = end;                 /* only a hole follows */
     else if (d < 0 && errno == EINVAL) d = pos;           /* no SEEK_DATA here (block device): all data */
-    else if (d < 0) { fail(r, "source", "block-status", pos, errno); break; }
+    else if (d < 0) return fail(r, "source", "block-status", pos, errno);
     if (d > end) d = end;
     if (d > pos) {
-      if (zero_dest(r, pos, d - pos) < 0) break;
+      if (zero_dest(r, pos, d - pos) < 0) return -1;
       pos = d;
       continue;
     }
     off_t h = lseek(r->src, (off_t)pos, SEEK_HOLE);
     if (h < 0 && (errno == ENXIO || errno == EINVAL)) h = end;
-    else if (h < 0) { fail(r, "source", "block-status", pos, errno); break; }
+    else if (h < 0) return fail(r, "source", "block-status", pos, errno);
     if (h > end) h = end;
     if (h <= pos) h = end;                                /* defensive: never loop in place */
-    if (copy_data(r, buf, pos, h - pos) < 0) break;
+    if (copy_data(r, buf, pos, h - pos) < 0) return -1;
     pos = h;
   }
+  return 0;
+}
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_req *r = data;
+  size_t cap = 0;
+  char *buf = pool_get((size_t)r->max_len, &cap);
+  if (!buf) {
+    fail(r, "source", "read", r->lo, ENOMEM);
+    return;
+  }
+  for (size_t i = 0; i < r->count; i++)
+    if (copy_range(r, buf, r->ranges[2 * i], r->ranges[2 * i + 1]) < 0) break;
   pool_put(buf, cap);
   if (!r->err && r->writeback && r->data_bytes > 0)
-    sync_file_range(r->dst, (off_t)r->offset, (off_t)r->length, SYNC_FILE_RANGE_WRITE); /* advisory */
+    sync_file_range(r->dst, (off_t)r->lo, (off_t)(r->hi - r->lo), SYNC_FILE_RANGE_WRITE); /* advisory */
 }
 
 static void set_num(napi_env env, napi_value obj, const char *key, int64_t v) {
@@ -306,7 +318,7 @@ static void set_num(napi_env env, napi_value obj, const char *key, int64_t v) {
 
 static void copy_complete(napi_env env, napi_status status, void *data) {
   copy_req *r = data;
-  if (status != napi_ok && !r->err) fail(r, "source", "read", r->offset, ECANCELED);
+  if (status != napi_ok && !r->err) fail(r, "source", "read", r->lo, ECANCELED);
   if (r->err) {
     char msg[200];
     snprintf(msg, sizeof msg, "%s %lld: %s", r->op, (long long)r->err_at, strerror(r->err));
@@ -327,47 +339,75 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
     napi_resolve_deferred(env, r->deferred, obj);
   }
   napi_delete_async_work(env, r->work);
+  free(r->ranges);
   free(r);
 }
 
-/* Largest chunk one call may copy (the job's --chunk-size limit). */
+/* Largest range one call may copy (the job's --chunk-size limit), and most ranges per call. */
 #define COPY_MAX (64 * 1024 * 1024)
+#define RANGES_MAX 4096
 
-static napi_value CopyRange(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  size_t argc = 6;
+static napi_value CopyRanges(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
-  if (argc < 6) {
-    napi_throw_type_error(env, "EINVAL", "copyRange: expected 6 arguments");
+  if (argc < 5) {
+    napi_throw_type_error(env, "EINVAL", "copyRanges: expected 5 arguments");
     return NULL;
   }
-  int64_t a[4];
-  for (int i = 0; i < 4; i++) {
+  int64_t fds[2];
+  for (int i = 0; i < 2; i++) {
     double d;
-    if (napi_get_value_double(env, argv[i], &d) != napi_ok || d != (double)(int64_t)d || d < 0 || d > (double)MAX_SAFE) {
-      napi_throw_type_error(env, "EINVAL", "copyRange: fds, offset and length must be non-negative safe integers");
+    if (napi_get_value_double(env, argv[i], &d) != napi_ok || d != (double)(int)d || d < 0) {
+      napi_throw_type_error(env, "EINVAL", "copyRanges: fds must be non-negative integers");
       return NULL;
     }
-    a[i] = (int64_t)d;
+    fds[i] = (int64_t)d;
   }
-  if (a[3] == 0 || a[3] > COPY_MAX || a[2] + a[3] > MAX_SAFE) {
-    napi_throw_range_error(env, "EINVAL", "copyRange: length must be 1 byte to 64 MiB");
+  bool is_typed = false;
+  napi_is_typedarray(env, argv[2], &is_typed);
+  napi_typedarray_type type;
+  size_t n = 0;
+  void *raw = NULL;
+  if (!is_typed || napi_get_typedarray_info(env, argv[2], &type, &n, &raw, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || n == 0 || n % 2 || n / 2 > RANGES_MAX) {
+    napi_throw_type_error(env, "EINVAL", "copyRanges: ranges must be a Float64Array of 1 to 4096 offset, length pairs");
     return NULL;
   }
-  bool dest_is_zero = false, writeback = false;
-  napi_get_value_bool(env, argv[4], &dest_is_zero);
-  napi_get_value_bool(env, argv[5], &writeback);
   copy_req *r = calloc(1, sizeof *r);
-  if (!r) return throw_errno(env, "copyRange", ENOMEM);
-  r->src = (int)a[0];
-  r->dst = (int)a[1];
-  r->offset = a[2];
-  r->length = a[3];
+  if (r) r->ranges = malloc(n * sizeof(int64_t));
+  if (!r || !r->ranges) {
+    free(r);
+    return throw_errno(env, "copyRanges", ENOMEM);
+  }
+  /* Copied out of the array now: the worker thread must not touch JavaScript memory. */
+  const double *v = raw;
+  r->lo = MAX_SAFE;
+  for (size_t i = 0; i < n; i += 2) {
+    double off = v[i], len = v[i + 1];
+    if (off != (double)(int64_t)off || len != (double)(int64_t)len || off < 0 || len < 1 || len > COPY_MAX || off + len > (double)MAX_SAFE) {
+      free(r->ranges);
+      free(r);
+      napi_throw_range_error(env, "EINVAL", "copyRanges: each range needs a safe offset and a length of 1 byte to 64 MiB");
+      return NULL;
+    }
+    r->ranges[i] = (int64_t)off;
+    r->ranges[i + 1] = (int64_t)len;
+    if (r->ranges[i + 1] > r->max_len) r->max_len = r->ranges[i + 1];
+    if (r->ranges[i] < r->lo) r->lo = r->ranges[i];
+    if (r->ranges[i] + r->ranges[i + 1] > r->hi) r->hi = r->ranges[i] + r->ranges[i + 1];
+  }
+  r->count = n / 2;
+  bool dest_is_zero = false, writeback = false;
+  napi_get_value_bool(env, argv[3], &dest_is_zero);
+  napi_get_value_bool(env, argv[4], &writeback);
+  r->src = (int)fds[0];
+  r->dst = (int)fds[1];
   r->dest_is_zero = dest_is_zero;
   r->writeback = writeback;
   napi_value promise, name;
   napi_create_promise(env, &r->deferred, &promise);
-  napi_create_string_utf8(env, "vmshift.copyRange", NAPI_AUTO_LENGTH, &name);
+  napi_create_string_utf8(env, "vmshift.copyRanges", NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, copy_execute, copy_complete, r, &r->work);
   napi_queue_async_work(env, r->work);
   return promise;
@@ -380,7 +420,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL },
     { "zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL },
     { "blockDeviceSize", NULL, BlockDeviceSize, NULL, NULL, NULL, napi_enumerable, NULL },
-    { "copyRange", NULL, CopyRange, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "copyRanges", NULL, CopyRanges, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

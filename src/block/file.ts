@@ -28,8 +28,8 @@ export interface NativeFileOps {
   punchHole(fd: number, offset: number, length: number): void;
   zeroRange(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
-  /** Copy one range file to file in a worker thread (see native/vmshift_native.c). */
-  copyRange(src: number, dst: number, offset: number, length: number, destIsZero: boolean, writeback: boolean): Promise<FileCopyCounts>;
+  /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
+  copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean): Promise<FileCopyCounts>;
 }
 
 /** What one FileDevice.copyTo did. */
@@ -272,32 +272,38 @@ export class FileDevice implements BlockDevice {
   }
 
   /**
-   * Copy [offset, offset+length) of this file to the same range of `dest` in one libuv
-   * worker thread: the migration copier's file-to-file path. Holes and 64 KiB blocks of
-   * zeroes become holes on `dest` (or are skipped when `destIsZero`); `writeback` starts the
-   * new data's writeback at once (sync_file_range) instead of leaving it dirty in the page cache.
+   * Copy `ranges` of this file to the same ranges of `dest` in one libuv worker thread: the
+   * migration copier's file-to-file path (one 2 MiB chunk, or a batch of scattered dirty
+   * blocks). Holes and 64 KiB blocks of zeroes become holes on `dest` (or are skipped when
+   * `destIsZero`); `writeback` starts the new data's writeback at once (sync_file_range)
+   * instead of leaving it dirty in the page cache.
    */
-  async copyTo(dest: FileDevice, offset: number, length: number, opts: { destIsZero?: boolean; writeback?: boolean } = {}): Promise<FileCopyCounts> {
+  async copyTo(dest: FileDevice, ranges: ReadonlyArray<{ offset: number; length: number }>, opts: { destIsZero?: boolean; writeback?: boolean } = {}): Promise<FileCopyCounts> {
     if (!this.canCopyTo(dest)) throw new BlockError('ENOTSUP', `${this.name}: cannot copy natively to ${dest.name}`);
+    const what = ranges.length === 1 ? `${ranges[0]!.offset}+${ranges[0]!.length}` : `${ranges.length} ranges from ${ranges[0]?.offset}`;
     const side = (which: 'source' | 'destination', err: unknown) => {
       const dev = which === 'source' ? this : dest;
       const msg = (err as Error).message ?? String(err);
-      return new FileCopyError(which, errnoOf(err), msg.includes(dev.name) ? msg : `${dev.name}: copy ${offset}+${length}: ${msg}`, { cause: err });
+      return new FileCopyError(which, errnoOf(err), msg.includes(dev.name) ? msg : `${dev.name}: copy ${what}: ${msg}`, { cause: err });
     };
-    try {
-      this.#check('copy', offset, length);
-    } catch (err) {
-      throw side('source', err);
+    const pairs = new Float64Array(ranges.length * 2);
+    let n = 0;
+    for (const { offset, length } of ranges) {
+      for (const [dev, which] of [[this, 'source'], [dest, 'destination']] as const) {
+        try {
+          dev.#check('copy', offset, length, which === 'destination');
+        } catch (err) {
+          throw side(which, err);
+        }
+      }
+      if (length === 0) continue;
+      pairs[n++] = offset;
+      pairs[n++] = length;
     }
-    try {
-      dest.#check('copy', offset, length, true);
-    } catch (err) {
-      throw side('destination', err);
-    }
-    if (length === 0) return { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
+    if (n === 0) return { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
     try {
       // Counted on both files: neither fd may be closed while the worker thread uses it.
-      return await dest.#raw(this.#raw(this.native!.copyRange(this.handle.fd, dest.handle.fd, offset, length, opts.destIsZero ?? false, opts.writeback ?? false)));
+      return await dest.#raw(this.#raw(this.native!.copyRanges(this.handle.fd, dest.handle.fd, pairs.subarray(0, n), opts.destIsZero ?? false, opts.writeback ?? false)));
     } catch (err) {
       throw side((err as { side?: unknown }).side === 'destination' ? 'destination' : 'source', err);
     }

@@ -73,6 +73,31 @@ export function throwIfAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw signal.reason instanceof Error ? signal.reason : new Error(String(signal.reason ?? 'aborted'));
 }
 
+/** Most ranges in one file-to-file batch. */
+const BATCH_RANGES = 512;
+
+/** Each chunk on its own. */
+function* single(chunks: Iterator<[number, number]>): Generator<Array<[number, number]>> {
+  for (let c = chunks.next(); !c.done; c = chunks.next()) yield [c.value];
+}
+
+/** Consecutive chunks grouped up to `bytes` and `count` per batch (a full-size chunk goes alone). */
+function* batches(chunks: Iterator<[number, number]>, bytes: number, count: number): Generator<Array<[number, number]>> {
+  let batch: Array<[number, number]> = [];
+  let sum = 0;
+  for (let c = chunks.next(); !c.done; c = chunks.next()) {
+    const len = c.value[1] - c.value[0];
+    if (batch.length > 0 && (sum + len > bytes || batch.length >= count)) {
+      yield batch;
+      batch = [];
+      sum = 0;
+    }
+    batch.push(c.value);
+    sum += len;
+  }
+  if (batch.length > 0) yield batch;
+}
+
 /** Zero detection granularity inside data extents. */
 const ZERO_BLOCK = 64 * 1024;
 
@@ -110,19 +135,24 @@ export class Copier {
 
   /** Copy `ranges` (ascending), `concurrency` chunks at a time; the first failure stops it. */
   async copy(ranges: Iterable<CopyRange>, run: CopyRunOptions = {}): Promise<void> {
-    const chunks = this.#chunks(ranges, run.chunkSize ?? this.chunkSize);
+    const size = run.chunkSize ?? this.chunkSize;
+    const chunks = this.#chunks(ranges, size);
+    // File to file, small chunks (scattered dirty blocks) travel in batches of up to one
+    // chunk's bytes: one worker-thread round trip per batch, not per 4 KiB block.
+    const next = this.#native ? batches(chunks, size, BATCH_RANGES) : single(chunks);
     let failure: unknown = null;
     const worker = async () => {
       for (;;) {
         if (failure) return;
         throwIfAborted(this.opts.signal);
-        const next = chunks.next();
-        if (next.done) return;
-        const [start, end] = next.value;
-        run.beforeChunk?.(start, end);
+        const item = next.next();
+        if (item.done) return;
+        const batch = item.value;
+        for (const [start, end] of batch) run.beforeChunk?.(start, end);
         try {
-          await this.copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
-          this.stats.processedBytes += end - start;
+          if (this.#native) await this.#copyNative(batch, run.destIsZero ?? false, run.deferLimit ?? false);
+          else for (const [start, end] of batch) await this.copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
+          for (const [start, end] of batch) this.stats.processedBytes += end - start;
           await this.#maybeFlush();
         } catch (e) {
           failure ??= e;
@@ -137,7 +167,7 @@ export class Copier {
 
   /** Copy [start, end) now: block status first, then data runs and zero runs. */
   async copyChunk(start: number, end: number, destIsZero: boolean, deferLimit = false): Promise<void> {
-    if (this.#native) return this.#copyNative(start, end, destIsZero, deferLimit);
+    if (this.#native) return this.#copyNative([[start, end]], destIsZero, deferLimit);
     for (const ext of await this.#extents(start, end)) {
       if (ext.zero) {
         await this.#zero(ext.offset, ext.length, destIsZero);
@@ -154,12 +184,12 @@ export class Copier {
    * limiter is paid after the fact (the chunk's data bytes), and waited for before the next
    * chunk unless the caller defers that.
    */
-  async #copyNative(start: number, end: number, destIsZero: boolean, deferLimit: boolean): Promise<void> {
+  async #copyNative(batch: Array<[number, number]>, destIsZero: boolean, deferLimit: boolean): Promise<void> {
     const { limiter, signal } = this.opts;
     if (!deferLimit) await limiter?.ready(signal);
     let got;
     try {
-      got = await this.#native!.source.copyTo(this.#native!.dest, start, end - start, { destIsZero, writeback: true });
+      got = await this.#native!.source.copyTo(this.#native!.dest, batch.map(([start, end]) => ({ offset: start, length: end - start })), { destIsZero, writeback: true });
     } catch (e) {
       if (e instanceof FileCopyError) throw new CopyError(e.side, e.errno, e.message, { cause: e });
       throw e;

@@ -18,7 +18,7 @@ import { RateLimiter } from './limiter.ts';
 import { openDestination, discard, type Destination } from './destination.ts';
 import { journalPath, writeJournal, removeJournal } from './journal.ts';
 import { precopy } from './precopy.ts';
-import { startMirroring, mirrorPass } from './selective.ts';
+import { mirrorPass, startMirroring, stopMirroring } from './selective.ts';
 import { switchOver, CommittedError } from './switchover.ts';
 import type { JobContext, JobFigures, JobPhase, MigrateOptions } from './context.ts';
 
@@ -176,12 +176,14 @@ export class MigrationJob {
       if (opts.mode === 'mirror') {
         await startMirroring(ctx, null);
         await mirrorPass(ctx, null);
+        await stopMirroring(ctx);
       } else {
         const outcome = await precopy(ctx);
         if (outcome.kind === 'diverging') {
           this.figures.switchedToMirror = true;
           const sets = await startMirroring(ctx, outcome.carry);
           await mirrorPass(ctx, sets);
+          await stopMirroring(ctx);
         } else carry = outcome.carry;
       }
       const sw = await switchOver(ctx, shim, carry);

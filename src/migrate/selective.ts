@@ -89,6 +89,28 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
   ctx.progress(true);
 }
 
+/**
+ * After the mirror pass: stop mirroring and track again (with the gate paused, so no write
+ * straddles the change). The destination equals the source at that instant; what the guest
+ * writes from here is tracked and copied by the switch-over. Mirroring on through the
+ * switch-over's flushes would write every rewrite of a hot block to the destination again
+ * (measured: 1.09x the disk at 32 MiB/s, and a 100 ms flush inside the stall); tracking
+ * copies each dirty block once.
+ */
+export async function stopMirroring(ctx: JobContext): Promise<void> {
+  const { gate, tracker, mirror, figures } = ctx;
+  await gate.pause();
+  try {
+    if (mirror.error) throw mirror.error;
+    mirror.stop();
+    tracker.swap(); // empty: nothing was marked while the mirror decided (cursor 0)
+    tracker.cursor = Infinity;
+    figures.mirroredBytes = mirror.stats().mirroredBytes;
+  } finally {
+    gate.resume();
+  }
+}
+
 /** Dirty bytes at or after `from` (an estimate for progress only; bounded work). */
 function remaining(sets: DirtySet[], from: number): number {
   let n = 0, i = 0;

@@ -1,7 +1,8 @@
 // The switch-over, in one place (QEMU's drain -> change -> resume):
 //   outside the stall: destination flush; while the writes since the last pass are estimated
-//   to take more than half the budget, copy them and flush again; write the new shim state
-//   (synced, not yet in place);
+//   to take more than half the budget, or the flush was slow (the next one has that long's
+//   writes to do), copy them and flush again; write the new shim state (synced, not yet in
+//   place);
 //   the stall: [QMP stop] -> Gate.pause (drain) -> copy the last dirty blocks -> destination
 //   flush -> rename the new state into place -> shim.replaceBottom(dest) -> Gate.resume
 //   [-> QMP cont].
@@ -14,6 +15,9 @@ import { QmpClient } from '../qemu/qmp.ts';
 import { throwIfAborted } from './copier.ts';
 import { unionRanges } from './ranges.ts';
 import type { JobContext } from './context.ts';
+import { debuglog } from 'node:util';
+
+const debug = debuglog('vmshift');
 export interface SwitchResult {
   stallMs: number;
   finalBytes: number;
@@ -28,6 +32,8 @@ const MAX_CATCH_UP = 4;
  * flush and the state rename (measured: each a few ms, the rename's directory sync up to ~20).
  */
 const COPY_SHARE = 0.5;
+/** The flush inside the stall covers what was copied since the last flush: keep that short. */
+const FLUSH_SHARE = 0.25;
 
 /** Thrown after the commit point: the job must not roll back. */
 export class CommittedError extends Error {
@@ -47,10 +53,14 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     // budget, copy that too and flush again, rather than stall for it.
     const pending = () => carry.reduce((n, set) => n + set.dirtyBytes(), 0) + (tracker.dirty?.dirtyBytes() ?? 0);
     for (let round = 0; ; round++) {
+      const flushStart = performance.now();
       await dest.device.flush();
+      const flushMs = performance.now() - flushStart;
       throwIfAborted(ctx.signal);
       const estimateMs = figures.rate > 0 ? (pending() / figures.rate) * 1000 : 0;
-      if (round >= MAX_CATCH_UP || estimateMs <= COPY_SHARE * ctx.opts.maxDowntimeMs) break;
+      const budget = ctx.opts.maxDowntimeMs;
+      debug('switch-over catch-up %d: flush %d ms, %d bytes pending, estimated copy %d ms', round, Math.round(flushMs), pending(), Math.round(estimateMs));
+      if (round >= MAX_CATCH_UP || (estimateMs <= COPY_SHARE * budget && flushMs <= FLUSH_SHARE * budget)) break;
       await copier.copy(unionRanges([...carry, tracker.swap()].map((set) => set.ranges())), { destIsZero: false });
       carry = [];
     }
@@ -66,9 +76,9 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     throwIfAborted(ctx.signal);
     if (mirror.error) throw mirror.error;
     // Everything not on the destination yet: the carried sets and the writes since the last
-    // swap (none are in flight: the gate is drained). After a mirror pass both are empty:
-    // the mirror kept the destination in step.
-    if (mirror.active && mirror.cursor < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${mirror.cursor} of ${ctx.size})`);
+    // swap (none are in flight: the gate is drained). After a mirror pass nothing is carried
+    // and the tracker holds what was written since mirroring stopped.
+    if (mirror.active) throw new Error('switch-over while the mirror is still active');
     const sets = [...carry, tracker.swap()];
     const t1 = performance.now();
     const before = copier.writtenBytes;

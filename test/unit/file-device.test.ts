@@ -208,7 +208,7 @@ test('copyTo copies file to file in a worker thread: same bytes, holes and zero 
   const total = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
   // Chunks that do not line up with the data, the hole or the end.
   for (let off = 0; off < size; off += 3 * MiB - 4096) {
-    const got = await src.copyTo(dst, off, Math.min(3 * MiB - 4096, size - off), { writeback: true });
+    const got = await src.copyTo(dst, [{ offset: off, length: Math.min(3 * MiB - 4096, size - off) }], { writeback: true });
     for (const k of Object.keys(total) as Array<keyof typeof total>) total[k] += got[k];
   }
   assert.ok(readFileSync(dst.path).equals(readFileSync(src.path)), 'destination equals source');
@@ -217,44 +217,71 @@ test('copyTo copies file to file in a worker thread: same bytes, holes and zero 
   assert.ok(blocksOf(dst) <= blocksOf(src) - (192 * 1024) / 512, `destination thinner than the source: ${blocksOf(dst)} vs ${blocksOf(src)} blocks`);
   // destIsZero: zero regions are not touched at all.
   const dst2 = await fresh(size);
-  const got = await src.copyTo(dst2, 0, size, { destIsZero: true });
+  const got = await src.copyTo(dst2, [{ offset: 0, length: size }], { destIsZero: true });
   assert.is(got.zeroBytes, 0);
   assert.is(got.skippedBytes, size - got.dataBytes);
   assert.ok(readFileSync(dst2.path).equals(readFileSync(src.path)), 'destIsZero copy equals source');
 });
 
+test('copyTo copies a batch of scattered ranges in one call, and only those', async () => {
+  const size = 8 * MiB + 4096;
+  const src = await mixedSource(size);
+  const dst = await fresh(size);
+  await dst.write(0, Buffer.alloc(size, 0xee)); // so that what is not copied shows
+  const ranges = Array.from({ length: 300 }, (_, i) => ({ offset: i * 27 * 1024 + (i % 7) * 512, length: 4096 + (i % 3) * 1000 }));
+  ranges.push({ offset: size - 777, length: 777 });
+  const got = await src.copyTo(dst, ranges, {});
+  const want = ranges.reduce((n, r) => n + r.length, 0);
+  assert.is(got.dataBytes + got.zeroBytes + got.skippedBytes, want);
+  const s = readFileSync(src.path), d = readFileSync(dst.path);
+  const copied = new Uint8Array(size);
+  for (const r of ranges) {
+    copied.fill(1, r.offset, r.offset + r.length);
+    assert.ok(d.subarray(r.offset, r.offset + r.length).equals(s.subarray(r.offset, r.offset + r.length)), `range ${r.offset}+${r.length}`);
+  }
+  for (let i = 0; i < size; i += 4099) if (!copied[i]) assert.is(d[i], 0xee, `byte ${i} outside the ranges untouched`);
+  await rejects(src.copyTo(dst, [{ offset: 0, length: 4096 }, { offset: size - 100, length: 101 }]), 'EINVAL');
+});
+
 test('copyTo refuses ranges past the end and read-only destinations, and names the side that failed', async () => {
   const src = await mixedSource(8 * MiB + 4096);
   const dst = await fresh(8 * MiB + 4096);
-  await rejects(src.copyTo(dst, 8 * MiB, MiB), 'EINVAL');
+  await rejects(src.copyTo(dst, [{ offset: 8 * MiB, length: MiB }]), 'EINVAL');
   const roPath = join(dir, 'ro-dst.raw');
   writeFileSync(roPath, Buffer.alloc(src.size));
   const ro = await FileDevice.open(roPath, { readOnly: true });
   onCleanup(() => ro.close());
   assert.not.ok(src.canCopyTo(ro));
-  await rejects(src.copyTo(ro, 0, MiB), 'ENOTSUP');
+  await rejects(src.copyTo(ro, [{ offset: 0, length: MiB }]), 'ENOTSUP');
   assert.equal(readFileSync(roPath), Buffer.alloc(src.size), 'read-only destination untouched');
   // A closed destination is refused before any worker runs. (ENOSPC mid-copy, reported as
   // the destination's, is tested in test/interop/migrate-faults.test.ts on a full tmpfs.)
   const closed = await fresh(8 * MiB + 4096);
   await closed.close();
-  await rejects(src.copyTo(closed, 0, MiB), 'ESHUTDOWN');
+  await rejects(src.copyTo(closed, [{ offset: 0, length: MiB }]), 'ESHUTDOWN');
 });
 
 test('the copier gives the same destination through copyTo and through reads and writes', async () => {
   const size = 8 * MiB + 4096;
   const src = await mixedSource(size);
   const outs: Buffer[] = [];
+  const before = readFileSync(src.path).subarray(3 * MiB, 3 * MiB + 64 * 1024);
+  const after = randomBytes(64 * 1024);
   for (const native of [true, false]) {
+    await src.write(3 * MiB, before);
     const dst = await fresh(size);
     const copier = new Copier(src, dst, { chunkSize: 2 * MiB, concurrency: 3, native });
     assert.is(copier.native, native);
     await copier.copy([{ offset: 0, length: size }], { destIsZero: true });
     assert.is(copier.stats.processedBytes, size);
     assert.is(copier.stats.dataBytes + copier.stats.skippedBytes, size);
+    // Scattered small ranges (a dirty pass: batched on the native path) over a changed source.
+    await src.write(3 * MiB, after);
+    const dirty = Array.from({ length: 16 }, (_, i) => ({ offset: 3 * MiB + i * 4096, length: 4096 }));
+    await copier.copy(dirty, { destIsZero: false });
     outs.push(readFileSync(dst.path));
   }
-  assert.ok(outs[0]!.equals(readFileSync(src.path)), 'native copy equals the source');
+  assert.ok(outs[0]!.equals(readFileSync(src.path)), 'native copy (full pass, then the dirty ranges) equals the source');
   assert.ok(outs[1]!.equals(outs[0]!), 'both paths give the same destination');
   // A destination failure surfaces as a CopyError on the destination side.
   const dst = await fresh(size);

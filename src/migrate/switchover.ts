@@ -77,12 +77,14 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     if (mirror.error) throw mirror.error;
     // Everything not on the destination yet: the carried sets and the writes since the last
     // swap (none are in flight: the gate is drained). After a mirror pass nothing is carried
-    // and the tracker holds what was written since mirroring stopped.
-    if (mirror.active) throw new Error('switch-over while the mirror is still active');
+    // and the tracker holds what was written since mirroring stopped (or, with the mirror
+    // kept on under --bandwidth, nothing: it kept the destination in step).
+    if (mirror.active && mirror.cursor < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${mirror.cursor} of ${ctx.size})`);
     const sets = [...carry, tracker.swap()];
     const t1 = performance.now();
     const before = copier.writtenBytes;
-    await copier.copy(unionRanges(sets.map((set) => set.ranges())), { destIsZero: false });
+    // Charged to --bandwidth but never waiting for it: the guest is held.
+    await copier.copy(unionRanges(sets.map((set) => set.ranges())), { destIsZero: false, deferLimit: true });
     if (mirror.error) throw mirror.error;
     const finalBytes = copier.writtenBytes - before;
     const t2 = performance.now();

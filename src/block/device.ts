@@ -42,7 +42,13 @@ export interface BlockDevice {
   readonly caps: DeviceCaps;
   /** A short human name for errors and status, e.g. "file:/var/lib/x.raw". */
   readonly name: string;
-  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * The bytes at [offset, offset+length). `into` (exactly `length` bytes) is a buffer the
+   * caller offers to read into, so that it can reuse it: a device may fill and return it, or
+   * ignore it and return a buffer of its own. The caller must not touch `into` until the
+   * promise settles, nor reuse it at all after a rejection (the device may still be using it).
+   */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: ZeroOpts): Promise<void>;
   trim(offset: number, length: number, opts?: WriteOpts): Promise<void>;

@@ -187,9 +187,9 @@ export class FileDevice implements BlockDevice {
     return this.#syncs;
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     this.#check('read', offset, length);
-    const buf = Buffer.allocUnsafe(length);
+    const buf = into?.length === length ? into : Buffer.allocUnsafe(length);
     try {
       await this.#raw(preadFull(this.handle.fd, buf, offset));
     } catch (err) {

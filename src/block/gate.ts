@@ -76,8 +76,8 @@ export class Gate extends Layer {
     return old;
   }
 
-  override read(offset: number, length: number): Promise<Buffer> {
-    return this.#pass(() => this.inner.read(offset, length));
+  override read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.#pass(() => this.inner.read(offset, length, into));
   }
   override write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void> {
     return this.#pass(() => this.inner.write(offset, data, opts));

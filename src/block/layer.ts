@@ -19,8 +19,8 @@ export class Layer implements BlockDevice {
   get next(): BlockDevice {
     return this.inner;
   }
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.inner.read(offset, length);
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.inner.read(offset, length, into);
   }
   write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void> {
     return this.inner.write(offset, data, opts);

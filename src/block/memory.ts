@@ -44,9 +44,9 @@ export class MemoryDevice implements BlockDevice {
     return this.chunks.size * this.chunkSize;
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     this.check(offset, length);
-    const out = Buffer.alloc(length); // holes stay zero
+    const out = into?.length === length ? into.fill(0) : Buffer.alloc(length); // holes stay zero
     this.forEachPiece(offset, length, (index, start, len, pos) => {
       const chunk = this.chunks.get(index);
       if (chunk) chunk.copy(out, pos, start, start + len);

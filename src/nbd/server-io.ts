@@ -2,6 +2,7 @@
 // reads with `await readExact(n)` and the transmission phase parses synchronously, over a
 // stream that can be swapped once (plain -> TLS after NBD_OPT_STARTTLS).
 import type { Duplex } from 'node:stream';
+import { noteReceived } from './gc-pacer.ts';
 
 export class ConnectionClosed extends Error {
   constructor(message = 'connection closed by peer') {
@@ -31,6 +32,7 @@ export class Wire {
     if (this.discarding) return;
     this.chunks.push(chunk);
     this.available += chunk.length;
+    noteReceived(chunk.length);
     const w = this.waiter;
     if (w && this.available >= w.need) {
       this.waiter = null;
@@ -60,8 +62,18 @@ export class Wire {
     return this.take(n);
   }
 
-  /** Consume n bytes (the caller checked `available`); copies only when they span chunks. */
-  take(n: number): Buffer {
+  /** Whether the next n bytes (n <= available) sit in one received chunk: take(n) copies nothing. */
+  contiguous(n: number): boolean {
+    const first = this.chunks[0];
+    return first !== undefined && first.length - this.head >= n;
+  }
+
+  /**
+   * Consume n bytes (the caller checked `available`). Bytes within one received chunk come
+   * back as a view of it; bytes that span chunks are copied into `into` (exactly n bytes)
+   * when given, else into a new buffer.
+   */
+  take(n: number, into?: Buffer): Buffer {
     const first = this.chunks[0];
     let out: Buffer;
     if (first && first.length - this.head >= n) {
@@ -72,7 +84,7 @@ export class Wire {
         this.head = 0;
       }
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = into?.length === n ? into : Buffer.allocUnsafe(n);
       let filled = 0;
       while (filled < n) {
         const c = this.chunks[0]!;

@@ -2,6 +2,9 @@
 // arrive and dispatched at once (pipelined); each replies when its device call completes,
 // so replies go out of order, matched by cookie. Reading pauses while too many requests or
 // bytes are in flight, or while the socket has too much unsent output (backpressure).
+// READ replies are read into, and WRITE payloads that span socket chunks assembled in, buffers
+// of a BufferPool (buffer-pool.ts): one per request, given back once neither the socket nor
+// the device holds it.
 import type { NbdLogger as Logger } from './logger.ts';
 import { errnoOf, type BlockErrno, type Extent } from '../block/device.ts';
 import {
@@ -10,6 +13,7 @@ import {
 } from './constants.ts';
 import type { Negotiated } from './server-handshake.ts';
 import type { Wire } from './server-io.ts';
+import { BufferPool } from './buffer-pool.ts';
 
 export interface ServerCounters {
   bytesRead: number;
@@ -41,6 +45,8 @@ interface Request {
   offset: number;
   length: number;
   data: Buffer | null;
+  /** The pool buffer this request holds (READ reply data, or a WRITE payload), until released. */
+  pooled: Buffer | null;
 }
 
 const HEADER = 28;
@@ -85,6 +91,7 @@ export class Transmission {
     private counters: ServerCounters,
     private log: Logger,
     private limits: TransmissionLimits = DEFAULT_LIMITS,
+    private pool: BufferPool = new BufferPool(),
   ) {
     this.dev = neg.export.device;
     this.size = this.dev.size;
@@ -136,8 +143,10 @@ export class Transmission {
         }
         if (wire.available < HEADER + length) break; // wait for the whole payload
         const header = wire.take(HEADER);
-        data = wire.take(length);
-        this.dispatch(this.request(header, data));
+        // A payload within one socket chunk is a view of it; one that spans chunks is copied.
+        const pooled = length > 0 && !wire.contiguous(length) ? this.pool.take(length) : null;
+        data = wire.take(length, pooled ?? undefined);
+        this.dispatch(this.request(header, data, pooled));
       } else if (type === Cmd.DISC) {
         wire.take(HEADER);
         this.stop('client sent NBD_CMD_DISC');
@@ -149,7 +158,7 @@ export class Transmission {
     this.resumeInput();
   }
 
-  private request(h: Buffer, data: Buffer | null): Request {
+  private request(h: Buffer, data: Buffer | null, pooled: Buffer | null = null): Request {
     const offHi = h.readUInt32BE(16);
     return {
       flags: h.readUInt16BE(4),
@@ -160,6 +169,7 @@ export class Transmission {
       offset: offHi >= 0x200000 ? MAX_OFFSET : offHi * 0x100000000 + h.readUInt32BE(20),
       length: h.readUInt32BE(24),
       data,
+      pooled,
     };
   }
 
@@ -171,6 +181,7 @@ export class Transmission {
     this.execute(req).then(() => this.finished(bytes), (err) => {
       // execute() catches device errors itself; this is a bug, but one connection's bug.
       this.log.error({ err }, 'nbd: request handler failed');
+      this.forget(req);
       this.finished(bytes);
     });
   }
@@ -189,12 +200,18 @@ export class Transmission {
       const fua = (req.flags & CmdFlag.FUA) !== 0 && dev.caps.canFua;
       switch (req.type) {
         case Cmd.READ: {
-          const data = req.length ? await dev.read(req.offset, req.length) : Buffer.alloc(0);
+          let data: Buffer = Buffer.alloc(0);
+          if (req.length) {
+            req.pooled = this.pool.take(req.length);
+            data = await dev.read(req.offset, req.length, req.pooled);
+            if (data.buffer !== req.pooled.buffer) this.release(req); // the device used a buffer of its own
+          }
           this.counters.bytesRead += data.length;
           return this.sendRead(req, data);
         }
         case Cmd.WRITE:
           if (req.length) await dev.write(req.offset, req.data!, { fua });
+          this.release(req);
           this.counters.bytesWritten += req.length;
           break;
         case Cmd.FLUSH:
@@ -218,6 +235,10 @@ export class Transmission {
       }
       this.sendOk(req);
     } catch (err) {
+      // A RequestError comes before the device saw the request; after a device error the
+      // device may still be using the buffer, so it is never reused.
+      if (err instanceof RequestError) this.release(req);
+      else this.forget(req);
       const errno = err instanceof RequestError ? err.errno : errnoOf(err);
       const message = err instanceof Error ? err.message : String(err);
       if (!(err instanceof RequestError)) this.log.warn({ err, command: cmdName(req.type), offset: req.offset, length: req.length }, 'nbd: device error');
@@ -304,9 +325,10 @@ export class Transmission {
     this.writeOut(b);
   }
 
+  /** Sends the data; the request's pool buffer goes back once the socket is done with it. */
   private sendRead(req: Request, data: Buffer): void {
-    if (this.closed) return;
-    if (!this.neg.structured) return this.writeOut(simpleHeader(req, 0), data);
+    if (this.closed) return this.release(req);
+    if (!this.neg.structured) return this.writeOut(simpleHeader(req, 0), data, req);
     if (data.length === 0) return this.writeOut(structuredHeader(req, ReplyFlag.DONE, ReplyType.NONE, 0, 0));
     if (!(req.flags & CmdFlag.DF) && isZero(data)) {
       // A zero read costs 32 bytes on the wire instead of its length.
@@ -314,12 +336,13 @@ export class Transmission {
       b.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
       b.writeUInt32BE(req.offset >>> 0, 24);
       b.writeUInt32BE(data.length, 28);
+      this.release(req);
       return this.writeOut(b);
     }
     const b = structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + data.length, 8);
     b.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
     b.writeUInt32BE(req.offset >>> 0, 24);
-    this.writeOut(b, data);
+    this.writeOut(b, data, req);
   }
 
   private sendBlockStatus(req: Request, extents: Extent[]): void {
@@ -336,16 +359,21 @@ export class Transmission {
     this.writeOut(b);
   }
 
-  /** Header and payload leave in one write (cork), so replies never interleave on the wire. */
-  private writeOut(header: Buffer, payload?: Buffer): void {
+  /**
+   * Header and payload leave in one write (cork), so replies never interleave on the wire.
+   * `owner`'s pool buffer (the payload) is released in the payload write's callback: only then
+   * is the stream done with it (it may sit in the stream's queue or in a libuv write until then).
+   */
+  private writeOut(header: Buffer, payload?: Buffer, owner?: Request): void {
     const s = this.wire.stream;
     if (payload && payload.length) {
       s.cork();
       s.write(header);
-      s.write(payload);
+      s.write(payload, owner ? () => this.release(owner) : undefined);
       s.uncork();
     } else {
       s.write(header);
+      if (owner) this.release(owner);
     }
     if (!this.outputBlocked && s.writableLength > this.limits.maxPendingOutput) {
       this.outputBlocked = true;
@@ -358,6 +386,20 @@ export class Transmission {
       s.on('drain', drained);
       s.on('close', drained);
     }
+  }
+
+  /** Give the request's pool buffer back (once; nothing may use it any more). */
+  private release(req: Request): void {
+    const b = req.pooled;
+    req.pooled = null;
+    if (b) this.pool.give(b);
+  }
+
+  /** The request's pool buffer may still be in use (a device failed while holding it): never reuse it. */
+  private forget(req: Request): void {
+    const b = req.pooled;
+    req.pooled = null;
+    if (b) this.pool.forget(b);
   }
 
   private pauseInput(): void {

@@ -13,6 +13,7 @@ import { ServerHandshake, type ExportSpec } from './server-handshake.ts';
 import { ConnectionClosed, ProtocolViolation, Wire } from './server-io.ts';
 import { DEFAULT_LIMITS, Transmission, type ServerCounters, type TransmissionLimits } from './server-transmission.ts';
 import { serverTls, type ServerTls, type TlsServerConfig } from './tls.ts';
+import { BufferPool } from './buffer-pool.ts';
 
 export type { ExportSpec } from './server-handshake.ts';
 export type { TlsServerConfig } from './tls.ts';
@@ -25,6 +26,8 @@ export interface NbdServerOptions {
   limits?: Partial<TransmissionLimits>;
   /** A client that has not picked an export after this long is disconnected. */
   handshakeTimeoutMs?: number;
+  /** Payload buffers shared by every connection (default: a BufferPool of its own). */
+  bufferPool?: BufferPool;
 }
 
 export interface NbdServerStats {
@@ -51,6 +54,7 @@ export class NbdServer {
   private readonly tls?: ServerTls;
   private readonly log: Logger;
   private readonly limits: TransmissionLimits;
+  private readonly pool: BufferPool;
   private readonly handshakeTimeoutMs: number;
   private readonly listeners: Array<{ server: Server; unixPath?: string }> = [];
   private readonly connections = new Set<Connection>();
@@ -67,6 +71,7 @@ export class NbdServer {
     if (opts.tls) this.tls = serverTls(opts.tls);
     this.log = opts.logger ?? silentLogger;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.pool = opts.bufferPool ?? new BufferPool();
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
   }
 
@@ -145,7 +150,7 @@ export class NbdServer {
         return;
       }
       log.debug({ export: neg.export.name, structured: neg.structured, flags: neg.flags }, 'nbd: transmission');
-      conn.transmission = new Transmission(wire, neg, this.counters, log, this.limits);
+      conn.transmission = new Transmission(wire, neg, this.counters, log, this.limits, this.pool);
       await conn.transmission.start();
     } catch (err) {
       clearTimeout(timer);

@@ -9,7 +9,6 @@
 //   migrate    (incoming) print the XML with datastore paths mapped per the config's pathMap
 // Any other operation, and any domain without vmshift, exits 0 at once. The hook talks only
 // to vmshiftd: calling back into libvirt from a hook deadlocks libvirtd.
-import { pathToFileURL } from 'node:url';
 import { daemonSocket } from '../cli/daemon-client.ts';
 import { VMSHIFT_NS, listDisks, mapPaths } from './domain-xml.ts';
 import { loadHookConfig, mapPath, type HookConfig } from './hook-config.ts';
@@ -122,7 +121,8 @@ export function mapDomainPaths(xml: string, plan: DomainShims, pathMap: Record<s
   return Object.keys(mapping).length ? mapPaths(xml, mapping) : null;
 }
 
-async function main(): Promise<void> {
+/** The hook as a program: argv, the domain XML on stdin, the exit code libvirt reads. */
+export async function main(): Promise<void> {
   let args: HookArgs;
   try {
     args = parseHookArgs(process.argv.slice(2));
@@ -141,5 +141,3 @@ async function main(): Promise<void> {
   const code = await runHook(args, xml, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) });
   process.exitCode = code;
 }
-
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) await main();

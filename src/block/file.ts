@@ -201,7 +201,7 @@ export class FileDevice implements BlockDevice {
   async write(offset: number, data: Buffer, opts: WriteOpts = {}): Promise<void> {
     this.#check('write', offset, data.length, true);
     try {
-      await this.#raw(pwriteFull(this.handle.fd, data, offset));
+      await this.#writeAll(offset, data);
       if (opts.fua) await this.#sync();
     } catch (err) {
       throw this.#wrap('write', offset, data.length, err);

@@ -151,7 +151,7 @@ export class Copier {
         for (const [start, end] of batch) run.beforeChunk?.(start, end);
         try {
           if (this.#native) await this.#copyNative(batch, run.destIsZero ?? false, run.deferLimit ?? false);
-          else for (const [start, end] of batch) await this.copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
+          else for (const [start, end] of batch) await this.#copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
           for (const [start, end] of batch) this.stats.processedBytes += end - start;
           await this.#maybeFlush();
         } catch (e) {
@@ -166,8 +166,7 @@ export class Copier {
   }
 
   /** Copy [start, end) now: block status first, then data runs and zero runs. */
-  async copyChunk(start: number, end: number, destIsZero: boolean, deferLimit = false): Promise<void> {
-    if (this.#native) return this.#copyNative([[start, end]], destIsZero, deferLimit);
+  async #copyChunk(start: number, end: number, destIsZero: boolean, deferLimit: boolean): Promise<void> {
     for (const ext of await this.#extents(start, end)) {
       if (ext.zero) {
         await this.#zero(ext.offset, ext.length, destIsZero);
@@ -179,10 +178,10 @@ export class Copier {
   }
 
   /**
-   * File to file: the whole chunk in one worker thread (FileDevice.copyTo), so the event
-   * loop that serves the guest sees one completion per chunk and no chunk buffers. The rate
-   * limiter is paid after the fact (the chunk's data bytes), and waited for before the next
-   * chunk unless the caller defers that.
+   * File to file: the whole chunk (or batch of dirty blocks) in one worker thread
+   * (FileDevice.copyTo), so the event loop that serves the guest sees one completion per
+   * batch and no chunk buffers. The rate limiter is paid after the fact (the batch's data
+   * bytes), and waited for before the next batch unless the caller defers that.
    */
   async #copyNative(batch: Array<[number, number]>, destIsZero: boolean, deferLimit: boolean): Promise<void> {
     const { limiter, signal } = this.opts;

@@ -118,10 +118,6 @@ export class Shim {
    * destination flushed, BEFORE the swap: if we crash after this, a restart serves the
    * destination, which already holds every acknowledged write.
    */
-  async commitBacking(spec: string): Promise<void> {
-    await (await this.prepareBacking(spec)).commit();
-  }
-
   /**
    * Write the state that names `spec` as the backing, synced but not in place; commit()
    * renames it into place (the durable record a restarted shim reads), discard() drops it.

@@ -3,7 +3,7 @@
 // written with write-then-rename before the devices are swapped). A restarted shim reads it,
 // so it serves the migrated disk, not the stale source.
 import { z } from 'zod';
-import { prepareFileAtomic, readJsonIfExists, writeFileAtomic, type PreparedFile } from '../util/atomic-file.ts';
+import { prepareFileAtomic, readJsonIfExists, type PreparedFile } from '../util/atomic-file.ts';
 
 export const ShimStateSchema = z.object({
   version: z.literal(1),
@@ -23,7 +23,7 @@ export async function loadShimState(path: string): Promise<ShimState | undefined
 }
 
 export async function saveShimState(path: string, state: ShimState): Promise<void> {
-  await writeFileAtomic(path, JSON.stringify(state, null, 2) + '\n');
+  await (await prepareShimState(path, state)).commit();
 }
 
 /** Write the new state beside the old one, to be renamed into place later (see prepareFileAtomic). */

@@ -6,7 +6,7 @@
  *   punchHole(fd, offset, len)  fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate, reads as zeroes
  *   zeroRange(fd, offset, len)  fallocate(ZERO_RANGE | KEEP_SIZE): reads as zeroes, stays allocated
  *   blockDeviceSize(fd)         ioctl(BLKGETSIZE64): the size of a block device in bytes
- *   copyRanges(src, dst, ranges, destIsZero, writeback) -> Promise<counts>
+ *   copyRanges(src, dst, ranges, destIsZero, writeback, dropOffset, dropLength) -> Promise<counts>
  *                               copy ranges file-to-file in a libuv worker thread (below)
  *
  * All calls but copyRanges are synchronous: each is one short syscall. Failures throw an Error whose `code`
@@ -111,17 +111,17 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
 
 /*
  * copyRanges: the migration copier's file-to-file fast path. One call copies a batch of
- * ranges (a Float64Array of offset, length pairs: one 2 MiB chunk of a full pass, or up to
- * a few hundred scattered dirty blocks) of src to the same ranges of dst, all in one worker
+ * ranges (a Float64Array of offset, length pairs: one chunk of a full pass, or up to a few
+ * hundred scattered dirty blocks) of src to the same ranges of dst, all in one worker
  * thread; a thread-pool round trip per 4 KiB dirty block capped dirty passes at ~24 MiB/s
- * (measured). In each range, holes in the
- * source (SEEK_DATA/SEEK_HOLE) and 64 KiB blocks that read as zeroes become holes on the
- * destination (punched, or skipped when destIsZero), data is written with pwrite. With
- * writeback set, sync_file_range(SYNC_FILE_RANGE_WRITE) then starts writing the chunk back
- * without waiting, so the destination's dirty pages do not pile up for the flush before the
- * switch-over. Why native: in JavaScript each chunk is a 2 MiB Buffer and its lseeks and
- * zero checks run on the event loop that also serves the guest's NBD requests; here the
- * event loop sees one completion per chunk.
+ * (measured). In each range, holes in the source (SEEK_DATA/SEEK_HOLE) and 64 KiB blocks
+ * that read as zeroes become holes on the destination (punched, or skipped when
+ * destIsZero); data is written with pwrite, 64 KiB at a time. With writeback set,
+ * sync_file_range(SYNC_FILE_RANGE_WRITE) then starts writing the batch back without
+ * waiting; a drop-behind span (dropOffset, dropLength: an earlier call's span, or 0, 0) is
+ * waited for and dropped from the page cache. Why native: in JavaScript each chunk is a
+ * Buffer and its lseeks and zero checks run on the event loop that also serves the guest's
+ * NBD requests; here the event loop sees one completion per batch.
  * Not O_DIRECT (measured): direct reads of the source take ext4's inode lock for the whole
  * disk read, which stalls every guest write behind them; direct writes to the destination
  * made each chunk wait for the disk and the job 20-40% slower than page cache + writeback.
@@ -129,44 +129,7 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
  * whose code is the errno name and whose `side` is "source" or "destination".
  */
 #define ZERO_BLOCK (64 * 1024)
-
-/* A few chunk buffers reused across calls: a fresh 2 MiB malloc is an mmap and 512 page faults. */
-#define POOL_MAX 4
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *pool_buf[POOL_MAX];
-static size_t pool_cap[POOL_MAX];
-static int pool_n;
 static char zeroes[ZERO_BLOCK];
-
-static void *pool_get(size_t len, size_t *cap) {
-  void *b = NULL;
-  pthread_mutex_lock(&pool_lock);
-  for (int i = 0; i < pool_n; i++) {
-    if (pool_cap[i] >= len) {
-      b = pool_buf[i];
-      *cap = pool_cap[i];
-      pool_buf[i] = pool_buf[--pool_n];
-      pool_cap[i] = pool_cap[pool_n];
-      break;
-    }
-  }
-  pthread_mutex_unlock(&pool_lock);
-  if (b) return b;
-  if (posix_memalign(&b, 4096, len) != 0) return NULL;
-  *cap = len;
-  return b;
-}
-
-static void pool_put(void *b, size_t cap) {
-  pthread_mutex_lock(&pool_lock);
-  if (pool_n < POOL_MAX) {
-    pool_buf[pool_n] = b;
-    pool_cap[pool_n++] = cap;
-    b = NULL;
-  }
-  pthread_mutex_unlock(&pool_lock);
-  free(b);
-}
 
 typedef struct {
   napi_async_work work;
@@ -174,7 +137,8 @@ typedef struct {
   int src, dst, dest_is_zero, writeback;
   int64_t *ranges; /* offset, length pairs */
   size_t count;
-  int64_t max_len, lo, hi; /* longest range; span of all */
+  int64_t lo, hi;              /* span of all ranges */
+  int64_t drop_at, drop_len;   /* an earlier call's span to drop from the page cache (len 0: none) */
   /* results */
   int err;
   const char *side, *op;
@@ -247,28 +211,28 @@ static int is_zero(const char *p, size_t n) {
   return n <= 16 || memcmp(p, p + 16, n - 16) == 0;
 }
 
-/* Finish the run [from, to) of a data extent: written as data, or zeroed (run_zero < 0: no run yet). */
-static int end_run(copy_req *r, const char *buf, int64_t at, int64_t from, int64_t to, int run_zero) {
-  if (run_zero < 0 || to <= from) return 0;
-  if (run_zero) return zero_dest(r, at + from, to - from);
-  if (write_full(r, buf + from, to - from, at + from) < 0) return -1;
-  r->data_bytes += to - from;
-  return 0;
-}
-
-/* Data extent [at, at+len): read it whole, write data runs, turn zero blocks into holes. */
+/*
+ * Data extent [at, at+len), one 64 KiB block at a time: read it, and write it, or add it to
+ * the run of zero blocks that becomes one hole. Small reads and writes are what keep the
+ * guest's own writes fast while this runs (measured, docs/performance.md): each syscall
+ * holds the files' page-cache locks and a CPU for a few microseconds instead of a
+ * millisecond, and the kernel's read-ahead keeps the source streaming all the same.
+ */
 static int copy_data(copy_req *r, char *buf, int64_t at, int64_t len) {
-  if (read_full(r, buf, len, at) < 0) return -1;
-  int64_t run = 0;
-  int run_zero = -1;
-  for (int64_t pos = 0; pos < len; pos += ZERO_BLOCK) {
-    int zero = is_zero(buf + pos, (size_t)(len - pos < ZERO_BLOCK ? len - pos : ZERO_BLOCK));
-    if (zero == run_zero) continue;
-    if (end_run(r, buf, at, run, pos, run_zero) < 0) return -1;
-    run = pos;
-    run_zero = zero;
+  int64_t zero_from = -1; /* start of the pending zero run */
+  for (int64_t pos = at; pos < at + len; pos += ZERO_BLOCK) {
+    int64_t n = at + len - pos < ZERO_BLOCK ? at + len - pos : ZERO_BLOCK;
+    if (read_full(r, buf, n, pos) < 0) return -1;
+    if (is_zero(buf, (size_t)n)) {
+      if (zero_from < 0) zero_from = pos;
+      continue;
+    }
+    if (zero_from >= 0 && zero_dest(r, zero_from, pos - zero_from) < 0) return -1;
+    zero_from = -1;
+    if (write_full(r, buf, n, pos) < 0) return -1;
+    r->data_bytes += n;
   }
-  return end_run(r, buf, at, run, len, run_zero);
+  return zero_from >= 0 ? zero_dest(r, zero_from, at + len - zero_from) : 0;
 }
 
 /* One range: holes in the source zero the destination, data extents are copied. */
@@ -299,17 +263,32 @@ static int copy_range(copy_req *r, char *buf, int64_t offset, int64_t length) {
 static void copy_execute(napi_env env, void *data) {
   (void)env;
   copy_req *r = data;
-  size_t cap = 0;
-  char *buf = pool_get((size_t)r->max_len, &cap);
+  char *buf = malloc(ZERO_BLOCK);
   if (!buf) {
     fail(r, "source", "read", r->lo, ENOMEM);
     return;
   }
   for (size_t i = 0; i < r->count; i++)
     if (copy_range(r, buf, r->ranges[2 * i], r->ranges[2 * i + 1]) < 0) break;
-  pool_put(buf, cap);
-  if (!r->err && r->writeback && r->data_bytes > 0)
+  free(buf);
+  if (r->err) return;
+  if (r->writeback && r->data_bytes > 0)
     sync_file_range(r->dst, (off_t)r->lo, (off_t)(r->hi - r->lo), SYNC_FILE_RANGE_WRITE); /* advisory */
+  if (r->drop_len > 0) {
+    /*
+     * Drop-behind: the span an earlier call wrote is on its way to disk by now. Wait for it,
+     * then let its pages go, so the copy recycles a few megabytes of page cache instead of
+     * filling fresh memory with the whole disk (measured: faster, and gentler on the guest).
+     * The wait reports a write-back error, and consumes it for this fd: it must fail the copy
+     * here, or the job's final flush would not see it.
+     */
+    if (sync_file_range(r->dst, (off_t)r->drop_at, (off_t)r->drop_len,
+                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) < 0) {
+      fail(r, "destination", "write-back", r->drop_at, errno);
+      return;
+    }
+    posix_fadvise(r->dst, (off_t)r->drop_at, (off_t)r->drop_len, POSIX_FADV_DONTNEED); /* advisory */
+  }
 }
 
 static void set_num(napi_env env, napi_value obj, const char *key, int64_t v) {
@@ -348,12 +327,21 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
 #define RANGES_MAX 4096
 
 static napi_value CopyRanges(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  size_t argc = 5;
+  napi_value argv[7];
+  size_t argc = 7;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
-  if (argc < 5) {
-    napi_throw_type_error(env, "EINVAL", "copyRanges: expected 5 arguments");
+  if (argc < 7) {
+    napi_throw_type_error(env, "EINVAL", "copyRanges: expected 7 arguments");
     return NULL;
+  }
+  int64_t drop[2];
+  for (int i = 0; i < 2; i++) {
+    double d;
+    if (napi_get_value_double(env, argv[5 + i], &d) != napi_ok || d != (double)(int64_t)d || d < 0 || d > (double)MAX_SAFE) {
+      napi_throw_type_error(env, "EINVAL", "copyRanges: the drop-behind offset and length must be non-negative safe integers");
+      return NULL;
+    }
+    drop[i] = (int64_t)d;
   }
   int64_t fds[2];
   for (int i = 0; i < 2; i++) {
@@ -393,7 +381,6 @@ static napi_value CopyRanges(napi_env env, napi_callback_info info) {
     }
     r->ranges[i] = (int64_t)off;
     r->ranges[i + 1] = (int64_t)len;
-    if (r->ranges[i + 1] > r->max_len) r->max_len = r->ranges[i + 1];
     if (r->ranges[i] < r->lo) r->lo = r->ranges[i];
     if (r->ranges[i] + r->ranges[i + 1] > r->hi) r->hi = r->ranges[i] + r->ranges[i + 1];
   }
@@ -405,6 +392,8 @@ static napi_value CopyRanges(napi_env env, napi_callback_info info) {
   r->dst = (int)fds[1];
   r->dest_is_zero = dest_is_zero;
   r->writeback = writeback;
+  r->drop_at = drop[0];
+  r->drop_len = drop[1];
   napi_value promise, name;
   napi_create_promise(env, &r->deferred, &promise);
   napi_create_string_utf8(env, "vmshift.copyRanges", NAPI_AUTO_LENGTH, &name);

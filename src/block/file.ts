@@ -29,7 +29,7 @@ export interface NativeFileOps {
   zeroRange(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
   /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
-  copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean): Promise<FileCopyCounts>;
+  copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean, dropOffset: number, dropLength: number): Promise<FileCopyCounts>;
 }
 
 /** What one FileDevice.copyTo did. */
@@ -273,12 +273,14 @@ export class FileDevice implements BlockDevice {
 
   /**
    * Copy `ranges` of this file to the same ranges of `dest` in one libuv worker thread: the
-   * migration copier's file-to-file path (one 2 MiB chunk, or a batch of scattered dirty
-   * blocks). Holes and 64 KiB blocks of zeroes become holes on `dest` (or are skipped when
+   * migration copier's file-to-file path (one chunk, or a batch of scattered dirty blocks).
+   * Holes and 64 KiB blocks of zeroes become holes on `dest` (or are skipped when
    * `destIsZero`); `writeback` starts the new data's writeback at once (sync_file_range)
-   * instead of leaving it dirty in the page cache.
+   * instead of leaving it dirty in the page cache; `dropBehind` (a span an earlier call
+   * wrote) is waited for on disk and dropped from the page cache, so a long copy recycles
+   * a little memory instead of filling the cache with the whole disk.
    */
-  async copyTo(dest: FileDevice, ranges: ReadonlyArray<{ offset: number; length: number }>, opts: { destIsZero?: boolean; writeback?: boolean } = {}): Promise<FileCopyCounts> {
+  async copyTo(dest: FileDevice, ranges: ReadonlyArray<{ offset: number; length: number }>, opts: { destIsZero?: boolean; writeback?: boolean; dropBehind?: { offset: number; length: number } } = {}): Promise<FileCopyCounts> {
     if (!this.canCopyTo(dest)) throw new BlockError('ENOTSUP', `${this.name}: cannot copy natively to ${dest.name}`);
     const what = ranges.length === 1 ? `${ranges[0]!.offset}+${ranges[0]!.length}` : `${ranges.length} ranges from ${ranges[0]?.offset}`;
     const side = (which: 'source' | 'destination', err: unknown) => {
@@ -301,9 +303,17 @@ export class FileDevice implements BlockDevice {
       pairs[n++] = length;
     }
     if (n === 0) return { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
+    if (opts.dropBehind?.length) {
+      try {
+        dest.#check('drop-behind', opts.dropBehind.offset, opts.dropBehind.length);
+      } catch (err) {
+        throw side('destination', err);
+      }
+    }
     try {
       // Counted on both files: neither fd may be closed while the worker thread uses it.
-      return await dest.#raw(this.#raw(this.native!.copyRanges(this.handle.fd, dest.handle.fd, pairs.subarray(0, n), opts.destIsZero ?? false, opts.writeback ?? false)));
+      const drop = opts.dropBehind;
+      return await dest.#raw(this.#raw(this.native!.copyRanges(this.handle.fd, dest.handle.fd, pairs.subarray(0, n), opts.destIsZero ?? false, opts.writeback ?? false, drop?.offset ?? 0, drop?.length ?? 0)));
     } catch (err) {
       throw side((err as { side?: unknown }).side === 'destination' ? 'destination' : 'source', err);
     }

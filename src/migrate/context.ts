@@ -40,7 +40,7 @@ export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
   heat: false,
   maxPasses: 8,
   deleteSource: false,
-  chunkSize: 2 * 1024 * 1024,
+  chunkSize: 1024 * 1024,
   concurrency: 4,
 };
 

@@ -3,7 +3,7 @@
 // FUA/flush, range and permission errors, and the portable path without the addon.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -221,6 +221,27 @@ test('copyTo copies file to file in a worker thread: same bytes, holes and zero 
   assert.is(got.zeroBytes, 0);
   assert.is(got.skippedBytes, size - got.dataBytes);
   assert.ok(readFileSync(dst2.path).equals(readFileSync(src.path)), 'destIsZero copy equals source');
+});
+
+test('copyTo drop-behind: an earlier span is written back and leaves the page cache; the bytes are the same', async () => {
+  const size = 8 * MiB;
+  const src = await fresh(size);
+  const data = randomBytes(size);
+  await src.write(0, data);
+  const dst = await fresh(size);
+  let drop: { offset: number; length: number } | undefined;
+  for (let off = 0; off < size; off += MiB) {
+    await src.copyTo(dst, [{ offset: off, length: MiB }], { writeback: true, dropBehind: drop });
+    drop = { offset: off, length: MiB };
+  }
+  assert.ok(readFileSync(dst.path).equals(data), 'destination equals source');
+  // fincore: the destination's resident bytes. All but the last chunk were dropped (the
+  // readFileSync above brought pages back in, so look again after dropping them all).
+  await src.copyTo(dst, [{ offset: 0, length: 4096 }], { dropBehind: { offset: 0, length: size } });
+  const resident = Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', dst.path], { encoding: 'utf8' }).trim());
+  assert.ok(resident <= 4096, `destination pages left in the page cache: ${resident} bytes`);
+  assert.ok(readFileSync(dst.path).equals(data), 'still equal after the drop');
+  await rejects(src.copyTo(dst, [{ offset: 0, length: 4096 }], { dropBehind: { offset: size - 4096, length: 8192 } }), 'EINVAL');
 });
 
 test('copyTo copies a batch of scattered ranges in one call, and only those', async () => {

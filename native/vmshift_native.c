@@ -24,7 +24,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <node_api.h>
 
@@ -124,7 +123,7 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
  * NBD requests; here the event loop sees one completion per batch.
  * Not O_DIRECT (measured): direct reads of the source take ext4's inode lock for the whole
  * disk read, which stalls every guest write behind them; direct writes to the destination
- * made each chunk wait for the disk and the job 20-40% slower than page cache + writeback.
+ * made each chunk wait for the disk and the job 20-60% slower than page cache + writeback.
  * The promise resolves to { dataBytes, zeroBytes, skippedBytes } or rejects with an Error
  * whose code is the errno name and whose `side` is "source" or "destination".
  */
@@ -214,7 +213,7 @@ static int is_zero(const char *p, size_t n) {
 /*
  * Data extent [at, at+len), one 64 KiB block at a time: read it, and write it, or add it to
  * the run of zero blocks that becomes one hole. Small reads and writes are what keep the
- * guest's own writes fast while this runs (measured, docs/performance.md): each syscall
+ * guest's own writes fast while this runs (measured, docs/storage-migration.md): each syscall
  * holds the files' page-cache locks and a CPU for a few microseconds instead of a
  * millisecond, and the kernel's read-ahead keeps the source streaming all the same.
  */

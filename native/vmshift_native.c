@@ -6,10 +6,14 @@
  *   punchHole(fd, offset, len)  fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate, reads as zeroes
  *   zeroRange(fd, offset, len)  fallocate(ZERO_RANGE | KEEP_SIZE): reads as zeroes, stays allocated
  *   blockDeviceSize(fd)         ioctl(BLKGETSIZE64): the size of a block device in bytes
+ *   writeInline(fd, buffer, offset) -> blockedMs
+ *                               pwrite all of buffer on the calling (event-loop) thread; how
+ *                               long it slept for it, 0 when it did not (see below)
  *   copyRanges(src, dst, ranges, destIsZero, writeback, dropOffset, dropLength) -> Promise<counts>
  *                               copy ranges file-to-file in a libuv worker thread (below)
  *
- * All calls but copyRanges are synchronous: each is one short syscall. Failures throw an Error whose `code`
+ * All calls but copyRanges are synchronous: each is one short syscall (writeInline: one
+ * pwrite that normally only copies into the page cache). Failures throw an Error whose `code`
  * is the errno name (EOPNOTSUPP, EINVAL, ...), as Node's own fs errors do, so callers map
  * them the same way.
  */
@@ -23,6 +27,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <node_api.h>
@@ -106,6 +112,52 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
   uint64_t size = 0;
   if (ioctl((int)fd, BLKGETSIZE64, &size) < 0) return throw_errno(env, "blockDeviceSize", errno);
   return number(env, (int64_t)size);
+}
+
+/*
+ * writeInline: a guest's small write made on the event loop instead of through the thread
+ * pool (FileDevice decides when; see src/block/file.ts). A buffered 4 KiB pwrite is a copy
+ * into the page cache, a few microseconds; the thread-pool round trip around it (a futex
+ * wake-up there, an eventfd wake-up back) costs more CPU than the write, and on a busy
+ * host each wake-up is another wait for a CPU. Returns 0 when the thread did not sleep
+ * during the write, else how long the write took in milliseconds: it slept when its
+ * voluntary context switches went up (dirty-page throttling, a journal or page lock wait,
+ * reclaim), and the event loop waited that long. Being preempted for a CPU is not counted:
+ * that is not the write's doing. Buffer and offset are validated here; fd is the caller's.
+ */
+static napi_value WriteInline(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd_d, off_d;
+  bool is_buffer = false;
+  void *data = NULL;
+  size_t len = 0;
+  if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || fd_d != (double)(int)fd_d || fd_d < 0 ||
+      napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok ||
+      napi_get_value_double(env, argv[2], &off_d) != napi_ok || off_d != (double)(int64_t)off_d || off_d < 0 ||
+      off_d + (double)len > (double)MAX_SAFE) {
+    napi_throw_type_error(env, "EINVAL", "writeInline: expected (fd, Buffer, non-negative safe offset)");
+    return NULL;
+  }
+  struct rusage before, after;
+  struct timespec t0, t1;
+  getrusage(RUSAGE_THREAD, &before);
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (size_t done = 0; done < len;) {
+    ssize_t n = pwrite((int)fd_d, (const char *)data + done, len - done, (off_t)off_d + (off_t)done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return throw_errno(env, "writeInline", errno);
+    if (n == 0) return throw_errno(env, "writeInline", EIO);
+    done += (size_t)n;
+  }
+  getrusage(RUSAGE_THREAD, &after);
+  if (after.ru_nvcsw == before.ru_nvcsw) return number(env, 0);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  napi_value ms;
+  napi_create_double(env, (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6, &ms);
+  return ms;
 }
 
 /*
@@ -408,6 +460,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL },
     { "zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL },
     { "blockDeviceSize", NULL, BlockDeviceSize, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "writeInline", NULL, WriteInline, NULL, NULL, NULL, napi_enumerable, NULL },
     { "copyRanges", NULL, CopyRanges, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -1,6 +1,7 @@
 // FileDevice: a raw image file or a block device as a BlockDevice.
 //
-// Reads and writes are positional on one FileHandle (so requests may run concurrently);
+// Reads and writes are positional on one FileHandle (so requests may run concurrently),
+// small writes on the event loop while they do not block it (inline-writes.ts);
 // flush is fdatasync, FUA is write then fdatasync. Sparse-aware through the native addon
 // (native/vmshift_native.c): blockStatus comes from SEEK_DATA/SEEK_HOLE, and write-zeroes
 // and trim punch holes. Without the addon everything still works, only less cleverly:
@@ -11,6 +12,7 @@ import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { projectRoot } from '../util/paths.ts';
 import { preadFull, pwriteFull } from './pio.ts';
+import { InlineWriteBudget } from './inline-writes.ts';
 import { debuglog } from 'node:util';
 import {
   BlockError, DEFAULT_CAPS, checkRange, errnoOf,
@@ -28,6 +30,8 @@ export interface NativeFileOps {
   punchHole(fd: number, offset: number, length: number): void;
   zeroRange(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
+  /** pwrite all of `data` on this thread: 0, or the milliseconds it took when the thread had to sleep for it. */
+  writeInline(fd: number, data: Buffer, offset: number): number;
   /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
   copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean, dropOffset: number, dropLength: number): Promise<FileCopyCounts>;
 }
@@ -109,6 +113,7 @@ export class FileDevice implements BlockDevice {
   #rawInFlight = 0;
   #rawIdle: (() => void) | undefined;
   #syncs = 0;
+  readonly #inline = new InlineWriteBudget();
 
   private constructor(
     private readonly handle: fsp.FileHandle,
@@ -368,7 +373,29 @@ export class FileDevice implements BlockDevice {
     }
   }
 
+  /** Small writes made on the event loop, and how many of them slept there (see #writeAll). */
+  get inlineWriteCounts(): { writes: number; blocked: number } {
+    return { writes: this.#inline.writes, blocked: this.#inline.blocked };
+  }
+
+  /**
+   * Small writes are made right here on the event loop (the addon's writeInline) while
+   * their budget of blocked time lasts (src/block/inline-writes.ts says why), the rest
+   * through the thread pool. Measured: unthrottled 4k writes through the shim during a
+   * migration, p99 0.8-1.2 ms instead of 2.0-2.2 with 50% more writes done
+   * (docs/storage-migration.md).
+   */
   #writeAll(offset: number, data: Buffer): Promise<void> {
+    if (this.native && this.#inline.allows(data.length, performance.now())) {
+      try {
+        const blockedMs = this.native.writeInline(this.handle.fd, data, offset);
+        this.#inline.spent(blockedMs, performance.now());
+        if (blockedMs > 0) debug('%s: an inline %d-byte write at %d slept %s ms', this.name, data.length, offset, blockedMs.toFixed(3));
+      } catch (err) {
+        return Promise.reject(err);
+      }
+      return Promise.resolve();
+    }
     return this.#raw(pwriteFull(this.handle.fd, data, offset));
   }
 

@@ -126,7 +126,7 @@ function summary(r: JobResult): string {
     `  passes ${r.pass}, copied ${formatBytes(r.bytesCopied)} (${formatBytes(r.dataBytes)} data, ${formatBytes(r.zeroBytes)} zeroes, ${formatBytes(r.skippedBytes)} holes skipped), mirrored ${formatBytes(r.mirroredBytes)}`,
     `  switch-over stall ${r.stallMs?.toFixed(1)} ms${stallParts(r)}`,
   ];
-  if (r.tracker === 'incremental') lines.push(`  incremental tracking ignored ${s.incrementalSkippedWrites} writes (${formatBytes(s.incrementalSkippedBytes)}) ahead of the first pass`);
+  if (r.tracker === 'incremental' || r.mode === 'auto') lines.push(`  incremental tracking ignored ${s.incrementalSkippedWrites} writes (${formatBytes(s.incrementalSkippedBytes)}) ahead of the first pass`);
   if (s.heatDeferredBytes) lines.push(`  heat deferred ${formatBytes(s.heatDeferredBytes)}, of which ${formatBytes(s.heatSavedBytes)} would have been recopied`);
   if (s.bloomBytes !== null) lines.push(`  Bloom set ${formatBytes(s.bloomBytes)} vs bitmap ${formatBytes(s.bitmapBytes ?? 0)}, false-positive rate ${(100 * (s.bloomFalsePositiveRate ?? 0)).toFixed(2)}%`);
   return lines.join('\n') + '\n';

@@ -168,7 +168,6 @@ export class MigrationJob {
       await gate.pause();
       try {
         original = gate.swap(tracker);
-        if (opts.tracker === 'incremental') tracker.cursor = 0;
       } finally {
         gate.resume();
       }

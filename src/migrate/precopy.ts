@@ -42,6 +42,10 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
   ctx.setPhase('precopy');
   // auto always tracks incrementally in pass 1: writes ahead of the copier cost nothing then.
   const incremental = opts.tracker === 'incremental' || opts.mode === 'auto';
+  // Nothing is copied yet: from here on a write ahead of the copier is not marked. (The job
+  // started with the cursor at Infinity: writes before this point were marked, which only
+  // costs a second copy.)
+  if (incremental) tracker.cursor = 0;
   let skippedBytes = 0;
   const unlisten = incremental ? tracker.onWrite((offset, length) => {
     if (offset >= tracker.cursor) skippedBytes += length;

@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, openSync, readFileSync, statSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -76,6 +76,43 @@ test('data written at unaligned offsets reads back, and is what the file holds',
   const onDisk = readFileSync(dev.path);
   for (const [off, data] of writes) assert.ok(onDisk.subarray(off, off + data.length).equals(data), `file at ${off}`);
   assert.ok((await dev.read(200_000, 1000)).equals(Buffer.alloc(1000)), 'unwritten bytes read as zeroes');
+});
+
+test('small writes are made inline (on the event loop), large ones in the thread pool; both read back', async () => {
+  const dev = await fresh(4 * MiB);
+  const small = randomBytes(4096), edge = randomBytes(64 * 1024), large = randomBytes(64 * 1024 + 1);
+  await dev.write(8192, small);
+  await dev.write(MiB, edge);
+  assert.equal(dev.inlineWriteCounts.writes, 2, 'the 4 KiB and the 64 KiB write were inline');
+  await dev.write(2 * MiB, large);
+  assert.equal(dev.inlineWriteCounts.writes, 2, 'a write over 64 KiB went through the pool');
+  const onDisk = readFileSync(dev.path);
+  assert.ok(onDisk.subarray(8192, 8192 + 4096).equals(small));
+  assert.ok(onDisk.subarray(MiB, MiB + edge.length).equals(edge));
+  assert.ok(onDisk.subarray(2 * MiB, 2 * MiB + large.length).equals(large));
+  const plain = await fresh(MiB, { native: false });
+  await plain.write(0, small);
+  assert.equal(plain.inlineWriteCounts.writes, 0, 'without the addon every write goes through the pool');
+});
+
+test('writeInline reports the time a write slept (an O_DSYNC write waits for the disk), 0 for a page-cache write, and errors by errno', () => {
+  const native = loadNative()!;
+  const path = join(dir, 'inline.raw');
+  writeFileSync(path, Buffer.alloc(0));
+  // tmpfs has no disk to wait for: the sleeping write needs a real filesystem.
+  const onTmpfs = statfsSync(dir).type === 0x01021994;
+  const fd = openSync(path, fsc.O_RDWR | (onTmpfs ? 0 : fsc.O_DSYNC));
+  onCleanup(() => closeSync(fd));
+  const data = randomBytes(64 * 1024);
+  const ms = native.writeInline(fd, data, 4096);
+  if (onTmpfs) console.log('  (temp dir on tmpfs: the O_DSYNC sleep is not checked)');
+  else assert.ok(ms > 0, `an O_DSYNC write to ${dir} did not report sleeping: ${ms}`);
+  assert.ok(readFileSync(path).subarray(4096).equals(data), 'all bytes written');
+  const ro = openSync(path, fsc.O_RDONLY);
+  onCleanup(() => closeSync(ro));
+  assert.throws(() => native.writeInline(ro, data, 0), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
+  assert.throws(() => native.writeInline(fd, 'not a buffer' as unknown as Buffer, 0), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
+  assert.throws(() => native.writeInline(fd, data, -1), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
 });
 
 test('block status follows writes, trims and write-zeroes, and space is freed', async () => {

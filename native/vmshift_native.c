@@ -9,6 +9,9 @@
  *   writeInline(fd, buffer, offset) -> blockedMs
  *                               pwrite all of buffer on the calling (event-loop) thread; how
  *                               long it slept for it, 0 when it did not (see below)
+ *   readInline(fd, buffer, offset) -> blockedMs, or -1
+ *                               fill buffer from the page cache only (preadv2 RWF_NOWAIT);
+ *                               -1 when not all of it is cached (the caller reads in the pool)
  *   copyRanges(src, dst, ranges, destIsZero, writeback, dropOffset, dropLength) -> Promise<counts>
  *                               copy ranges file-to-file in a libuv worker thread (below)
  *
@@ -28,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <stdlib.h>
@@ -114,6 +118,40 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
   return number(env, (int64_t)size);
 }
 
+/* (fd, Buffer, offset) arguments of writeInline and readInline; throws on bad input. */
+static int get_inline_args(napi_env env, napi_callback_info info, const char *fn, int *fd, void **data, size_t *len, off_t *off) {
+  napi_value argv[3];
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  double fd_d, off_d;
+  bool is_buffer = false;
+  if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || fd_d != (double)(int)fd_d || fd_d < 0 ||
+      napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[1], data, len) != napi_ok ||
+      napi_get_value_double(env, argv[2], &off_d) != napi_ok || off_d != (double)(int64_t)off_d || off_d < 0 ||
+      off_d + (double)*len > (double)MAX_SAFE) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "%s: expected (fd, Buffer, non-negative safe offset)", fn);
+    napi_throw_type_error(env, "EINVAL", msg);
+    return 0;
+  }
+  *fd = (int)fd_d;
+  *off = (off_t)off_d;
+  return 1;
+}
+
+/* Milliseconds since t0 if the thread slept since `before` (voluntary switches), else 0. */
+static napi_value slept_ms(napi_env env, const struct rusage *before, const struct timespec *t0) {
+  struct rusage after;
+  getrusage(RUSAGE_THREAD, &after);
+  if (after.ru_nvcsw == before->ru_nvcsw) return number(env, 0);
+  struct timespec t1;
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  napi_value ms;
+  napi_create_double(env, (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6, &ms);
+  return ms;
+}
+
 /*
  * writeInline: a guest's small write made on the event loop instead of through the thread
  * pool (FileDevice decides when; see src/block/file.ts). A buffered 4 KiB pwrite is a copy
@@ -126,38 +164,50 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
  * that is not the write's doing. Buffer and offset are validated here; fd is the caller's.
  */
 static napi_value WriteInline(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  size_t argc = 3;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
-  double fd_d, off_d;
-  bool is_buffer = false;
-  void *data = NULL;
-  size_t len = 0;
-  if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || fd_d != (double)(int)fd_d || fd_d < 0 ||
-      napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
-      napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok ||
-      napi_get_value_double(env, argv[2], &off_d) != napi_ok || off_d != (double)(int64_t)off_d || off_d < 0 ||
-      off_d + (double)len > (double)MAX_SAFE) {
-    napi_throw_type_error(env, "EINVAL", "writeInline: expected (fd, Buffer, non-negative safe offset)");
-    return NULL;
-  }
-  struct rusage before, after;
-  struct timespec t0, t1;
+  int fd;
+  void *data;
+  size_t len;
+  off_t off;
+  if (!get_inline_args(env, info, "writeInline", &fd, &data, &len, &off)) return NULL;
+  struct rusage before;
+  struct timespec t0;
   getrusage(RUSAGE_THREAD, &before);
   clock_gettime(CLOCK_MONOTONIC, &t0);
   for (size_t done = 0; done < len;) {
-    ssize_t n = pwrite((int)fd_d, (const char *)data + done, len - done, (off_t)off_d + (off_t)done);
+    ssize_t n = pwrite(fd, (const char *)data + done, len - done, off + (off_t)done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return throw_errno(env, "writeInline", errno);
     if (n == 0) return throw_errno(env, "writeInline", EIO);
     done += (size_t)n;
   }
-  getrusage(RUSAGE_THREAD, &after);
-  if (after.ru_nvcsw == before.ru_nvcsw) return number(env, 0);
-  clock_gettime(CLOCK_MONOTONIC, &t1);
-  napi_value ms;
-  napi_create_double(env, (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6, &ms);
-  return ms;
+  return slept_ms(env, &before, &t0);
+}
+
+/*
+ * readInline: the read side of writeInline. RWF_NOWAIT makes the kernel answer from the
+ * page cache or not at all (EAGAIN), so an uncached read never waits for the disk on the
+ * event loop: it returns -1 and FileDevice reads it through the thread pool. So does a
+ * partly cached range (a short read) and a kernel or file without RWF_NOWAIT (EOPNOTSUPP).
+ * Other errors throw, as a pool read would.
+ */
+static napi_value ReadInline(napi_env env, napi_callback_info info) {
+  int fd;
+  void *data;
+  size_t len;
+  off_t off;
+  if (!get_inline_args(env, info, "readInline", &fd, &data, &len, &off)) return NULL;
+  struct rusage before;
+  struct timespec t0;
+  getrusage(RUSAGE_THREAD, &before);
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  struct iovec iov = { data, len };
+  ssize_t n;
+  do n = preadv2(fd, &iov, 1, off, RWF_NOWAIT);
+  while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EOPNOTSUPP)) return number(env, -1);
+  if (n < 0) return throw_errno(env, "readInline", errno);
+  if ((size_t)n < len) return number(env, -1);
+  return slept_ms(env, &before, &t0);
 }
 
 /*
@@ -461,6 +511,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL },
     { "blockDeviceSize", NULL, BlockDeviceSize, NULL, NULL, NULL, napi_enumerable, NULL },
     { "writeInline", NULL, WriteInline, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "readInline", NULL, ReadInline, NULL, NULL, NULL, napi_enumerable, NULL },
     { "copyRanges", NULL, CopyRanges, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

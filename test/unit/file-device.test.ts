@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants as fsc, openSync, readFileSync, statSync, statfsSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, fsyncSync, openSync, readFileSync, statSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -83,19 +83,47 @@ test('small writes are made inline (on the event loop), large ones in the thread
   const small = randomBytes(4096), edge = randomBytes(64 * 1024), large = randomBytes(64 * 1024 + 1);
   await dev.write(8192, small);
   await dev.write(MiB, edge);
-  assert.equal(dev.inlineWriteCounts.writes, 2, 'the 4 KiB and the 64 KiB write were inline');
+  assert.equal(dev.inlineCounts.done, 2, 'the 4 KiB and the 64 KiB write were inline');
   await dev.write(2 * MiB, large);
-  assert.equal(dev.inlineWriteCounts.writes, 2, 'a write over 64 KiB went through the pool');
+  assert.equal(dev.inlineCounts.done, 2, 'a write over 64 KiB went through the pool');
   const onDisk = readFileSync(dev.path);
   assert.ok(onDisk.subarray(8192, 8192 + 4096).equals(small));
   assert.ok(onDisk.subarray(MiB, MiB + edge.length).equals(edge));
   assert.ok(onDisk.subarray(2 * MiB, 2 * MiB + large.length).equals(large));
   const plain = await fresh(MiB, { native: false });
   await plain.write(0, small);
-  assert.equal(plain.inlineWriteCounts.writes, 0, 'without the addon every write goes through the pool');
+  assert.equal(plain.inlineCounts.done, 0, 'without the addon every write goes through the pool');
 });
 
-test('writeInline reports the time a write slept (an O_DSYNC write waits for the disk), 0 for a page-cache write, and errors by errno', () => {
+test('a small read of cached data is made inline; uncached data and large reads are read in the pool; the bytes are right', async () => {
+  const path = join(dir, 'cold.raw');
+  const data = randomBytes(2 * MiB);
+  writeFileSync(path, data);
+  const fd = openSync(path, fsc.O_RDONLY);
+  fsyncSync(fd);
+  closeSync(fd);
+  // Drop the file's clean pages from the page cache (GNU dd: nocache with count=0 = whole file).
+  execFileSync('dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none']);
+  const resident = () => Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', path], { encoding: 'utf8' }).trim());
+  // tmpfs keeps files only in the page cache: there every read is a cached one.
+  const onTmpfs = statfsSync(dir).type === 0x01021994;
+  if (!onTmpfs) assert.is(resident(), 0, 'test setup: the file should have left the page cache');
+  const dev = await FileDevice.open(path);
+  onCleanup(() => dev.close());
+  assert.ok((await dev.read(MiB, 4096)).equals(data.subarray(MiB, MiB + 4096)), 'uncached read');
+  if (onTmpfs) console.log('  (temp dir on tmpfs: the uncached read is not checked)');
+  else assert.is(dev.inlineCounts.done, 0, 'an uncached read went to the pool (RWF_NOWAIT refused it)');
+  const before = dev.inlineCounts.done;
+  assert.ok((await dev.read(MiB, 4096)).equals(data.subarray(MiB, MiB + 4096)), 'cached read');
+  assert.is(dev.inlineCounts.done, before + 1, 'the same block, now cached, was read inline');
+  assert.ok((await dev.read(0, 2 * MiB)).equals(data), 'a 2 MiB read');
+  assert.is(dev.inlineCounts.done, before + 1, 'a read over 64 KiB went to the pool');
+  const into = Buffer.alloc(4096);
+  assert.is(await dev.read(4096, 4096, into), into, 'an inline read fills the buffer it was given');
+  assert.ok(into.equals(data.subarray(4096, 8192)));
+});
+
+test('writeInline reports the time a write slept (an O_DSYNC write waits for the disk) and errors by errno; readInline reads what is cached', () => {
   const native = loadNative()!;
   const path = join(dir, 'inline.raw');
   writeFileSync(path, Buffer.alloc(0));
@@ -113,6 +141,11 @@ test('writeInline reports the time a write slept (an O_DSYNC write waits for the
   assert.throws(() => native.writeInline(ro, data, 0), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
   assert.throws(() => native.writeInline(fd, 'not a buffer' as unknown as Buffer, 0), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
   assert.throws(() => native.writeInline(fd, data, -1), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
+  const back = Buffer.alloc(data.length);
+  assert.is(native.readInline(fd, back, 4096), 0, 'just written: cached, read without sleeping');
+  assert.ok(back.equals(data));
+  assert.is(native.readInline(fd, Buffer.alloc(8192), 4096 + data.length - 4096), -1, 'a range past the end is a short read: -1');
+  assert.throws(() => native.readInline(fd, back, -1), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
 });
 
 test('block status follows writes, trims and write-zeroes, and space is freed', async () => {

@@ -1,25 +1,25 @@
-// The budget that decides when FileDevice may write on the event loop: a one-off sleep is
+// The budget that decides when FileDevice may read or write on the event loop: a one-off sleep is
 // absorbed, repeated sleeps send writes to the thread pool until the budget has refilled.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { INLINE_BLOCK_BURST_MS, INLINE_BLOCK_SHARE, INLINE_WRITE_MAX, InlineWriteBudget } from '../../src/block/inline-writes.ts';
+import { INLINE_BLOCK_BURST_MS, INLINE_BLOCK_SHARE, INLINE_MAX, InlineBudget } from '../../src/block/inline-io.ts';
 
 test('small writes are allowed, larger ones are not', () => {
-  const b = new InlineWriteBudget();
+  const b = new InlineBudget();
   assert.ok(b.allows(4096, 0));
-  assert.ok(b.allows(INLINE_WRITE_MAX, 0));
-  assert.not.ok(b.allows(INLINE_WRITE_MAX + 1, 0));
+  assert.ok(b.allows(INLINE_MAX, 0));
+  assert.not.ok(b.allows(INLINE_MAX + 1, 0));
 });
 
 test('writes that do not sleep never use up the budget', () => {
-  const b = new InlineWriteBudget();
+  const b = new InlineBudget();
   for (let t = 0; t < 10_000; t++) b.spent(0, t);
   assert.ok(b.allows(4096, 10_000));
-  assert.equal([b.writes, b.blocked], [10_000, 0]);
+  assert.equal([b.done, b.blocked], [10_000, 0]);
 });
 
 test('one long sleep within the burst is absorbed; a second one right after sends writes to the pool until refilled', () => {
-  const b = new InlineWriteBudget();
+  const b = new InlineBudget();
   b.spent(200, 1000);
   assert.ok(b.allows(4096, 1000), 'a 200 ms sleep fits the 250 ms burst');
   b.spent(200, 1001);
@@ -28,11 +28,11 @@ test('one long sleep within the burst is absorbed; a second one right after send
   assert.not.ok(b.allows(4096, 1002));
   assert.not.ok(b.allows(4096, back - 1));
   assert.ok(b.allows(4096, back + 1e-6));
-  assert.equal([b.writes, b.blocked], [2, 2]);
+  assert.equal([b.done, b.blocked], [2, 2]);
 });
 
 test('steady short sleeps are held to the refill share of the time', () => {
-  const b = new InlineWriteBudget();
+  const b = new InlineBudget();
   // A write every ms that sleeps 1 ms would block the loop half the time; the budget lets
   // through at most BURST + SHARE * elapsed of it.
   let slept = 0;

@@ -1,4 +1,5 @@
-// When FileDevice may make a small write on the event loop (see FileDevice.#writeAll).
+// When FileDevice may make a small write, or a read from the page cache, on the event loop
+// (see FileDevice.#writeAll and read).
 //
 // A buffered 4 KiB write only copies into the page cache; the thread pool's round trip
 // around it (a futex wake-up there, an eventfd wake-up back) costs more CPU than the write,
@@ -8,31 +9,33 @@
 // get a budget of blocked time that refills at SHARE of real time, up to BURST: a one-off
 // wait (a journal commit: 100-400 ms measured here) is absorbed, and when the kernel keeps
 // making writers sleep the budget runs out and writes go through the thread pool, where they
-// wait without holding up the rest, until it has refilled.
+// wait without holding up the rest, until it has refilled. Reads share the budget; they ask
+// for the page cache only (RWF_NOWAIT), so they do not wait for the disk here, and rarely
+// sleep at all.
 
-/** Largest write made inline: the guest's 4-64 KiB writes, not bulk writes. */
-export const INLINE_WRITE_MAX = 64 * 1024;
+/** Largest request made inline: the guest's 4-64 KiB requests, not bulk I/O. */
+export const INLINE_MAX = 64 * 1024;
 /** The budget refills at this share of real time: the loop spends at most ~10% blocked. */
 export const INLINE_BLOCK_SHARE = 0.1;
 /** Most blocked time the budget holds. */
 export const INLINE_BLOCK_BURST_MS = 250;
 
-export class InlineWriteBudget {
+export class InlineBudget {
   #budgetMs = INLINE_BLOCK_BURST_MS;
   #budgetAt = 0;
   #offUntil = 0;
-  /** Inline writes made, and how many of them slept. */
-  writes = 0;
+  /** Requests made inline, and how many of them slept. */
+  done = 0;
   blocked = 0;
 
-  /** Whether a write of `length` bytes may be made inline at time `now` (ms). */
+  /** Whether a request of `length` bytes may be made inline at time `now` (ms). */
   allows(length: number, now: number): boolean {
-    return length <= INLINE_WRITE_MAX && now >= this.#offUntil;
+    return length <= INLINE_MAX && now >= this.#offUntil;
   }
 
-  /** Account one inline write that ended at `now` and slept for `blockedMs` (0: did not). */
+  /** Account one inline request that ended at `now` and slept for `blockedMs` (0: did not). */
   spent(blockedMs: number, now: number): void {
-    this.writes++;
+    this.done++;
     if (blockedMs <= 0) return;
     this.blocked++;
     this.#budgetMs = Math.min(INLINE_BLOCK_BURST_MS, this.#budgetMs + (now - this.#budgetAt) * INLINE_BLOCK_SHARE) - blockedMs;

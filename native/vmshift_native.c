@@ -118,8 +118,18 @@ static napi_value BlockDeviceSize(napi_env env, napi_callback_info info) {
   return number(env, (int64_t)size);
 }
 
-/* (fd, Buffer, offset) arguments of writeInline and readInline; throws on bad input. */
-static int get_inline_args(napi_env env, napi_callback_info info, const char *fn, int *fd, void **data, size_t *len, off_t *off) {
+/* One writeInline or readInline call: its arguments, and when and how it started. */
+typedef struct {
+  int fd;
+  void *data;
+  size_t len;
+  off_t off;
+  struct rusage before;
+  struct timespec t0;
+} inline_req;
+
+/* Reads the (fd, Buffer, offset) arguments and starts the clock; throws on bad input. */
+static int inline_start(napi_env env, napi_callback_info info, const char *fn, inline_req *r) {
   napi_value argv[3];
   size_t argc = 3;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
@@ -127,28 +137,30 @@ static int get_inline_args(napi_env env, napi_callback_info info, const char *fn
   bool is_buffer = false;
   if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || fd_d != (double)(int)fd_d || fd_d < 0 ||
       napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
-      napi_get_buffer_info(env, argv[1], data, len) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &r->data, &r->len) != napi_ok ||
       napi_get_value_double(env, argv[2], &off_d) != napi_ok || off_d != (double)(int64_t)off_d || off_d < 0 ||
-      off_d + (double)*len > (double)MAX_SAFE) {
+      off_d + (double)r->len > (double)MAX_SAFE) {
     char msg[96];
     snprintf(msg, sizeof msg, "%s: expected (fd, Buffer, non-negative safe offset)", fn);
     napi_throw_type_error(env, "EINVAL", msg);
     return 0;
   }
-  *fd = (int)fd_d;
-  *off = (off_t)off_d;
+  r->fd = (int)fd_d;
+  r->off = (off_t)off_d;
+  getrusage(RUSAGE_THREAD, &r->before);
+  clock_gettime(CLOCK_MONOTONIC, &r->t0);
   return 1;
 }
 
-/* Milliseconds since t0 if the thread slept since `before` (voluntary switches), else 0. */
-static napi_value slept_ms(napi_env env, const struct rusage *before, const struct timespec *t0) {
+/* Milliseconds since the start if the thread slept since (voluntary switches), else 0. */
+static napi_value inline_slept_ms(napi_env env, const inline_req *r) {
   struct rusage after;
   getrusage(RUSAGE_THREAD, &after);
-  if (after.ru_nvcsw == before->ru_nvcsw) return number(env, 0);
+  if (after.ru_nvcsw == r->before.ru_nvcsw) return number(env, 0);
   struct timespec t1;
   clock_gettime(CLOCK_MONOTONIC, &t1);
   napi_value ms;
-  napi_create_double(env, (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6, &ms);
+  napi_create_double(env, (double)(t1.tv_sec - r->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - r->t0.tv_nsec) / 1e6, &ms);
   return ms;
 }
 
@@ -164,23 +176,16 @@ static napi_value slept_ms(napi_env env, const struct rusage *before, const stru
  * that is not the write's doing. Buffer and offset are validated here; fd is the caller's.
  */
 static napi_value WriteInline(napi_env env, napi_callback_info info) {
-  int fd;
-  void *data;
-  size_t len;
-  off_t off;
-  if (!get_inline_args(env, info, "writeInline", &fd, &data, &len, &off)) return NULL;
-  struct rusage before;
-  struct timespec t0;
-  getrusage(RUSAGE_THREAD, &before);
-  clock_gettime(CLOCK_MONOTONIC, &t0);
-  for (size_t done = 0; done < len;) {
-    ssize_t n = pwrite(fd, (const char *)data + done, len - done, off + (off_t)done);
+  inline_req r;
+  if (!inline_start(env, info, "writeInline", &r)) return NULL;
+  for (size_t done = 0; done < r.len;) {
+    ssize_t n = pwrite(r.fd, (const char *)r.data + done, r.len - done, r.off + (off_t)done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return throw_errno(env, "writeInline", errno);
     if (n == 0) return throw_errno(env, "writeInline", EIO);
     done += (size_t)n;
   }
-  return slept_ms(env, &before, &t0);
+  return inline_slept_ms(env, &r);
 }
 
 /*
@@ -191,23 +196,16 @@ static napi_value WriteInline(napi_env env, napi_callback_info info) {
  * Other errors throw, as a pool read would.
  */
 static napi_value ReadInline(napi_env env, napi_callback_info info) {
-  int fd;
-  void *data;
-  size_t len;
-  off_t off;
-  if (!get_inline_args(env, info, "readInline", &fd, &data, &len, &off)) return NULL;
-  struct rusage before;
-  struct timespec t0;
-  getrusage(RUSAGE_THREAD, &before);
-  clock_gettime(CLOCK_MONOTONIC, &t0);
-  struct iovec iov = { data, len };
+  inline_req r;
+  if (!inline_start(env, info, "readInline", &r)) return NULL;
+  struct iovec iov = { r.data, r.len };
   ssize_t n;
-  do n = preadv2(fd, &iov, 1, off, RWF_NOWAIT);
+  do n = preadv2(r.fd, &iov, 1, r.off, RWF_NOWAIT);
   while (n < 0 && errno == EINTR);
   if (n < 0 && (errno == EAGAIN || errno == EOPNOTSUPP)) return number(env, -1);
   if (n < 0) return throw_errno(env, "readInline", errno);
-  if ((size_t)n < len) return number(env, -1);
-  return slept_ms(env, &before, &t0);
+  if ((size_t)n < r.len) return number(env, -1);
+  return inline_slept_ms(env, &r);
 }
 
 /*

@@ -9,9 +9,10 @@
  *   writeInline(fd, buffer, offset) -> blockedMs
  *                               pwrite all of buffer on the calling (event-loop) thread; how
  *                               long it slept for it, 0 when it did not (see below)
- *   readInline(fd, buffer, offset) -> blockedMs, or -1
+ *   readInline(fd, buffer, offset) -> blockedMs, -1 or -2
  *                               fill buffer from the page cache only (preadv2 RWF_NOWAIT);
- *                               -1 when not all of it is cached (the caller reads in the pool)
+ *                               -1 when not all of it is cached, -2 when the file cannot say
+ *                               (no RWF_NOWAIT): the caller reads in the pool
  *   copyRanges(src, dst, ranges, destIsZero, writeback, dropOffset, dropLength) -> Promise<counts>
  *                               copy ranges file-to-file in a libuv worker thread (below)
  *
@@ -192,7 +193,8 @@ static napi_value WriteInline(napi_env env, napi_callback_info info) {
  * readInline: the read side of writeInline. RWF_NOWAIT makes the kernel answer from the
  * page cache or not at all (EAGAIN), so an uncached read never waits for the disk on the
  * event loop: it returns -1 and FileDevice reads it through the thread pool. So does a
- * partly cached range (a short read) and a kernel or file without RWF_NOWAIT (EOPNOTSUPP).
+ * partly cached range (a short read). A file without RWF_NOWAIT (EOPNOTSUPP: NFS, FUSE,
+ * an older kernel) returns -2, and FileDevice stops asking.
  * Other errors throw, as a pool read would.
  */
 static napi_value ReadInline(napi_env env, napi_callback_info info) {
@@ -202,7 +204,8 @@ static napi_value ReadInline(napi_env env, napi_callback_info info) {
   ssize_t n;
   do n = preadv2(r.fd, &iov, 1, r.off, RWF_NOWAIT);
   while (n < 0 && errno == EINTR);
-  if (n < 0 && (errno == EAGAIN || errno == EOPNOTSUPP)) return number(env, -1);
+  if (n < 0 && errno == EAGAIN) return number(env, -1);
+  if (n < 0 && errno == EOPNOTSUPP) return number(env, -2);
   if (n < 0) return throw_errno(env, "readInline", errno);
   if ((size_t)n < r.len) return number(env, -1);
   return inline_slept_ms(env, &r);

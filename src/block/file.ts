@@ -32,7 +32,7 @@ export interface NativeFileOps {
   blockDeviceSize(fd: number): number;
   /** pwrite all of `data` on this thread: 0, or the milliseconds it took when the thread had to sleep for it. */
   writeInline(fd: number, data: Buffer, offset: number): number;
-  /** Fill `into` from the page cache only, as writeInline; -1 when not all of it is cached. */
+  /** Fill `into` from the page cache only, as writeInline; -1 when not all of it is cached, -2 when the file cannot read that way. */
   readInline(fd: number, into: Buffer, offset: number): number;
   /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
   copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean, dropOffset: number, dropLength: number): Promise<FileCopyCounts>;
@@ -116,6 +116,8 @@ export class FileDevice implements BlockDevice {
   #rawIdle: (() => void) | undefined;
   #syncs = 0;
   readonly #inline = new InlineBudget();
+  /** False once the file turned out not to support page-cache-only reads (RWF_NOWAIT). */
+  #inlineReads = true;
 
   private constructor(
     private readonly handle: fsp.FileHandle,
@@ -199,12 +201,14 @@ export class FileDevice implements BlockDevice {
     const buf = into?.length === length ? into : Buffer.allocUnsafe(length);
     try {
       // Cached data is copied right here; anything else is read in the pool (see #writeAll).
-      if (this.native && this.#inline.allows(length, performance.now())) {
+      if (this.native && this.#inlineReads && this.#inline.allows(length, performance.now())) {
         const blockedMs = this.native.readInline(this.handle.fd, buf, offset);
         if (blockedMs >= 0) {
           this.#inline.spent(blockedMs, performance.now());
           return buf;
         }
+        // This file cannot answer from its cache alone (NFS, FUSE): no more asking.
+        if (blockedMs === -2) this.#inlineReads = false;
       }
       await this.#raw(preadFull(this.handle.fd, buf, offset));
     } catch (err) {

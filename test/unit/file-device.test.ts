@@ -146,6 +146,10 @@ test('writeInline reports the time a write slept (an O_DSYNC write waits for the
   assert.ok(back.equals(data));
   assert.is(native.readInline(fd, Buffer.alloc(8192), 4096 + data.length - 4096), -1, 'a range past the end is a short read: -1');
   assert.throws(() => native.readInline(fd, back, -1), (e: NodeJS.ErrnoException) => e.code === 'EINVAL');
+  // procfs has no page-cache-only reads (as NFS and FUSE): -2, "stop asking".
+  const proc = openSync('/proc/self/status', fsc.O_RDONLY);
+  onCleanup(() => closeSync(proc));
+  assert.is(native.readInline(proc, Buffer.alloc(16), 0), -2);
 });
 
 test('block status follows writes, trims and write-zeroes, and space is freed', async () => {

@@ -114,14 +114,11 @@ export class Shim {
   }
 
   /**
-   * Record the new backing durably. Called by a switch-over with the gate paused and the
-   * destination flushed, BEFORE the swap: if we crash after this, a restart serves the
-   * destination, which already holds every acknowledged write.
-   */
-  /**
    * Write the state that names `spec` as the backing, synced but not in place; commit()
    * renames it into place (the durable record a restarted shim reads), discard() drops it.
-   * The switch-over prepares before it holds I/O and commits inside the stall.
+   * The switch-over prepares before it holds I/O and commits inside the stall, with the gate
+   * paused and the destination flushed, BEFORE the swap: if we crash after the commit, a
+   * restart serves the destination, which already holds every acknowledged write.
    */
   async prepareBacking(spec: string): Promise<{ commit(): Promise<void>; discard(): Promise<void> }> {
     const at = new Date().toISOString();

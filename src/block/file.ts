@@ -91,12 +91,32 @@ export interface FileOpenOptions {
 }
 
 /**
- * Writes given to the thread pool at once per file; the rest wait their turn here. Buffered
- * writes to one file take its inode lock one at a time (ext4, xfs): more of them at once only
- * park threads on that lock and wake them again. Under nbdcopy (64 x 256 KiB writes in flight
- * on 4 connections) 32 at once cost ~15% more CPU than 4 (docs/performance.md).
+ * Writes given to the thread pool at once per file; the rest wait their turn here (FIFO).
+ * Buffered writes to one file take its inode lock one at a time (ext4, xfs): more of them at
+ * once only park threads on that lock (perf showed rwsem spinning and futex wake-ups under
+ * nbdcopy's 4 x 64 writes of 256 KiB) and wake them again.
  */
 const POOL_WRITES = 4;
+
+/** At most `limit` of the operations run() is given run at once; the others wait in order. */
+class Slots {
+  #running = 0;
+  readonly #queue: Array<() => void> = [];
+  constructor(readonly limit: number) {}
+
+  run<T>(op: () => Promise<T>): Promise<T> {
+    if (this.#running >= this.limit) return new Promise<void>((resolve) => this.#queue.push(resolve)).then(() => this.#start(op));
+    return this.#start(op);
+  }
+
+  #start<T>(op: () => Promise<T>): Promise<T> {
+    this.#running++;
+    return op().finally(() => {
+      this.#running--;
+      this.#queue.shift()?.();
+    });
+  }
+}
 
 /** Largest single buffer for zeroes written by hand (fallback path). */
 const ZERO_CHUNK = 1024 * 1024;
@@ -123,9 +143,7 @@ export class FileDevice implements BlockDevice {
   #rawInFlight = 0;
   #rawIdle: (() => void) | undefined;
   #syncs = 0;
-  /** Thread-pool writes running, and those waiting for one of the POOL_WRITES slots. */
-  #poolWrites = 0;
-  readonly #writeQueue: Array<() => void> = [];
+  readonly #poolWrites = new Slots(POOL_WRITES);
   readonly #inline = new InlineBudget();
   /** False once the file turned out not to support page-cache-only reads (RWF_NOWAIT). */
   #inlineReads = true;
@@ -422,17 +440,7 @@ export class FileDevice implements BlockDevice {
       }
       return Promise.resolve();
     }
-    if (this.#poolWrites >= POOL_WRITES) return new Promise<void>((resolve) => this.#writeQueue.push(resolve)).then(() => this.#poolWrite(offset, data));
-    return this.#poolWrite(offset, data);
-  }
-
-  /** One write in the thread pool, in one of the POOL_WRITES slots (the next waiting one gets it after). */
-  #poolWrite(offset: number, data: Buffer): Promise<void> {
-    this.#poolWrites++;
-    return this.#raw(pwriteFull(this.handle.fd, data, offset)).finally(() => {
-      this.#poolWrites--;
-      this.#writeQueue.shift()?.();
-    });
+    return this.#poolWrites.run(() => this.#raw(pwriteFull(this.handle.fd, data, offset)));
   }
 
   async #sync(): Promise<void> {

@@ -189,28 +189,16 @@ export class Wire {
    */
   take(n: number, into?: Buffer): Buffer {
     const first = this.chunks[0];
-    let out: Buffer;
-    if (first && first.length - this.head >= n) {
-      out = first.subarray(this.head, this.head + n);
-      this.head += n;
-      if (this.head === first.length) {
-        this.chunks.shift();
-        this.head = 0;
-      }
-    } else {
-      out = into?.length === n ? into : Buffer.allocUnsafe(n);
-      let filled = 0;
-      while (filled < n) {
-        const c = this.chunks[0]!;
-        const len = Math.min(c.length - this.head, n - filled);
-        c.copy(out, filled, this.head, this.head + len);
-        filled += len;
-        this.head += len;
-        if (this.head === c.length) {
-          this.chunks.shift();
-          this.head = 0;
-        }
-      }
+    if (!first || first.length - this.head < n) {
+      const out = into?.length === n ? into : Buffer.allocUnsafe(n);
+      this.copyInto(out, 0, n);
+      return out;
+    }
+    const out = first.subarray(this.head, this.head + n);
+    this.head += n;
+    if (this.head === first.length) {
+      this.chunks.shift();
+      this.head = 0;
     }
     this.available -= n;
     return out;

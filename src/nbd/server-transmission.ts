@@ -446,17 +446,22 @@ export class Transmission {
   }
 
   /**
-   * Header and payload leave in one write (cork), so replies never interleave on the wire.
+   * Replies are corked until the event loop has run every callback that was ready (a
+   * setImmediate): all the replies those completed leave in one writev, instead of a
+   * syscall each (a reply's header and payload stay together: replies never interleave).
    * `owner`'s pool buffer (the payload) is released in the payload write's callback: only then
    * is the stream done with it (it may sit in the stream's queue or in a libuv write until then).
    */
   private writeOut(header: Buffer, payload?: Buffer, owner?: Request): void {
     const s = this.wire.stream;
-    if (payload && payload.length) {
+    if (!this.corked) {
+      this.corked = true;
       s.cork();
+      setImmediate(this.uncork);
+    }
+    if (payload && payload.length) {
       s.write(header);
       s.write(payload, owner ? () => this.release(owner) : undefined);
-      s.uncork();
     } else {
       s.write(header);
       if (owner) this.release(owner);
@@ -473,6 +478,12 @@ export class Transmission {
       s.on('close', drained);
     }
   }
+
+  private corked = false;
+  private readonly uncork = () => {
+    this.corked = false;
+    this.wire.stream.uncork();
+  };
 
   /** Give the request's pool buffer and budget back (once; nothing may use them any more). */
   private release(req: Request): void {

@@ -36,6 +36,8 @@ export interface NativeFileOps {
   readInline(fd: number, into: Buffer, offset: number): number;
   /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
   copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean, dropOffset: number, dropLength: number): Promise<FileCopyCounts>;
+  /** A page-aligned Buffer of its own mapping, unmapped once collected (absent from addons built before it). */
+  alignedBuffer?(length: number): Buffer;
 }
 
 /** What one FileDevice.copyTo did. */

@@ -8,7 +8,7 @@
 // scratch buffer; the payload of a large WRITE lands straight in the request's own buffer
 // (sink()), so it is never copied in user space. Under nbdcopy's 256 KiB writes the copy of
 // payloads out of socket chunks, the allocation of those chunks and the GCs that freed them
-// were a third of the shim's CPU (docs/performance.md).
+// cost ~30% of the shim's CPU (docs/performance.md).
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { noteReceived } from './gc-pacer.ts';

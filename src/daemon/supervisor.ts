@@ -41,6 +41,26 @@ const MAX_SOCKET_PATH = 107;
 const HEALTHY_AFTER_MS = 60_000;
 const LOG_MARK = '--- vmshiftd: starting shim ';
 
+export interface RestartResult {
+  name: string;
+  oldPid: number | null;
+  pid: number;
+  /** The old process exited on SIGTERM, flushed (no SIGKILL, no "stop failed"). */
+  clean: boolean;
+  stopFailure: string | null;
+  /** The job aborted first (restart --abort-job), if any. */
+  abortedJob: string | null;
+  /** NBD clients (QEMU) before the restart, and on the new process when measured. */
+  clientsBefore: number;
+  clientsAfter: number;
+  /** SIGTERM to the old process gone. */
+  stopMs: number;
+  /** SIGTERM to the new process serving. */
+  downMs: number;
+  /** SIGTERM to every client back (the stall QEMU saw, within ~25 ms); null without clients or when they did not come back. */
+  stallMs: number | null;
+}
+
 interface Health {
   failures: number;
   nextAttemptAt: number;
@@ -190,6 +210,91 @@ export class Supervisor {
     });
   }
 
+  /**
+   * Swap the shim's process under a running guest: SIGTERM the old one (it answers what is
+   * in flight, flushes and exits; QEMU, told to reconnect, holds the guest's requests), and
+   * only once it is gone start the new one on the same socket and state file, so two
+   * processes never have the disk open. Refused while a job runs unless `abortJob`: a
+   * restart ends the job, and throwing its copy away is the operator's call. The result
+   * measures the stall as QEMU sees it: from the old shim's last moment of serving to its
+   * clients (as many as before) connected to the new one.
+   */
+  restart(nameIn: string, opts: { abortJob?: boolean } = {}): Promise<RestartResult> {
+    const name = checkName(nameIn);
+    return this.withLock(name, async () => {
+      const rec = this.registry.get(name);
+      if (!rec || rec.desired !== 'running') throw new ControlError('unknown-shim', `no shim named "${name}"`);
+      const ctl = controlSocketFor(rec.socket);
+      const alive = await isShimProcess(rec.pid, rec.socket);
+      // An unresponsive shim is restarted too (that is what the operator asks for): the new
+      // process starts only after the old one has exited.
+      const before = alive ? await controlCall<{ job: string | null; nbd: { clients: number } }>(ctl, 'status', {}, { timeoutMs: 5000 }).catch(() => null) : null;
+      let abortedJob: string | null = null;
+      if (before?.job) {
+        if (!opts.abortJob) {
+          throw new ControlError('busy', `shim "${name}" is running a ${before.job} job: a restart would end it and throw its copy away. Wait for it to finish, or restart with --abort-job (the job rolls back first; the disk stays where it is)`);
+        }
+        this.log.warn({ shim: name, job: before.job }, 'aborting the job before a restart');
+        await controlCall(ctl, 'migrate.abort', {}, { timeoutMs: 120_000 }).catch((e) => {
+          if (!(e instanceof ControlError && e.code === 'no-job')) throw e;
+        });
+        abortedJob = before.job;
+      }
+      const clientsBefore = before?.nbd.clients ?? 0;
+      const t0 = Date.now();
+      let clean = true;
+      if (alive) clean = await this.terminate(rec);
+      const stoppedAt = Date.now();
+      const stopFailure = await this.stopFailure(rec);
+      if (stopFailure) clean = false;
+      this.log.info({ shim: name, shimPid: rec.pid, clean, stopMs: stoppedAt - t0 }, 'restart: old shim stopped');
+      const next = await this.launch(rec, true);
+      const servingAt = Date.now();
+      const reconnected = clientsBefore > 0 ? await this.waitForClients(next, clientsBefore) : null;
+      const result: RestartResult = {
+        name,
+        oldPid: rec.pid,
+        pid: next.pid!,
+        clean,
+        stopFailure,
+        abortedJob,
+        clientsBefore,
+        clientsAfter: reconnected?.clients ?? 0,
+        stopMs: stoppedAt - t0,
+        downMs: servingAt - t0,
+        stallMs: reconnected?.at !== undefined ? reconnected.at - t0 : null,
+      };
+      this.log.info({ shim: name, shimPid: next.pid, ...result }, 'shim restarted');
+      return result;
+    });
+  }
+
+  /**
+   * Wait for as many NBD clients on the new shim as the old one had (QEMU reconnects after
+   * its own backoff: 1 s, then 2, 4, 8, 16 s): when they came, or null after `timeoutMs`.
+   */
+  private async waitForClients(rec: ShimRecord, want: number, timeoutMs = 40_000): Promise<{ at?: number; clients: number }> {
+    const deadline = Date.now() + timeoutMs;
+    let clients = 0;
+    while (Date.now() < deadline) {
+      clients = await controlCall<{ nbd: { clients: number } }>(controlSocketFor(rec.socket), 'status', {}, { timeoutMs: 5000 }).then((s) => s.nbd.clients, () => 0);
+      if (clients >= want) return { at: Date.now(), clients };
+      await sleep(25);
+    }
+    return { clients };
+  }
+
+  /** "stop failed" in this run's log: the old shim exited without a clean flush. */
+  private async stopFailure(rec: ShimRecord): Promise<string | null> {
+    try {
+      const text = await readFile(rec.logPath, 'utf8');
+      const line = text.slice(text.lastIndexOf(LOG_MARK)).split('\n').find((l) => l.startsWith('vmshift: stop failed'));
+      return line ?? null;
+    } catch {
+      return null;
+    }
+  }
+
   /** The shim's control socket, for calls the daemon forwards (jobs). */
   controlSocket(nameIn: string): string {
     const rec = this.registry.get(checkName(nameIn));
@@ -323,15 +428,15 @@ export class Supervisor {
     }
   }
 
-  /** SIGTERM by PID (the shim flushes and closes), SIGKILL if it hangs. */
-  private async terminate(rec: ShimRecord): Promise<void> {
+  /** SIGTERM by PID (the shim flushes and closes), SIGKILL if it hangs; false after a SIGKILL. */
+  private async terminate(rec: ShimRecord): Promise<boolean> {
     const pid = rec.pid!;
     try {
       process.kill(pid, 'SIGTERM');
     } catch {
-      return;
+      return true;
     }
-    if (await waitForExit(pid, this.opts.stopTimeoutMs ?? 30_000)) return;
+    if (await waitForExit(pid, this.opts.stopTimeoutMs ?? 30_000)) return true;
     this.log.error({ shim: rec.name, shimPid: pid }, 'shim did not exit after SIGTERM; sending SIGKILL');
     try {
       process.kill(pid, 'SIGKILL');
@@ -339,6 +444,7 @@ export class Supervisor {
       /* gone */
     }
     await waitForExit(pid, 5000);
+    return false;
   }
 
   /**

@@ -4,7 +4,7 @@
 //   kill -9 of the shim: vmshiftd restarts it, QEMU reconnects, the writer goes on;
 //   `vmshift restart NAME`: old process flushed and gone before the new one, stall reported;
 //   a restart during a migration is refused; kill -9 mid-migration: the restarted shim
-//   serves the source and the job's file is gone;
+//   serves the source and the job's file is gone; restart --abort-job rolls the job back first;
 //   kill -9 inside the switch-over stall, before and after its commit: the restarted shim
 //   serves the source, resp. the destination, and every acknowledged record is there;
 //   a shim that never comes back (daemon down) with a 2 s delay: the guest gets an I/O
@@ -115,7 +115,7 @@ const backing = async () => (await controlCall<{ backing: string }>(`${shim().so
 test('setup: a writer guest on a raw file, live-attached through vmshiftd with a reconnect delay', async () => {
   await ensureGuest();
   // Data everywhere: a copy limited by --bandwidth then takes a while (holes it would skip).
-  writeFileSync(src, Buffer.alloc(64 * MiB, 0x5a));
+  writeFileSync(src, Buffer.alloc(32 * MiB, 0x5a));
   daemon = await startVmshiftd();
   guest = bootGuest({ mode: 'writer', params: { blocks: SLOTS }, disk: { file: src }, qmpSocket: qmp });
   await guest.waitFor(/^VMSHIFT-SEQ 20$/, 120_000);
@@ -161,18 +161,17 @@ test('vmshift restart NAME under writes: the old process stops cleanly first, th
   assert.match(human.stdout, /^shim rs-vd0 restarted: pid \d+ stopped cleanly in \d+ ms, pid \d+ serving after \d+ ms; the guest's I\/O stalled \d+ ms \(1 client reconnected\)\n$/);
   remember();
   await writesMore(10);
+  const all = await cli(['restart', '--all', '--json']);
+  assert.is(all.code, 0, all.stderr);
+  assert.equal(JSON.parse(all.stdout).shims.map((r: RestartResult) => [r.name, r.clean, r.clientsAfter]), [[SHIM, true, 1]]);
+  remember();
+  await writesMore(10);
 });
 
 test('during a migration: restart is refused; kill -9 -> the restarted shim serves the source, the job file is gone', async () => {
   const dst = join(dir, 'mid.raw');
   const job = controlCall(api, 'job.start', { name: SHIM, to: dst, bandwidth: 4 * MiB }, { timeoutMs: 0 }).then(() => null, (e: Error) => e);
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    const st = await controlCall<{ running: boolean; job: { phase: string; passDone: number } | null }>(api, 'job.status', { name: SHIM }).catch(() => null);
-    if (st?.running && st.job!.passDone > 4 * MiB) break;
-    assert.ok(Date.now() < deadline, 'the job never got going');
-    await sleep(50);
-  }
+  await jobUnderway();
   const refused = await cli(['restart', SHIM]);
   assert.is(refused.code, 1);
   assert.match(refused.stderr, /running a migrate-storage job: a restart would end it and throw its copy away\. Wait for it to finish, or restart with --abort-job/);
@@ -185,7 +184,32 @@ test('during a migration: restart is refused; kill -9 -> the restarted shim serv
   assert.is(await backing(), src);
   assert.not.ok(existsSync(dst), 'the restarted shim removed the file of the interrupted job');
   assert.match(shimLog(), /removed .*mid\.raw, created by a migration that did not complete/);
+
+  // --abort-job: the job rolls back first (its file removed), then the process is swapped.
+  const dst2 = join(dir, 'mid2.raw');
+  const job2 = controlCall(api, 'job.start', { name: SHIM, to: dst2, bandwidth: 4 * MiB }, { timeoutMs: 0 }).then(() => null, (e: Error) => e);
+  await jobUnderway();
+  const r = await cli(['restart', SHIM, '--abort-job', '--json']);
+  assert.is(r.code, 0, r.stderr);
+  const res = JSON.parse(r.stdout) as RestartResult;
+  remember();
+  assert.is(res.abortedJob, 'migrate-storage');
+  assert.ok(res.clean);
+  assert.match(String(await job2), /aborted/);
+  assert.not.ok(existsSync(dst2));
+  await writesMore(30);
+  assert.is(await backing(), src);
 });
+
+async function jobUnderway(): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const st = await controlCall<{ running: boolean; job: { passDone: number } | null }>(api, 'job.status', { name: SHIM }).catch(() => null);
+    if (st?.running && st.job!.passDone > 4 * MiB) return;
+    assert.ok(Date.now() < deadline, 'the job never got going');
+    await sleep(50);
+  }
+}
 
 for (const point of ['switchover-before-commit', 'switchover-after-commit'] as const) {
   test(`kill -9 inside the switch-over stall (${point}): the restarted shim serves the right disk, with every record`, async () => {

@@ -7,11 +7,12 @@
 //   serves the source and the job's file is gone; restart --abort-job rolls the job back first;
 //   kill -9 inside the switch-over stall, before and after its commit: the restarted shim
 //   serves the source, resp. the destination, and every acknowledged record is there;
+//   a restart whose old process cannot flush is reported as not clean;
 //   a shim that never comes back (daemon down) with a 2 s delay: the guest gets an I/O
 //   error within seconds, not a hang.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, onCleanup, runStatus, startDaemon, tempDir, waitForSocket, type Daemon } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, verifyWriterLog, type Guest } from '../helpers/guest.ts';
@@ -237,6 +238,32 @@ for (const point of ['switchover-before-commit', 'switchover-after-commit'] as c
     assert.equal(verifyWriterLog(now, acked, SLOTS), []);
   });
 }
+
+test('restart of a shim whose flush fails: reported as not clean, with the reason, exit 1; the new process serves', async () => {
+  // A shim on an NBD export whose server died: its connection is gone, so its last flush fails.
+  const nsock = join(dir, 'nbdkit.sock');
+  const nbdkit = () => startDaemon('nbdkit', ['-f', '-U', nsock, 'memory', '16M']);
+  const k = nbdkit();
+  await waitForSocket(nsock, k);
+  const started = await cli(['shim-start', 'fl', `nbd+unix:///?socket=${nsock}`, '--json']);
+  assert.is(started.code, 0, started.stderr);
+  const pids = [JSON.parse(started.stdout).shim.pid as number];
+  const socket = JSON.parse(started.stdout).shim.socket as string;
+  onCleanup(async () => {
+    for (const pid of pids) if (await isShimProcess(pid, socket)) process.kill(pid, 'SIGKILL');
+  });
+  await k.stop('SIGKILL');
+  rmSync(nsock, { force: true });
+  await waitForSocket(nsock, nbdkit());
+  const r = await cli(['restart', 'fl', '--json']);
+  const res = JSON.parse(r.stdout) as RestartResult;
+  pids.push(res.pid);
+  assert.is(r.code, 1);
+  assert.is(res.clean, false);
+  assert.match(res.stopFailure ?? '', /^vmshift: stop failed: the flush before stopping failed: nbd\+unix:.*nbdkit\.sock: connection lost/);
+  assert.ok(await isShimProcess(res.pid, socket), 'the new process serves');
+  assert.is((await cli(['shim-stop', 'fl'])).code, 0);
+});
 
 test('a shim that does not come back within a 2 s delay: the guest gets an I/O error, not a hang', async () => {
   const d = await cli(['detach', LABEL, '--qmp', qmp]);

@@ -16,7 +16,7 @@ import { DaemonShims } from '../attach/daemon-shims.ts';
 import type { ShimStarter } from '../attach/shim-starter.ts';
 import { existsSync } from 'node:fs';
 import { Virsh } from '../libvirt/virsh.ts';
-import { reconnectDelayOption } from './reconnect-option.ts';
+import { reconnectDelayArg, reconnectDelayOption } from './reconnect-option.ts';
 
 interface Args {
   guest?: string;
@@ -84,9 +84,10 @@ export const attachCommand = {
   builder: (y: Argv) =>
     common(y).option('reconnect-delay', reconnectDelayOption),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
+    const reconnectDelayS = reconnectDelayArg(argv.reconnectDelay);
     const target = await openGuest({ guest: argv.guest, qmp: argv.qmp });
     try {
-      const outcomes = await attachGuest(target, { ...context(argv.daemonSocket), disk: argv.disk, reconnectDelayS: argv.reconnectDelay });
+      const outcomes = await attachGuest(target, { ...context(argv.daemonSocket), disk: argv.disk, reconnectDelayS });
       report(target.label, outcomes, argv.json);
       const attached = outcomes.filter((o) => o.status === 'attached').length;
       // Without --disk, disks vmshift cannot sit under are only reported; with it, a refusal fails.

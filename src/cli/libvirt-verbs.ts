@@ -7,7 +7,7 @@ import { disableDomain, enableDomain, migrateDomainStorage } from '../libvirt/en
 import { runDir } from '../libvirt/shim-plan.ts';
 import { daemonSocket } from './daemon-client.ts';
 import { printJson } from './output.ts';
-import { reconnectDelayOption } from './reconnect-option.ts';
+import { reconnectDelayArg, reconnectDelayOption } from './reconnect-option.ts';
 
 interface DomainArgs {
   domain: string;
@@ -28,7 +28,7 @@ export const enableCommand = {
       .option('run-dir', { type: 'string', describe: "vmshiftd's --run-dir (default $VMSHIFT_RUN_DIR or /run/vmshift)" })
       .option('reconnect-delay', reconnectDelayOption),
   handler: async (argv: ArgumentsCamelCase<DomainArgs & { disk?: string[]; runDir?: string; reconnectDelay: number }>) => {
-    const r = await enableDomain(new Virsh({ uri: argv.connect }), argv.domain, { disks: argv.disk, runDir: runDir(argv.runDir), reconnectDelay: argv.reconnectDelay });
+    const r = await enableDomain(new Virsh({ uri: argv.connect }), argv.domain, { disks: argv.disk, runDir: runDir(argv.runDir), reconnectDelay: reconnectDelayArg(argv.reconnectDelay) });
     if (!r.reconnect.kept && r.reconnect.delay > 0) {
       process.stderr.write(`vmshift: warning: libvirt dropped <reconnect delay='${r.reconnect.delay}'/> from ${r.domain}'s disks (libvirt 9.0 does not know it): QEMU will fail the guest's I/O at once whenever a shim restarts. Use a libvirt that keeps it, or leave the domain disabled and run 'vmshift attach ${r.domain}' once it runs (docs/libvirt.md)\n`);
     }

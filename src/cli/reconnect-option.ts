@@ -6,11 +6,13 @@ export const reconnectDelayOption = {
   type: 'number',
   default: DEFAULT_RECONNECT_DELAY_S,
   describe: "seconds QEMU holds the guest's I/O while a shim restarts (0: fail it at once)",
-  coerce: (v: unknown): number => {
-    try {
-      return checkReconnectDelay(v, '--reconnect-delay');
-    } catch (e) {
-      throw new UsageError((e as Error).message);
-    }
-  },
 } as const;
+
+/** The option's value, checked (yargs turns a coerce error into a plain one: exit 1, not 2). */
+export function reconnectDelayArg(value: unknown): number {
+  try {
+    return checkReconnectDelay(value, '--reconnect-delay');
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}

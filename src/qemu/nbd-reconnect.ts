@@ -20,7 +20,7 @@ export const MAX_RECONNECT_DELAY_S = 3600;
 export function checkReconnectDelay(value: unknown, what = 'reconnect delay'): number {
   const n = typeof value === 'string' && /^\d+$/.test(value.trim()) ? Number(value) : value;
   if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0 || n > MAX_RECONNECT_DELAY_S) {
-    throw new Error(`${what}: ${JSON.stringify(value)} is not a whole number of seconds from 0 to ${MAX_RECONNECT_DELAY_S}`);
+    throw new Error(`${what}: ${typeof value === 'string' ? JSON.stringify(value) : String(value)} is not a whole number of seconds from 0 to ${MAX_RECONNECT_DELAY_S}`);
   }
   return n;
 }

@@ -6,6 +6,7 @@ import { loadHookConfig } from '../../src/libvirt/hook-config.ts';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { runStatus } from '../helpers/proc.ts';
 
 test('whole seconds from 0 to 3600, as numbers or digit strings; anything else is refused by name', () => {
   assert.is(checkReconnectDelay(0), 0);
@@ -33,6 +34,15 @@ test('hooks.json: reconnectDelay defaults to the attach default, and is checked'
     }
   } finally {
     rmSync(dir, { recursive: true });
+  }
+});
+
+test('a bad --reconnect-delay is a usage error (exit 2) before anything is touched', async () => {
+  const vmshift = new URL('../../bin/vmshift', import.meta.url).pathname;
+  for (const args of [['attach', 'g', '--qmp', '/nonexistent/q.sock', '--reconnect-delay', '99999'], ['enable', 'dom', '--reconnect-delay', 'soon']]) {
+    const r = await runStatus(vmshift, args);
+    assert.is(r.code, 2, r.stderr);
+    assert.match(r.stderr, /^vmshift: --reconnect-delay: (99999|NaN) is not a whole number of seconds from 0 to 3600\n$/);
   }
 });
 

@@ -8,7 +8,7 @@ import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { callDaemon, daemonSocket, daemonSocketOption } from './daemon-client.ts';
 import { printJson } from './output.ts';
 import type { ShimRecord } from '../daemon/registry.ts';
-import type { RestartResult } from '../daemon/supervisor.ts';
+import { RECONNECT_WAIT_MS, type RestartResult } from '../daemon/supervisor.ts';
 import { ControlError } from '../control/protocol.ts';
 import { UsageError } from './output.ts';
 
@@ -97,7 +97,7 @@ function describeRestart(r: RestartResult): string {
   const stall = r.clientsBefore === 0
     ? 'no NBD client was connected'
     : r.stallMs === null
-      ? `only ${r.clientsAfter} of ${r.clientsBefore} NBD clients came back within 40 s`
+      ? `only ${r.clientsAfter} of ${r.clientsBefore} NBD clients came back within ${RECONNECT_WAIT_MS / 1000} s`
       : `the guest's I/O stalled ${r.stallMs} ms (${r.clientsAfter} client${r.clientsAfter === 1 ? '' : 's'} reconnected)`;
   const old = r.clean ? 'stopped cleanly' : `did not stop cleanly (${r.stopFailure ?? 'killed after the stop timeout'})`;
   const job = r.abortedJob ? `; its ${r.abortedJob} job was aborted first` : '';

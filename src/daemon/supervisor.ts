@@ -40,6 +40,8 @@ const MAX_SOCKET_PATH = 107;
 /** A shim that has run this long without dying is healthy again: its restart delay resets. */
 const HEALTHY_AFTER_MS = 60_000;
 const LOG_MARK = '--- vmshiftd: starting shim ';
+/** How long a restart waits for QEMU to reconnect before it reports the clients missing. */
+export const RECONNECT_WAIT_MS = 20_000;
 
 export interface RestartResult {
   name: string;
@@ -247,7 +249,7 @@ export class Supervisor {
       let clean = true;
       if (alive) clean = await this.terminate(rec);
       const stoppedAt = Date.now();
-      const stopFailure = await this.stopFailure(rec);
+      const stopFailure = alive ? await this.stopFailure(rec) : null;
       if (stopFailure) clean = false;
       this.log.info({ shim: name, shimPid: rec.pid, clean, stopMs: stoppedAt - t0 }, 'restart: old shim stopped');
       const next = await this.launch(rec, true);
@@ -272,10 +274,11 @@ export class Supervisor {
   }
 
   /**
-   * Wait for as many NBD clients on the new shim as the old one had (QEMU reconnects after
-   * its own backoff: 1 s, then 2, 4, 8, 16 s): when they came, or null after `timeoutMs`.
+   * Wait for as many NBD clients on the new shim as the old one had: when they came, or no
+   * time after `timeoutMs` (QEMU 7.2 retries 1, 3, 7 and 15 s after the drop; the lock on
+   * this shim is held meanwhile, so no longer than that).
    */
-  private async waitForClients(rec: ShimRecord, want: number, timeoutMs = 40_000): Promise<{ at?: number; clients: number }> {
+  private async waitForClients(rec: ShimRecord, want: number, timeoutMs = RECONNECT_WAIT_MS): Promise<{ at?: number; clients: number }> {
     const deadline = Date.now() + timeoutMs;
     let clients = 0;
     while (Date.now() < deadline) {

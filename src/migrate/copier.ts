@@ -1,6 +1,9 @@
 // The copier: moves byte ranges from a source device to a destination device in large
-// chunks with several in flight. It keeps thin disks thin: block status skips holes and
-// zero extents, and data that reads as zeroes is detected block by block; such regions are
+// chunks with several in flight. It keeps thin disks thin, and a pass over a thin disk
+// costs what its data and its extents cost, not its virtual size: a long range is walked
+// extent by extent (block status: SEEK_DATA/SEEK_HOLE for files, NBD block status for
+// exports), jumping over each hole or zero extent in one step, so only data extents are cut
+// into chunks; data that reads as zeroes is still detected block by block. Zero regions are
 // written as holes (write-zeroes without NO_HOLE), or not at all when the destination is
 // known to be zero there (a file the job just created).
 import { BlockError, errnoOf, type BlockDevice, type Extent } from '../block/device.ts';
@@ -59,6 +62,11 @@ export interface CopierStats {
   skippedBytes: number;
   /** Bytes of ranges finished, whatever happened to them (for progress). */
   processedBytes: number;
+  /**
+   * Bytes of data chunks finished: the source's data extents (and short dirty ranges) read
+   * and copied. Holes jumped over are not in it: the unit of the job's rate and ETA.
+   */
+  extentBytes: number;
 }
 
 /** A copy failure that says which side failed (the job's message depends on it). */
@@ -82,16 +90,29 @@ export function throwIfAborted(signal?: AbortSignal): void {
 /** Most ranges in one file-to-file batch. */
 const BATCH_RANGES = 512;
 
+/**
+ * Ranges longer than this are walked extent by extent (block status before chunking);
+ * shorter ones (most dirty ranges) go straight to chunks, whose copy asks block status anyway.
+ */
+const PROBE_MIN = 4 * 1024 * 1024;
+/**
+ * The span one block-status probe covers at first, and at most: it doubles while probes
+ * find only holes, so a hole of H bytes costs about log2(H / PROBE_START) probes, and a
+ * 4 TiB disk with 64 extents about a thousand calls (each one lseek pair for a file).
+ */
+const PROBE_START = 64 * 1024 * 1024;
+const PROBE_MAX = 64 * 1024 * 1024 * 1024;
+
 /** Each chunk on its own. */
-function* single(chunks: Iterator<[number, number]>): Generator<Array<[number, number]>> {
-  for (let c = chunks.next(); !c.done; c = chunks.next()) yield [c.value];
+async function* single(chunks: AsyncIterator<[number, number]>): AsyncGenerator<Array<[number, number]>> {
+  for (let c = await chunks.next(); !c.done; c = await chunks.next()) yield [c.value];
 }
 
 /** Consecutive chunks grouped up to `bytes` and `count` per batch (a full-size chunk goes alone). */
-function* batches(chunks: Iterator<[number, number]>, bytes: number, count: number): Generator<Array<[number, number]>> {
+async function* batches(chunks: AsyncIterator<[number, number]>, bytes: number, count: number): AsyncGenerator<Array<[number, number]>> {
   let batch: Array<[number, number]> = [];
   let sum = 0;
-  for (let c = chunks.next(); !c.done; c = chunks.next()) {
+  for (let c = await chunks.next(); !c.done; c = await chunks.next()) {
     const len = c.value[1] - c.value[0];
     if (batch.length > 0 && (sum + len > bytes || batch.length >= count)) {
       yield batch;
@@ -104,13 +125,22 @@ function* batches(chunks: Iterator<[number, number]>, bytes: number, count: numb
   if (batch.length > 0) yield batch;
 }
 
+/** Chunks of at most `size`, aligned to `size`, covering [start, end). */
+function* chunksOf(start: number, end: number, size: number): Generator<[number, number]> {
+  for (let pos = start; pos < end; ) {
+    const next = Math.min(end, (Math.floor(pos / size) + 1) * size);
+    yield [pos, next];
+    pos = next;
+  }
+}
+
 /** Zero detection granularity inside data extents. */
 const ZERO_BLOCK = 64 * 1024;
 
 export class Copier {
   readonly chunkSize: number;
   readonly concurrency: number;
-  readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0 };
+  readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0, extentBytes: 0 };
   readonly #zeroes: Buffer;
   readonly #native: { source: FileDevice; dest: FileDevice } | null = null;
   /** File to file: the span the last batch wrote, dropped from the page cache by the next. */
@@ -147,7 +177,7 @@ export class Copier {
   /** Copy `ranges` (ascending), `concurrency` chunks at a time; the first failure stops it. */
   async copy(ranges: Iterable<CopyRange>, run: CopyRunOptions = {}): Promise<void> {
     const size = run.chunkSize ?? this.chunkSize;
-    const chunks = this.#chunks(ranges, size);
+    const chunks = this.#plan(ranges, size, run);
     // File to file, small chunks (scattered dirty blocks) travel in batches of up to one
     // chunk's bytes: one worker-thread round trip per batch, not per 4 KiB block.
     const next = this.#native ? batches(chunks, size, BATCH_RANGES) : single(chunks);
@@ -155,15 +185,19 @@ export class Copier {
     const worker = async () => {
       for (;;) {
         if (failure) return;
-        throwIfAborted(this.opts.signal);
-        const item = next.next();
-        if (item.done) return;
-        const batch = item.value;
-        for (const [start, end] of batch) run.beforeChunk?.(start, end);
         try {
+          throwIfAborted(this.opts.signal);
+          // The plan may await block status or zero a hole before it hands out a chunk.
+          const item = await next.next();
+          if (item.done) return;
+          const batch = item.value;
+          for (const [start, end] of batch) run.beforeChunk?.(start, end);
           if (this.#native) await this.#copyNative(batch, run.destIsZero ?? false, run.deferLimit ?? false);
           else for (const [start, end] of batch) await this.#copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
-          for (const [start, end] of batch) this.stats.processedBytes += end - start;
+          for (const [start, end] of batch) {
+            this.stats.processedBytes += end - start;
+            this.stats.extentBytes += end - start;
+          }
           await this.#maybeFlush();
         } catch (e) {
           failure ??= e;
@@ -223,16 +257,70 @@ export class Copier {
     await this.#flushing;
   }
 
-  /** Chunks of at most chunkSize, aligned to chunkSize, covering the ranges in order. */
-  *#chunks(ranges: Iterable<CopyRange>, size: number): Generator<[number, number]> {
+  /**
+   * The chunks to copy, in order: short ranges cut into chunks of at most `size` (aligned
+   * to it); long ones probed with block status first, their zero extents zeroed (or
+   * skipped) right here in one step, their data extents cut into chunks.
+   * The incremental tracker's cursor moves to the end of a probe BEFORE the probe is
+   * asked: a write that lands in a hole after the answer is then marked, never lost
+   * (writes in the rest of the probe are marked too, which costs only a second copy).
+   */
+  async *#plan(ranges: Iterable<CopyRange>, size: number, run: CopyRunOptions): AsyncGenerator<[number, number]> {
+    const destIsZero = run.destIsZero ?? false;
     for (const r of ranges) {
       const end = Math.min(r.offset + r.length, this.source.size);
+      if (!this.source.caps.canBlockStatus || end - r.offset <= PROBE_MIN) {
+        yield* chunksOf(r.offset, end, size);
+        continue;
+      }
+      let probe = PROBE_START;
       for (let pos = r.offset; pos < end; ) {
-        const next = Math.min(end, (Math.floor(pos / size) + 1) * size);
-        yield [pos, next];
-        pos = next;
+        throwIfAborted(this.opts.signal);
+        const to = Math.min(end, pos + probe);
+        run.beforeChunk?.(pos, to);
+        let data = false;
+        for (const ext of await this.#extents(pos, to)) {
+          if (ext.zero) {
+            await this.#zero(ext.offset, ext.length, destIsZero);
+            this.stats.processedBytes += ext.length;
+          } else {
+            data = true;
+            yield* chunksOf(ext.offset, ext.offset + ext.length, size);
+          }
+        }
+        probe = data ? PROBE_START : Math.min(PROBE_MAX, probe * 2);
+        pos = to;
       }
     }
+  }
+
+  /** Make [offset, offset+length) read as zeroes on the destination (a zero extent of the source), counted like the copy's own. */
+  async zeroRange(offset: number, length: number, destIsZero: boolean): Promise<void> {
+    await this.#zero(offset, length, destIsZero);
+    this.stats.processedBytes += length;
+  }
+
+  /**
+   * Bytes of [offset, offset+length) the source holds as data (block status), for the
+   * job's ETA; null when the source cannot tell or it took more than `maxCalls` calls.
+   */
+  async dataBytesIn(offset: number, length: number, maxCalls = 100_000): Promise<number | null> {
+    if (!this.source.caps.canBlockStatus) return null;
+    const end = Math.min(offset + length, this.source.size);
+    let data = 0, calls = 0;
+    for (let pos = offset; pos < end; ) {
+      if (++calls > maxCalls || this.opts.signal?.aborted) return null;
+      const got = await this.source.blockStatus(pos, end - pos);
+      const at = pos;
+      for (const e of got) {
+        const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
+        if (t <= s) continue;
+        if (!e.zero) data += t - s;
+        pos = t;
+      }
+      if (pos === at) return null;
+    }
+    return data;
   }
 
   /** Block status for the whole of [start, end) (servers may answer a prefix at a time). */

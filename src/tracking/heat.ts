@@ -1,7 +1,8 @@
 // HeatMap: how often each region of the disk is written, with decay. The copier records
 // every guest write, calls decay() once per pass, and leaves hot regions for the last pass
-// instead of copying them again and again (idea 2 in DESIGN.md). One Float32 per region:
-// 1 TiB at the default 1 MiB region is 4 MiB.
+// instead of copying them again and again (idea 2 in DESIGN.md). Sparse: a count per region
+// written (a Map), so a large, mostly idle disk costs what its written regions cost, and
+// decay() and hotRegions() walk only those.
 import { checkSize } from './dirty-set.ts';
 
 export interface HotRegion {
@@ -12,17 +13,19 @@ export interface HotRegion {
 }
 
 export const DEFAULT_REGION_SIZE = 1024 * 1024;
+/** A write spanning more regions than this (a large discard) is counted in none: it is not a rewrite pattern. */
+const MAX_REGIONS_PER_WRITE = 64;
 
 export class HeatMap {
   readonly size: number;
   readonly regionSize: number;
-  readonly counts: Float32Array;
+  /** Decayed write count by region index; regions never written (or decayed away) are absent. */
+  readonly counts = new Map<number, number>();
 
   constructor(size: number, regionSize = DEFAULT_REGION_SIZE) {
     this.size = checkSize(size);
     if (!Number.isSafeInteger(regionSize) || regionSize < 1) throw new RangeError(`heat-map region size must be a positive integer, got ${regionSize}`);
     this.regionSize = regionSize;
-    this.counts = new Float32Array(Math.ceil(size / regionSize));
   }
 
   /** The regions [first, last] that [offset, offset+length) touches, or null if none. */
@@ -35,17 +38,17 @@ export class HeatMap {
   /** One write counts once in each region it touches. */
   record(offset: number, length: number): void {
     const span = this.#span(offset, length);
-    if (!span) return;
-    for (let r = span[0]; r <= span[1]; r++) this.counts[r]! += 1;
+    if (!span || span[1] - span[0] >= MAX_REGIONS_PER_WRITE) return;
+    for (let r = span[0]; r <= span[1]; r++) this.counts.set(r, (this.counts.get(r) ?? 0) + 1);
   }
 
   /** Multiply every count by `factor` (0..1): old writes matter less than recent ones. */
   decay(factor = 0.5): void {
     if (!(factor >= 0 && factor <= 1)) throw new RangeError(`heat decay factor must be in [0, 1], got ${factor}`);
-    for (let r = 0; r < this.counts.length; r++) {
-      const c = this.counts[r]!;
-      // Flush tiny leftovers to zero so cold regions stop showing up at all.
-      if (c !== 0) this.counts[r] = c * factor < 1e-3 ? 0 : c * factor;
+    for (const [r, c] of this.counts) {
+      // Drop tiny leftovers so cold regions stop showing up (and costing memory) at all.
+      if (c * factor < 1e-3) this.counts.delete(r);
+      else this.counts.set(r, c * factor);
     }
   }
 
@@ -53,7 +56,12 @@ export class HeatMap {
   heat(offset: number, length: number): number {
     const span = this.#span(offset, length);
     let max = 0;
-    if (span) for (let r = span[0]; r <= span[1]; r++) max = Math.max(max, this.counts[r]!);
+    if (!span) return 0;
+    if (span[1] - span[0] > this.counts.size) {
+      for (const [r, c] of this.counts) if (r >= span[0] && r <= span[1]) max = Math.max(max, c);
+    } else {
+      for (let r = span[0]; r <= span[1]; r++) max = Math.max(max, this.counts.get(r) ?? 0);
+    }
     return max;
   }
 
@@ -67,12 +75,11 @@ export class HeatMap {
   hotRegions(limit = 10): HotRegion[] {
     const top: Array<{ region: number; writes: number }> = [];
     if (limit <= 0) return [];
-    for (let r = 0; r < this.counts.length; r++) {
-      const w = this.counts[r]!;
-      if (w <= 0 || (top.length === limit && w <= top[top.length - 1]!.writes)) continue;
+    for (const [r, w] of this.counts) {
+      if (w <= 0 || (top.length === limit && w < top[top.length - 1]!.writes)) continue;
       // Insertion into a short sorted list: limit is small (5 for status, tens for the copier).
       let i = top.length;
-      while (i > 0 && top[i - 1]!.writes < w) i--;
+      while (i > 0 && (top[i - 1]!.writes < w || (top[i - 1]!.writes === w && top[i - 1]!.region > r))) i--;
       top.splice(i, 0, { region: r, writes: w });
       if (top.length > limit) top.pop();
     }
@@ -82,7 +89,12 @@ export class HeatMap {
     });
   }
 
+  /** Regions with a count (the map's memory grows with these). */
+  get regions(): number {
+    return this.counts.size;
+  }
+
   clear(): void {
-    this.counts.fill(0);
+    this.counts.clear();
   }
 }

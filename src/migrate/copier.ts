@@ -259,11 +259,14 @@ export class Copier {
 
   /**
    * The chunks to copy, in order: short ranges cut into chunks of at most `size` (aligned
-   * to it); long ones probed with block status first, their zero extents zeroed (or
-   * skipped) right here in one step, their data extents cut into chunks.
-   * The incremental tracker's cursor moves to the end of a probe BEFORE the probe is
-   * asked: a write that lands in a hole after the answer is then marked, never lost
-   * (writes in the rest of the probe are marked too, which costs only a second copy).
+   * to it); long ones probed with block status first, their data extents cut into chunks,
+   * their zero extents zeroed (or skipped) right here in one step.
+   * The incremental tracker (`beforeChunk`): a data chunk moves its cursor when a worker
+   * takes it, before reading, as always. A zero run is asked twice: once to find it, then,
+   * after the cursor has moved past it, again to confirm it. A guest write that completed
+   * before the move shows in the second answer (and is copied); one that completes after
+   * it is marked. Either way no write is lost, and writes ahead of the data being copied
+   * still cost nothing.
    */
   async *#plan(ranges: Iterable<CopyRange>, size: number, run: CopyRunOptions): AsyncGenerator<[number, number]> {
     const destIsZero = run.destIsZero ?? false;
@@ -277,19 +280,26 @@ export class Copier {
       for (let pos = r.offset; pos < end; ) {
         throwIfAborted(this.opts.signal);
         const to = Math.min(end, pos + probe);
-        run.beforeChunk?.(pos, to);
-        let data = false;
-        for (const ext of await this.#extents(pos, to)) {
-          if (ext.zero) {
-            await this.#zero(ext.offset, ext.length, destIsZero);
-            this.stats.processedBytes += ext.length;
-          } else {
-            data = true;
-            yield* chunksOf(ext.offset, ext.offset + ext.length, size);
+        const first = (await this.#extents(pos, to))[0]!;
+        const runEnd = first.offset + first.length;
+        if (!first.zero) {
+          yield* chunksOf(pos, runEnd, size);
+          probe = PROBE_START;
+        } else {
+          run.beforeChunk?.(pos, runEnd);
+          let data = false;
+          for (const ext of await this.#extents(pos, runEnd)) {
+            if (ext.zero) {
+              await this.#zero(ext.offset, ext.length, destIsZero);
+              this.stats.processedBytes += ext.length;
+            } else {
+              data = true;
+              yield* chunksOf(ext.offset, ext.offset + ext.length, size);
+            }
           }
+          probe = !data && runEnd === to ? Math.min(PROBE_MAX, probe * 2) : PROBE_START;
         }
-        probe = data ? PROBE_START : Math.min(PROBE_MAX, probe * 2);
-        pos = to;
+        pos = runEnd;
       }
     }
   }

@@ -95,13 +95,6 @@ const BATCH_RANGES = 512;
  * shorter ones (most dirty ranges) go straight to chunks, whose copy asks block status anyway.
  */
 const PROBE_MIN = 4 * 1024 * 1024;
-/**
- * The span one block-status probe covers at first, and at most: it doubles while probes
- * find only holes, so a hole of H bytes costs about log2(H / PROBE_START) probes, and a
- * 4 TiB disk with 64 extents about a thousand calls (each one lseek pair for a file).
- */
-const PROBE_START = 64 * 1024 * 1024;
-const PROBE_MAX = 64 * 1024 * 1024 * 1024;
 
 /** Each chunk on its own. */
 async function* single(chunks: AsyncIterator<[number, number]>): AsyncGenerator<Array<[number, number]>> {
@@ -259,14 +252,17 @@ export class Copier {
 
   /**
    * The chunks to copy, in order: short ranges cut into chunks of at most `size` (aligned
-   * to it); long ones probed with block status first, their data extents cut into chunks,
-   * their zero extents zeroed (or skipped) right here in one step.
-   * The incremental tracker (`beforeChunk`): a data chunk moves its cursor when a worker
-   * takes it, before reading, as always. A zero run is asked twice: once to find it, then,
-   * after the cursor has moved past it, again to confirm it. A guest write that completed
-   * before the move shows in the second answer (and is copied); one that completes after
-   * it is marked. Either way no write is lost, and writes ahead of the data being copied
-   * still cost nothing.
+   * to it); long ones walked with block status, one answer at a time (a file answers up to
+   * 1024 extents a call, an NBD export up to 1 GiB), their data extents cut into chunks,
+   * their zero extents zeroed (or skipped) right here in one step. A pass costs its
+   * extents, not its virtual size.
+   * A data chunk is checked again when it is copied (its own block status), so an answer
+   * that went stale meanwhile does no harm. A zero extent is skipped on the answer only
+   * when every guest write is being tracked; with the incremental tracker (`beforeChunk`)
+   * its cursor is moved past the extent first and the extent asked again: a write that
+   * completed before the move shows in that answer (and is copied), one that completes
+   * after it is marked. Either way no write is lost, and writes ahead of the data being
+   * copied still cost nothing.
    */
   async *#plan(ranges: Iterable<CopyRange>, size: number, run: CopyRunOptions): AsyncGenerator<[number, number]> {
     const destIsZero = run.destIsZero ?? false;
@@ -276,30 +272,26 @@ export class Copier {
         yield* chunksOf(r.offset, end, size);
         continue;
       }
-      let probe = PROBE_START;
       for (let pos = r.offset; pos < end; ) {
         throwIfAborted(this.opts.signal);
-        const to = Math.min(end, pos + probe);
-        const first = (await this.#extents(pos, to))[0]!;
-        const runEnd = first.offset + first.length;
-        if (!first.zero) {
-          yield* chunksOf(pos, runEnd, size);
-          probe = PROBE_START;
-        } else {
-          run.beforeChunk?.(pos, runEnd);
-          let data = false;
-          for (const ext of await this.#extents(pos, runEnd)) {
-            if (ext.zero) {
-              await this.#zero(ext.offset, ext.length, destIsZero);
-              this.stats.processedBytes += ext.length;
-            } else {
-              data = true;
-              yield* chunksOf(ext.offset, ext.offset + ext.length, size);
-            }
+        const answer = await this.#status(pos, end);
+        for (const ext of answer) {
+          const extEnd = ext.offset + ext.length;
+          if (!ext.zero) {
+            yield* chunksOf(ext.offset, extEnd, size);
+            continue;
           }
-          probe = !data && runEnd === to ? Math.min(PROBE_MAX, probe * 2) : PROBE_START;
+          if (!run.beforeChunk) {
+            await this.zeroRange(ext.offset, ext.length, destIsZero);
+            continue;
+          }
+          run.beforeChunk(ext.offset, extEnd);
+          for (const e of await this.#extents(ext.offset, extEnd)) {
+            if (e.zero) await this.zeroRange(e.offset, e.length, destIsZero);
+            else yield* chunksOf(e.offset, e.offset + e.length, size);
+          }
         }
-        pos = runEnd;
+        pos = answer[answer.length - 1]!.offset + answer[answer.length - 1]!.length;
       }
     }
   }
@@ -331,6 +323,23 @@ export class Copier {
       if (pos === at) return null;
     }
     return data;
+  }
+
+  /** One block-status answer from `start` on: clipped to `end`, adjacent runs of the same kind merged, never empty. */
+  async #status(start: number, end: number): Promise<Extent[]> {
+    const got = await this.#side('source', `block-status ${start}+${end - start}`, () => this.source.blockStatus(start, end - start));
+    const out: Extent[] = [];
+    let pos = start;
+    for (const e of got) {
+      const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
+      if (t <= s || s !== pos) continue;
+      const last = out[out.length - 1];
+      if (last && last.zero === e.zero) last.length += t - s;
+      else out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
+      pos = t;
+    }
+    if (out.length === 0) throw new CopyError('source', 'EIO', `${this.source.name}: block-status at ${start} answered nothing usable`);
+    return out;
   }
 
   /** Block status for the whole of [start, end) (servers may answer a prefix at a time). */

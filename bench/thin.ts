@@ -1,4 +1,5 @@
-// `npm run bench -- thin [--sizes 1T,4T] [--extents 64] [--extent-size 4M] [--rounds 1]`:
+// `npm run bench -- thin [--sizes 1T,4T] [--extents 64] [--extent-size 4M] [--rounds 1]`
+// (`npm run bench -- thin --memory`: what dirty tracking costs on a 16 TiB disk, no copies):
 // large, mostly empty raw disks (issue 11 section 2). Each source is a sparse file of the
 // given virtual size holding `extents` data extents of `extent-size` spread evenly over it.
 // In the same run, interleaved, per size and round:
@@ -14,7 +15,10 @@ import { join } from 'node:path';
 import { cleanupAll, run, runStatus, startDaemon, tempDir, waitForSocket } from '../test/helpers/proc.ts';
 import { peakRssMiB, table } from './lib.ts';
 import { formatBytes, parseSize } from '../src/util/size.ts';
-import type { JobResult } from '../src/migrate/job.ts';
+import { jobGranularity, type JobResult } from '../src/migrate/job.ts';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { BloomDirtySet, DirtyBitmap, HeatMap } from '../src/tracking/index.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 const VMSHIFT = join(root, 'bin/vmshift');
@@ -115,7 +119,72 @@ async function vmshift(dir: string, src: string, dst: string): Promise<Omit<Row,
   }
 }
 
+const SIXTEEN_TIB = 16 * 2 ** 40;
+
+/** The structures the job and the shim track with, as [name, factory, computed worst case in bytes]. */
+function trackingKinds(): Array<[string, () => { mark(o: number, l: number): void; memoryBytes(): number }, number]> {
+  const size = SIXTEEN_TIB, jobG = jobGranularity(size, 64 * 1024);
+  // Worst case of a bitmap: every leaf allocated (1 KiB of bits, ~104 bytes of entry and object).
+  const bitmapWorst = (g: number) => size / g / 8 + (size / g / 8192) * 104;
+  return [
+    [`bitmap at ${jobG / 1024} KiB (the job's grain; the shim's default --granularity)`, () => new DirtyBitmap(size, jobG), bitmapWorst(jobG)],
+    ['bitmap at 4 KiB (shim --granularity 4K)', () => new DirtyBitmap(size, 4096), bitmapWorst(4096)],
+    ['Bloom at 64 KiB (--tracker bloom, default sizing)', () => new BloomDirtySet(size, { granularity: 64 * 1024 }), NaN],
+    ['heat map, 1 MiB regions (shim, --heat)', () => {
+      const h = new HeatMap(size);
+      return { mark: (o: number, l: number) => h.record(o, l), memoryBytes: () => h.memoryBytes() };
+    }, (size / MiB / 256) * (1024 + 96)],
+  ];
+}
+
+/** One structure after `writes` random 4 KiB writes, in this (fresh) process: accounted and measured bytes. */
+function trackingCostOne(kind: number, writes: number): { accounted: number; measured: number } {
+  setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc') as () => void;
+  const used = () => {
+    gc();
+    const m = process.memoryUsage();
+    return m.heapUsed + m.arrayBuffers;
+  };
+  const before = used();
+  const set = trackingKinds()[kind]![1]();
+  let seed = 12345;
+  for (let i = 0; i < writes; i++) {
+    seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+    set.mark(Math.floor((seed / 2 ** 32) * (SIXTEEN_TIB / 4096)) * 4096, 4096);
+  }
+  const measured = used() - before;
+  return { accounted: set.memoryBytes(), measured };
+}
+
+/**
+ * What tracking costs on a 16 TiB disk: each structure the job and the shim use, empty and
+ * after N random 4 KiB writes, as accounted (memoryBytes) and as measured (heap and array
+ * buffers after a full GC, each in a fresh process), beside the worst case (every leaf).
+ */
+async function trackingCosts(): Promise<string> {
+  const rows: Array<Array<string | number>> = [];
+  const MiBs = (n: number) => (Number.isNaN(n) ? 'fixed' : (n / MiB).toFixed(2));
+  for (const [i, [name, , worst]] of trackingKinds().entries()) {
+    for (const writes of [0, 1000, 10_000, 100_000]) {
+      const r = await run(process.execPath, ['--import', 'tsx', join(root, 'bench/run.ts'), 'thin', '--memory-one', String(i), String(writes)], { cwd: root });
+      const got = JSON.parse(r.stdout.trim().split('\n').pop()!) as { accounted: number; measured: number };
+      rows.push([name, String(writes), MiBs(got.accounted), MiBs(Math.max(0, got.measured)), MiBs(worst)]);
+    }
+  }
+  return table(['16 TiB disk: structure', 'random 4 KiB writes', 'accounted MiB', 'measured MiB (heap + buffers)', 'worst case MiB (computed)'], rows);
+}
+
 export async function main(args: string[]): Promise<void> {
+  const one = args.indexOf('--memory-one');
+  if (one >= 0) {
+    process.stdout.write(`${JSON.stringify(trackingCostOne(Number(args[one + 1]), Number(args[one + 2])))}\n`);
+    return;
+  }
+  if (args.includes('--memory')) {
+    process.stdout.write(`${await trackingCosts()}\n`);
+    return;
+  }
   const o = options(args);
   const dir = tempDir('vmshift-bench-thin-');
   const rows: Row[] = [];

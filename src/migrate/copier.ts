@@ -312,15 +312,10 @@ export class Copier {
     let data = 0, calls = 0;
     for (let pos = offset; pos < end; ) {
       if (++calls > maxCalls || this.opts.signal?.aborted) return null;
-      const got = await this.source.blockStatus(pos, end - pos);
-      const at = pos;
-      for (const e of got) {
-        const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
-        if (t <= s) continue;
-        if (!e.zero) data += t - s;
-        pos = t;
+      for (const e of await this.#status(pos, end)) {
+        if (!e.zero) data += e.length;
+        pos = e.offset + e.length;
       }
-      if (pos === at) return null;
     }
     return data;
   }
@@ -347,17 +342,12 @@ export class Copier {
     if (!this.source.caps.canBlockStatus) return [{ offset: start, length: end - start, hole: false, zero: false }];
     const out: Extent[] = [];
     for (let pos = start; pos < end; ) {
-      const at = pos;
-      const got = await this.#side('source', `block-status ${pos}+${end - pos}`, () => this.source.blockStatus(at, end - at));
-      for (const e of got) {
-        const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
-        if (t <= s) continue;
+      for (const e of await this.#status(pos, end)) {
         const last = out[out.length - 1];
-        if (last && last.zero === e.zero && last.offset + last.length === s) last.length += t - s;
-        else out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
-        pos = t;
+        if (last && last.zero === e.zero) last.length += e.length;
+        else out.push(e);
+        pos = e.offset + e.length;
       }
-      if (pos === at) throw new CopyError('source', 'EIO', `${this.source.name}: block-status at ${at} answered nothing usable`);
     }
     return out;
   }

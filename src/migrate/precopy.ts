@@ -103,7 +103,7 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
 async function timedPass(ctx: JobContext, pass: number, total: number, dataBytes: number | null, run: () => Promise<void>): Promise<number> {
   const { copier, figures } = ctx;
   ctx.startPass(pass, total, dataBytes);
-  const written0 = copier.writtenBytes, processed0 = copier.stats.processedBytes;
+  const written0 = copier.writtenBytes, processed0 = copier.stats.processedBytes, extent0 = copier.stats.extentBytes;
   const started = performance.now();
   const tick = setInterval(() => {
     figures.passDone = copier.stats.processedBytes - processed0;
@@ -116,8 +116,9 @@ async function timedPass(ctx: JobContext, pass: number, total: number, dataBytes
   }
   const secs = Math.max((performance.now() - started) / 1000, 1e-3);
   const written = copier.writtenBytes - written0;
-  // A pass that wrote little (a sparse disk) measures the rate poorly: count what it scanned.
-  const basis = written >= 1024 * 1024 ? written : copier.stats.processedBytes - processed0;
+  // A pass that wrote little measures the rate poorly: count the data it read. Never the
+  // holes it jumped over (terabytes a second would make every stall estimate zero).
+  const basis = written >= 1024 * 1024 ? written : copier.stats.extentBytes - extent0;
   if (basis > 0) figures.passRate = basis / secs;
   figures.passDone = copier.stats.processedBytes - processed0;
   ctx.progress(true);

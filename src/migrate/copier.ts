@@ -253,7 +253,7 @@ export class Copier {
   /**
    * The chunks to copy, in order: short ranges cut into chunks of at most `size` (aligned
    * to it); long ones walked with block status, one answer at a time (a file answers up to
-   * 1024 extents a call, an NBD export up to 1 GiB), their data extents cut into chunks,
+   * 1024 extents a call, an NBD export up to 4 GiB), their data extents cut into chunks,
    * their zero extents zeroed (or skipped) right here in one step. A pass costs its
    * extents, not its virtual size.
    * A data chunk is checked again when it is copied (its own block status), so an answer

@@ -3,6 +3,7 @@
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   shim: () => import('./shim.ts'),
   migrate: () => import('./migrate.ts'),
+  thin: () => import('./thin.ts'),
   restart: () => import('./restart.ts'),
 };
 

@@ -44,6 +44,9 @@ export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
   concurrency: 4,
 };
 
+/** The span over which the reported rate is measured. */
+export const RATE_WINDOW_MS = 5000;
+
 /** What the job reports, in progress events and at the end. */
 export interface JobFigures {
   phase: JobPhase;
@@ -59,10 +62,21 @@ export interface JobFigures {
   skippedBytes: number;
   /** Guest writes mirrored to the destination. */
   mirroredBytes: number;
-  /** Copy rate measured over the last pass, bytes/s. */
+  /**
+   * Data bytes the current pass has to copy, null while unknown: pass 1 the source's
+   * allocated bytes (block status, measured beside the copy), later passes the dirty bytes.
+   * passDone/passTotal count the virtual range the pass has passed (holes included).
+   */
+  passDataBytes: number | null;
+  /** Data bytes of the current pass copied so far (holes jumped over are not data). */
+  passDataDone: number;
+  /** Source data copied per second over the last few seconds (RATE_WINDOW_MS), bytes/s. */
   rate: number;
+  /** The copy rate the last finished pass measured (bytes written / s): the convergence estimates use it. */
+  passRate: number;
   /** Dirty bytes still to copy (tracker set + deferred, or the mirror's pending set). */
   dirtyBytes: number;
+  /** Data left in this pass at the current rate: (passDataBytes - passDataDone) / rate; null while either is unknown. */
   etaSeconds: number | null;
   switchedToMirror: boolean;
   stallMs: number | null;
@@ -95,6 +109,8 @@ export interface JobContext {
   readonly figures: JobFigures;
   /** Sets the phase and tells watchers. */
   setPhase(phase: JobPhase): void;
+  /** A pass begins: its number, the virtual bytes it walks and the data bytes it copies (null: not known yet). */
+  startPass(pass: number, total: number, dataBytes: number | null): void;
   /** Tells watchers where the job is (rate limited inside). */
   progress(force?: boolean): void;
   /** Note a swapped dirty set (Bloom accounting). */

@@ -1,6 +1,9 @@
 // The copier: moves byte ranges from a source device to a destination device in large
-// chunks with several in flight. It keeps thin disks thin: block status skips holes and
-// zero extents, and data that reads as zeroes is detected block by block; such regions are
+// chunks with several in flight. It keeps thin disks thin, and a pass over a thin disk
+// costs what its data and its extents cost, not its virtual size: a long range is walked
+// extent by extent (block status: SEEK_DATA/SEEK_HOLE for files, NBD block status for
+// exports), jumping over each hole or zero extent in one step, so only data extents are cut
+// into chunks; data that reads as zeroes is still detected block by block. Zero regions are
 // written as holes (write-zeroes without NO_HOLE), or not at all when the destination is
 // known to be zero there (a file the job just created).
 import { BlockError, errnoOf, type BlockDevice, type Extent } from '../block/device.ts';
@@ -59,6 +62,11 @@ export interface CopierStats {
   skippedBytes: number;
   /** Bytes of ranges finished, whatever happened to them (for progress). */
   processedBytes: number;
+  /**
+   * Bytes of data chunks finished: the source's data extents (and short dirty ranges) read
+   * and copied. Holes jumped over are not in it: the unit of the job's rate and ETA.
+   */
+  extentBytes: number;
 }
 
 /** A copy failure that says which side failed (the job's message depends on it). */
@@ -82,16 +90,22 @@ export function throwIfAborted(signal?: AbortSignal): void {
 /** Most ranges in one file-to-file batch. */
 const BATCH_RANGES = 512;
 
+/**
+ * Ranges longer than this are walked extent by extent (block status before chunking);
+ * shorter ones (most dirty ranges) go straight to chunks, whose copy asks block status anyway.
+ */
+const PROBE_MIN = 4 * 1024 * 1024;
+
 /** Each chunk on its own. */
-function* single(chunks: Iterator<[number, number]>): Generator<Array<[number, number]>> {
-  for (let c = chunks.next(); !c.done; c = chunks.next()) yield [c.value];
+async function* single(chunks: AsyncIterator<[number, number]>): AsyncGenerator<Array<[number, number]>> {
+  for (let c = await chunks.next(); !c.done; c = await chunks.next()) yield [c.value];
 }
 
 /** Consecutive chunks grouped up to `bytes` and `count` per batch (a full-size chunk goes alone). */
-function* batches(chunks: Iterator<[number, number]>, bytes: number, count: number): Generator<Array<[number, number]>> {
+async function* batches(chunks: AsyncIterator<[number, number]>, bytes: number, count: number): AsyncGenerator<Array<[number, number]>> {
   let batch: Array<[number, number]> = [];
   let sum = 0;
-  for (let c = chunks.next(); !c.done; c = chunks.next()) {
+  for (let c = await chunks.next(); !c.done; c = await chunks.next()) {
     const len = c.value[1] - c.value[0];
     if (batch.length > 0 && (sum + len > bytes || batch.length >= count)) {
       yield batch;
@@ -104,13 +118,22 @@ function* batches(chunks: Iterator<[number, number]>, bytes: number, count: numb
   if (batch.length > 0) yield batch;
 }
 
+/** Chunks of at most `size`, aligned to `size`, covering [start, end). */
+function* chunksOf(start: number, end: number, size: number): Generator<[number, number]> {
+  for (let pos = start; pos < end; ) {
+    const next = Math.min(end, (Math.floor(pos / size) + 1) * size);
+    yield [pos, next];
+    pos = next;
+  }
+}
+
 /** Zero detection granularity inside data extents. */
 const ZERO_BLOCK = 64 * 1024;
 
 export class Copier {
   readonly chunkSize: number;
   readonly concurrency: number;
-  readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0 };
+  readonly stats: CopierStats = { dataBytes: 0, zeroBytes: 0, skippedBytes: 0, processedBytes: 0, extentBytes: 0 };
   readonly #zeroes: Buffer;
   readonly #native: { source: FileDevice; dest: FileDevice } | null = null;
   /** File to file: the span the last batch wrote, dropped from the page cache by the next. */
@@ -147,7 +170,7 @@ export class Copier {
   /** Copy `ranges` (ascending), `concurrency` chunks at a time; the first failure stops it. */
   async copy(ranges: Iterable<CopyRange>, run: CopyRunOptions = {}): Promise<void> {
     const size = run.chunkSize ?? this.chunkSize;
-    const chunks = this.#chunks(ranges, size);
+    const chunks = this.#plan(ranges, size, run);
     // File to file, small chunks (scattered dirty blocks) travel in batches of up to one
     // chunk's bytes: one worker-thread round trip per batch, not per 4 KiB block.
     const next = this.#native ? batches(chunks, size, BATCH_RANGES) : single(chunks);
@@ -155,15 +178,19 @@ export class Copier {
     const worker = async () => {
       for (;;) {
         if (failure) return;
-        throwIfAborted(this.opts.signal);
-        const item = next.next();
-        if (item.done) return;
-        const batch = item.value;
-        for (const [start, end] of batch) run.beforeChunk?.(start, end);
         try {
+          throwIfAborted(this.opts.signal);
+          // The plan may await block status or zero a hole before it hands out a chunk.
+          const item = await next.next();
+          if (item.done) return;
+          const batch = item.value;
+          for (const [start, end] of batch) run.beforeChunk?.(start, end);
           if (this.#native) await this.#copyNative(batch, run.destIsZero ?? false, run.deferLimit ?? false);
           else for (const [start, end] of batch) await this.#copyChunk(start, end, run.destIsZero ?? false, run.deferLimit ?? false);
-          for (const [start, end] of batch) this.stats.processedBytes += end - start;
+          for (const [start, end] of batch) {
+            this.stats.processedBytes += end - start;
+            this.stats.extentBytes += end - start;
+          }
           await this.#maybeFlush();
         } catch (e) {
           failure ??= e;
@@ -223,16 +250,91 @@ export class Copier {
     await this.#flushing;
   }
 
-  /** Chunks of at most chunkSize, aligned to chunkSize, covering the ranges in order. */
-  *#chunks(ranges: Iterable<CopyRange>, size: number): Generator<[number, number]> {
+  /**
+   * The chunks to copy, in order: short ranges cut into chunks of at most `size` (aligned
+   * to it); long ones walked with block status, one answer at a time (a file answers up to
+   * 1024 extents a call, an NBD export up to 4 GiB), their data extents cut into chunks,
+   * their zero extents zeroed (or skipped) right here in one step. A pass costs its
+   * extents, not its virtual size.
+   * A data chunk is checked again when it is copied (its own block status), so an answer
+   * that went stale meanwhile does no harm. A zero extent is skipped on the answer only
+   * when every guest write is being tracked; with the incremental tracker (`beforeChunk`)
+   * its cursor is moved past the extent first and the extent asked again: a write that
+   * completed before the move shows in that answer (and is copied), one that completes
+   * after it is marked. Either way no write is lost, and writes ahead of the data being
+   * copied still cost nothing.
+   */
+  async *#plan(ranges: Iterable<CopyRange>, size: number, run: CopyRunOptions): AsyncGenerator<[number, number]> {
+    const destIsZero = run.destIsZero ?? false;
     for (const r of ranges) {
       const end = Math.min(r.offset + r.length, this.source.size);
+      if (!this.source.caps.canBlockStatus || end - r.offset <= PROBE_MIN) {
+        yield* chunksOf(r.offset, end, size);
+        continue;
+      }
       for (let pos = r.offset; pos < end; ) {
-        const next = Math.min(end, (Math.floor(pos / size) + 1) * size);
-        yield [pos, next];
-        pos = next;
+        throwIfAborted(this.opts.signal);
+        const answer = await this.#status(pos, end);
+        for (const ext of answer) {
+          const extEnd = ext.offset + ext.length;
+          if (!ext.zero) {
+            yield* chunksOf(ext.offset, extEnd, size);
+            continue;
+          }
+          if (!run.beforeChunk) {
+            await this.zeroRange(ext.offset, ext.length, destIsZero);
+            continue;
+          }
+          run.beforeChunk(ext.offset, extEnd);
+          for (const e of await this.#extents(ext.offset, extEnd)) {
+            if (e.zero) await this.zeroRange(e.offset, e.length, destIsZero);
+            else yield* chunksOf(e.offset, e.offset + e.length, size);
+          }
+        }
+        pos = answer[answer.length - 1]!.offset + answer[answer.length - 1]!.length;
       }
     }
+  }
+
+  /** Make [offset, offset+length) read as zeroes on the destination (a zero extent of the source), counted like the copy's own. */
+  async zeroRange(offset: number, length: number, destIsZero: boolean): Promise<void> {
+    await this.#zero(offset, length, destIsZero);
+    this.stats.processedBytes += length;
+  }
+
+  /**
+   * Bytes of [offset, offset+length) the source holds as data (block status), for the
+   * job's ETA; null when the source cannot tell or it took more than `maxCalls` calls.
+   */
+  async dataBytesIn(offset: number, length: number, maxCalls = 100_000): Promise<number | null> {
+    if (!this.source.caps.canBlockStatus) return null;
+    const end = Math.min(offset + length, this.source.size);
+    let data = 0, calls = 0;
+    for (let pos = offset; pos < end; ) {
+      if (++calls > maxCalls || this.opts.signal?.aborted) return null;
+      for (const e of await this.#status(pos, end)) {
+        if (!e.zero) data += e.length;
+        pos = e.offset + e.length;
+      }
+    }
+    return data;
+  }
+
+  /** One block-status answer from `start` on: clipped to `end`, adjacent runs of the same kind merged, never empty. */
+  async #status(start: number, end: number): Promise<Extent[]> {
+    const got = await this.#side('source', `block-status ${start}+${end - start}`, () => this.source.blockStatus(start, end - start));
+    const out: Extent[] = [];
+    let pos = start;
+    for (const e of got) {
+      const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
+      if (t <= s || s !== pos) continue;
+      const last = out[out.length - 1];
+      if (last && last.zero === e.zero) last.length += t - s;
+      else out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
+      pos = t;
+    }
+    if (out.length === 0) throw new CopyError('source', 'EIO', `${this.source.name}: block-status at ${start} answered nothing usable`);
+    return out;
   }
 
   /** Block status for the whole of [start, end) (servers may answer a prefix at a time). */
@@ -240,17 +342,12 @@ export class Copier {
     if (!this.source.caps.canBlockStatus) return [{ offset: start, length: end - start, hole: false, zero: false }];
     const out: Extent[] = [];
     for (let pos = start; pos < end; ) {
-      const at = pos;
-      const got = await this.#side('source', `block-status ${pos}+${end - pos}`, () => this.source.blockStatus(at, end - at));
-      for (const e of got) {
-        const s = Math.max(e.offset, pos), t = Math.min(e.offset + e.length, end);
-        if (t <= s) continue;
+      for (const e of await this.#status(pos, end)) {
         const last = out[out.length - 1];
-        if (last && last.zero === e.zero && last.offset + last.length === s) last.length += t - s;
-        else out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
-        pos = t;
+        if (last && last.zero === e.zero) last.length += e.length;
+        else out.push(e);
+        pos = e.offset + e.length;
       }
-      if (pos === at) throw new CopyError('source', 'EIO', `${this.source.name}: block-status at ${at} answered nothing usable`);
     }
     return out;
   }

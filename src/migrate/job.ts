@@ -20,7 +20,7 @@ import { journalPath, writeJournal, removeJournal } from './journal.ts';
 import { precopy } from './precopy.ts';
 import { mirrorPass, startMirroring, stopMirroring } from './selective.ts';
 import { switchOver, CommittedError } from './switchover.ts';
-import type { JobContext, JobFigures, JobPhase, MigrateOptions } from './context.ts';
+import { RATE_WINDOW_MS, type JobContext, type JobFigures, type JobPhase, type MigrateOptions } from './context.ts';
 
 export interface JobResult extends JobFigures {
   ok: boolean;
@@ -43,8 +43,8 @@ export class MigrationJob {
   readonly startedAt = new Date();
   readonly from: string;
   readonly figures: JobFigures = {
-    phase: 'starting', pass: 0, passDone: 0, passTotal: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
-    mirroredBytes: 0, rate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
+    phase: 'starting', pass: 0, passDone: 0, passTotal: 0, passDataBytes: null, passDataDone: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
+    mirroredBytes: 0, rate: 0, passRate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
     savings: { incrementalSkippedWrites: 0, incrementalSkippedBytes: 0, heatDeferredBytes: 0, heatSavedBytes: 0, bloomBytes: null, bitmapBytes: null, bloomFalsePositiveRate: null },
   };
   readonly done: Promise<JobResult>;
@@ -52,6 +52,10 @@ export class MigrationJob {
   readonly #listeners = new Set<JobListener>();
   #lastProgress = 0;
   #copier: Copier;
+  /** (time, copier.stats.extentBytes) samples over the last RATE_WINDOW_MS, oldest first. */
+  #samples: Array<[number, number]> = [];
+  /** copier.stats.extentBytes when the current pass began. */
+  #passBase = 0;
 
   private constructor(
     private readonly shim: Shim,
@@ -131,7 +135,14 @@ export class MigrationJob {
     f.zeroBytes = s.zeroBytes;
     f.skippedBytes = s.skippedBytes;
     f.bytesCopied = this.#copier.writtenBytes;
-    f.etaSeconds = f.rate > 0 ? Math.max(0, f.passTotal - f.passDone) / f.rate : null;
+    f.passDataDone = s.extentBytes - this.#passBase;
+    // The rate over a moving window of data copied: holes jumped over are not progress.
+    const now = performance.now(), samples = this.#samples;
+    if (samples.length === 0 || now - samples[samples.length - 1]![0] >= 100) samples.push([now, s.extentBytes]);
+    while (samples.length > 2 && now - samples[1]![0] > RATE_WINDOW_MS) samples.shift();
+    const [t0, b0] = samples[0]!;
+    if (now - t0 >= 200) f.rate = (s.extentBytes - b0) / ((now - t0) / 1000);
+    f.etaSeconds = f.rate > 0 && f.passDataBytes !== null ? Math.max(0, f.passDataBytes - f.passDataDone) / f.rate : null;
   }
 
   async #run(): Promise<JobResult> {
@@ -151,6 +162,14 @@ export class MigrationJob {
         this.figures.phase = phase;
         this.#emit('phase', { phase, pass: this.figures.pass });
         ctx.progress(true);
+      },
+      startPass: (pass, total, dataBytes) => {
+        const f = this.figures;
+        f.pass = pass;
+        f.passTotal = total;
+        f.passDone = 0;
+        f.passDataBytes = dataBytes;
+        this.#passBase = this.#copier.stats.extentBytes;
       },
       progress: (force = false) => {
         const now = Date.now();
@@ -250,7 +269,7 @@ export class MigrationJob {
   #noteSet(set: DirtySet): void {
     if (!(set instanceof BloomDirtySet)) return;
     const s = this.figures.savings;
-    s.bloomBytes = set.words.byteLength;
+    s.bloomBytes = set.memoryBytes();
     s.bitmapBytes = Math.ceil(set.blocks / 32) * 4;
     s.bloomFalsePositiveRate = Math.max(s.bloomFalsePositiveRate ?? 0, set.estimatedFalsePositiveRate());
   }

@@ -52,8 +52,12 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
   }) : () => {};
   const skippedBefore = tracker.stats().skippedAhead;
   let prevCopied: number;
+  // How much data pass 1 has (for its ETA), measured beside the copy: block status only.
+  void copier.dataBytesIn(0, ctx.size).then((n) => {
+    if (figures.pass === 1 && figures.phase === 'precopy') figures.passDataBytes = n;
+  }, () => {});
   try {
-    prevCopied = await timedPass(ctx, 1, ctx.size, () =>
+    prevCopied = await timedPass(ctx, 1, ctx.size, null, () =>
       copier.copy([{ offset: 0, length: ctx.size }], {
         destIsZero: ctx.dest.initiallyZero,
         // Set BEFORE the chunk is read: writes into it count as behind the cursor.
@@ -76,7 +80,7 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
     const carry = deferred ? [set, deferred] : [set];
     const toCopy = set.dirtyBytes() + (deferred?.dirtyBytes() ?? 0);
     figures.dirtyBytes = toCopy;
-    const stallMs = figures.rate > 0 ? (toCopy / figures.rate) * 1000 : toCopy === 0 ? 0 : Infinity;
+    const stallMs = figures.passRate > 0 ? (toCopy / figures.passRate) * 1000 : toCopy === 0 ? 0 : Infinity;
     // Pass 1's rate is that of large sequential chunks; scattered dirty blocks copy far
     // slower (measured: a "fits in 50 ms" set of 4 KiB blocks stalled 280-390 ms). So the
     // estimate is trusted only once a dirty pass has measured the rate, unless the set is
@@ -89,18 +93,17 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
 
     const next = opts.heat ? new DirtyBitmap(ctx.size, ctx.granularity) : null;
     const work = next ? deferHot(ctx, unionRanges(carry.map((s) => s.ranges())), next) : unionRanges(carry.map((s) => s.ranges()));
-    prevCopied = await timedPass(ctx, pass, toCopy, () => copier.copy(work, { destIsZero: false }));
+    prevCopied = await timedPass(ctx, pass, toCopy, toCopy, () => copier.copy(work, { destIsZero: false }));
     deferred = next && next.dirtyBytes() > 0 ? next : null;
     tracker.heat?.decay(0.5);
   }
 }
 
 /** Run one pass, measure its copy rate, and return the bytes it wrote to the destination. */
-async function timedPass(ctx: JobContext, pass: number, total: number, run: () => Promise<void>): Promise<number> {
+async function timedPass(ctx: JobContext, pass: number, total: number, dataBytes: number | null, run: () => Promise<void>): Promise<number> {
   const { copier, figures } = ctx;
-  figures.pass = pass;
-  figures.passTotal = total;
-  const written0 = copier.writtenBytes, processed0 = copier.stats.processedBytes;
+  ctx.startPass(pass, total, dataBytes);
+  const written0 = copier.writtenBytes, processed0 = copier.stats.processedBytes, extent0 = copier.stats.extentBytes;
   const started = performance.now();
   const tick = setInterval(() => {
     figures.passDone = copier.stats.processedBytes - processed0;
@@ -113,9 +116,10 @@ async function timedPass(ctx: JobContext, pass: number, total: number, run: () =
   }
   const secs = Math.max((performance.now() - started) / 1000, 1e-3);
   const written = copier.writtenBytes - written0;
-  // A pass that wrote little (a sparse disk) measures the rate poorly: count what it scanned.
-  const basis = written >= 1024 * 1024 ? written : copier.stats.processedBytes - processed0;
-  if (basis > 0) figures.rate = basis / secs;
+  // A pass that wrote little measures the rate poorly: count the data it read. Never the
+  // holes it jumped over (terabytes a second would make every stall estimate zero).
+  const basis = written >= 1024 * 1024 ? written : copier.stats.extentBytes - extent0;
+  if (basis > 0) figures.passRate = basis / secs;
   figures.passDone = copier.stats.processedBytes - processed0;
   ctx.progress(true);
   return written;
@@ -128,7 +132,7 @@ async function timedPass(ctx: JobContext, pass: number, total: number, run: () =
 function* deferHot(ctx: JobContext, ranges: Iterable<DirtyRange>, deferred: DirtyBitmap): Generator<DirtyRange> {
   const heat = ctx.tracker.heat;
   if (!heat) return yield* ranges;
-  const budget = DEFER_SHARE * ctx.figures.rate * (ctx.opts.maxDowntimeMs / 1000);
+  const budget = DEFER_SHARE * ctx.figures.passRate * (ctx.opts.maxDowntimeMs / 1000);
   const hot = new Set<number>();
   let room = budget;
   for (const r of heat.hotRegions(64)) {

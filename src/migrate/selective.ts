@@ -43,8 +43,11 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
   const { mirror, copier, figures, size } = ctx;
   ctx.setPhase('mirror');
   const sets = carry ? [...carry, mirror.pending!] : null;
-  figures.pass += 1;
-  figures.passTotal = size;
+  ctx.startPass(figures.pass + 1, size, sets ? sets.reduce((n, set) => n + set.dirtyBytes(), 0) : null);
+  // Copying everything: how much data that is (for the ETA), measured beside the copy.
+  if (!sets) void copier.dataBytesIn(0, size).then((n) => {
+    if (figures.phase === 'mirror') figures.passDataBytes = n;
+  }, () => {});
   const started = performance.now();
   const written0 = copier.writtenBytes;
   let lastTick = 0;
@@ -59,6 +62,8 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
       break;
     }
     mirror.cursor = start;
+    // Copying everything: a hole or zero extent ahead is passed in one step, not window by window.
+    if (!sets && (await skipZeroExtent(ctx))) continue;
     const end = Math.min(size, start + MIRROR_WINDOW);
     // Pay the bandwidth limit before taking the window, not while holding it: a guest
     // write into the window then waits for one window's I/O, never for the limiter.
@@ -79,7 +84,7 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
     if (now - lastTick > 250) {
       lastTick = now;
       const secs = (now - started) / 1000;
-      if (secs > 0.5 && copier.writtenBytes > written0) figures.rate = (copier.writtenBytes - written0) / secs;
+      if (secs > 0.5 && copier.writtenBytes > written0) figures.passRate = (copier.writtenBytes - written0) / secs;
       ctx.progress();
     }
   }
@@ -87,6 +92,34 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
   figures.passDone = size;
   figures.dirtyBytes = 0;
   ctx.progress(true);
+}
+
+/** The most a zero extent skipped by the mirror pass covers in one step. */
+const SKIP_MAX = 64 * 1024 * 1024 * 1024;
+
+/**
+ * If the source reads as zeroes for at least a window from the mirror's cursor, zero that
+ * stretch on the destination (nothing when it is a file the job created) and move the
+ * cursor past it; true when it did. The stretch is held as the mirror's window while the
+ * source is asked and the cursor moves, so no guest write can land in it unseen: one that
+ * waited finds itself behind the cursor and is mirrored.
+ */
+async function skipZeroExtent(ctx: JobContext): Promise<boolean> {
+  const { mirror, copier, size } = ctx;
+  if (!copier.source.caps.canBlockStatus) return false;
+  const start = mirror.cursor, end = Math.min(size, start + SKIP_MAX);
+  await mirror.hold(start, end);
+  try {
+    const [first] = await copier.source.blockStatus(start, end - start);
+    if (!first || !first.zero || first.offset > start) return false;
+    const stop = Math.min(end, first.offset + first.length);
+    if (stop - start < MIRROR_WINDOW) return false;
+    await copier.zeroRange(start, stop - start, ctx.dest.initiallyZero);
+    mirror.cursor = stop;
+    return true;
+  } finally {
+    mirror.release();
+  }
 }
 
 /**

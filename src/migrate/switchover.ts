@@ -59,7 +59,7 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
       const flushMs = performance.now() - flushStart;
       throwIfAborted(ctx.signal);
       const bytes = pending();
-      const estimateMs = figures.rate > 0 ? (bytes / figures.rate) * 1000 : 0;
+      const estimateMs = figures.passRate > 0 ? (bytes / figures.passRate) * 1000 : 0;
       const budget = ctx.opts.maxDowntimeMs;
       debug('switch-over catch-up %d: flush %d ms, %d bytes pending, estimated copy %d ms', round, Math.round(flushMs), bytes, Math.round(estimateMs));
       if (round >= MAX_CATCH_UP || (estimateMs <= COPY_SHARE * budget && flushMs <= FLUSH_SHARE * budget)) break;

@@ -27,8 +27,15 @@ export interface SourcePolicy {
 
 export const DEFAULT_POLICY: SourcePolicy = { datastores: DEFAULT_DATASTORES, allowNbd: false };
 
+/** `code` is the API error code: `forbidden` outside the policy, `bad-request` when malformed or missing. */
 export class SourceNotAllowedError extends Error {
   override name = 'SourceNotAllowedError';
+  constructor(
+    message: string,
+    readonly code: 'forbidden' | 'bad-request' = 'forbidden',
+  ) {
+    super(message);
+  }
 }
 
 export interface ResolvedSource {
@@ -67,17 +74,17 @@ export async function resolveSource(source: string, policy: SourcePolicy, role =
     if (!policy.allowNbd) throw new SourceNotAllowedError(`${role} ${source} is an NBD URI, and NBD sources are not allowed: set "allowNbdSources": true in /etc/vmshift/vmshiftd.json (or vmshiftd --allow-nbd-sources) if every caller may name any export this host can reach`);
     return { canonical: source, id: `nbd:${source}` };
   }
-  if (!source.startsWith('/')) throw new SourceNotAllowedError(`${role} ${JSON.stringify(source)} is not an absolute path`);
+  if (!source.startsWith('/')) throw new SourceNotAllowedError(`${role} ${JSON.stringify(source)} is not an absolute path`, 'bad-request');
   let canonical: string;
   try {
     canonical = await realpath(source);
   } catch (e) {
-    throw new SourceNotAllowedError(`${role} ${source}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+    throw new SourceNotAllowedError(`${role} ${source}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`, 'bad-request');
   }
   await checkInside(canonical, source, policy, role);
   const st = await stat(canonical);
   if (st.isBlockDevice()) return { canonical, id: `blk:${st.rdev}` };
-  if (!st.isFile()) throw new SourceNotAllowedError(`${role} ${source} is neither a regular file nor a block device`);
+  if (!st.isFile()) throw new SourceNotAllowedError(`${role} ${source} is neither a regular file nor a block device`, 'bad-request');
   return { canonical, id: `file:${st.dev}:${st.ino}` };
 }
 
@@ -97,7 +104,7 @@ export async function diskId(source: string): Promise<string | undefined> {
 export async function checkDestination(to: string, policy: SourcePolicy): Promise<void> {
   if (isNbdUri(to)) return;
   const dir = await realpath(dirname(to)).catch(() => {
-    throw new SourceNotAllowedError(`destination ${to}: its directory does not exist`);
+    throw new SourceNotAllowedError(`destination ${to}: its directory does not exist`, 'bad-request');
   });
   const existing = await realpath(to).catch(() => undefined);
   await checkInside(existing ?? join(dir, basename(to)), to, policy, 'destination');

@@ -65,7 +65,11 @@ export async function ensureDir(dir: string, spec: DirSpec, what = 'the files vm
     fh = await open(path, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP' || code === 'ENOTDIR') throw new UntrustedPathError(`${path} is ${code === 'ELOOP' ? 'a symlink' : 'not a directory'}: refusing to use it for ${what}`);
+    if (code === 'ELOOP' || code === 'ENOTDIR') {
+      // O_DIRECTORY|O_NOFOLLOW on a symlink fails with either, depending on the kernel.
+      const link = (await lstat(path).catch(() => undefined))?.isSymbolicLink();
+      throw new UntrustedPathError(`${path} is ${link ? 'a symlink' : 'not a directory'}: refusing to use it for ${what}`);
+    }
     throw e;
   }
   try {

@@ -157,7 +157,10 @@ test("a run dir someone else owns, with a symlink in it, is refused: root never 
   const d = startDaemon(VMSHIFTD, ['--socket', api, '--state-dir', join(outside, 'state2'), '--run-dir', evilRun, '--config', join(outside, 'none.json'), '--datastore', vm.dir]);
   const up = await waitForSocket(api, d, 60_000).then(() => true, () => false);
   // Had it started, this is what the attacker would ask it for.
-  if (up) await controlCall(api, 'shim.start', { name: 'vmx', source: disk('x.raw') }).catch(() => {});
+  if (up) {
+    const r = await controlCall<{ shim: { pid: number; socket: string } }>(api, 'shim.start', { name: 'vmx', source: disk('x.raw') }).catch(() => undefined);
+    if (r && (await isShimProcess(r.shim.pid, r.shim.socket))) process.kill(r.shim.pid, 'SIGKILL');
+  }
   await d.stop();
   assert.is(statSync(victim).mode & 0o7777, 0o755, 'the symlink target kept its mode');
   assert.not.ok(up, `vmshiftd started on a run dir owned by nobody:\n${d.output()}`);

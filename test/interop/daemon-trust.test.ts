@@ -94,6 +94,11 @@ test('one disk, one shim: other spellings of the path and a second `vmshift serv
   assert.match(second.output, /d\.raw is already served by another vmshift shim: two writers on one disk would corrupt it/);
   // QEMU's own locks are other bytes: QEMU still opens the file (detach hands it back to QEMU).
   await run('qemu-img', ['info', '-f', 'raw', d]);
+  // A job's destination is served afterwards: it must lie in a datastore too.
+  const job = await controlCall(vm.api, 'job.start', { name: 'one', to: join(outside, 'dest.raw') }).then(() => null, (e: { code: string; message: string }) => e);
+  assert.is(job?.code, 'forbidden');
+  assert.match(job!.message, /destination .*dest\.raw is outside the allowed datastores/);
+  assert.not.ok(existsSync(join(outside, 'dest.raw')));
   await controlCall(vm.api, 'shim.stop', { name: 'one' });
 });
 

@@ -260,6 +260,7 @@ test('bad input: clear errors, nothing recorded', async () => {
   assert.match(noGroup?.message ?? '', /unknown group "no-such-group-here"/);
 
   await shimStart(h, 'vmx', file);
+  writeFileSync(join(h.dir, 'other.raw'), Buffer.alloc(MiB)); // another disk that exists: the name is what conflicts
   const other = await cli(h, ['shim-start', 'vmx', join(h.dir, 'other.raw')]);
   assert.is(other.code, 1);
   assert.match(other.stderr, /shim "vmx" already serves .*x\.raw, not .*other\.raw/);

@@ -6,9 +6,10 @@
 // out of a datastore) and then matched against the allowed prefixes, whole components only.
 // The same resolution names a disk by device and inode, so that two spellings of one file
 // (`img//d.raw`, `img/./d.raw`, a symlink) are recognised as one disk.
-import { realpath, stat } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { lstat, readlink, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, join } from 'node:path';
 import { isNbdUri } from '../block/open.ts';
+import { checkTrustedDir } from '../util/trusted-fs.ts';
 
 /**
  * Where libvirt, Proxmox VE and oVirt keep disk images by default: libvirt's `default` pool,
@@ -60,10 +61,45 @@ function inside(path: string, root: string): boolean {
   return path === root || path.startsWith(root === '/' ? '/' : `${root}/`);
 }
 
+/**
+ * The symlink hops from `path` to what it finally names, each with its directory resolved;
+ * the last one is the realpath. /dev/vg0/lv -> ../dm-3 gives [/dev/vg0/lv, /dev/dm-3].
+ */
+async function hops(path: string): Promise<string[]> {
+  const out: string[] = [];
+  let p = path;
+  for (let i = 0; i < 40; i++) {
+    const dir = await realpath(dirname(p));
+    const cur = join(dir, basename(p));
+    out.push(cur);
+    if (!(await lstat(cur)).isSymbolicLink()) return out;
+    const target = await readlink(cur);
+    p = isAbsolute(target) ? target : join(dir, target);
+  }
+  throw new SourceNotAllowedError(`${path}: too many levels of symlinks`, 'bad-request');
+}
+
+/**
+ * A block device is named through symlinks (LVM's /dev/VG/LV, /dev/disk/by-id/..., oVirt's
+ * /dev/SD/VOL) whose realpath, /dev/dm-N, lies in no datastore. It is allowed when one hop of
+ * its chain lies in a datastore and every symlink from there on sits in a directory only root
+ * can change (as udev's and LVM's do): nobody else could have pointed it elsewhere.
+ */
+async function blockDeviceAllowedVia(path: string, roots: string[]): Promise<boolean> {
+  const chain = await hops(path);
+  const from = chain.findIndex((h) => roots.some((r) => inside(h, r)));
+  if (from < 0) return false;
+  for (const link of chain.slice(from, -1)) {
+    if (!(await checkTrustedDir(dirname(link)).then(() => true, () => false))) return false;
+  }
+  return true;
+}
+
 /** Throw unless the resolved `path` lies inside an allowed datastore. */
-async function checkInside(path: string, shown: string, policy: SourcePolicy, role: string): Promise<void> {
+async function checkInside(path: string, shown: string, policy: SourcePolicy, role: string, blockDevice = false): Promise<void> {
   const roots = await allowedRoots(policy);
   if (roots.some((r) => inside(path, r))) return;
+  if (blockDevice && (await blockDeviceAllowedVia(shown, roots))) return;
   const where = path === shown ? path : `${shown} (which is ${path})`;
   throw new SourceNotAllowedError(`${role} ${where} is outside the allowed datastores (${policy.datastores.join(', ') || 'none'}): ${HOW}`);
 }
@@ -81,8 +117,8 @@ export async function resolveSource(source: string, policy: SourcePolicy, role =
   } catch (e) {
     throw new SourceNotAllowedError(`${role} ${source}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`, 'bad-request');
   }
-  await checkInside(canonical, source, policy, role);
   const st = await stat(canonical);
+  await checkInside(canonical, source, policy, role, st.isBlockDevice());
   if (st.isBlockDevice()) return { canonical, id: `blk:${st.rdev}` };
   if (!st.isFile()) throw new SourceNotAllowedError(`${role} ${source} is neither a regular file nor a block device`, 'bad-request');
   return { canonical, id: `file:${st.dev}:${st.ino}` };

@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { chmodSync, chownSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync, readdirSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import { tempDir, cleanupAll, rejection } from '../helpers/proc.ts';
+import { tempDir, cleanupAll, rejection, run } from '../helpers/proc.ts';
 import { readJsonIfExists, writeFileAtomic } from '../../src/util/atomic-file.ts';
 import { ensureDir } from '../../src/util/trusted-fs.ts';
 import { checkDestination, resolveSource, type SourcePolicy } from '../../src/daemon/datastores.ts';
@@ -118,6 +118,27 @@ test('sources only from allowed datastores, resolved first: no .., no symlink ou
   await checkDestination(join(ds, 'new.raw'), policy);
   assert.match(String(await rejection(checkDestination(join(dir, 'new.raw'), policy))), /destination .*new\.raw is outside/);
   assert.match(String(await rejection(checkDestination(join(ds, 'shadow.raw'), policy))), /which is \/etc\/shadow/);
+});
+
+test('a block device named through root-owned symlinks in a datastore (LVM /dev/VG/LV -> /dev/dm-N) is allowed; through a link others could change, not', async () => {
+  const blk = join(dir, 'blk');
+  mkdirSync(blk);
+  await run('mknod', [join(blk, 'dm-9'), 'b', '7', '201']); // never opened: only stat and realpath
+  const vg = join(dir, 'vg');
+  mkdirSync(vg, { mode: 0o755 });
+  symlinkSync('../blk/dm-9', join(vg, 'lv'));
+  writeFileSync(join(blk, 'file.raw'), Buffer.alloc(512));
+  symlinkSync('../blk/file.raw', join(vg, 'file.raw'));
+  const policy: SourcePolicy = { datastores: [vg], allowNbd: false };
+  const r = await resolveSource(join(vg, 'lv'), policy);
+  assert.is(r.canonical, join(blk, 'dm-9'));
+  assert.is(r.id, `blk:${statSync(join(blk, 'dm-9')).rdev}`);
+  // Only block devices: a file is judged by its realpath alone.
+  assert.match(String(await rejection(resolveSource(join(vg, 'file.raw'), policy))), /which is .*blk\/file\.raw\) is outside/);
+  // A link in a directory someone else may write could point anywhere.
+  chmodSync(vg, 0o777);
+  assert.match(String(await rejection(resolveSource(join(vg, 'lv'), policy))), /lv \(which is .*dm-9\) is outside/);
+  chmodSync(vg, 0o755);
 });
 
 test.run();

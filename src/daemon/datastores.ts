@@ -87,12 +87,13 @@ async function hops(path: string): Promise<string[]> {
  */
 async function blockDeviceAllowedVia(path: string, roots: string[]): Promise<boolean> {
   const chain = await hops(path);
-  const from = chain.findIndex((h) => roots.some((r) => inside(h, r)));
-  if (from < 0) return false;
-  for (const link of chain.slice(from, -1)) {
-    if (!(await checkTrustedDir(dirname(link)).then(() => true, () => false))) return false;
+  const trusted = await Promise.all(chain.map((h) => checkTrustedDir(dirname(h)).then(() => true, () => false)));
+  // Walking back from the device: the links after hop i are all in root-only directories.
+  for (let i = chain.length - 2, safe = true; i >= 0 && safe; i--) {
+    safe = trusted[i]!;
+    if (safe && roots.some((r) => inside(chain[i]!, r))) return true;
   }
-  return true;
+  return false;
 }
 
 /** Throw unless the resolved `path` lies inside an allowed datastore. */

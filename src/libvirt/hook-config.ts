@@ -5,8 +5,10 @@
 //     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
-import { readFile } from 'node:fs/promises';
+// It tells a root hook which daemon to talk to and how to rewrite paths, so it is read only
+// when root owns it and nobody else may write it (src/util/trusted-fs.ts).
 import { z } from 'zod';
+import { readTrustedFile } from '../util/trusted-fs.ts';
 
 export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
 
@@ -24,9 +26,10 @@ export type HookConfig = z.infer<typeof HookConfigSchema>;
 export async function loadHookConfig(path = process.env.VMSHIFT_HOOK_CONFIG || DEFAULT_HOOK_CONFIG): Promise<HookConfig> {
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
+    const data = await readTrustedFile(path);
+    if (data === undefined) return HookConfigSchema.parse({});
+    text = data.toString('utf8');
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return HookConfigSchema.parse({});
     throw new Error(`${path}: ${(e as Error).message}`);
   }
   let raw: unknown;

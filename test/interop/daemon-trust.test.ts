@@ -44,9 +44,10 @@ function domainXml(name: string, uuid: string, disks: Array<[string, string]>): 
   return enableShim(xml, { disks: disks.map(([dev]) => dev), socketFor: (dev) => shimSocket(vm.runDir, shimName(name, uuid, dev)), exportName: (dev) => dev });
 }
 
-function hook(domain: string, op: string, xml: string) {
+function hook(domain: string, op: string, xml: string, cfgMode = 0o644) {
   const cfg = join(vm.dir, 'hooks.json');
   writeFileSync(cfg, JSON.stringify({ daemonSocket: vm.api, group: null }));
+  chmodSync(cfg, cfgMode);
   return runStatus(LIBVIRT_HOOK, [domain, op, op === 'release' ? 'end' : 'begin', '-'], { input: xml, env: { PATH: process.env.PATH, HOME: '/root', LC_ALL: 'C', VMSHIFT_HOOK_CONFIG: cfg } });
 }
 
@@ -72,6 +73,12 @@ test('sources outside the datastores are refused: /etc/shadow, a symlink to it, 
   const r = await hook('evil', 'prepare', xml);
   assert.is(r.code, 1);
   assert.match(r.stderr, /refused: source \/etc\/shadow is outside the allowed datastores/);
+  assert.equal(vm.shims(), []);
+  // The hook's config says which daemon to trust: one anybody may write is refused.
+  const ok = domainXml('fine', '6f1c2b3a-0000-4000-8000-00000000f1e0', [['vda', disk('fine.raw')]]);
+  const w = await hook('fine', 'prepare', ok, 0o666);
+  assert.is(w.code, 1);
+  assert.match(w.stderr, /hooks\.json is writable by everyone \(mode 0666\)/);
   assert.equal(vm.shims(), []);
 });
 

@@ -5,7 +5,7 @@
 // adds to it. The file tells root what it may serve, so it is read only when root owns it and
 // nobody else may write it (src/util/trusted-fs.ts).
 import { z } from 'zod';
-import { readTrustedFile } from '../util/trusted-fs.ts';
+import { loadConfigFile } from '../util/config-file.ts';
 import { DEFAULT_DATASTORES, type SourcePolicy } from './datastores.ts';
 
 export const DEFAULT_DAEMON_CONFIG = '/etc/vmshift/vmshiftd.json';
@@ -19,28 +19,10 @@ const DaemonConfigSchema = z
 
 /** The source policy from the config file (defaults when it does not exist) plus extra datastores. */
 export async function loadSourcePolicy(path = DEFAULT_DAEMON_CONFIG, extra: { datastores?: string[]; allowNbd?: boolean } = {}): Promise<SourcePolicy> {
-  let raw: unknown = {};
-  let data: Buffer | undefined;
-  try {
-    data = await readTrustedFile(path);
-  } catch (e) {
-    throw new Error(`${path}: ${(e as Error).message}`);
-  }
-  if (data !== undefined) {
-    try {
-      raw = JSON.parse(data.toString('utf8'));
-    } catch (e) {
-      throw new Error(`${path}: not JSON: ${(e as Error).message}`);
-    }
-  }
-  const parsed = DaemonConfigSchema.safeParse(raw);
-  if (!parsed.success) {
-    const i = parsed.error.issues[0]!;
-    throw new Error(`${path}: ${i.path.join('.') || 'top level'}: ${i.message}`);
-  }
+  const config = await loadConfigFile(path, DaemonConfigSchema);
   for (const d of extra.datastores ?? []) if (!d.startsWith('/')) throw new Error(`--datastore ${d}: give an absolute directory path`);
   return {
-    datastores: [...(parsed.data.datastores ?? DEFAULT_DATASTORES), ...(extra.datastores ?? [])],
-    allowNbd: extra.allowNbd || parsed.data.allowNbdSources,
+    datastores: [...(config.datastores ?? DEFAULT_DATASTORES), ...(extra.datastores ?? [])],
+    allowNbd: extra.allowNbd || config.allowNbdSources,
   };
 }

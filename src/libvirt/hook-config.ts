@@ -8,7 +8,7 @@
 // It tells a root hook which daemon to talk to and how to rewrite paths, so it is read only
 // when root owns it and nobody else may write it (src/util/trusted-fs.ts).
 import { z } from 'zod';
-import { readTrustedFile } from '../util/trusted-fs.ts';
+import { loadConfigFile } from '../util/config-file.ts';
 
 export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
 
@@ -23,27 +23,8 @@ const HookConfigSchema = z
   .strict();
 export type HookConfig = z.infer<typeof HookConfigSchema>;
 
-export async function loadHookConfig(path = process.env.VMSHIFT_HOOK_CONFIG || DEFAULT_HOOK_CONFIG): Promise<HookConfig> {
-  let text: string;
-  try {
-    const data = await readTrustedFile(path);
-    if (data === undefined) return HookConfigSchema.parse({});
-    text = data.toString('utf8');
-  } catch (e) {
-    throw new Error(`${path}: ${(e as Error).message}`);
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (e) {
-    throw new Error(`${path}: not JSON: ${(e as Error).message}`);
-  }
-  const parsed = HookConfigSchema.safeParse(raw);
-  if (!parsed.success) {
-    const i = parsed.error.issues[0]!;
-    throw new Error(`${path}: ${i.path.join('.') || 'top level'}: ${i.message}`);
-  }
-  return parsed.data;
+export function loadHookConfig(path = process.env.VMSHIFT_HOOK_CONFIG || DEFAULT_HOOK_CONFIG): Promise<HookConfig> {
+  return loadConfigFile(path, HookConfigSchema);
 }
 
 /**

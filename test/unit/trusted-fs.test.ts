@@ -8,7 +8,8 @@ import { basename, join } from 'node:path';
 import { tempDir, cleanupAll, rejection, run } from '../helpers/proc.ts';
 import { readJsonIfExists, writeFileAtomic } from '../../src/util/atomic-file.ts';
 import { ensureDir } from '../../src/util/trusted-fs.ts';
-import { checkDestination, resolveSource, type SourcePolicy } from '../../src/daemon/datastores.ts';
+import { DEFAULT_DATASTORES, checkDestination, resolveSource, type SourcePolicy } from '../../src/daemon/datastores.ts';
+import { loadSourcePolicy } from '../../src/daemon/config.ts';
 
 test.after(cleanupAll);
 
@@ -139,6 +140,19 @@ test('a block device named through root-owned symlinks in a datastore (LVM /dev/
   chmodSync(vg, 0o777);
   assert.match(String(await rejection(resolveSource(join(vg, 'lv'), policy))), /lv \(which is .*dm-9\) is outside/);
   chmodSync(vg, 0o755);
+});
+
+test("vmshiftd's config: defaults when absent, datastores replace them, --datastore adds, a file others may write is refused", async () => {
+  const cfg = join(dir, 'vmshiftd.json');
+  assert.equal(await loadSourcePolicy(cfg), { datastores: [...DEFAULT_DATASTORES], allowNbd: false });
+  writeFileSync(cfg, JSON.stringify({ datastores: ['/srv/a'], allowNbdSources: true }));
+  assert.equal(await loadSourcePolicy(cfg, { datastores: ['/srv/b'] }), { datastores: ['/srv/a', '/srv/b'], allowNbd: true });
+  writeFileSync(cfg, JSON.stringify({ datastore: ['/srv/a'] }));
+  assert.match(String(await rejection(loadSourcePolicy(cfg))), /vmshiftd\.json: top level: Unrecognized key\(s\) in object: 'datastore'/);
+  writeFileSync(cfg, JSON.stringify({ datastores: ['srv'] }));
+  assert.match(String(await rejection(loadSourcePolicy(cfg))), /datastores\.0: a datastore is an absolute directory path/);
+  chmodSync(cfg, 0o666);
+  assert.match(String(await rejection(loadSourcePolicy(cfg))), /vmshiftd\.json is writable by everyone/);
 });
 
 test.run();

@@ -4,7 +4,7 @@
 // `serve --socket <a shim's socket>`: before signalling or adopting a PID we check that it
 // runs as our own user, that its executable is our node, and that it runs our CLI script
 // with `serve ... --socket SOCKET`. A command line alone proves nothing.
-import { readFile, readdir, realpath } from 'node:fs/promises';
+import { readFile, readdir, readlink, realpath } from 'node:fs/promises';
 import { join } from 'node:path';
 import { projectRoot } from '../util/paths.ts';
 
@@ -60,7 +60,10 @@ export async function isShimProcess(pid: number | null, socket: string): Promise
   const ids = await uids(pid);
   if (!ids || ids.some((u) => u !== me)) return false;
   const { exe, scripts } = await ourPaths();
-  if ((await realpath(`/proc/${pid}/exe`).catch(() => undefined)) !== exe) return false;
+  // The kernel's answer is already a realpath; after a node upgrade a shim started before it
+  // runs the replaced binary, shown as "PATH (deleted)": still ours.
+  const running = await readlink(`/proc/${pid}/exe`).catch(() => undefined);
+  if (running?.replace(/ \(deleted\)$/, '') !== exe) return false;
   const argv = await commandLine(pid);
   if (!argv) return false;
   // node [--flags...] [--import LOADER] SCRIPT serve SOURCE ... --socket SOCKET

@@ -161,19 +161,22 @@ export class Supervisor {
     const owner = req.owner ?? null;
     const wanted = { export: req.export ?? 'disk', track: req.track ?? 'bitmap', group: req.group ?? null } as const;
     return this.withLock(name, async () => {
-      // One disk, one name: the realpath, and the device and inode behind it, not the string.
-      const { canonical: source, id } = await this.resolve(requested);
       const existing = this.registry.get(name);
       if (existing) {
-        if (existing.source !== source && !(await this.diskIds(existing)).has(id)) {
-          throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${source}: stop it first or pick another name`);
+        // The recorded spelling is the same shim even if the file has moved on since (launch
+        // checks what it will serve); any other is compared as a disk, by device and inode.
+        if (existing.source !== requested) {
+          const { canonical, id } = await this.resolve(requested);
+          if (existing.source !== canonical && !(await this.diskIds(existing)).has(id)) {
+            throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${canonical}: stop it first or pick another name`);
+          }
         }
         if (owner && existing.owner && existing.owner !== owner) {
           throw new ControlError('conflict', `shim "${name}" of ${existing.source} belongs to ${existing.owner}, not ${owner}`);
         }
         for (const k of ['export', 'track', 'group'] as const) {
           if (existing[k] !== wanted[k]) {
-            throw new ControlError('conflict', `shim "${name}" of ${source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
+            throw new ControlError('conflict', `shim "${name}" of ${existing.source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
           }
         }
         // A record from before owners were kept is claimed by its first owner.
@@ -182,6 +185,8 @@ export class Supervisor {
         if (await isShimProcess(claimed.pid, claimed.socket)) return { shim: claimed, already: true };
         return { shim: await this.launch(claimed, true), already: false };
       }
+      // One disk, one name: the realpath, and the device and inode behind it, not the string.
+      const { canonical: source, id } = await this.resolve(requested);
       for (const other of this.registry.list()) {
         if (other.source === source || (await this.diskIds(other)).has(id)) {
           const spelled = requested === source ? source : `${requested} (${source})`;

@@ -2,12 +2,14 @@
 //     NbdServer -> Gate -> Tracker -> bottom device (file or NBD export)
 // plus its control socket (`<socket>.ctl`) and its durable state (`<socket>.state.json` by
 // default). Jobs (storage migration) change the stack below the Gate only while it is
-// paused, and record a new backing durably before they swap it in.
+// paused, and record a new backing durably before they swap it in. While it serves a file
+// or block device it holds that disk's one-writer lock (disk-lock.ts), and moves the lock to
+// the destination at a switch-over.
+import { realpath } from 'node:fs/promises';
 import type { BlockDevice } from '../block/device.ts';
 import { Gate } from '../block/gate.ts';
 import { Tracker } from '../block/tracker.ts';
 import { isNbdUri, openDevice } from '../block/open.ts';
-import { realpath } from 'node:fs/promises';
 import { lockDisk, type DiskLock } from './disk-lock.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { ControlServer } from '../control/server.ts';

@@ -1,9 +1,9 @@
 // vmshiftd's API: the methods on its unix socket (JSON lines, see src/control/protocol.ts).
 //   ping                                   -> {pong, pid, version}
-//   shim.start {name, source, export?, track?, group?, owner?}  start (idempotent for name+source);
+//   shim.start {name, source, export?, track?, group?, startedBy?}  start (idempotent for name+source);
 //                                          source only from the allowed datastores
-//   shim.stop  {name, force?, owner?}      SIGTERM the shim, wait, drop its record (with owner:
-//                                          only that owner's shim)
+//   shim.stop  {name, force?, startedBy?}  SIGTERM the shim, wait, drop its record (with
+//                                          startedBy: only a shim that caller started)
 //   shim.list                              the registry's records
 //   status                                 every shim with its live status and job
 //   job.start  {name, to, ...migrate params, follow?}   forwarded to the shim's migrate.start;
@@ -55,12 +55,12 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
         export: optional(p, 'export'),
         track: optional(p, 'track', ['bitmap', 'bloom', 'none'] as const),
         group: optional(p, 'group'),
-        owner: optional(p, 'owner'),
+        startedBy: optional(p, 'startedBy'),
       }),
     ),
   );
 
-  server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true, optional(p, 'owner'))));
+  server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true, optional(p, 'startedBy'))));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
 

@@ -37,8 +37,8 @@ export interface StartRequest {
   export?: string;
   track?: 'bitmap' | 'bloom' | 'none';
   group?: string | null;
-  /** Who asked (e.g. `libvirt:UUID`): only the same owner may stop it through shim.stop's owner. */
-  owner?: string | null;
+  /** Who asked (e.g. `libvirt:UUID`): a stop that names someone else is refused. */
+  startedBy?: string | null;
 }
 
 /** Unix socket paths longer than this do not fit in sockaddr_un. */
@@ -158,7 +158,7 @@ export class Supervisor {
   start(req: StartRequest): Promise<{ shim: ShimRecord; already: boolean }> {
     const name = checkName(req.name);
     const requested = checkSource(req.source);
-    const owner = req.owner ?? null;
+    const startedBy = req.startedBy ?? null;
     const wanted = { export: req.export ?? 'disk', track: req.track ?? 'bitmap', group: req.group ?? null } as const;
     return this.withLock(name, async () => {
       const existing = this.registry.get(name);
@@ -171,16 +171,16 @@ export class Supervisor {
             throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${canonical}: stop it first or pick another name`);
           }
         }
-        if (owner && existing.owner && existing.owner !== owner) {
-          throw new ControlError('conflict', `shim "${name}" of ${existing.source} belongs to ${existing.owner}, not ${owner}`);
+        if (startedBy && existing.startedBy && existing.startedBy !== startedBy) {
+          throw new ControlError('conflict', `shim "${name}" of ${existing.source} belongs to ${existing.startedBy}, not ${startedBy}`);
         }
         for (const k of ['export', 'track', 'group'] as const) {
           if (existing[k] !== wanted[k]) {
             throw new ControlError('conflict', `shim "${name}" of ${existing.source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
           }
         }
-        // A record from before owners were kept is claimed by its first owner.
-        const claimed = owner && !existing.owner ? { ...existing, owner } : existing;
+        // A record from before this was kept is claimed by the first caller that names itself.
+        const claimed = startedBy && !existing.startedBy ? { ...existing, startedBy } : existing;
         if (claimed !== existing) await this.registry.put(claimed);
         if (await isShimProcess(claimed.pid, claimed.socket)) return { shim: claimed, already: true };
         return { shim: await this.launch(claimed, true), already: false };
@@ -205,7 +205,7 @@ export class Supervisor {
         socket,
         statePath: join(this.opts.stateDir, 'shims', `${name}.state.json`),
         logPath: join(this.opts.stateDir, 'logs', `${name}.log`),
-        owner,
+        startedBy,
         desired: 'running',
         pid: null,
         startedAt: null,
@@ -223,14 +223,14 @@ export class Supervisor {
     });
   }
 
-  /** Stop a shim; with `owner`, only when it is that owner's (a hook never stops another domain's). */
-  stop(nameIn: string, force = false, owner?: string): Promise<{ name: string; pid: number | null; backing: string }> {
+  /** Stop a shim; with `startedBy`, only when that caller started it (a hook never stops another domain's). */
+  stop(nameIn: string, force = false, startedBy?: string): Promise<{ name: string; pid: number | null; backing: string }> {
     const name = checkName(nameIn);
     return this.withLock(name, async () => {
       const rec = this.registry.get(name);
       if (!rec) throw new ControlError('unknown-shim', `no shim named "${name}"`);
-      if (owner && rec.owner !== owner) {
-        throw new ControlError('conflict', `shim "${name}" of ${rec.source} belongs to ${rec.owner ?? 'no owner (started by hand)'}, not ${owner}: left running`);
+      if (startedBy && rec.startedBy !== startedBy) {
+        throw new ControlError('conflict', `shim "${name}" of ${rec.source} belongs to ${rec.startedBy ?? 'nobody (started by hand)'}, not ${startedBy}: left running`);
       }
       const alive = await isShimProcess(rec.pid, rec.socket);
       if (alive && !force) {

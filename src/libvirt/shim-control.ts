@@ -1,7 +1,7 @@
 // Starting and stopping a domain's shims through vmshiftd (hooks and verbs share this). The
 // daemon picks each shim's socket; the domain's XML already names one (written by
 // `vmshift enable`): if they differ QEMU would connect to nothing, so that is an error.
-// Every shim is started with its domain as owner (`libvirt:UUID`), and stopped only with it:
+// Every shim is started naming its domain (`startedBy: libvirt:UUID`), and stopped only so:
 // a name that happens to match (another domain's shim, one started by hand) is never stopped
 // by this domain's failed start or its release.
 import { readFile } from 'node:fs/promises';
@@ -22,8 +22,8 @@ export async function defaultGroup(configured: string | null | undefined): Promi
   return groups.split('\n').some((l) => l.startsWith(`${QEMU_GROUP}:`)) ? QEMU_GROUP : null;
 }
 
-/** Who a domain's shims belong to in vmshiftd's registry. */
-export function domainOwner(plan: DomainShims): string {
+/** Who started a domain's shims, in vmshiftd's registry. */
+export function startedBy(plan: DomainShims): string {
   return `libvirt:${plan.uuid || plan.domain}`;
 }
 
@@ -35,10 +35,10 @@ export function domainOwner(plan: DomainShims): string {
 export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null): Promise<string[]> {
   const lines: string[] = [];
   const started: string[] = [];
-  const owner = domainOwner(plan);
+  const by = startedBy(plan);
   try {
     for (const d of plan.disks) {
-      const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, owner });
+      const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, startedBy: by });
       if (!r.already) started.push(d.name);
       if (r.shim.socket !== d.socket) {
         throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
@@ -46,7 +46,7 @@ export async function startShims(plan: DomainShims, daemonSocket: string, group:
       lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
     }
   } catch (e) {
-    for (const name of started.reverse()) await callDaemon(daemonSocket, 'shim.stop', { name, owner }).catch(() => {});
+    for (const name of started.reverse()) await callDaemon(daemonSocket, 'shim.stop', { name, startedBy: by }).catch(() => {});
     throw e;
   }
   return lines;
@@ -58,7 +58,7 @@ export async function stopShims(plan: DomainShims, daemonSocket: string): Promis
   const known = new Set((await callDaemon<{ shims: Array<{ name: string }> }>(daemonSocket, 'shim.list')).shims.map((s) => s.name));
   for (const d of plan.disks) {
     if (!known.has(d.name)) continue;
-    await callDaemon(daemonSocket, 'shim.stop', { name: d.name, owner: domainOwner(plan) });
+    await callDaemon(daemonSocket, 'shim.stop', { name: d.name, startedBy: startedBy(plan) });
     lines.push(`${d.dev}: shim '${d.name}' stopped`);
   }
   return lines;

@@ -4,6 +4,9 @@
 //                                          source only from the allowed datastores
 //   shim.stop  {name, force?, startedBy?}  SIGTERM the shim, wait, drop its record (with
 //                                          startedBy: only a shim that caller started)
+//   shim.restart {name, abortJob?}         swap the shim's process under a running guest (a
+//                                          stall: QEMU reconnects); refused during a job
+//                                          unless abortJob; answers with the measured stall
 //   shim.list                              the registry's records
 //   status                                 every shim with its live status and job
 //   job.start  {name, to, ...migrate params, follow?}   forwarded to the shim's migrate.start;
@@ -61,6 +64,8 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
   );
 
   server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true, optional(p, 'startedBy'))));
+
+  server.on('shim.restart', (p) => guard(() => sup.restart(str(p, 'name'), { abortJob: p.abortJob === true })));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
 

@@ -15,6 +15,9 @@
  *                               (no RWF_NOWAIT): the caller reads in the pool
  *   copyRanges(src, dst, ranges, destIsZero, writeback, dropOffset, dropLength) -> Promise<counts>
  *                               copy ranges file-to-file in a libuv worker thread (below)
+ *   lockDisk(fd, exclusive) -> bool
+ *                               take vmshift's OFD lock on a disk (below); false when another
+ *                               open file holds a conflicting one
  *
  * All calls but copyRanges are synchronous: each is one short syscall (writeInline: one
  * pwrite that normally only copies into the page cache). Failures throw an Error whose `code`
@@ -506,6 +509,33 @@ static napi_value CopyRanges(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * One writer per disk: a shim holds an OFD lock (fcntl F_OFD_SETLK, owned by the open file,
+ * released when it is closed or the process dies) on one byte of the disk file, write-locked
+ * when it serves read-write, read-locked when read-only. QEMU locks bytes 100+ and 200+ of
+ * the images it opens (file-posix.c, one byte per permission) and only tests those bytes, so
+ * this byte is left alone by QEMU and QEMU's are left alone by vmshift: detach can hand the
+ * file back to QEMU while the shim still holds it. flock() would not do: on NFS it becomes a
+ * whole-file POSIX lock and conflicts with QEMU's. Locks past the end of a file are allowed.
+ */
+#define VMSHIFT_LOCK_BYTE 0x766d7368LL /* "vmsh" */
+
+static napi_value LockDisk(napi_env env, napi_callback_info info) {
+  int64_t a[2];
+  if (!get_ints(env, info, 2, a, "lockDisk")) return NULL;
+  struct flock fl = { .l_type = a[1] ? F_WRLCK : F_RDLCK, .l_whence = SEEK_SET, .l_start = VMSHIFT_LOCK_BYTE, .l_len = 1, .l_pid = 0 };
+  napi_value r;
+  if (fcntl((int)a[0], F_OFD_SETLK, &fl) == 0) {
+    napi_get_boolean(env, true, &r);
+    return r;
+  }
+  if (errno == EAGAIN || errno == EACCES) {
+    napi_get_boolean(env, false, &r);
+    return r;
+  }
+  return throw_errno(env, "lockDisk", errno);
+}
+
+/*
  * alignedBuffer(length): a Buffer of its own pages (mmap), page-aligned, unmapped when the GC
  * frees it. The NBD server's pool buffers (src/nbd/buffer-pool.ts): the kernel copies into
  * and out of them (pread, socket reads, pwrite), and its copy runs ~2.4x the CPU when the
@@ -546,6 +576,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "writeInline", NULL, WriteInline, NULL, NULL, NULL, napi_enumerable, NULL },
     { "readInline", NULL, ReadInline, NULL, NULL, NULL, napi_enumerable, NULL },
     { "copyRanges", NULL, CopyRanges, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "lockDisk", NULL, LockDisk, NULL, NULL, NULL, napi_enumerable, NULL },
     { "alignedBuffer", NULL, AlignedBuffer, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

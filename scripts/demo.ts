@@ -30,8 +30,8 @@ async function main(): Promise<void> {
   const env = { ...process.env, VMSHIFT_SOCKET: api };
   const cli = async (...args: string[]) => (await run(vmshift, args, { env })).stdout;
 
-  say('starting vmshiftd (state and sockets in a temp dir)');
-  const daemon = startDaemon(join(root, 'bin/vmshiftd'), ['--socket', api, '--state-dir', join(dir, 'state'), '--run-dir', join(dir, 'run')]);
+  say('starting vmshiftd (state and sockets in a temp dir; it may serve disks in the two datastores only)');
+  const daemon = startDaemon(join(root, 'bin/vmshiftd'), ['--socket', api, '--state-dir', join(dir, 'state'), '--run-dir', join(dir, 'run'), '--config', join(dir, 'no-config.json'), '--datastore', dsA, '--datastore', dsB]);
   await waitForSocket(api, daemon, 30000);
   // Shims are detached processes that outlive the daemon by design: stop any left on failure.
   onCleanup(async () => {

@@ -1,7 +1,9 @@
 // vmshiftd's API: the methods on its unix socket (JSON lines, see src/control/protocol.ts).
 //   ping                                   -> {pong, pid, version}
-//   shim.start {name, source, export?, track?, group?}  start (idempotent for name+source)
-//   shim.stop  {name, force?}              SIGTERM the shim, wait, drop its record
+//   shim.start {name, source, export?, track?, group?, startedBy?}  start (idempotent for name+source);
+//                                          source only from the allowed datastores
+//   shim.stop  {name, force?, startedBy?}  SIGTERM the shim, wait, drop its record (with
+//                                          startedBy: only a shim that caller started)
 //   shim.restart {name, abortJob?}         swap the shim's process under a running guest (a
 //                                          stall: QEMU reconnects); refused during a job
 //                                          unless abortJob; answers with the measured stall
@@ -56,11 +58,12 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
         export: optional(p, 'export'),
         track: optional(p, 'track', ['bitmap', 'bloom', 'none'] as const),
         group: optional(p, 'group'),
+        startedBy: optional(p, 'startedBy'),
       }),
     ),
   );
 
-  server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true)));
+  server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true, optional(p, 'startedBy'))));
 
   server.on('shim.restart', (p) => guard(() => sup.restart(str(p, 'name'), { abortJob: p.abortJob === true })));
 
@@ -78,6 +81,7 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
       if (typeof params.to !== 'string' || !(params.to.startsWith('/') || isNbdUri(params.to))) {
         throw new ControlError('bad-request', `job.start: "to" must be an absolute path or an NBD URI, not ${JSON.stringify(params.to)}`);
       }
+      await sup.checkDestination(params.to);
       const follow = params.follow !== false;
       log.info({ shim: name, to: params.to, mode: params.mode ?? 'auto' }, 'job starting');
       // The caller going away stops the relay, not the job (abort it with job.abort).

@@ -2,7 +2,9 @@
 // (adopt, restart, finish stops), then answers the API on a root-only unix socket until
 // SIGTERM/SIGINT. Stopping the daemon never stops shims: they are separate processes (and the
 // systemd unit uses KillMode=process), so guests keep their disks while vmshiftd restarts.
-import { chmod, mkdir, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
+import { ensureDir } from '../util/trusted-fs.ts';
+import { DEFAULT_POLICY, type SourcePolicy } from './datastores.ts';
 import { vmshiftBin } from '../util/paths.ts';
 import pino, { type Logger } from 'pino';
 import { ControlServer } from '../control/server.ts';
@@ -20,6 +22,8 @@ export interface DaemonOptions {
   log?: Logger;
   /** argv that runs the vmshift CLI; default: this checkout's bin/vmshift. */
   vmshiftCommand?: string[];
+  /** What shims may serve (src/daemon/config.ts loads it; default DEFAULT_POLICY). */
+  policy?: SourcePolicy;
 }
 
 export function defaultLogger(): Logger {
@@ -41,13 +45,15 @@ export class Daemon {
     const running = await controlCall<{ pid: number }>(opts.socket, 'ping', {}, { timeoutMs: 2000 }).catch(() => undefined);
     if (running) throw new Error(`another vmshiftd (pid ${running.pid}) already answers on ${opts.socket}`);
 
-    await mkdir(opts.stateDir, { recursive: true, mode: 0o700 });
-    await mkdir(opts.runDir, { recursive: true });
-    await chmod(opts.runDir, 0o755);
+    // Both are refused when someone else owns them or could write them (or a parent of them):
+    // whoever could plant a file or symlink there could steer root.
+    await ensureDir(opts.stateDir, { mode: 0o700 }, "vmshiftd's state");
+    await ensureDir(opts.runDir, { mode: 0o755 }, 'shim sockets');
     const registry = await Registry.load(opts.stateDir);
     const vmshiftCommand = opts.vmshiftCommand ?? [vmshiftBin];
-    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand });
-    log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length }, 'vmshiftd starting');
+    const policy = opts.policy ?? DEFAULT_POLICY;
+    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand, policy });
+    log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length, datastores: policy.datastores, allowNbdSources: policy.allowNbd }, 'vmshiftd starting');
     await supervisor.adoptAll();
 
     const server = new ControlServer();

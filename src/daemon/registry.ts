@@ -19,6 +19,8 @@ export const ShimRecordSchema = z.object({
   socket: z.string().min(1),
   statePath: z.string().min(1),
   logPath: z.string().min(1),
+  /** Who started it (`libvirt:UUID` for a domain's hook), or null when started by hand: only it may stop the shim by naming itself. */
+  startedBy: z.string().nullable().default(null),
   /** What the operator wants: a `stopped` record is dropped once its process is gone. */
   desired: z.enum(['running', 'stopped']),
   pid: z.number().int().positive().nullable(),

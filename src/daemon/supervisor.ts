@@ -4,8 +4,8 @@
 // and should run, and finishes stops that were interrupted; while it runs it restarts shims
 // that die, with a growing delay so a shim that cannot start does not spin.
 import { spawn } from 'node:child_process';
-import { appendFileSync, openSync, closeSync } from 'node:fs';
-import { chmod, chown, mkdir, readFile, rm, unlink } from 'node:fs/promises';
+import { constants, openSync, closeSync, writeSync } from 'node:fs';
+import { lchown, readFile, rm, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { controlCall } from '../control/client.ts';
@@ -14,6 +14,8 @@ import { controlSocketFor } from '../shim/shim.ts';
 import { loadShimState } from '../shim/state.ts';
 import { Registry, checkName, checkSource, type ShimRecord } from './registry.ts';
 import { findShimProcess, isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
+import { DEFAULT_POLICY, SourceNotAllowedError, checkDestination, diskId, resolveSource, type ResolvedSource, type SourcePolicy } from './datastores.ts';
+import { ensureDir } from '../util/trusted-fs.ts';
 
 export interface SupervisorOptions {
   stateDir: string;
@@ -25,6 +27,8 @@ export interface SupervisorOptions {
   /** How long a SIGTERMed shim may take to flush and exit before SIGKILL. */
   stopTimeoutMs?: number;
   watchIntervalMs?: number;
+  /** What shims may serve (default: DEFAULT_POLICY, the usual datastores, no NBD). */
+  policy?: SourcePolicy;
 }
 
 export interface StartRequest {
@@ -33,6 +37,8 @@ export interface StartRequest {
   export?: string;
   track?: 'bitmap' | 'bloom' | 'none';
   group?: string | null;
+  /** Who asked (e.g. `libvirt:UUID`): a stop that names someone else is refused. */
+  startedBy?: string | null;
 }
 
 /** Unix socket paths longer than this do not fit in sockaddr_un. */
@@ -145,26 +151,72 @@ export class Supervisor {
 
   // ---- the API's operations -------------------------------------------------------------
 
+  private get policy(): SourcePolicy {
+    return this.opts.policy ?? DEFAULT_POLICY;
+  }
+
+  /** A source resolved and checked against the allowed datastores (a `forbidden` error when not). */
+  private async resolve(source: string, role?: string): Promise<ResolvedSource> {
+    try {
+      return await resolveSource(source, this.policy, role);
+    } catch (e) {
+      throw e instanceof SourceNotAllowedError ? new ControlError(e.code, e.message) : e;
+    }
+  }
+
+  /** A job's destination must lie in an allowed datastore too: the shim serves it afterwards. */
+  async checkDestination(to: string): Promise<void> {
+    try {
+      await checkDestination(to, this.policy);
+    } catch (e) {
+      throw e instanceof SourceNotAllowedError ? new ControlError(e.code, e.message) : e;
+    }
+  }
+
+  /** The disks a record stands for: its origin and where its state file says it lives now. */
+  private async diskIds(rec: ShimRecord): Promise<Set<string | undefined>> {
+    const backing = (await loadShimState(rec.statePath).catch(() => undefined))?.backing;
+    return new Set([await diskId(rec.source), backing ? await diskId(backing) : undefined]);
+  }
+
   start(req: StartRequest): Promise<{ shim: ShimRecord; already: boolean }> {
     const name = checkName(req.name);
-    const source = checkSource(req.source);
+    const requested = checkSource(req.source);
+    const startedBy = req.startedBy ?? null;
     const wanted = { export: req.export ?? 'disk', track: req.track ?? 'bitmap', group: req.group ?? null } as const;
     return this.withLock(name, async () => {
       const existing = this.registry.get(name);
       if (existing) {
-        if (existing.source !== source) {
-          throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${source}: stop it first or pick another name`);
+        // The recorded spelling is the same shim even if the file has moved on since (launch
+        // checks what it will serve); any other is compared as a disk, by device and inode.
+        if (existing.source !== requested) {
+          const { canonical, id } = await this.resolve(requested);
+          if (existing.source !== canonical && !(await this.diskIds(existing)).has(id)) {
+            throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${canonical}: stop it first or pick another name`);
+          }
+        }
+        if (startedBy && existing.startedBy && existing.startedBy !== startedBy) {
+          throw new ControlError('conflict', `shim "${name}" of ${existing.source} belongs to ${existing.startedBy}, not ${startedBy}`);
         }
         for (const k of ['export', 'track', 'group'] as const) {
           if (existing[k] !== wanted[k]) {
-            throw new ControlError('conflict', `shim "${name}" of ${source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
+            throw new ControlError('conflict', `shim "${name}" of ${existing.source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
           }
         }
-        if (await isShimProcess(existing.pid, existing.socket)) return { shim: existing, already: true };
-        return { shim: await this.launch(existing, true), already: false };
+        // A record from before this was kept is claimed by the first caller that names itself.
+        const claimed = startedBy && !existing.startedBy ? { ...existing, startedBy } : existing;
+        if (claimed !== existing) await this.registry.put(claimed);
+        if (await isShimProcess(claimed.pid, claimed.socket)) return { shim: claimed, already: true };
+        return { shim: await this.launch(claimed, true), already: false };
       }
-      const other = this.registry.list().find((r) => r.source === source);
-      if (other) throw new ControlError('conflict', `${source} is already served by shim "${other.name}": two shims on one disk would corrupt it`);
+      // One disk, one name: the realpath, and the device and inode behind it, not the string.
+      const { canonical: source, id } = await this.resolve(requested);
+      for (const other of this.registry.list()) {
+        if (other.source === source || (await this.diskIds(other)).has(id)) {
+          const spelled = requested === source ? source : `${requested} (${source})`;
+          throw new ControlError('conflict', `${spelled} is already served by shim "${other.name}"${other.source === source ? '' : ` as ${other.source}`}: two shims on one disk would corrupt it`);
+        }
+      }
       const socket = this.socketFor(name);
       if (Buffer.byteLength(controlSocketFor(socket)) > MAX_SOCKET_PATH) {
         throw new ControlError('bad-request', `socket path ${controlSocketFor(socket)} is longer than ${MAX_SOCKET_PATH} bytes: use a shorter --run-dir or name`);
@@ -177,6 +229,7 @@ export class Supervisor {
         socket,
         statePath: join(this.opts.stateDir, 'shims', `${name}.state.json`),
         logPath: join(this.opts.stateDir, 'logs', `${name}.log`),
+        startedBy,
         desired: 'running',
         pid: null,
         startedAt: null,
@@ -194,11 +247,15 @@ export class Supervisor {
     });
   }
 
-  stop(nameIn: string, force = false): Promise<{ name: string; pid: number | null; backing: string }> {
+  /** Stop a shim; with `startedBy`, only when that caller started it (a hook never stops another domain's). */
+  stop(nameIn: string, force = false, startedBy?: string): Promise<{ name: string; pid: number | null; backing: string }> {
     const name = checkName(nameIn);
     return this.withLock(name, async () => {
       const rec = this.registry.get(name);
       if (!rec) throw new ControlError('unknown-shim', `no shim named "${name}"`);
+      if (startedBy && rec.startedBy !== startedBy) {
+        throw new ControlError('conflict', `shim "${name}" of ${rec.source} belongs to ${rec.startedBy ?? 'nobody (started by hand)'}, not ${startedBy}: left running`);
+      }
       const alive = await isShimProcess(rec.pid, rec.socket);
       if (alive && !force) {
         const job = await controlCall<{ job: string | null }>(controlSocketFor(rec.socket), 'status', {}, { timeoutMs: 5000 }).then((s) => s.job, () => null);
@@ -378,13 +435,22 @@ export class Supervisor {
   /** Spawn `vmshift serve` for a record, wait until it answers, and record its PID. */
   private async launch(rec: ShimRecord, restart: boolean): Promise<ShimRecord> {
     await this.prepareDirs(rec);
+    // What the shim will serve: its state file's backing (read only if root's and private)
+    // when it has one, checked against the datastores like any source.
+    let state;
+    try {
+      state = await loadShimState(rec.statePath);
+    } catch (e) {
+      throw new ControlError('shim-failed', `shim "${rec.name}": ${(e as Error).message}`);
+    }
+    await this.resolve(state?.backing ?? rec.source, state ? `backing recorded in ${rec.statePath}` : 'source');
     const [cmd, ...pre] = this.opts.vmshiftCommand;
     const args = [...pre, 'serve', rec.source, '--socket', rec.socket, '--export', rec.export, '--track', rec.track, '--state', rec.statePath, '--socket-mode', rec.group ? '0660' : '0600'];
-    // A marker line lets an error quote this run's output, not an older run's.
-    appendFileSync(rec.logPath, `${LOG_MARK}${new Date().toISOString()} ${rec.source}\n`, { mode: 0o600 });
-    const out = openSync(rec.logPath, 'a', 0o600);
+    const out = openSync(rec.logPath, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
     let pid: number | undefined;
     try {
+      // A marker line lets an error quote this run's output, not an older run's.
+      writeSync(out, `${LOG_MARK}${new Date().toISOString()} ${rec.source}\n`);
       const child = spawn(cmd!, args, { detached: true, stdio: ['ignore', out, out], cwd: '/' });
       pid = child.pid;
       child.on('error', () => {}); // reported below as "exited before answering"
@@ -400,7 +466,7 @@ export class Supervisor {
     this.log.info({ shim: rec.name, shimPid: pid, source: rec.source, socket: rec.socket, restart }, 'shim spawned');
     try {
       await this.waitReady(next);
-      if (rec.group) await chown(rec.socket, -1, await resolveGroup(rec.group));
+      if (rec.group) await lchown(rec.socket, process.geteuid?.() ?? 0, await resolveGroup(rec.group));
     } catch (e) {
       this.health.set(rec.name, { failures: h.failures + 1, nextAttemptAt: Date.now() + Math.min(60_000, 1000 * 2 ** h.failures), upSince: 0 });
       if (await processAlive(pid)) await this.terminate(next);
@@ -412,17 +478,14 @@ export class Supervisor {
   }
 
   /** Per-shim socket dir: QEMU's group may enter it (setgid so the socket gets the group too). */
+  // Each checked for owner and mode and changed through an O_NOFOLLOW handle (ensureDir): a
+  // symlink planted in the run dir is refused, never followed to chown what it points at.
   private async prepareDirs(rec: ShimRecord): Promise<void> {
-    await mkdir(join(this.opts.stateDir, 'shims'), { recursive: true, mode: 0o700 });
-    await mkdir(join(this.opts.stateDir, 'logs'), { recursive: true, mode: 0o700 });
+    await ensureDir(join(this.opts.stateDir, 'shims'), { mode: 0o700 });
+    await ensureDir(join(this.opts.stateDir, 'logs'), { mode: 0o700 });
     const dir = join(this.opts.runDir, rec.name);
-    await mkdir(dir, { recursive: true });
-    if (rec.group) {
-      await chown(dir, -1, await resolveGroup(rec.group));
-      await chmod(dir, 0o2750);
-    } else {
-      await chmod(dir, 0o700);
-    }
+    if (rec.group) await ensureDir(dir, { mode: 0o2750, gid: await resolveGroup(rec.group) }, 'a shim socket');
+    else await ensureDir(dir, { mode: 0o700 }, 'a shim socket');
   }
 
   private async waitReady(rec: ShimRecord): Promise<void> {

@@ -6,8 +6,10 @@
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
 //     "reconnectDelay": 30,               // VDSM: seconds QEMU holds I/O while a shim restarts
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
-import { readFile } from 'node:fs/promises';
+// It tells a root hook which daemon to talk to and how to rewrite paths, so it is read only
+// when root owns it and nobody else may write it (src/util/trusted-fs.ts).
 import { z } from 'zod';
+import { loadConfigFile } from '../util/config-file.ts';
 import { DEFAULT_RECONNECT_DELAY_S, MAX_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
 
 export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
@@ -25,26 +27,8 @@ const HookConfigSchema = z
   .strict();
 export type HookConfig = z.infer<typeof HookConfigSchema>;
 
-export async function loadHookConfig(path = process.env.VMSHIFT_HOOK_CONFIG || DEFAULT_HOOK_CONFIG): Promise<HookConfig> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return HookConfigSchema.parse({});
-    throw new Error(`${path}: ${(e as Error).message}`);
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (e) {
-    throw new Error(`${path}: not JSON: ${(e as Error).message}`);
-  }
-  const parsed = HookConfigSchema.safeParse(raw);
-  if (!parsed.success) {
-    const i = parsed.error.issues[0]!;
-    throw new Error(`${path}: ${i.path.join('.') || 'top level'}: ${i.message}`);
-  }
-  return parsed.data;
+export function loadHookConfig(path = process.env.VMSHIFT_HOOK_CONFIG || DEFAULT_HOOK_CONFIG): Promise<HookConfig> {
+  return loadConfigFile(path, HookConfigSchema);
 }
 
 /**

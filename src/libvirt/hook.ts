@@ -73,7 +73,7 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     const socket = daemonSocket(config.daemonSocket);
     switch (args.op) {
       case 'prepare':
-        await startOrUndo(plan, socket, await defaultGroup(config.group), say);
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group))) say(l);
         return 0;
       case 'reconnect':
         for (const l of await startShims(plan, socket, await defaultGroup(config.group))) say(l);
@@ -96,16 +96,6 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     }
     say(`warning: ${msg}`);
     return 0;
-  }
-}
-
-/** Start all shims or none: a half-started domain would not boot anyway. */
-async function startOrUndo(plan: DomainShims, socket: string, group: string | null, say: (l: string) => void): Promise<void> {
-  try {
-    for (const l of await startShims(plan, socket, group)) say(l);
-  } catch (e) {
-    await stopShims(plan, socket).catch(() => {});
-    throw e;
   }
 }
 

@@ -1,6 +1,9 @@
 // Starting and stopping a domain's shims through vmshiftd (hooks and verbs share this). The
 // daemon picks each shim's socket; the domain's XML already names one (written by
 // `vmshift enable`): if they differ QEMU would connect to nothing, so that is an error.
+// Every shim is started naming its domain (`startedBy: libvirt:UUID`), and stopped only so:
+// a name that happens to match (another domain's shim, one started by hand) is never stopped
+// by this domain's failed start or its release.
 import { readFile } from 'node:fs/promises';
 import { callDaemon } from '../cli/daemon-client.ts';
 import type { DomainShims } from './shim-plan.ts';
@@ -19,15 +22,32 @@ export async function defaultGroup(configured: string | null | undefined): Promi
   return groups.split('\n').some((l) => l.startsWith(`${QEMU_GROUP}:`)) ? QEMU_GROUP : null;
 }
 
-/** Make every shim of the domain run (idempotent); returns one line per disk for logs. */
+/** Who started a domain's shims, in vmshiftd's registry. */
+export function startedBy(plan: DomainShims): string {
+  return `libvirt:${plan.uuid || plan.domain}`;
+}
+
+/**
+ * Make every shim of the domain run (idempotent); returns one line per disk for logs. All or
+ * none: when one fails, the shims this call started are stopped again (not those that already
+ * ran: they serve a running guest), and the error is rethrown.
+ */
 export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null): Promise<string[]> {
   const lines: string[] = [];
-  for (const d of plan.disks) {
-    const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group });
-    if (r.shim.socket !== d.socket) {
-      throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
+  const started: string[] = [];
+  const by = startedBy(plan);
+  try {
+    for (const d of plan.disks) {
+      const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, startedBy: by });
+      if (!r.already) started.push(d.name);
+      if (r.shim.socket !== d.socket) {
+        throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
+      }
+      lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
     }
-    lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
+  } catch (e) {
+    for (const name of started.reverse()) await callDaemon(daemonSocket, 'shim.stop', { name, startedBy: by }).catch(() => {});
+    throw e;
   }
   return lines;
 }
@@ -38,7 +58,7 @@ export async function stopShims(plan: DomainShims, daemonSocket: string): Promis
   const known = new Set((await callDaemon<{ shims: Array<{ name: string }> }>(daemonSocket, 'shim.list')).shims.map((s) => s.name));
   for (const d of plan.disks) {
     if (!known.has(d.name)) continue;
-    await callDaemon(daemonSocket, 'shim.stop', { name: d.name });
+    await callDaemon(daemonSocket, 'shim.stop', { name: d.name, startedBy: startedBy(plan) });
     lines.push(`${d.dev}: shim '${d.name}' stopped`);
   }
   return lines;

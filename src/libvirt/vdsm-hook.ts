@@ -56,12 +56,8 @@ export async function beforeVmStart(env: NodeJS.ProcessEnv, log: (line: string) 
     }
     const plan = planShims(next)!;
     const socket = daemonSocket(config.daemonSocket);
-    try {
-      for (const l of await startShims(plan, socket, await defaultGroup(config.group))) log(l);
-    } catch (e) {
-      await stopShims(plan, socket).catch(() => {});
-      throw e;
-    }
+    // All or none (startShims undoes only what it started).
+    for (const l of await startShims(plan, socket, await defaultGroup(config.group))) log(l);
     // Only once the shims serve: a VM must not start on sockets nobody listens on.
     if (next !== xml) await writeFile(path, next);
     return 0;

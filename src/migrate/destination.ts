@@ -9,6 +9,7 @@ import type { BlockDevice, DeviceCaps } from '../block/device.ts';
 import { openDevice, isNbdUri } from '../block/open.ts';
 import { ControlError } from '../control/protocol.ts';
 import { parseNbdUri } from '../nbd/uri.ts';
+import { DiskBusyError, lockDisk } from '../shim/disk-lock.ts';
 
 export interface Destination {
   device: BlockDevice;
@@ -70,6 +71,7 @@ async function openFile(path: string, disk: DiskFacts, beforeCreate: (path: stri
     if (!isNbdUri(disk.backing) && (await samePath(path, disk.backing))) fail('same-disk', `destination ${path} is the disk's current backing`);
     if (!existing.isFile() && !existing.isBlockDevice()) fail('bad-destination', `destination ${path} is not a regular file or block device`);
     await access(path, fsc.W_OK).catch(() => fail('unwritable', `destination ${path} is not writable`));
+    await checkNotServed(path);
   } else {
     const dir = dirname(path);
     const d = await stat(dir).catch(() => fail('unwritable', `destination directory ${dir} does not exist`));
@@ -85,6 +87,18 @@ async function openFile(path: string, disk: DiskFacts, beforeCreate: (path: stri
     return fail('unwritable', `destination ${path} cannot be opened for writing: ${(e as Error).message}`);
   }
   return { device, spec: path, created: !existing, initiallyZero: !existing };
+}
+
+/**
+ * An existing file another shim serves would be overwritten under its guest: refuse before
+ * copying anything. (The switch-over takes the lock for good, so one that starts meanwhile
+ * fails the job there, before the commit.)
+ */
+async function checkNotServed(path: string): Promise<void> {
+  const lock = await lockDisk(await realpath(path), false).catch((e) =>
+    e instanceof DiskBusyError ? fail('in-use', `destination ${path} is served by another vmshift shim: moving this disk onto it would overwrite that guest's disk`) : fail('unwritable', `destination ${path}: ${(e as Error).message}`),
+  );
+  await lock.release();
 }
 
 /** Size and capabilities: the swap must not change what the shim's clients were promised. */

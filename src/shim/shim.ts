@@ -2,15 +2,20 @@
 //     NbdServer -> Gate -> Tracker -> bottom device (file or NBD export)
 // plus its control socket (`<socket>.ctl`) and its durable state (`<socket>.state.json` by
 // default). Jobs (storage migration) change the stack below the Gate only while it is
-// paused, and record a new backing durably before they swap it in.
+// paused, and record a new backing durably before they swap it in. While it serves a file
+// or block device it holds that disk's one-writer lock (disk-lock.ts), and moves the lock to
+// the destination at a switch-over.
+import { realpath } from 'node:fs/promises';
 import type { BlockDevice } from '../block/device.ts';
 import { Gate } from '../block/gate.ts';
 import { Tracker } from '../block/tracker.ts';
-import { openDevice } from '../block/open.ts';
+import { isNbdUri, openDevice } from '../block/open.ts';
+import { lockDisk, type DiskLock } from './disk-lock.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { ControlServer } from '../control/server.ts';
 import { ControlError } from '../control/protocol.ts';
 import { loadShimState, prepareShimState, saveShimState, type ShimState } from './state.ts';
+import type { PreparedFile } from '../util/atomic-file.ts';
 import { registerMigrationMethods } from '../migrate/control.ts';
 
 export type TrackKind = 'bitmap' | 'bloom' | 'none';
@@ -57,6 +62,7 @@ export class Shim {
     readonly server: NbdServer,
     readonly control: ControlServer,
     private bottomDevice: BlockDevice,
+    private lock: DiskLock | undefined,
     readonly startedAt = Date.now(),
   ) {}
 
@@ -75,8 +81,15 @@ export class Shim {
     }
     const now = new Date().toISOString();
     state ??= { version: 1, origin: opts.source, backing: opts.source, updatedAt: now, history: [] };
-    const bottom = await openDevice(state.backing, { readOnly: opts.readOnly });
-    if (!opts.readOnly) await saveShimState(opts.statePath, state);
+    const lock = await lockBacking(state.backing, opts.readOnly);
+    let bottom: BlockDevice;
+    try {
+      bottom = await openDevice(state.backing, { readOnly: opts.readOnly });
+      if (!opts.readOnly) await saveShimState(opts.statePath, state);
+    } catch (e) {
+      await lock?.release();
+      throw e;
+    }
     const gate = new Gate(new Tracker(bottom, { kind: opts.track, granularity: opts.granularity, heat: true }));
     const server = new NbdServer({
       exports: [{ name: opts.exportName, description: `vmshift shim of ${state.origin}`, device: gate }],
@@ -86,7 +99,7 @@ export class Shim {
       limits: opts.nbdLimits?.maxConnectionBytes ? { maxInFlightBytes: opts.nbdLimits.maxConnectionBytes } : undefined,
     });
     const control = new ControlServer();
-    const shim = new Shim(opts, gate, state, server, control, bottom);
+    const shim = new Shim(opts, gate, state, server, control, bottom, lock);
     try {
       await server.listenUnix(opts.socket, opts.socketMode ?? 0o600);
       if (opts.tcp) await server.listenTcp(opts.tcp.host, opts.tcp.port);
@@ -138,13 +151,28 @@ export class Shim {
   async prepareBacking(spec: string): Promise<{ commit(): Promise<void>; discard(): Promise<void> }> {
     const at = new Date().toISOString();
     const next: ShimState = { ...this.state, backing: spec, updatedAt: at, history: [...this.state.history, { from: this.state.backing, to: spec, at }] };
-    const file = await prepareShimState(this.opts.statePath, next);
+    // The destination is locked before the stall, so a disk another shim serves is refused
+    // while the guest still runs on its source.
+    const lock = await lockBacking(spec, this.opts.readOnly);
+    let file: PreparedFile;
+    try {
+      file = await prepareShimState(this.opts.statePath, next);
+    } catch (e) {
+      await lock?.release();
+      throw e;
+    }
     return {
       commit: async () => {
         await file.commit();
         this.state = next;
+        const old = this.lock;
+        this.lock = lock;
+        await old?.release();
       },
-      discard: () => file.discard(),
+      discard: async () => {
+        await file.discard();
+        await lock?.release();
+      },
     };
   }
 
@@ -183,6 +211,14 @@ export class Shim {
     let flushError: Error | undefined;
     if (!this.opts.readOnly) await this.gate.flush().catch((e: Error) => { flushError = e; });
     await this.gate.close().catch(() => {});
+    await this.lock?.release();
     if (flushError) throw new Error(`the flush before stopping failed: ${flushError.message}`);
   }
+}
+
+/** The one-writer lock on a file or block device backing (none for an NBD export). */
+async function lockBacking(backing: string, readOnly: boolean): Promise<DiskLock | undefined> {
+  if (isNbdUri(backing)) return undefined;
+  const real = await realpath(backing).catch(() => undefined);
+  return real === undefined ? undefined : lockDisk(real, readOnly); // a missing file: openDevice says so
 }

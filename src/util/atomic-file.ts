@@ -1,8 +1,16 @@
 // Durable small-file replacement: write a temp file, fsync it, rename over the target, fsync
 // the directory. After a crash the file holds either the old or the new content, never a mix:
 // this is how a switch-over records its new backing before it swaps devices.
-import { open, rename, unlink, readFile } from 'node:fs/promises';
+// The temp file is private from its creation (O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, an
+// unguessable name): nothing planted beside the target can be written through, and what is
+// read back is read only from files root may trust (src/util/trusted-fs.ts).
+import { constants } from 'node:fs';
+import { open, rename, unlink } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
 import { dirname, basename, join } from 'node:path';
+import { readTrustedFile } from './trusted-fs.ts';
+
+const CREATE_PRIVATE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
 
 export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<void> {
   await (await prepareFileAtomic(path, data, mode)).commit();
@@ -22,8 +30,8 @@ export interface PreparedFile {
  * the directory sync (one journal commit, not two) fall inside the stall.
  */
 export async function prepareFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<PreparedFile> {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
-  const fh = await open(tmp, 'w', mode);
+  const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(8).toString('hex')}.tmp`);
+  const fh = await open(tmp, CREATE_PRIVATE, mode);
   try {
     await fh.writeFile(data);
     await fh.sync();
@@ -44,7 +52,7 @@ export async function prepareFileAtomic(path: string, data: string | Buffer, mod
         await unlink(tmp).catch(() => {});
         throw e;
       }
-      const dir = await open(dirname(path), 'r');
+      const dir = await open(dirname(path), constants.O_RDONLY | constants.O_DIRECTORY);
       try {
         await dir.sync();
       } finally {
@@ -59,10 +67,11 @@ export async function prepareFileAtomic(path: string, data: string | Buffer, mod
   };
 }
 
-/** Read and parse a JSON file; undefined when it does not exist. */
+/** Read and parse a JSON file we may trust (owner, mode, no symlink); undefined when it does not exist. */
 export async function readJsonIfExists<T>(path: string): Promise<T | undefined> {
   try {
-    return JSON.parse(await readFile(path, 'utf8')) as T;
+    const data = await readTrustedFile(path);
+    return data === undefined ? undefined : (JSON.parse(data.toString('utf8')) as T);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw new Error(`${path}: cannot read state: ${(e as Error).message}`);

@@ -50,7 +50,8 @@ export function vmshiftHost(prefix = 'vlh-'): VmshiftHost {
     dir, api, stateDir, runDir, shims,
     env: { ...process.env, VMSHIFT_SOCKET: api, VMSHIFT_RUN_DIR: runDir, VMSHIFT_HOOK_CONFIG: join(dir, 'no-hooks.json') },
     async start() {
-      const d = startDaemon(VMSHIFTD, ['--socket', api, '--state-dir', stateDir, '--run-dir', runDir]);
+      // The test's own dir is its only datastore (and no host config file is read).
+      const d = startDaemon(VMSHIFTD, ['--socket', api, '--state-dir', stateDir, '--run-dir', runDir, '--config', join(dir, 'no-vmshiftd.json'), '--datastore', dir]);
       await waitForSocket(api, d, 60_000);
       return d;
     },

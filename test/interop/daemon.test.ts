@@ -52,8 +52,13 @@ function records(h: Host): ShimRecord[] {
   }
 }
 
+/** The test's own dir is its only datastore (and no host config file is read). */
+function daemonArgs(h: Host, over: { stateDir?: string } = {}): string[] {
+  return ['--socket', h.api, '--state-dir', over.stateDir ?? h.stateDir, '--run-dir', h.runDir, '--config', join(h.dir, 'no-vmshiftd.json'), '--datastore', h.dir];
+}
+
 async function startVmshiftd(h: Host): Promise<Daemon> {
-  const d = startDaemon(vmshiftd, ['--socket', h.api, '--state-dir', h.stateDir, '--run-dir', h.runDir]);
+  const d = startDaemon(vmshiftd, daemonArgs(h));
   await waitForSocket(h.api, d, 60_000);
   return d;
 }
@@ -244,7 +249,8 @@ test('bad input: clear errors, nothing recorded', async () => {
 
   const missing = await cli(h, ['shim-start', 'vmm', join(h.dir, 'nope.raw')]);
   assert.is(missing.code, 1);
-  assert.match(missing.stderr, /shim "vmm" \(pid \d+\) exited before serving .*nope\.raw.*nope\.raw/);
+  assert.match(missing.stderr, /source .*nope\.raw: no such file/);
+  assert.not.ok(records(h).some((r) => r.name === 'vmm'), 'nothing recorded');
 
   const unknown = await cli(h, ['shim-stop', 'ghost', '--json']);
   assert.is(unknown.code, 1);
@@ -254,6 +260,7 @@ test('bad input: clear errors, nothing recorded', async () => {
   assert.match(noGroup?.message ?? '', /unknown group "no-such-group-here"/);
 
   await shimStart(h, 'vmx', file);
+  writeFileSync(join(h.dir, 'other.raw'), Buffer.alloc(MiB)); // another disk that exists: the name is what conflicts
   const other = await cli(h, ['shim-start', 'vmx', join(h.dir, 'other.raw')]);
   assert.is(other.code, 1);
   assert.match(other.stderr, /shim "vmx" already serves .*x\.raw, not .*other\.raw/);
@@ -270,13 +277,13 @@ test('bad input: clear errors, nothing recorded', async () => {
 test('corrupt registry: the daemon refuses to start and names the file; a second daemon on the same socket is refused', async () => {
   const h = host();
   const d = await startVmshiftd(h);
-  const second = await runStatus(vmshiftd, ['--socket', h.api, '--state-dir', join(h.dir, 'other'), '--run-dir', h.runDir]);
+  const second = await runStatus(vmshiftd, daemonArgs(h, { stateDir: join(h.dir, 'other') }));
   assert.is(second.code, 1);
   assert.match(second.stderr, new RegExp(`another vmshiftd \\(pid ${d.pid}\\) already answers on ${h.api}`));
   await d.stop();
 
   writeFileSync(join(h.stateDir, 'vmshiftd.json'), '{"version":1,"shims":[{"name":"vm1"');
-  const r = await runStatus(vmshiftd, ['--socket', h.api, '--state-dir', h.stateDir, '--run-dir', h.runDir]);
+  const r = await runStatus(vmshiftd, daemonArgs(h));
   assert.is(r.code, 1);
   assert.match(r.stderr, new RegExp(`${h.stateDir}/vmshiftd.json: corrupt registry .*will not start`));
   assert.not.ok(existsSync(h.api), 'nothing listens');

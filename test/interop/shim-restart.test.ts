@@ -59,7 +59,8 @@ onCleanup(async () => {
 const cli = (args: string[]) => runStatus(VMSHIFT, [...args, '--daemon-socket', api], { env });
 
 async function startVmshiftd(): Promise<Daemon> {
-  const d = startDaemon(VMSHIFTD, ['--socket', api, '--state-dir', stateDir, '--run-dir', runDir], { env });
+  // The test's dir is the only datastore; one test serves an nbdkit export.
+  const d = startDaemon(VMSHIFTD, ['--socket', api, '--state-dir', stateDir, '--run-dir', runDir, '--config', join(dir, 'no-vmshiftd.json'), '--datastore', dir, '--allow-nbd-sources'], { env });
   await waitForSocket(api, d, 60_000);
   return d;
 }

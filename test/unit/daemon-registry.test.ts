@@ -18,6 +18,7 @@ function record(name: string, over: Partial<ShimRecord> = {}): ShimRecord {
     socket: `/run/vmshift/${name}/nbd.sock`,
     statePath: `/var/lib/vmshift/shims/${name}.state.json`,
     logPath: `/var/lib/vmshift/logs/${name}.log`,
+    startedBy: null,
     desired: 'running',
     pid: 1234,
     startedAt: new Date().toISOString(),

@@ -17,7 +17,7 @@
 //   - at most `maxConnections` at once; one more gets a `busy` error and is closed.
 import { createServer, type Server, type Socket } from 'node:net';
 import { ControlError, LineSplitter, type ControlReply, type ControlRequest } from './protocol.ts';
-import { listenUnixPrivate, removeStaleSocket } from '../util/unix-listen.ts';
+import { checkSocketDir, listenUnixPrivate, removeStaleSocket } from '../util/unix-listen.ts';
 
 export interface CallContext {
   /** Send an event line to this caller (no-op once it has gone). */
@@ -57,8 +57,9 @@ export class ControlServer {
     return this;
   }
 
-  /** Listen on `path`, born with `mode`; a stale socket is replaced, a live one refused. */
+  /** Listen on `path`, born with `mode`, in a directory only root or we control; a stale socket is replaced, a live one refused. */
   async listen(path: string, mode = 0o600): Promise<void> {
+    checkSocketDir(path, 'control server');
     await removeStaleSocket(path, 'control server');
     const server = createServer((s) => this.accept(s));
     this.server = server;

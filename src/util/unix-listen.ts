@@ -11,7 +11,8 @@
 // but libuv unlinks the path it bound when the server closes, which would then be the wrong
 // one.
 import { connect, type Server } from 'node:net';
-import { lstatSync, unlinkSync } from 'node:fs';
+import { lstatSync, statSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
 
 /** Bind `server` to `path` with `mode` from creation (see above); resolves once listening. */
 export function listenUnixPrivate(server: Server, path: string, mode: number): Promise<void> {
@@ -49,4 +50,21 @@ export async function removeStaleSocket(path: string, what = 'server'): Promise<
   });
   if (live) throw new Error(`${what}: another server is listening on ${path}`);
   unlinkSync(path);
+}
+
+/**
+ * Refuse to serve a socket from a directory another user controls: they could remove or
+ * replace it (callers would then talk to them), or have put it there. Node does not expose
+ * SO_PEERCRED, so who may connect is decided by the socket's mode and its directory: the
+ * directory must belong to root or to us and be writable by no one else (a sticky directory
+ * such as /tmp is fine: others cannot remove or rename what we created in it).
+ */
+export function checkSocketDir(path: string, what = 'server'): void {
+  const dir = dirname(path);
+  const st = statSync(dir);
+  const me = process.geteuid?.() ?? 0;
+  if (st.uid !== 0 && st.uid !== me) throw new Error(`${what}: ${dir} belongs to uid ${st.uid}: a socket there could be replaced by its owner; use a directory of root's`);
+  if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
+    throw new Error(`${what}: ${dir} is writable by group or others (mode ${(st.mode & 0o7777).toString(8)}): a socket there could be replaced; chmod go-w it`);
+  }
 }

@@ -5,7 +5,7 @@
 // connections, too many connections and overlong lines.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { chmodSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect, type Socket } from 'node:net';
 import { cleanupAll, onCleanup, run, startDaemon, tempDir, waitForSocket, type Daemon } from '../helpers/proc.ts';
@@ -179,6 +179,20 @@ test('limits: idle connections closed (not one with a watch in flight), connecti
   release();
   await sleep(50);
   assert.match(watcher.lines.join('\n'), /"id":7,"result":"done"/);
+
+  // A directory someone else may write to: the socket could be swapped under its callers.
+  for (const [mode, uid] of [[0o777, 0], [0o755, 65534]]) {
+    const d = tempDir('ctl-dir-');
+    chmodSync(d, mode);
+    chownSync(d, uid, uid);
+    const err = await new ControlServer().listen(join(d, 'c.sock')).then(() => null, (e: Error) => e.message);
+    assert.match(err ?? 'listened', uid ? /belongs to uid 65534/ : /is writable by group or others \(mode 777\)/);
+  }
+  const sticky = tempDir('ctl-dir-');
+  chmodSync(sticky, 0o1777);
+  const inSticky = new ControlServer();
+  await inSticky.listen(join(sticky, 'c.sock'));
+  await inSticky.close();
 
   const big = await open();
   big.s.write('x'.repeat(MAX_LINE + 10));

@@ -14,7 +14,7 @@ import { ConnectionClosed, ProtocolViolation, Wire } from './server-io.ts';
 import { DEFAULT_LIMITS, Transmission, type ServerCounters, type TransmissionLimits } from './server-transmission.ts';
 import { serverTls, type ServerTls, type TlsServerConfig } from './tls.ts';
 import { BufferPool } from './buffer-pool.ts';
-import { listenUnixPrivate, removeStaleSocket } from '../util/unix-listen.ts';
+import { listenUnixPrivate, removeStaleSocket, startListening } from '../util/unix-listen.ts';
 
 export type { ExportSpec } from './server-handshake.ts';
 export type { TlsServerConfig } from './tls.ts';
@@ -88,7 +88,7 @@ export class NbdServer {
   /** Listen on TCP; returns the bound port (pass 0 for an ephemeral one). */
   async listenTcp(host: string, port: number): Promise<number> {
     const server = this.newListener();
-    await listen(server, () => server.listen(port, host));
+    await startListening(server, () => server.listen(port, host));
     this.listeners.push({ server });
     const bound = (server.address() as { port: number }).port;
     this.log.info({ host, port: bound }, 'nbd server listening on tcp');
@@ -177,16 +177,4 @@ export class NbdServer {
     server.on('error', (err) => this.log.error({ err }, 'nbd server: listener error'));
     return server;
   }
-}
-
-function listen(server: Server, start: () => void): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const fail = (err: Error) => reject(err);
-    server.once('error', fail);
-    server.once('listening', () => {
-      server.off('error', fail);
-      resolve();
-    });
-    start();
-  });
 }

@@ -16,6 +16,18 @@ import { dirname } from 'node:path';
 
 /** Bind `server` to `path` with `mode` from creation (see above); resolves once listening. */
 export function listenUnixPrivate(server: Server, path: string, mode: number): Promise<void> {
+  return startListening(server, () => {
+    const old = process.umask(0o777 & ~mode);
+    try {
+      server.listen(path);
+    } finally {
+      process.umask(old);
+    }
+  });
+}
+
+/** Run `start` (some server.listen call); resolves once listening, rejects on its error. */
+export function startListening(server: Server, start: () => void): Promise<void> {
   return new Promise((resolve, reject) => {
     const fail = (err: Error) => reject(err);
     server.once('error', fail);
@@ -23,12 +35,7 @@ export function listenUnixPrivate(server: Server, path: string, mode: number): P
       server.off('error', fail);
       resolve();
     });
-    const old = process.umask(0o777 & ~mode);
-    try {
-      server.listen(path);
-    } finally {
-      process.umask(old);
-    }
+    start();
   });
 }
 

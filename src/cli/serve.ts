@@ -120,13 +120,14 @@ async function serve(argv: ServeArgs): Promise<void> {
     const m = /^(.+):(\d+)$/.exec(argv.tcp);
     if (!m || Number(m[2]) > 65535) throw new UsageError(`--tcp: "${argv.tcp}" is not HOST:PORT`);
     if (!argv.tlsCert || !argv.tlsKey) throw new UsageError('--tcp needs --tls-cert and --tls-key: nothing listens on TCP without TLS');
-    if (!argv.tlsCa && !argv.tlsNoClientAuth) {
-      throw new UsageError('--tcp needs --tls-ca (the CA that signs client certificates); --tls-no-client-auth serves any client that reaches the port instead');
-    }
     tcp = { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+  }
+  if (argv.tlsCert && !argv.tlsCa && !argv.tlsNoClientAuth) {
+    throw new UsageError(`${argv.tcp ? '--tcp' : '--tls-cert'} needs --tls-ca (the CA that signs client certificates); --tls-no-client-auth serves any client that reaches the port instead`);
   }
   if (argv.tlsCa && argv.tlsNoClientAuth) throw new UsageError('--tls-ca and --tls-no-client-auth contradict each other: give one');
   if (!argv.tlsCert !== !argv.tlsKey) throw new UsageError('--tls-cert and --tls-key go together');
+  if ((argv.tlsCa || argv.tlsNoClientAuth) && !argv.tlsCert) throw new UsageError(`${argv.tlsCa ? '--tls-ca' : '--tls-no-client-auth'} needs --tls-cert and --tls-key`);
   if (argv.tlsCert && argv.tlsKey) {
     tls = { cert: readPem('--tls-cert', argv.tlsCert), key: readPem('--tls-key', argv.tlsKey), ca: argv.tlsCa ? readPem('--tls-ca', argv.tlsCa) : undefined, verifyClient: !argv.tlsNoClientAuth };
     if (argv.tlsNoClientAuth) process.stderr.write('vmshift: warning: --tls-no-client-auth: clients are not authenticated; anyone who reaches the port can read and write this disk\n');

@@ -231,6 +231,12 @@ test('vmshift serve --tcp without --tls-ca does not start; --tls-no-client-auth 
   const both = await refusal([...tcp, '--tls-ca', join(pki.dir, 'ca-cert.pem'), '--tls-no-client-auth']);
   assert.is(both.code, 2);
   assert.match(both.stderr, /contradict/);
+  const unixOnly = await refusal(tcp.filter((_, i) => i < 4 || i > 5)); // TLS on the unix socket alone: same rule
+  assert.is(unixOnly.code, 2, unixOnly.stderr);
+  assert.match(unixOnly.stderr, /--tls-cert needs --tls-ca/);
+  const caAlone = await refusal([...tcp.slice(0, 4), '--tls-ca', join(pki.dir, 'ca-cert.pem')]);
+  assert.is(caAlone.code, 2, caAlone.stderr);
+  assert.match(caAlone.stderr, /--tls-ca needs --tls-cert and --tls-key/);
   const unreadable = await refusal([...tcp, '--tls-ca', join(dir, 'nope.pem')]);
   assert.is(unreadable.code, 2);
   assert.match(unreadable.stderr, /--tls-ca: cannot read .*nope\.pem: ENOENT/);

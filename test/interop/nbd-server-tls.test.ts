@@ -265,4 +265,23 @@ test('TLS 1.2 only with ECDHE and an AEAD cipher; TLS 1.1 and static-RSA or CBC 
   assert.match(await attempt({ minVersion: 'TLSv1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' }), /^refused: /);
 });
 
+test('a client that sends a self-signed, foreign or expired certificate anyway (OpenSSL does; GnuTLS holds back the first two) is refused', async () => {
+  const { port, server } = await tlsServer(true);
+  const goWith = async (kind: ClientKind) => {
+    const c = await rawTcp(port);
+    await c.greet();
+    c.sendOption(Opt.STARTTLS);
+    assert.is((await c.optReply()).type, Rep.ACK);
+    const pem = (f: string) => readFileSync(join(pki.client[kind], f));
+    // With TLS 1.3 the client's side of the handshake ends before the server has judged its certificate.
+    const t = await upgrade(c, kind === 'none' ? { cert: undefined, key: undefined } : { cert: pem('client-cert.pem'), key: pem('client-key.pem') }).catch(() => null);
+    if (!t) return 'refused';
+    t.sendOption(Opt.GO, goData('sec'));
+    return t.optReplies().then((r) => (r.at(-1)!.type === Rep.ACK ? 'served' : 'refused'), () => 'refused');
+  };
+  for (const kind of ['none', 'self-signed', 'other-ca', 'expired'] as const) assert.is(await goWith(kind), 'refused', kind);
+  assert.is(await goWith('good'), 'served');
+  assert.is(server.stats().requests, 0);
+});
+
 test.run();

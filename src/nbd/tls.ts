@@ -3,8 +3,9 @@
 //
 // Secure by default, as QEMU's tls-creds-x509 with verify-peer=on: with a CA, every client
 // must present a certificate that CA signed and that is within its dates (OpenSSL checks the
-// chain and the validity period; a missing, self-signed, foreign or expired certificate ends
-// the handshake). Serving without client certificates is an explicit choice (`verifyClient:
+// chain and the validity period; a connection whose client certificate is missing,
+// self-signed, foreign or expired is closed as the handshake ends, before any NBD option is
+// read: clientCertificateError below). Serving without client certificates is an explicit choice (`verifyClient:
 // false`, `vmshift serve --tls-no-client-auth`). Only TLS 1.3, or TLS 1.2 with ECDHE key
 // exchange and an AEAD cipher: no static-RSA key exchange (no forward secrecy), no CBC.
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';

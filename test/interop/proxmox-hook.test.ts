@@ -9,7 +9,6 @@ import * as assert from 'uvu/assert';
 import { fileURLToPath } from 'node:url';
 import { chmodSync, chownSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { readFileSync, writeFileSync } from 'node:fs';
 import { bootGuest, ensureGuest } from '../helpers/guest.ts';
 import { cleanupAll, run, runStatus, tempDir } from '../helpers/proc.ts';
 import { disk, leftovers, runDir, SLOTS, stopAndVerify, VMSHIFT, writesMore } from './attach-helpers.ts';

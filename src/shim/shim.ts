@@ -31,6 +31,18 @@ export interface ShimOptions {
   statePath?: string;
   /** Mode of the NBD socket; 0600 by default (0660 lets QEMU's group in). */
   socketMode?: number;
+  /** Memory bounds of the NBD server (defaults in src/nbd/server.ts and server-transmission.ts). */
+  nbdLimits?: NbdMemoryLimits;
+}
+
+/** What clients can make the shim hold: see src/nbd/server-budget.ts. */
+export interface NbdMemoryLimits {
+  /** Connections served at once. */
+  maxConnections?: number;
+  /** Payload bytes all connections together hold. */
+  maxBytes?: number;
+  /** Payload bytes one connection holds. */
+  maxConnectionBytes?: number;
 }
 
 export function controlSocketFor(nbdSocket: string): string {
@@ -71,6 +83,9 @@ export class Shim {
       // The description never names the host path: every client may read it.
       exports: [{ name: opts.exportName, description: 'vmshift shim', device: gate }],
       tls: opts.tls ? { ...opts.tls, required: true } : undefined,
+      maxConnections: opts.nbdLimits?.maxConnections,
+      maxBytes: opts.nbdLimits?.maxBytes,
+      limits: opts.nbdLimits?.maxConnectionBytes ? { maxInFlightBytes: opts.nbdLimits.maxConnectionBytes } : undefined,
     });
     const control = new ControlServer();
     const shim = new Shim(opts, gate, state, server, control, bottom);

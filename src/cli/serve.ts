@@ -29,6 +29,7 @@ interface ServeArgs {
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
+  tlsNoClientAuth: boolean;
   state?: string;
   socketMode: string;
   maxConnections: string;
@@ -52,10 +53,11 @@ const OPTIONS: Record<string, OptionSpec> = {
   'read-only': { type: 'boolean', default: false },
   track: { type: 'string', choices: ['bitmap', 'bloom', 'none'], default: 'bitmap', describe: 'dirty tracking' },
   granularity: { type: 'string', default: '64K', describe: 'dirty-tracking block size' },
-  tcp: { type: 'string', describe: 'also listen on HOST:PORT (requires --tls-cert/--tls-key)' },
-  'tls-cert': { type: 'string' },
-  'tls-key': { type: 'string' },
-  'tls-ca': { type: 'string' },
+  tcp: { type: 'string', describe: 'also listen on HOST:PORT (requires --tls-cert/--tls-key, and --tls-ca or --tls-no-client-auth)' },
+  'tls-cert': { type: 'string', describe: 'PEM certificate (chain) of this server' },
+  'tls-key': { type: 'string', describe: 'PEM private key of --tls-cert' },
+  'tls-ca': { type: 'string', describe: 'PEM CA bundle: clients must present a certificate it signed' },
+  'tls-no-client-auth': { type: 'boolean', default: false, describe: 'serve TLS clients without a certificate: anyone who reaches the port may read and write the disk' },
   state: { type: 'string', describe: 'state file (default PATH.state.json)' },
   'socket-mode': { type: 'string', default: '0600', describe: 'octal mode of the NBD socket' },
   // Memory bounds whatever clients do (src/nbd/server-budget.ts): what the shim holds for
@@ -104,6 +106,14 @@ export async function runServe(args: string[]): Promise<void> {
   await serve(parseServeArgs(args));
 }
 
+function readPem(flag: string, path: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (e) {
+    throw new UsageError(`${flag}: cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
+}
+
 export const serveCommand = {
   command: 'serve <source>',
   describe: 'Serve a disk (raw file, block device or NBD URI) through a shim in the foreground',
@@ -126,15 +136,22 @@ async function serve(argv: ServeArgs): Promise<void> {
   if (maxBytes < 1 || maxConnectionBytes < 1) throw new UsageError('--max-inflight and --max-inflight-per-connection must be at least 1 byte');
   if (maxConnectionBytes > maxBytes) throw new UsageError(`--max-inflight-per-connection (${argv.maxInflightPerConnection}) is larger than --max-inflight (${argv.maxInflight})`);
   let tcp: { host: string; port: number } | undefined;
-  let tls: { cert: string; key: string; ca?: string } | undefined;
+  let tls: { cert: string; key: string; ca?: string; verifyClient: boolean } | undefined;
   if (argv.tcp) {
     const m = /^(.+):(\d+)$/.exec(argv.tcp);
     if (!m || Number(m[2]) > 65535) throw new UsageError(`--tcp: "${argv.tcp}" is not HOST:PORT`);
     if (!argv.tlsCert || !argv.tlsKey) throw new UsageError('--tcp needs --tls-cert and --tls-key: nothing listens on TCP without TLS');
     tcp = { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
   }
+  if (argv.tlsCert && !argv.tlsCa && !argv.tlsNoClientAuth) {
+    throw new UsageError(`${argv.tcp ? '--tcp' : '--tls-cert'} needs --tls-ca (the CA that signs client certificates); --tls-no-client-auth serves any client that reaches the port instead`);
+  }
+  if (argv.tlsCa && argv.tlsNoClientAuth) throw new UsageError('--tls-ca and --tls-no-client-auth contradict each other: give one');
+  if (!argv.tlsCert !== !argv.tlsKey) throw new UsageError('--tls-cert and --tls-key go together');
+  if ((argv.tlsCa || argv.tlsNoClientAuth) && !argv.tlsCert) throw new UsageError(`${argv.tlsCa ? '--tls-ca' : '--tls-no-client-auth'} needs --tls-cert and --tls-key`);
   if (argv.tlsCert && argv.tlsKey) {
-    tls = { cert: readFileSync(argv.tlsCert, 'utf8'), key: readFileSync(argv.tlsKey, 'utf8'), ca: argv.tlsCa ? readFileSync(argv.tlsCa, 'utf8') : undefined };
+    tls = { cert: readPem('--tls-cert', argv.tlsCert), key: readPem('--tls-key', argv.tlsKey), ca: argv.tlsCa ? readPem('--tls-ca', argv.tlsCa) : undefined, verifyClient: !argv.tlsNoClientAuth };
+    if (argv.tlsNoClientAuth) process.stderr.write('vmshift: warning: --tls-no-client-auth: clients are not authenticated; anyone who reaches the port can read and write this disk\n');
   }
   // Sockets and state files are born private: no window between listen() and chmod().
   process.umask(0o077);

@@ -6,6 +6,7 @@ import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { isIP } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { ByteReader, StreamClosedError } from './client-reader.ts';
+import { TLS_POLICY } from './tls.ts';
 import {
   BASE_ALLOCATION, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
   IHAVEOPT, Info, MAX_PAYLOAD, NBDMAGIC, OPT_REPLY_MAGIC, Opt, Rep,
@@ -13,7 +14,7 @@ import {
 
 /** TLS settings for nbds:// targets; the server certificate is always verified. */
 export interface NbdTlsOptions {
-  /** Trusted CA certificate(s), PEM. Without it, Node's default CAs are used. */
+  /** The CA certificate(s), PEM, that must have signed the server's certificate (required: Node's public CAs are never trusted for NBD). */
   ca?: string | Buffer | Array<string | Buffer>;
   /** Client certificate and key, PEM, for servers that want one. */
   cert?: string | Buffer;
@@ -206,10 +207,11 @@ export class ClientHandshake {
     if (rest.length) throw this.error('server sent data before the TLS handshake');
     const raw = this.stream;
     const tls = this.p.tls!;
+    if (!tls.ca || (Array.isArray(tls.ca) && tls.ca.length === 0)) throw this.error('TLS needs the CA that signed the server certificate (tls.ca)');
     const servername = tls.servername ?? (tls.host && !isIP(tls.host) ? tls.host : 'localhost');
     const opts: ConnectionOptions = {
       socket: raw, ca: tls.ca, cert: tls.cert, key: tls.key, servername,
-      rejectUnauthorized: true, minVersion: 'TLSv1.2',
+      rejectUnauthorized: true, ...TLS_POLICY,
     };
     if (tls.host && isIP(tls.host) && !tls.servername) {
       // An IP is checked against the certificate's IP SANs; SNI may not carry an IP.

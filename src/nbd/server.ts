@@ -5,8 +5,8 @@
 // A connection goes through ServerHandshake (server-handshake.ts, option haggling) and then
 // Transmission (server-transmission.ts, pipelined requests); Wire (server-io.ts) carries the
 // bytes for both.
-import { createServer, connect, type Server, type Socket } from 'node:net';
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { unlinkSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { silentLogger, type NbdLogger as Logger } from './logger.ts';
 import { ServerHandshake, type ExportSpec } from './server-handshake.ts';
@@ -14,6 +14,7 @@ import { ConnectionClosed, ProtocolViolation, Wire } from './server-io.ts';
 import { DEFAULT_LIMITS, Transmission, type ServerCounters, type TransmissionLimits } from './server-transmission.ts';
 import { serverTls, type ServerTls, type TlsServerConfig } from './tls.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { listenUnixPrivate, removeStaleSocket, startListening } from '../util/unix-listen.ts';
 import { ByteBudget } from './server-budget.ts';
 
 export type { ExportSpec } from './server-handshake.ts';
@@ -93,14 +94,11 @@ export class NbdServer {
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
   }
 
-  /** Listen on a unix socket created with `mode`; a stale socket file is removed first. */
+  /** Listen on a unix socket born with `mode` (no window for others); a stale socket file is removed first. */
   async listenUnix(path: string, mode = 0o600): Promise<void> {
-    await removeStaleSocket(path);
+    await removeStaleSocket(path, 'nbd server');
     const server = this.newListener();
-    await listen(server, () => server.listen(path));
-    // Clients could connect between listen and chmod with the umask's permissions; callers
-    // that care put the socket in a directory only they can enter.
-    chmodSync(path, mode);
+    await listenUnixPrivate(server, path, mode);
     this.listeners.push({ server, unixPath: path });
     this.log.info({ path }, 'nbd server listening on unix socket');
   }
@@ -108,7 +106,7 @@ export class NbdServer {
   /** Listen on TCP; returns the bound port (pass 0 for an ephemeral one). */
   async listenTcp(host: string, port: number): Promise<number> {
     const server = this.newListener();
-    await listen(server, () => server.listen(port, host));
+    await startListening(server, () => server.listen(port, host));
     this.listeners.push({ server });
     const bound = (server.address() as { port: number }).port;
     this.log.info({ host, port: bound }, 'nbd server listening on tcp');
@@ -215,33 +213,4 @@ export class NbdServer {
     server.on('error', (err) => this.log.error({ err }, 'nbd server: listener error'));
     return server;
   }
-}
-
-function listen(server: Server, start: () => void): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const fail = (err: Error) => reject(err);
-    server.once('error', fail);
-    server.once('listening', () => {
-      server.off('error', fail);
-      resolve();
-    });
-    start();
-  });
-}
-
-/** Remove `path` if it is a socket nobody listens on; refuse to touch anything else. */
-async function removeStaleSocket(path: string): Promise<void> {
-  let isSocket: boolean;
-  try {
-    isSocket = lstatSync(path).isSocket();
-  } catch {
-    return; // does not exist
-  }
-  if (!isSocket) throw new Error(`nbd server: ${path} exists and is not a socket`);
-  const live = await new Promise<boolean>((resolve) => {
-    const s = connect(path, () => { s.destroy(); resolve(true); });
-    s.on('error', () => resolve(false));
-  });
-  if (live) throw new Error(`nbd server: another server is listening on ${path}`);
-  unlinkSync(path);
 }

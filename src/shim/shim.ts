@@ -31,7 +31,8 @@ export interface ShimOptions {
   granularity?: number;
   /** Also listen on TCP (with TLS when tls is given). */
   tcp?: { host: string; port: number };
-  tls?: { cert: string; key: string; ca?: string };
+  /** Client certificates signed by `ca` are required unless verifyClient is false (src/nbd/tls.ts). */
+  tls?: { cert: string; key: string; ca?: string; verifyClient?: boolean };
   statePath?: string;
   /** Mode of the NBD socket; 0600 by default (0660 lets QEMU's group in). */
   socketMode?: number;
@@ -92,7 +93,8 @@ export class Shim {
     }
     const gate = new Gate(new Tracker(bottom, { kind: opts.track, granularity: opts.granularity, heat: true }));
     const server = new NbdServer({
-      exports: [{ name: opts.exportName, description: `vmshift shim of ${state.origin}`, device: gate }],
+      // The description never names the host path: every client may read it.
+      exports: [{ name: opts.exportName, description: 'vmshift shim', device: gate }],
       tls: opts.tls ? { ...opts.tls, required: true } : undefined,
       maxConnections: opts.nbdLimits?.maxConnections,
       maxBytes: opts.nbdLimits?.maxBytes,

@@ -19,7 +19,7 @@ const MiB = 1024 * 1024;
 test.after(cleanupAll);
 
 function serve(exports: Array<{ name: string; device: MemoryDevice; description?: string }>, tls?: { cert: string; key: string }): NbdServer {
-  const server = new NbdServer({ exports, tls: tls ? { ...tls, required: true } : undefined });
+  const server = new NbdServer({ exports, tls: tls ? { ...tls, required: true, verifyClient: false } : undefined });
   onCleanup(() => server.close());
   return server;
 }
@@ -118,6 +118,8 @@ test('TLS over TCP: verified against the CA, refused with the wrong CA, name or 
   assert.match((wrongCa as Error).message, `${uri}: STARTTLS: TLS handshake failed`);
   const wrongName = await rejection(NbdClient.connect(uri, { tls: { ca, servername: 'elsewhere.example' } }));
   assert.match((wrongName as Error).message, `${uri}: STARTTLS: TLS handshake failed`);
+  const noCa = await rejection(NbdClient.connect(uri, { tls: { servername: 'localhost' } }));
+  assert.match((noCa as Error).message, `${uri}: STARTTLS: TLS needs the CA that signed the server certificate`);
   const noOptions = await rejection(NbdClient.connect(uri));
   assert.match((noOptions as Error).message, 'TLS target but no TLS options');
   const plain = await rejection(NbdClient.connect(`nbd://127.0.0.1:${port}/disk`));

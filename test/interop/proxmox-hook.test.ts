@@ -7,8 +7,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { fileURLToPath } from 'node:url';
+import { chmodSync, chownSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { readFileSync, writeFileSync } from 'node:fs';
 import { bootGuest, ensureGuest } from '../helpers/guest.ts';
 import { cleanupAll, run, runStatus, tempDir } from '../helpers/proc.ts';
 import { disk, leftovers, runDir, SLOTS, stopAndVerify, VMSHIFT, writesMore } from './attach-helpers.ts';
@@ -134,6 +134,60 @@ test('post-stop after the guest powered itself off (no pre-stop ran) stops its l
   assert.equal(leftovers(dir, shims), { running: [], records: [] });
   await stopAndVerify(guest, image, 'raw', scratch);
   assert.is(guest.lastSeq(), 400);
+});
+
+test('the settings file is parsed, not sourced, and refused unless root owns it and only root can write it; disk names never glob', async () => {
+  const dir = tempDir('vmshift-pve-conf-');
+  const pwned = join(dir, 'PWNED');
+  const args = join(dir, 'args');
+  const bin = join(dir, 'fake-vmshift'); // records how the hook calls vmshift
+  writeFileSync(bin, `#!/bin/sh\nprintf '%s ' "$@" >> ${args}; echo >> ${args}\n`, { mode: 0o755 });
+  const conf = join(dir, 'proxmox.conf');
+  const hook = async (body: string, mode = 0o644, extra: Record<string, string> = {}) => {
+    writeFileSync(conf, body);
+    chmodSync(conf, mode);
+    writeFileSync(args, '');
+    return runStatus(HOOK, ['100', 'post-start'], { cwd: dir, env: { ...pveEnv(dir, dir), VMSHIFT_PVE_CONF: conf, ...extra } });
+  };
+  const called = () => readFileSync(args, 'utf8');
+
+  // A world-writable file: whatever is in it would run as root.
+  let r = await hook(`VMSHIFT_BIN=${bin}\ntouch ${pwned}\n`, 0o666);
+  assert.is(r.code, 1, r.stderr);
+  assert.match(r.stderr, /refusing settings file .*proxmox\.conf: it is writable by group or others \(mode 666\)/);
+  assert.not.ok(existsSync(pwned));
+  assert.is(called(), '', 'vmshift is not run');
+  // Owned by someone else, or in a directory someone else can write to.
+  writeFileSync(conf, `VMSHIFT_BIN=${bin}\n`);
+  chmodSync(conf, 0o644);
+  chownSync(conf, 65534, 65534);
+  r = await runStatus(HOOK, ['100', 'post-start'], { env: { ...pveEnv(dir, dir), VMSHIFT_PVE_CONF: conf } });
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /it is owned by uid 65534, not root/);
+  chownSync(conf, 0, 0);
+  chmodSync(dir, 0o777);
+  r = await runStatus(HOOK, ['100', 'post-start'], { env: { ...pveEnv(dir, dir), VMSHIFT_PVE_CONF: conf } });
+  chmodSync(dir, 0o700);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /-conf-[^/]+: it is writable by group or others \(mode 777\)/, r.stderr);
+
+  // Trusted, but nothing in it is code: a command line is refused, $(...) stays text.
+  r = await hook(`VMSHIFT_BIN=${bin}\ntouch ${pwned}\n`);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /proxmox\.conf line 2: not NAME=VALUE: touch/);
+  r = await hook(`# vmshift\nexport VMSHIFT_BIN="${bin}"\nVMSHIFT_PVE_QMP_DIR=$(touch ${pwned})\nVMSHIFT_PVE_DISKS='scsi0 virtio1'  \n`);
+  assert.is(r.code, 0, r.stderr);
+  assert.not.ok(existsSync(pwned));
+  assert.is(called(), [`attach pve-100 --qmp $(touch ${pwned})/100.qmp --disk scsi0 `, `attach pve-100 --qmp $(touch ${pwned})/100.qmp --disk virtio1 `, ''].join('\n'));
+  r = await hook(`VMSHIFT_BIN=${bin}\nVMSHIFT_SHELL=/bin/sh\n`);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /line 2: unknown setting VMSHIFT_SHELL/);
+
+  // A wildcard in the disk list (files in the hook's working directory would match it).
+  r = await hook(`VMSHIFT_BIN=${bin}\n`, 0o644, { VMSHIFT_PVE_DISKS: 'virtio0 *' });
+  assert.is(r.code, 1, r.stderr);
+  assert.match(r.stderr, /VMSHIFT_PVE_DISKS: '\*' is not a Proxmox disk name/);
+  assert.is(called(), '');
 });
 
 test.run();

@@ -10,6 +10,7 @@ import { controlCall } from '../control/client.ts';
 import { Registry } from './registry.ts';
 import { Supervisor } from './supervisor.ts';
 import { registerApi } from './api.ts';
+import { XmlRecorder } from './xml-recorder.ts';
 
 export { DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_RUN_DIR } from './defaults.ts';
 
@@ -46,7 +47,8 @@ export class Daemon {
     await chmod(opts.runDir, 0o755);
     const registry = await Registry.load(opts.stateDir);
     const vmshiftCommand = opts.vmshiftCommand ?? [vmshiftBin];
-    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand });
+    const recorder = new XmlRecorder(registry, log);
+    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand, onLocation: (name) => recorder.poke(name) });
     log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length }, 'vmshiftd starting');
     await supervisor.adoptAll();
 
@@ -54,6 +56,8 @@ export class Daemon {
     registerApi(server, supervisor, log);
     await server.listen(opts.socket, 0o600);
     supervisor.watch();
+    // In the background: asks libvirt, which may itself be starting.
+    void supervisor.reapOrphans((rec) => recorder.ownerStopped(rec));
     log.info({ socket: opts.socket }, 'vmshiftd ready');
     return new Daemon(opts, log, supervisor, server);
   }

@@ -5,14 +5,14 @@
 // that die, with a growing delay so a shim that cannot start does not spin.
 import { spawn } from 'node:child_process';
 import { appendFileSync, openSync, closeSync } from 'node:fs';
-import { chmod, chown, mkdir, readFile, rm, unlink } from 'node:fs/promises';
+import { chmod, chown, mkdir, readFile, rename, rm, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { controlSocketFor } from '../shim/shim.ts';
-import { loadShimState } from '../shim/state.ts';
-import { Registry, checkName, checkSource, type ShimRecord } from './registry.ts';
+import { lineage, loadShimState, type ShimState } from '../shim/state.ts';
+import { Registry, checkName, checkSource, type Owner, type ShimRecord } from './registry.ts';
 import { findShimProcess, isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
 
 export interface SupervisorOptions {
@@ -25,6 +25,8 @@ export interface SupervisorOptions {
   /** How long a SIGTERMed shim may take to flush and exit before SIGKILL. */
   stopTimeoutMs?: number;
   watchIntervalMs?: number;
+  /** Told when a shim's record may be out of step with what follows it (a domain's XML). */
+  onLocation?: (name: string) => void;
 }
 
 export interface StartRequest {
@@ -33,6 +35,16 @@ export interface StartRequest {
   export?: string;
   track?: 'bitmap' | 'bloom' | 'none';
   group?: string | null;
+  owner?: Owner;
+}
+
+export interface StartResult {
+  shim: ShimRecord;
+  already: boolean;
+  /** Where the disk lives now (the shim's state file), which is what the shim serves. */
+  backing: string;
+  /** The source the caller named when it is not the backing (its record is behind), else null. */
+  stale: string | null;
 }
 
 /** Unix socket paths longer than this do not fit in sockaddr_un. */
@@ -50,6 +62,8 @@ interface Health {
 export class Supervisor {
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly health = new Map<string, Health>();
+  /** Shims a caller asked for since this daemon started (never reaped as orphans). */
+  private readonly confirmed = new Set<string>();
   private watchTimer?: NodeJS.Timeout;
   private closed = false;
 
@@ -86,6 +100,20 @@ export class Supervisor {
     }
   }
 
+  /**
+   * Stop adopted shims whose owner no longer runs (its domain stopped while vmshiftd was down,
+   * so the hook's `release` could not reach us). A shim a caller asked for since the daemon
+   * started is left alone: its domain may be starting right now.
+   */
+  async reapOrphans(ownerStopped: (rec: ShimRecord) => Promise<boolean>): Promise<void> {
+    for (const rec of this.registry.list()) {
+      if (!rec.owner || rec.desired !== 'running' || this.confirmed.has(rec.name)) continue;
+      if (!(await ownerStopped(rec)) || this.confirmed.has(rec.name)) continue;
+      this.log.warn({ shim: rec.name, domain: rec.owner.domain }, 'the domain of this shim stopped while vmshiftd was away; stopping the shim');
+      await this.stop(rec.name).catch((e) => this.log.error({ shim: rec.name, err: (e as Error).message }, 'could not stop the orphaned shim'));
+    }
+  }
+
   private async reconcile(name: string): Promise<void> {
     const rec = this.registry.get(name);
     if (!rec) return;
@@ -108,6 +136,7 @@ export class Supervisor {
     if (alive && (await this.answers(rec.socket, 10_000))) {
       this.health.set(name, { failures: 0, nextAttemptAt: 0, upSince: Date.now() });
       this.log.info({ shim: name, shimPid: rec.pid, socket: rec.socket }, 'adopted running shim');
+      await this.followState(name);
       return;
     }
     if (alive) {
@@ -121,26 +150,46 @@ export class Supervisor {
 
   // ---- the API's operations -------------------------------------------------------------
 
-  start(req: StartRequest): Promise<{ shim: ShimRecord; already: boolean }> {
+  start(req: StartRequest): Promise<StartResult> {
     const name = checkName(req.name);
-    const source = checkSource(req.source);
+    const asked = checkSource(req.source);
     const wanted = { export: req.export ?? 'disk', track: req.track ?? 'bitmap', group: req.group ?? null } as const;
+    this.confirmed.add(name);
     return this.withLock(name, async () => {
       const existing = this.registry.get(name);
+      const statePath = existing?.statePath ?? join(this.opts.stateDir, 'shims', `${name}.state.json`);
+      // The shim's state file is the truth about where the disk lives. A caller naming any
+      // earlier path of this disk (a domain XML a crash left behind) gets the disk where it
+      // lives now; the shim is started on its origin and serves the recorded backing.
+      const kept = await loadShimState(statePath).catch((e) => {
+        throw new ControlError('conflict', `shim "${name}": ${(e as Error).message}`);
+      });
+      let source = asked;
+      if (kept && lineage(kept).has(asked)) source = kept.origin;
+      else if (kept && !existing) await this.setAside(name, statePath, kept, asked);
+      const answer = async (shim: ShimRecord, already: boolean): Promise<StartResult> => {
+        const backing = (await this.followState(name)) ?? shim.backing ?? shim.source;
+        return { shim: this.registry.get(name) ?? shim, already, backing, stale: asked === backing ? null : asked };
+      };
       if (existing) {
         if (existing.source !== source) {
-          throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${source}: stop it first or pick another name`);
+          throw new ControlError('conflict', `shim "${name}" already serves ${existing.backing ?? existing.source}, not ${asked}: stop it first or pick another name`);
         }
         for (const k of ['export', 'track', 'group'] as const) {
           if (existing[k] !== wanted[k]) {
             throw new ControlError('conflict', `shim "${name}" of ${source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
           }
         }
-        if (await isShimProcess(existing.pid, existing.socket)) return { shim: existing, already: true };
-        return { shim: await this.launch(existing, true), already: false };
+        let rec = existing;
+        if (req.owner && JSON.stringify(req.owner) !== JSON.stringify(existing.owner)) {
+          rec = { ...existing, owner: req.owner, recorded: null };
+          await this.registry.put(rec);
+        }
+        if (await isShimProcess(rec.pid, rec.socket)) return answer(rec, true);
+        return answer(await this.launch(rec, true), false);
       }
-      const other = this.registry.list().find((r) => r.source === source);
-      if (other) throw new ControlError('conflict', `${source} is already served by shim "${other.name}": two shims on one disk would corrupt it`);
+      const other = this.registry.list().find((r) => r.source === source || r.backing === asked);
+      if (other) throw new ControlError('conflict', `${asked} is already served by shim "${other.name}": two shims on one disk would corrupt it`);
       const socket = this.socketFor(name);
       if (Buffer.byteLength(controlSocketFor(socket)) > MAX_SOCKET_PATH) {
         throw new ControlError('bad-request', `socket path ${controlSocketFor(socket)} is longer than ${MAX_SOCKET_PATH} bytes: use a shorter --run-dir or name`);
@@ -151,23 +200,64 @@ export class Supervisor {
         source,
         ...wanted,
         socket,
-        statePath: join(this.opts.stateDir, 'shims', `${name}.state.json`),
+        statePath,
         logPath: join(this.opts.stateDir, 'logs', `${name}.log`),
         desired: 'running',
         pid: null,
         startedAt: null,
         restarts: 0,
         createdAt: new Date().toISOString(),
+        backing: kept && source === kept.origin ? kept.backing : source,
+        ...(req.owner ? { owner: req.owner, recorded: null } : {}),
       };
       // Recorded before it is spawned: a daemon crash in between restarts it rather than forgets it.
       await this.registry.put(rec);
       try {
-        return { shim: await this.launch(rec, false), already: false };
+        return await answer(await this.launch(rec, false), false);
       } catch (e) {
-        await this.forget(rec, true);
+        await this.forget(rec);
         throw e;
       }
     });
+  }
+
+  /**
+   * A state file left by an earlier shim of this name whose disk is not the one asked for
+   * (the operator moved the disk out of vmshift and back in elsewhere): keep it beside, never
+   * delete the only record of where a disk went.
+   */
+  private async setAside(name: string, statePath: string, kept: ShimState, asked: string): Promise<void> {
+    const aside = `${statePath}.replaced-${Date.now()}`;
+    await rename(statePath, aside);
+    this.log.warn({ shim: name, asked, keptBacking: kept.backing, keptAt: aside }, 'an older state file of this shim name records another disk; kept aside');
+  }
+
+  /**
+   * Bring the record's `backing` in line with the shim's state file (the truth) and tell the
+   * followers (a domain's XML) when it changed. Returns the backing, or undefined without one.
+   */
+  async followState(name: string): Promise<string | undefined> {
+    const rec = this.registry.get(name);
+    if (!rec) return undefined;
+    const state = await loadShimState(rec.statePath).catch(() => undefined);
+    if (!state) return rec.backing;
+    if (state.backing !== rec.backing) {
+      const now = this.registry.get(name);
+      if (!now) return state.backing;
+      await this.registry.put({ ...now, backing: state.backing });
+      this.log.info({ shim: name, from: rec.backing ?? rec.source, backing: state.backing }, 'the disk lives at a new backing (from the shim state file)');
+    }
+    this.opts.onLocation?.(name);
+    return state.backing;
+  }
+
+  /** Where the disk of shim `name` lives, from its record or the state file a stopped shim left. */
+  async locate(nameIn: string): Promise<{ name: string; running: boolean; origin: string; backing: string } | null> {
+    const name = checkName(nameIn);
+    const rec = this.registry.get(name);
+    const state = await loadShimState(rec?.statePath ?? join(this.opts.stateDir, 'shims', `${name}.state.json`)).catch(() => undefined);
+    if (!rec && !state) return null;
+    return { name, running: rec?.desired === 'running', origin: state?.origin ?? rec!.source, backing: state?.backing ?? rec?.backing ?? rec!.source };
   }
 
   stop(nameIn: string, force = false): Promise<{ name: string; pid: number | null; backing: string }> {
@@ -224,6 +314,8 @@ export class Supervisor {
         const h = this.health.get(rec.name) ?? { failures: 0, nextAttemptAt: 0, upSince: Date.now() };
         if (await isShimProcess(rec.pid, rec.socket)) {
           if (h.failures && Date.now() - h.upSince > HEALTHY_AFTER_MS) this.health.set(rec.name, { ...h, failures: 0 });
+          // A job that ended (or a move made through the shim's own socket) shows here.
+          await this.followState(rec.name).catch((e) => this.log.warn({ shim: rec.name, err: (e as Error).message }, 'could not read the shim state file'));
           continue;
         }
         if (Date.now() < h.nextAttemptAt) continue;
@@ -342,12 +434,13 @@ export class Supervisor {
   }
 
   /**
-   * Drop a record and the shim's files. After a failed first start the state file is kept if
-   * it records a move (then it is the only pointer to where the disk lives).
+   * Drop a record and the shim's files. The state file is kept when it records a move: it is
+   * the truth about where the disk lives, which the next start of this shim (a domain's XML
+   * may still name an older path) and `vmshift disable` read.
    */
-  private async forget(rec: ShimRecord, failedStart = false): Promise<void> {
+  private async forget(rec: ShimRecord): Promise<void> {
     const state = await loadShimState(rec.statePath).catch(() => undefined);
-    if (!failedStart || !state || state.backing === state.origin) await unlink(rec.statePath).catch(() => {});
+    if (!state || state.backing === state.origin) await unlink(rec.statePath).catch(() => {});
     await rm(join(this.opts.runDir, rec.name), { recursive: true, force: true });
     await this.registry.remove(rec.name);
     this.health.delete(rec.name);

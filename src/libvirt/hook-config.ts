@@ -4,6 +4,7 @@
 //   { "daemonSocket": "/run/vmshift/vmshiftd.sock",
 //     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
+//     "libvirtUri": "qemu:///system",     // where vmshiftd records moved disk paths (virsh -c)
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
@@ -16,6 +17,7 @@ const HookConfigSchema = z
     /** vmshiftd's --run-dir (the VDSM hook writes socket paths under it). */
     runDir: z.string().startsWith('/').optional(),
     group: z.string().min(1).nullable().optional(),
+    libvirtUri: z.string().min(1).optional(),
     pathMap: z.record(z.string().startsWith('/'), z.string().startsWith('/')).default({}),
   })
   .strict();

@@ -71,12 +71,13 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     if (!plan || plan.disks.length === 0) return 0;
     const config = await (io.config ?? (() => loadHookConfig()))();
     const socket = daemonSocket(config.daemonSocket);
+    const uri = config.libvirtUri ?? 'qemu:///system';
     switch (args.op) {
       case 'prepare':
-        await startOrUndo(plan, socket, await defaultGroup(config.group), say);
+        await startOrUndo(plan, socket, await defaultGroup(config.group), say, uri);
         return 0;
       case 'reconnect':
-        for (const l of await startShims(plan, socket, await defaultGroup(config.group))) say(l);
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group), uri)) say(l);
         return 0;
       case 'release':
         for (const l of await stopShims(plan, socket)) say(l);
@@ -100,9 +101,9 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
 }
 
 /** Start all shims or none: a half-started domain would not boot anyway. */
-async function startOrUndo(plan: DomainShims, socket: string, group: string | null, say: (l: string) => void): Promise<void> {
+async function startOrUndo(plan: DomainShims, socket: string, group: string | null, say: (l: string) => void, uri: string): Promise<void> {
   try {
-    for (const l of await startShims(plan, socket, group)) say(l);
+    for (const l of await startShims(plan, socket, group, uri)) say(l);
   } catch (e) {
     await stopShims(plan, socket).catch(() => {});
     throw e;

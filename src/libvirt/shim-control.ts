@@ -8,6 +8,9 @@ import type { DomainShims } from './shim-plan.ts';
 interface StartedShim {
   shim: { name: string; socket: string; source: string };
   already: boolean;
+  /** Where the disk lives now (the shim's state file); `stale` is what we named when older. */
+  backing?: string;
+  stale?: string | null;
 }
 
 /** QEMU's group on Debian/Ubuntu libvirt hosts; used when the config names none and it exists. */
@@ -20,14 +23,18 @@ export async function defaultGroup(configured: string | null | undefined): Promi
 }
 
 /** Make every shim of the domain run (idempotent); returns one line per disk for logs. */
-export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null): Promise<string[]> {
+export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null, libvirtUri?: string): Promise<string[]> {
   const lines: string[] = [];
   for (const d of plan.disks) {
-    const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group });
+    // The owner lets vmshiftd keep this domain's XML in step with where the disk lives.
+    const owner = libvirtUri ? { kind: 'libvirt', uri: libvirtUri, domain: plan.domain, uuid: plan.uuid, dev: d.dev } : undefined;
+    const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, owner });
     if (r.shim.socket !== d.socket) {
       throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
     }
-    lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
+    const backing = r.backing ?? d.source;
+    const note = r.stale ? ` (the domain's XML still records ${r.stale}, where the disk lived before it moved; vmshiftd updates the XML)` : '';
+    lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${backing} on ${d.socket}${note}`);
   }
   return lines;
 }

@@ -59,7 +59,7 @@ export async function registerMigrationMethods(shim: Shim): Promise<void> {
       throw new ControlError('bad-request', `migrate.start: ${i.path.join('.') || 'params'}: ${i.message}`);
     }
     const { follow: wantsFollow, abortOnDisconnect, overwrite, ...opts } = parsed.data;
-    if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite);
+    if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, shim.backing);
     const job = await MigrationJob.start(shim, opts as MigrateOptions);
     // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or
     // disconnected CLI (or a vmshiftd restart in between) leaves the disk on its source.

@@ -9,6 +9,8 @@
 //   migrate    (incoming) print the XML with datastore paths mapped per the config's pathMap
 // Any other operation, and any domain without vmshift, exits 0 at once. The hook talks only
 // to vmshiftd: calling back into libvirt from a hook deadlocks libvirtd.
+import { closeSync, constants as fsc, openSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
 import { daemonSocket } from '../cli/daemon-client.ts';
 import { VMSHIFT_NS, listDisks, mapPaths } from './domain-xml.ts';
 import { loadHookConfig, mapPath, type HookConfig } from './hook-config.ts';
@@ -54,6 +56,29 @@ export interface HookIo {
   err(text: string): void;
   /** Loads the config only for domains that need it (default: loadHookConfig()). */
   config?: () => Promise<HookConfig>;
+  /**
+   * Where warnings go besides stderr: libvirt shows a hook's stderr only when the hook fails,
+   * so a warning on an operation that must not fail (release, reconnect) would be lost.
+   * The hook program appends them to libvirt's log of the domain (domainLog).
+   */
+  warn?: (text: string) => void;
+}
+
+/** libvirt's per-domain log (QEMU's stderr and libvirt's own lines about the domain). */
+export const DOMAIN_LOG_DIR = '/var/log/libvirt/qemu';
+
+/** Append a line to libvirt's log of the domain; only to an existing file, never through a symlink. */
+export function domainLog(domain: string, text: string, dir = DOMAIN_LOG_DIR): void {
+  if (domain.includes('/') || domain.startsWith('.')) return;
+  let fd: number | undefined;
+  try {
+    fd = openSync(join(dir, `${domain}.log`), fsc.O_WRONLY | fsc.O_APPEND | fsc.O_NOFOLLOW);
+    writeSync(fd, `${new Date().toISOString()}: ${text}`);
+  } catch {
+    // No log (another libvirt layout): stderr still has it.
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
 }
 
 const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate']);
@@ -61,6 +86,10 @@ const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate']);
 /** Decide and act for one hook call; returns the exit code. */
 export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<number> {
   const say = (line: string) => io.err(`vmshift hook: domain '${args.domain}' ${args.op}: ${line}\n`);
+  const warn = (line: string) => {
+    say(line);
+    io.warn?.(`vmshift hook: ${args.op}: ${line}\n`);
+  };
   // Only these operations concern us, and only domains that carry our metadata namespace:
   // everything else leaves at once, without parsing anything.
   if (!HANDLED.has(args.op) || !xml.includes(VMSHIFT_NS)) return 0;
@@ -92,10 +121,10 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
   } catch (e) {
     const msg = (e as Error).message;
     if (mayRefuse) {
-      say(`refused: ${msg}`);
+      warn(`refused: ${msg}`);
       return 1;
     }
-    say(`warning: ${msg}`);
+    warn(`warning: ${msg}${args.op === 'release' ? "; vmshiftd stops the domain's shims when it is back" : ''}`);
     return 0;
   }
 }
@@ -139,6 +168,6 @@ export async function main(): Promise<void> {
     process.stderr.write(`vmshift hook: domain '${args.domain}' ${args.op}: ${(e as Error).message}\n`);
     process.exit(args.op === 'prepare' || args.op === 'migrate' ? 1 : 0);
   }
-  const code = await runHook(args, xml, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) });
+  const code = await runHook(args, xml, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t), warn: (t) => domainLog(args.domain, t) });
   process.exitCode = code;
 }

@@ -83,7 +83,9 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
   writeFileSync(join(dir, 'etc/qemu.conf'), 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nsecurity_driver = "none"\nstdio_handler = "file"\n');
   writeFileSync(join(dir, 'etc/libvirtd.conf'), 'unix_sock_group = "root"\n');
   const hookConfig = join(dir, 'hooks.json');
-  writeFileSync(hookConfig, JSON.stringify({ daemonSocket: vm.api, group: null }));
+  const uri = `qemu+unix:///system?socket=${join(dir, 'run/libvirt/libvirt-sock')}`;
+  // libvirtUri: vmshiftd records moved disk paths in this libvirtd's domain XML.
+  writeFileSync(hookConfig, JSON.stringify({ daemonSocket: vm.api, group: null, libvirtUri: uri }));
   const hook = join(dir, 'etc/hooks/qemu');
   writeFileSync(hook, [
     '#!/bin/sh',
@@ -100,7 +102,6 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
     'exec libvirtd',
     '',
   ].join('\n'));
-  const uri = `qemu+unix:///system?socket=${join(dir, 'run/libvirt/libvirt-sock')}`;
   let daemon: Daemon | undefined;
   // libvirtd leaves guests running when it stops: kill their QEMUs by the PIDs it recorded.
   onCleanup(() => {

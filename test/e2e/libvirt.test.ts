@@ -156,7 +156,7 @@ test('destroy stops the shim; every acknowledged record is on the new path', asy
 
 test('start again serves the new path; the old file is not touched', async () => {
   await lv.virsh.start(NAME);
-  assert.is(shimOf()?.source, join(vm.dir, 'ds2/disk.raw'));
+  assert.is(shimOf()?.backing, join(vm.dir, 'ds2/disk.raw'));
   await writerPasses(40);
   await lv.virsh.destroy(NAME);
   assert.equal(verifyWriterLog(join(vm.dir, 'ds2/disk.raw'), lastSeq(), SLOTS), []);
@@ -171,7 +171,8 @@ test('disable restores the original XML except for the disk path', async () => {
 });
 
 test('an enabled domain does not start while vmshiftd is down, with the reason', async () => {
-  assert.is((await cli(['enable', NAME, '--run-dir', vm.runDir])).code, 0);
+  const en = await cli(['enable', NAME, '--run-dir', vm.runDir]);
+  assert.is(en.code, 0, en.stderr);
   // The domain is off, so no shim runs: stop the daemon, then try to start the domain.
   assert.is(vm.shims().length, 0);
   await daemon.stop();

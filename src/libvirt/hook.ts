@@ -15,7 +15,7 @@ import { daemonSocket } from '../cli/daemon-client.ts';
 import { VMSHIFT_NS, listDisks, mapPaths } from './domain-xml.ts';
 import { loadHookConfig, mapPath, type HookConfig } from './hook-config.ts';
 import { planShims, type DomainShims } from './shim-plan.ts';
-import { defaultGroup, startShims, stopShims } from './shim-control.ts';
+import { STALE_MARK, defaultGroup, startShims, stopShims } from './shim-control.ts';
 
 /** Domain XML is a few KiB; anything near this is not libvirt talking to us. */
 export const MAX_XML_BYTES = 4 * 1024 * 1024;
@@ -90,6 +90,8 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     say(line);
     io.warn?.(`vmshift hook: ${args.op}: ${line}\n`);
   };
+  // A start on a disk whose XML names an older path is worth a line in libvirt's log.
+  const tell = (line: string) => (line.includes(STALE_MARK) ? warn(line) : say(line));
   // Only these operations concern us, and only domains that carry our metadata namespace:
   // everything else leaves at once, without parsing anything.
   if (!HANDLED.has(args.op) || !xml.includes(VMSHIFT_NS)) return 0;
@@ -103,10 +105,10 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     const uri = config.libvirtUri ?? 'qemu:///system';
     switch (args.op) {
       case 'prepare':
-        await startOrUndo(plan, socket, await defaultGroup(config.group), say, uri);
+        await startOrUndo(plan, socket, await defaultGroup(config.group), tell, uri);
         return 0;
       case 'reconnect':
-        for (const l of await startShims(plan, socket, await defaultGroup(config.group), uri)) say(l);
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group), uri)) tell(l);
         return 0;
       case 'release':
         for (const l of await stopShims(plan, socket)) say(l);

@@ -13,6 +13,9 @@ interface StartedShim {
   stale?: string | null;
 }
 
+/** Marks a start line about a domain XML that names an older path of the disk. */
+export const STALE_MARK = "the domain's XML still records";
+
 /** QEMU's group on Debian/Ubuntu libvirt hosts; used when the config names none and it exists. */
 const QEMU_GROUP = 'libvirt-qemu';
 
@@ -33,7 +36,7 @@ export async function startShims(plan: DomainShims, daemonSocket: string, group:
       throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
     }
     const backing = r.backing ?? d.source;
-    const note = r.stale ? ` (the domain's XML still records ${r.stale}, where the disk lived before it moved; vmshiftd updates the XML)` : '';
+    const note = r.stale ? ` (${STALE_MARK} ${r.stale}, where the disk lived before it moved; vmshiftd updates the XML)` : '';
     lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${backing} on ${d.socket}${note}`);
   }
   return lines;

@@ -16,28 +16,21 @@ export interface JobView {
 /** Smoothing of the rate the bar shows when the job reports none yet (first pass). */
 const RATE_WEIGHT = 0.3;
 
-export function jobView(opts: { json: boolean; label?: string }): JobView {
-  const human = !opts.json && process.stderr.isTTY === true;
-  if (!human) {
-    return {
-      // Without a terminal: one JSON line per event, on stdout, as before.
-      onEvent: (event, data) => printJson({ event, data }),
-      note: (text) => (opts.json ? printJson({ event: 'note', data: { message: text } }) : process.stderr.write(`vmshift: ${text}\n`)),
-      stop: () => {},
-    };
-  }
-  const label = opts.label ? `${opts.label} ` : '';
-  const bar = new cliProgress.SingleBar({
-    format: `${label}{phase} pass {pass} |{bar}| {pct}% {copied} copied, {rate}/s, dirty {dirty}, ETA {eta}`,
-    hideCursor: true,
-    stream: process.stderr,
-  }, cliProgress.Presets.shades_classic);
-  let started = false;
-  // The job's own rate covers the previous pass; during the first pass measure it here.
+export interface BarFields {
+  total: number;
+  done: number;
+  payload: { phase: string; pass: number; pct: number; copied: string; rate: string; dirty: string; left: string };
+}
+
+/**
+ * What the bar shows for each progress event. The job's rate covers its previous pass (0 in
+ * the first): then the rate is measured here from bytesCopied, and the ETA follows from it.
+ */
+export function barFields(): (f: Partial<JobFigures>, now: number) => BarFields {
   let last: { t: number; bytes: number } | null = null;
   let measured = 0;
-  const render = (f: Partial<JobFigures>) => {
-    const now = Date.now(), bytes = f.bytesCopied ?? 0;
+  return (f, now) => {
+    const bytes = f.bytesCopied ?? 0;
     if (last && now > last.t && bytes >= last.bytes) {
       const r = ((bytes - last.bytes) * 1000) / (now - last.t);
       measured = measured ? RATE_WEIGHT * r + (1 - RATE_WEIGHT) * measured : r;
@@ -49,8 +42,33 @@ export function jobView(opts: { json: boolean; label?: string }): JobView {
     const payload = {
       phase: f.phase ?? '', pass: f.pass ?? 0, pct: Math.floor((100 * done) / total),
       copied: formatBytes(bytes), rate: rate > 0 ? formatBytes(Math.round(rate)) : '-', dirty: formatBytes(f.dirtyBytes ?? 0),
-      eta: eta === null ? '-' : `${Math.ceil(eta)}s`,
+      left: eta === null ? '-' : `${Math.ceil(eta)}s`,
     };
+    return { total, done, payload };
+  };
+}
+
+export function jobView(opts: { json: boolean; label?: string }): JobView {
+  const human = !opts.json && process.stderr.isTTY === true;
+  if (!human) {
+    return {
+    // Without a terminal: one JSON line per event, on stdout, as before.
+      onEvent: (event, data) => printJson({ event, data }),
+      note: (text) => (opts.json ? printJson({ event: 'note', data: { message: text } }) : process.stderr.write(`vmshift: ${text}\n`)),
+      stop: () => {},
+    };
+  }
+  const label = opts.label ? `${opts.label} ` : '';
+  // cli-progress fills {eta} and {percentage} itself (from its own clock): ours have other names.
+  const bar = new cliProgress.SingleBar({
+    format: `${label}{phase} pass {pass} |{bar}| {pct}% {copied} copied, {rate}/s, dirty {dirty}, ETA {left}`,
+    hideCursor: true,
+    stream: process.stderr,
+  }, cliProgress.Presets.shades_classic);
+  let started = false;
+  const fields = barFields();
+  const render = (f: Partial<JobFigures>) => {
+    const { total, done, payload } = fields(f, Date.now());
     if (!started) bar.start(total, done, payload);
     started = true;
     bar.setTotal(total);

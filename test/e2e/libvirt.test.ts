@@ -110,6 +110,10 @@ test('enable rewrites the persistent XML; start runs the shim through the hook',
   await lv.virsh.start(NAME);
   assert.is(shimOf()?.source, disk);
   await writerPasses(50);
+  // Enabling again names the domain and says the shim serves already (not "at its next start").
+  const again = await cli(['enable', NAME, '--run-dir', vm.runDir]);
+  assert.is(again.code, 1);
+  assert.match(again.stderr, new RegExp(`vmshift is already enabled in domain '${NAME}': vda \\(shim '${NAME}-vda' serves it now\\)`));
 });
 
 test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async () => {
@@ -132,12 +136,16 @@ test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async
 test('migrate-storage by domain name moves the disk and records the new path', async () => {
   const to = join(vm.dir, 'ds2/disk.raw');
   mkdirSync(join(vm.dir, 'ds2'));
-  // As an operator runs it: the CLI verb by domain name.
-  const cli = await runStatus(VMSHIFT, ['migrate-storage', NAME, '--disk', 'vda', '--to', to, '-c', lv.uri, '--daemon-socket', vm.api, '--max-downtime', '200ms', '--json']);
+  // As an operator runs it: the CLI verb by domain name (one shimmed disk: no --disk needed).
+  const cli = await runStatus(VMSHIFT, ['migrate-storage', NAME, '--to', to, '-c', lv.uri, '--daemon-socket', vm.api, '--max-downtime', '200ms', '--json']);
   assert.is(cli.code, 0, cli.stderr + cli.stdout);
   const r = JSON.parse(cli.stdout.trim().split('\n').pop()!);
   assert.is(r.from, disk);
   assert.is(r.to, to);
+  assert.is(r.recorded, true);
+  // vmshift list shows where the disk is now.
+  const list = await runStatus(VMSHIFT, ['list'], { env: vm.env });
+  assert.match(list.stdout, new RegExp(`${NAME}-vda .*${to} \\(moved from ${disk}\\)`));
   const xml = await lv.virsh.dumpxml(NAME, { inactive: true });
   assert.is(planShims(xml)?.disks[0]?.source, to);
   assert.not.ok(xml.includes(disk), xml);

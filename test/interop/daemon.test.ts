@@ -5,7 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { tempDir, startDaemon, waitForSocket, run, runStatus, cleanupAll, onCleanup, type Daemon } from '../helpers/proc.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { isShimProcess, processAlive, resolveGroup, sleep } from '../../src/daemon/processes.ts';
@@ -204,6 +204,26 @@ test('a shim that dies while the daemon runs is restarted; a migration job goes 
   const human = (await cli(h, ['status'])).stdout;
   assert.match(human, /vm3\s+running/);
   assert.match(human, /moved from/);
+  assert.is(records(h)[0]!.backing, dest, 'the registry follows the state file');
+
+  // The state file is the truth after the shim stops too: a start that names where the disk
+  // used to be (a domain XML that missed the move) serves where it lives, and says so.
+  const stopped = await controlCall<{ backing: string }>(h.api, 'shim.stop', { name: 'vm3' });
+  assert.is(stopped.backing, dest);
+  const where = await controlCall<{ backing: string; running: boolean }>(h.api, 'shim.locate', { name: 'vm3' });
+  assert.equal([where.backing, where.running], [dest, false]);
+  const again = await controlCall<{ backing: string; stale: string | null; shim: ShimRecord }>(h.api, 'shim.start', { name: 'vm3', source: file });
+  assert.equal([again.backing, again.stale], [dest, file]);
+  await qemuIo(again.shim.socket, `read -P 0x44 ${7 * MiB} 1M`);
+  const same = await controlCall<{ already: boolean; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: dest });
+  assert.equal([same.already, same.stale], [true, null]);
+  // A start naming a disk this shim never had: a new life; the old record is kept aside.
+  await controlCall(h.api, 'shim.stop', { name: 'vm3' });
+  const other = join(h.dir, 'other.raw');
+  writeFileSync(other, Buffer.alloc(MiB));
+  const fresh = await controlCall<{ backing: string; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: other });
+  assert.equal([fresh.backing, fresh.stale], [other, null]);
+  assert.ok(readdirSync(join(h.stateDir, 'shims')).some((f) => f.startsWith('vm3.state.json.replaced-')));
 });
 
 test('permissions: with --group the socket dir is 2750 and the NBD socket 0660 of that group; control socket stays 0600', async () => {

@@ -8,6 +8,8 @@ import { onCleanup, startDaemon, tempDir, waitForSocket, type Daemon } from '../
 import { isShimProcess } from '../../src/daemon/processes.ts';
 import type { ShimRecord } from '../../src/daemon/registry.ts';
 import { Virsh } from '../../src/libvirt/virsh.ts';
+import { GUEST_INITRD, GUEST_KERNEL } from '../helpers/guest.ts';
+import { randomUUID } from 'node:crypto';
 
 const root = new URL('../..', import.meta.url).pathname;
 export const VMSHIFT = join(root, 'bin/vmshift');
@@ -127,4 +129,30 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
     },
     output: () => daemon?.output() ?? '',
   };
+}
+
+/** A TCG domain running the tiny guest's sequence writer over `slots` blocks of one raw disk. */
+export function writerDomainXml(name: string, diskPath: string, consolePath: string, slots: number): string {
+  return `<domain type='qemu'>
+  <name>${name}</name>
+  <uuid>${randomUUID()}</uuid>
+  <memory unit='MiB'>256</memory>
+  <features><acpi/></features>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>${GUEST_KERNEL}</kernel>
+    <initrd>${GUEST_INITRD}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${slots} delay=10</cmdline>
+  </os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='${diskPath}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='${consolePath}'/></serial>
+  </devices>
+</domain>
+`;
 }

@@ -8,15 +8,14 @@
 // naming an old path): it always boots on the disk that holds every acknowledged write.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, runStatus, startDaemon, type Daemon } from '../helpers/proc.ts';
-import { GUEST_INITRD, GUEST_KERNEL, ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
+import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { mapPaths } from '../../src/libvirt/domain-xml.ts';
 import { planShims } from '../../src/libvirt/shim-plan.ts';
-import { VMSHIFT, libvirtHost, vmshiftHost, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
+import { VMSHIFT, libvirtHost, vmshiftHost, writerDomainXml, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
 
 test.after(cleanupAll);
 
@@ -103,36 +102,6 @@ function startMove(extra: string[] = []): Move {
 const copying = (m: Move) => until('the copy phase', () => m.events().some((e) => e.data?.phase === 'precopy'), 60_000);
 const switched = (m: Move) => until('the switch-over to commit', () => m.events().some((e) => e.event === 'note' && /waiting for vmshiftd to record/.test(e.data?.message ?? '')), 60_000);
 
-async function exitCode(m: Move): Promise<number | null> {
-  const code = await m.daemon.exited;
-  return code;
-}
-
-function domainXml(diskPath: string): string {
-  return `<domain type='qemu'>
-  <name>${NAME}</name>
-  <uuid>${randomUUID()}</uuid>
-  <memory unit='MiB'>256</memory>
-  <features><acpi/></features>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <kernel>${GUEST_KERNEL}</kernel>
-    <initrd>${GUEST_INITRD}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${SLOTS} delay=10</cmdline>
-  </os>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='${diskPath}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='file'><source path='${consolePath}'/></serial>
-  </devices>
-</domain>
-`;
-}
-
 test('setup: vmshiftd, libvirtd, an enabled domain with one disk, running its writer', async () => {
   await ensureGuest();
   vm = vmshiftHost('vli-');
@@ -143,7 +112,7 @@ test('setup: vmshiftd, libvirtd, an enabled domain with one disk, running its wr
   first = join(vm.dir, 'ds/m0.raw');
   writeFileSync(first, Buffer.alloc(8 * 1024 * 1024));
   consolePath = join(vm.dir, 'console.log');
-  await lv.virsh.define(domainXml(first));
+  await lv.virsh.define(writerDomainXml(NAME, first, consolePath, SLOTS));
   const en = await runStatus(VMSHIFT, ['enable', NAME, '-c', lv.uri, '--run-dir', vm.runDir], { env: vm.env });
   assert.is(en.code, 0, en.stderr);
   await lv.virsh.start(NAME);
@@ -157,7 +126,7 @@ test('Ctrl-C while copying: exit 130, aborted, the disk stays on its source', as
   const m = startMove(['--bandwidth', '2M']);
   await copying(m);
   m.daemon.proc.kill('SIGINT');
-  assert.is(await exitCode(m), 130, m.daemon.output());
+  assert.is(await m.daemon.exited, 130, m.daemon.output());
   const last = m.events().pop();
   assert.is(last?.error?.code, 'interrupted');
   assert.match(last!.error!.message, new RegExp(`aborted; the disk stays on ${from}`));
@@ -183,7 +152,7 @@ test('vmshiftd restarted while copying: the CLI says the move was aborted and wh
   await copying(m);
   await daemon.stop();
   daemon = await vm.start();
-  assert.is(await exitCode(m), 1, m.daemon.output());
+  assert.is(await m.daemon.exited, 1, m.daemon.output());
   assert.match(m.events().pop()?.error?.message ?? '', new RegExp(`vmshiftd went away before the switch-over: .* stays on ${from}`));
   assert.is(await settled(), from);
   await writesIntact(from);
@@ -201,7 +170,7 @@ test('libvirtd down from the copy until after the switch-over: moved, recorded o
   assert.match(vm.shims().find((s) => s.name === SHIM)?.recorded ?? 'null', /^(null|.*m[0-9]+\.raw)$/);
   assert.is.not(vm.shims().find((s) => s.name === SHIM)?.recorded, m.to);
   await lv.start();
-  assert.is(await exitCode(m), 0, m.daemon.output());
+  assert.is(await m.daemon.exited, 0, m.daemon.output());
   const r = m.events().pop() as unknown as { from: string; to: string; recorded: boolean };
   assert.is(r.to, m.to);
   assert.is(r.recorded, true);
@@ -224,7 +193,7 @@ test('Ctrl-C after the switch-over: exit 0, the move stands', async () => {
   const m = startMove();
   await switched(m);
   m.daemon.proc.kill('SIGINT');
-  assert.is(await exitCode(m), 0, m.daemon.output());
+  assert.is(await m.daemon.exited, 0, m.daemon.output());
   assert.is(await settled(), m.to);
   await writesIntact(m.to);
 });

@@ -6,46 +6,21 @@
 // original XML with only the disk's path changed. Plus the refusals.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, runStatus, type Daemon } from '../helpers/proc.ts';
-import { GUEST_INITRD, GUEST_KERNEL, ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
+import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
 import { migrateDomainStorage } from '../../src/libvirt/enable.ts';
 import { isEnabled } from '../../src/libvirt/domain-xml.ts';
 import { planShims } from '../../src/libvirt/shim-plan.ts';
-import { VMSHIFT, libvirtHost, vmshiftHost, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
+import { VMSHIFT, libvirtHost, vmshiftHost, writerDomainXml, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
 
 test.after(cleanupAll);
 
 const SLOTS = 256;
 const NAME = 'vmsh-e2e';
 let vm: VmshiftHost, lv: LibvirtHost, daemon: Daemon, disk: string, console_: string;
-
-function domainXml(name: string, diskPath: string, consolePath: string): string {
-  return `<domain type='qemu'>
-  <name>${name}</name>
-  <uuid>${randomUUID()}</uuid>
-  <memory unit='MiB'>256</memory>
-  <features><acpi/></features>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <kernel>${GUEST_KERNEL}</kernel>
-    <initrd>${GUEST_INITRD}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${SLOTS} delay=10</cmdline>
-  </os>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='${diskPath}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='file'><source path='${consolePath}'/></serial>
-  </devices>
-</domain>
-`;
-}
 
 const cli = (args: string[]) => runStatus(VMSHIFT, [...args, '-c', lv.uri], { env: vm.env });
 const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
@@ -80,7 +55,7 @@ test('setup: vmshiftd, libvirtd with the hook, a defined domain on a raw file', 
   disk = join(vm.dir, 'ds1/disk.raw');
   writeFileSync(disk, Buffer.alloc(16 * 1024 * 1024));
   console_ = join(vm.dir, 'console.log');
-  await lv.virsh.define(domainXml(NAME, disk, console_));
+  await lv.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS));
 });
 
 test('bad input: unknown domain, unknown disk, not enabled: clear errors, XML unchanged', async () => {

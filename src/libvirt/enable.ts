@@ -184,7 +184,7 @@ async function settledBacking(socket: string, name: string): Promise<string> {
     } catch (e) {
       // The shim is gone (the domain stopped meanwhile): its state file still says where.
       if ((e as ControlError).code === 'unknown-shim') return await whereNow(socket, name);
-      if (Date.now() > deadline) throw new Error(`vmshiftd did not come back within 2 minutes (${(e as Error).message}): where the disk lives is in its shim state file; ask again with 'vmshift list'`);
+      if (Date.now() > deadline) throw new Error(`vmshiftd did not come back within 2 minutes (${(e as Error).message}): whether the disk moved is in the shim's state file, which the domain's next start serves; 'vmshift list' shows it once vmshiftd runs`);
     }
     await new Promise((r) => setTimeout(r, 500));
   }

@@ -163,6 +163,14 @@ test('an enabled domain does not start while vmshiftd is down, with the reason',
   assert.instance(err, Error);
   assert.match(String(err), /vmshiftd is not running/);
   assert.is(await lv.virsh.domstate(NAME), 'shut off');
+  // disable needs the daemon (it holds where the disk lives); its advice works.
+  const refused = await cli(['disable', NAME]);
+  assert.is(refused.code, 1);
+  assert.match(refused.stderr, /cannot ask vmshiftd where disk vda of 'vmsh-e2e' lives now .*start vmshiftd and retry/);
+  daemon = await vm.start();
+  const r = await cli(['disable', NAME]);
+  assert.is(r.code, 0, r.stderr);
+  assert.match(r.stdout, new RegExp(`vda: back on ${join(vm.dir, 'ds2/disk.raw')}`));
 });
 
 test.run();

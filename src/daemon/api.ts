@@ -4,6 +4,7 @@
 //                                          any earlier path of the disk serves where it lives now)
 //   shim.locate {name, waitRecordedMs?}    where the disk lives (also after its shim stopped)
 //                                          and whether its domain's XML records that yet
+//   shim.forget {name}                     drop the state file a stopped shim left
 //   shim.stop  {name, force?}              SIGTERM the shim, wait, drop its record
 //   shim.list                              the registry's records
 //   status                                 every shim with its live status and job
@@ -72,6 +73,8 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
   server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true)));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
+
+  server.on('shim.forget', (p) => guard(() => sup.forgetState(str(p, 'name'))));
 
   server.on('shim.locate', (p) =>
     guard(async () => {

@@ -5,13 +5,13 @@
 // that die, with a growing delay so a shim that cannot start does not spin.
 import { spawn } from 'node:child_process';
 import { appendFileSync, openSync, closeSync } from 'node:fs';
-import { chmod, chown, mkdir, readFile, rename, rm, unlink } from 'node:fs/promises';
+import { chmod, chown, mkdir, readFile, rm, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { controlSocketFor } from '../shim/shim.ts';
-import { lineage, loadShimState, type ShimState } from '../shim/state.ts';
+import { lineage, loadShimState } from '../shim/state.ts';
 import { Registry, checkName, checkSource, type Owner, type ShimRecord } from './registry.ts';
 import { findShimProcess, isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
 
@@ -166,7 +166,10 @@ export class Supervisor {
       });
       let source = asked;
       if (kept && lineage(kept).has(asked)) source = kept.origin;
-      else if (kept && !existing) await this.setAside(name, statePath, kept, asked);
+      else if (kept && !existing) {
+        // Never serve anything but the truth: the operator must say the record is wrong.
+        throw new ControlError('conflict', `shim "${name}": its state file ${statePath} records that this disk lives at ${kept.backing}${kept.backing !== kept.origin ? ` (moved from ${kept.origin})` : ''}, not ${asked}; if the disk really is at ${asked} now, remove that file and retry`);
+      }
       const answer = async (shim: ShimRecord, already: boolean): Promise<StartResult> => {
         const backing = (await this.followState(name)) ?? shim.backing ?? shim.source;
         return { shim: this.registry.get(name) ?? shim, already, backing, stale: asked === backing ? null : asked };
@@ -222,14 +225,18 @@ export class Supervisor {
   }
 
   /**
-   * A state file left by an earlier shim of this name whose disk is not the one asked for
-   * (the operator moved the disk out of vmshift and back in elsewhere): keep it beside, never
-   * delete the only record of where a disk went.
+   * Drop the state file a stopped shim left (the disk left vmshift: `vmshift disable` wrote
+   * where it lives into the domain's XML). Refused while the shim is known.
    */
-  private async setAside(name: string, statePath: string, kept: ShimState, asked: string): Promise<void> {
-    const aside = `${statePath}.replaced-${Date.now()}`;
-    await rename(statePath, aside);
-    this.log.warn({ shim: name, asked, keptBacking: kept.backing, keptAt: aside }, 'an older state file of this shim name records another disk; kept aside');
+  forgetState(nameIn: string): Promise<{ name: string; removed: boolean }> {
+    const name = checkName(nameIn);
+    return this.withLock(name, async () => {
+      if (this.registry.get(name)) throw new ControlError('busy', `shim "${name}" is running: its state file stays until it stops`);
+      const path = join(this.opts.stateDir, 'shims', `${name}.state.json`);
+      const removed = await unlink(path).then(() => true, () => false);
+      if (removed) this.log.info({ shim: name, statePath: path }, 'state file of a stopped shim removed (its disk left vmshift)');
+      return { name, removed };
+    });
   }
 
   /**

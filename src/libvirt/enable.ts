@@ -70,6 +70,9 @@ export async function disableDomain(virsh: Virsh, domain: string, opts: { daemon
   }
   await virsh.define(disableShim(xml, { newPaths }));
   const running = (await virsh.domstate(domain)) !== 'shut off';
+  // The XML holds where each disk lives now: the shims' records of it are no longer needed
+  // (a running domain's shims keep theirs until they stop; the next enable starts afresh).
+  if (!running) for (const d of plan.disks) await callDaemon(opts.daemonSocket, 'shim.forget', { name: d.name }, { timeoutMs: 30_000 }).catch(() => {});
   return { domain: plan.domain, disks: plan.disks.map((d) => ({ dev: d.dev, source: newPaths[d.dev] ?? d.source, wasRecorded: d.source })), running };
 }
 

@@ -5,7 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { tempDir, startDaemon, waitForSocket, run, runStatus, cleanupAll, onCleanup, type Daemon } from '../helpers/proc.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { isShimProcess, processAlive, resolveGroup, sleep } from '../../src/daemon/processes.ts';
@@ -217,13 +217,19 @@ test('a shim that dies while the daemon runs is restarted; a migration job goes 
   await qemuIo(again.shim.socket, `read -P 0x44 ${7 * MiB} 1M`);
   const same = await controlCall<{ already: boolean; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: dest });
   assert.equal([same.already, same.stale], [true, null]);
-  // A start naming a disk this shim never had: a new life; the old record is kept aside.
+  // A start naming a disk this shim never had is refused, naming the record; its advice works.
   await controlCall(h.api, 'shim.stop', { name: 'vm3' });
   const other = join(h.dir, 'other.raw');
   writeFileSync(other, Buffer.alloc(MiB));
+  const refused = await controlCall(h.api, 'shim.start', { name: 'vm3', source: other }).then(() => null, (e) => e);
+  assert.is(refused?.code, 'conflict');
+  const statePath = join(h.stateDir, 'shims', 'vm3.state.json');
+  assert.is(refused.message, `shim "vm3": its state file ${statePath} records that this disk lives at ${dest} (moved from ${file}), not ${other}; if the disk really is at ${other} now, remove that file and retry`);
+  assert.is((await controlCall<{ removed: boolean }>(h.api, 'shim.forget', { name: 'vm3' })).removed, true);
   const fresh = await controlCall<{ backing: string; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: other });
   assert.equal([fresh.backing, fresh.stale], [other, null]);
-  assert.ok(readdirSync(join(h.stateDir, 'shims')).some((f) => f.startsWith('vm3.state.json.replaced-')));
+  const busy = await controlCall(h.api, 'shim.forget', { name: 'vm3' }).then(() => null, (e) => e);
+  assert.is(busy?.code, 'busy');
 });
 
 test('permissions: with --group the socket dir is 2750 and the NBD socket 0660 of that group; control socket stays 0600', async () => {

@@ -5,9 +5,11 @@
 //     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
 //     "libvirtUri": "qemu:///system",     // where vmshiftd records moved disk paths (virsh -c)
+//     "reconnectDelay": 30,               // VDSM: seconds QEMU holds I/O while a shim restarts
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
+import { DEFAULT_RECONNECT_DELAY_S, MAX_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
 
 export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
 
@@ -18,6 +20,8 @@ const HookConfigSchema = z
     runDir: z.string().startsWith('/').optional(),
     group: z.string().min(1).nullable().optional(),
     libvirtUri: z.string().min(1).optional(),
+    /** Seconds QEMU holds the guest's I/O while a shim restarts (src/qemu/nbd-reconnect.ts). */
+    reconnectDelay: z.number().int().min(0).max(MAX_RECONNECT_DELAY_S).default(DEFAULT_RECONNECT_DELAY_S),
     pathMap: z.record(z.string().startsWith('/'), z.string().startsWith('/')).default({}),
   })
   .strict();

@@ -157,11 +157,17 @@ export class Shim {
     };
   }
 
-  /** Stop serving: close NBD clients after in-flight requests, flush, close devices. */
+  /**
+   * Stop serving: close NBD clients after in-flight requests, flush, close devices. A failed
+   * flush still closes everything, then throws: `vmshift serve` exits 1 with "stop failed",
+   * which is how vmshiftd tells a restart's old process did not stop cleanly.
+   */
   async stop(): Promise<void> {
     await this.control.close().catch(() => {});
     await this.server.close().catch(() => {});
-    if (!this.opts.readOnly) await this.gate.flush().catch(() => {});
+    let flushError: Error | undefined;
+    if (!this.opts.readOnly) await this.gate.flush().catch((e: Error) => { flushError = e; });
     await this.gate.close().catch(() => {});
+    if (flushError) throw new Error(`the flush before stopping failed: ${flushError.message}`);
   }
 }

@@ -5,7 +5,6 @@
 // and returns at once. Exit 0 when the disk moved, 1 when the job failed.
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { resolve } from 'node:path';
-import cliProgress from 'cli-progress';
 import { controlCall } from '../control/client.ts';
 import { controlSocketFor } from '../shim/shim.ts';
 import { isNbdUri } from '../block/open.ts';
@@ -13,7 +12,7 @@ import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { migrateStorageByDomain } from './libvirt-verbs.ts';
 import type { JobResult } from '../migrate/job.ts';
-import type { JobFigures } from '../migrate/context.ts';
+import { jobView } from './progress.ts';
 
 interface MigrateArgs {
   domain?: string;
@@ -32,6 +31,7 @@ interface MigrateArgs {
   qmp?: string;
   suspend: boolean;
   detach: boolean;
+  overwrite: boolean;
   json: boolean;
 }
 
@@ -41,7 +41,7 @@ export const migrateStorageCommand = {
   builder: (y: Argv) =>
     y
       .positional('domain', { type: 'string', describe: 'a libvirt domain enabled with `vmshift enable` (with --disk); or name the shim with --socket' })
-      .option('disk', { type: 'string', describe: 'with DOMAIN: the disk target (vda...)' })
+      .option('disk', { type: 'string', describe: 'with DOMAIN: the disk target (vda...); optional when one disk goes through a shim' })
       .option('connect', { alias: 'c', type: 'string', describe: 'with DOMAIN: libvirt URI (default qemu:///system)' })
       .option('daemon-socket', { type: 'string', describe: "with DOMAIN: vmshiftd's API socket" })
       .option('socket', { type: 'string', describe: 'the NBD socket the shim serves (its control socket is beside it)' })
@@ -55,7 +55,8 @@ export const migrateStorageCommand = {
       .option('delete-source', { type: 'boolean', default: false, describe: 'remove the old source file after the switch-over' })
       .option('qmp', { type: 'string', describe: "the guest's QMP socket (for --suspend)" })
       .option('suspend', { type: 'boolean', default: false, describe: 'pause the guest through QMP during the switch-over' })
-      .option('detach', { type: 'boolean', default: false, describe: 'start the job and return; follow it with `vmshift status`' }),
+      .option('detach', { type: 'boolean', default: false, describe: 'start the job and return; follow it with `vmshift status`' })
+      .option('overwrite', { type: 'boolean', default: false, describe: 'replace the contents of an existing destination that holds data (never one a process has open)' }),
   handler: async (argv: ArgumentsCamelCase<MigrateArgs>) => {
     if (argv.suspend && !argv.qmp) throw new UsageError('--suspend needs --qmp PATH (the guest QMP socket)');
     const params = {
@@ -74,41 +75,27 @@ export const migrateStorageCommand = {
     if (argv.domain) {
       if (argv.socket) throw new UsageError('give either DOMAIN (with --disk) or --socket, not both');
       const { to, ...rest } = params;
-      return migrateStorageByDomain({ domain: argv.domain, disk: argv.disk, to, connect: argv.connect, daemonSocket: argv.daemonSocket, json: argv.json, params: rest });
+      return migrateStorageByDomain({ domain: argv.domain, disk: argv.disk, to, connect: argv.connect, daemonSocket: argv.daemonSocket, json: argv.json, params: { ...rest, overwrite: argv.overwrite } });
     }
     if (!argv.socket) throw new UsageError('name the disk: --socket SHIM_SOCKET, or DOMAIN --disk vda');
     const socket = argv.socket;
     const ctl = controlSocketFor(socket);
-    const human = !argv.json && process.stderr.isTTY;
-    const bar = human ? new cliProgress.SingleBar({
-      format: '{phase} pass {pass} |{bar}| {percentage}% {copied} copied, {rate}/s, dirty {dirty}, ETA {eta_s}',
-      hideCursor: true,
-    }, cliProgress.Presets.shades_classic) : null;
-    let started = false;
-    const onEvent = (event: string, data: unknown) => {
-      if (!bar) return printJson({ event, data });
-      const f = data as Partial<JobFigures>;
-      if (event !== 'progress' || f.passTotal === undefined) return;
-      const payload = { phase: f.phase, pass: f.pass, copied: formatBytes(f.bytesCopied ?? 0), rate: formatBytes(f.rate ?? 0), dirty: formatBytes(f.dirtyBytes ?? 0) };
-      if (!started) bar.start(Math.max(1, f.passTotal), 0, payload);
-      started = true;
-      bar.setTotal(Math.max(1, f.passTotal));
-      bar.update(Math.min(f.passDone ?? 0, f.passTotal), { ...payload, eta: f.etaSeconds === null ? 'n/a' : Math.round(f.etaSeconds ?? 0) });
-    };
+    const view = jobView({ json: argv.json });
+    const onEvent = view.onEvent;
     // Ctrl-C is a request to abort: the shim rolls back and this command reports it.
     const onSigint = () => {
-      if (!argv.json) process.stderr.write('\nvmshift: aborting the migration (the disk stays on its source)...\n');
+      view.note('aborting the migration (the disk stays on its source unless the switch-over already committed)...');
       controlCall(ctl, 'migrate.abort', {}).catch(() => {});
     };
     process.on('SIGINT', onSigint);
     try {
-      const result = await controlCall<JobResult>(ctl, 'migrate.start', params, { onEvent });
-      bar?.stop();
+      const result = await controlCall<JobResult>(ctl, 'migrate.start', { ...params, overwrite: argv.overwrite }, { onEvent });
+      view.stop();
       if (argv.json || !process.stdout.isTTY) return printJson(argv.detach ? { started: result } : { result });
       if (argv.detach) return void process.stdout.write(`migration of ${result.from} to ${result.to} started; follow it with vmshift status --socket ${socket}\n`);
       process.stdout.write(summary(result));
     } finally {
-      bar?.stop();
+      view.stop();
       process.off('SIGINT', onSigint);
     }
   },

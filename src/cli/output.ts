@@ -1,8 +1,10 @@
 // How the CLI talks to people and scripts: human lines on a terminal, one JSON document (or
-// JSON lines for events) with --json. Exit codes: 0 done, 1 failed, 2 bad usage.
+// JSON lines for events) with --json. Exit codes: 0 done, 1 failed, 2 bad usage, 130
+// interrupted by Ctrl-C (what was interrupted was undone: e.g. a move aborted on its source).
 export const EXIT_OK = 0;
 export const EXIT_FAILED = 1;
 export const EXIT_USAGE = 2;
+export const EXIT_INTERRUPTED = 130;
 
 export class UsageError extends Error {
   override name = 'UsageError';

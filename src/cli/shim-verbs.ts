@@ -29,7 +29,7 @@ export const shimStartCommand = {
       .option('group', { type: 'string', describe: "group allowed to reach the NBD socket (QEMU's user, e.g. libvirt-qemu)" })
       .option('daemon-socket', daemonSocketOption),
   handler: async (argv: ArgumentsCamelCase<CommonArgs & { name: string; source: string; export: string; track: string; group?: string }>) => {
-    const r = await callDaemon<{ shim: ShimRecord; already: boolean }>(daemonSocket(argv.daemonSocket), 'shim.start', {
+    const r = await callDaemon<{ shim: ShimRecord; already: boolean; backing?: string }>(daemonSocket(argv.daemonSocket), 'shim.start', {
       name: argv.name,
       source: argv.source,
       export: argv.export,
@@ -38,7 +38,7 @@ export const shimStartCommand = {
     });
     if (argv.json) return printJson(r);
     const s = r.shim;
-    process.stdout.write(`shim ${s.name} ${r.already ? 'already serves' : 'serves'} ${s.source} as "${s.export}" on ${s.socket} (pid ${s.pid})\n`);
+    process.stdout.write(`shim ${s.name} ${r.already ? 'already serves' : 'serves'} ${r.backing ?? s.source} as "${s.export}" on ${s.socket} (pid ${s.pid})\n`);
   },
 };
 
@@ -112,7 +112,14 @@ export const listCommand = {
     const { shims } = await callDaemon<{ shims: ShimRecord[] }>(daemonSocket(argv.daemonSocket), 'shim.list');
     if (argv.json) return printJson({ shims });
     if (!shims.length) return void process.stdout.write('no shims\n');
-    const rows = [['NAME', 'PID', 'SOURCE', 'SOCKET'], ...shims.map((s) => [s.name, String(s.pid ?? '-'), s.source, s.socket])];
+    // Where the disk lives now (the shim's state file, followed by vmshiftd), not where it started.
+    const where = (s: ShimRecord) => {
+      const backing = s.backing ?? s.source;
+      const moved = backing !== s.source ? ` (moved from ${s.source})` : '';
+      const pending = s.owner && s.recorded !== backing ? ` [${s.owner.domain}'s XML not updated yet]` : '';
+      return backing + moved + pending;
+    };
+    const rows = [['NAME', 'PID', 'DISK', 'SOCKET'], ...shims.map((s) => [s.name, String(s.pid ?? '-'), where(s), s.socket])];
     const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
     process.stdout.write(rows.map((r) => r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i]!) : c)).join('  ')).join('\n') + '\n');
   },

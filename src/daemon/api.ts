@@ -1,7 +1,12 @@
 // vmshiftd's API: the methods on its unix socket (JSON lines, see src/control/protocol.ts).
 //   ping                                   -> {pong, pid, version}
-//   shim.start {name, source, export?, track?, group?, startedBy?}  start (idempotent for name+source);
-//                                          source only from the allowed datastores
+//   shim.start {name, source, export?, track?, group?, startedBy?, owner?}  start (idempotent
+//                                          for name+source; source only from the allowed
+//                                          datastores; any earlier path of the disk serves
+//                                          where it lives now)
+//   shim.locate {name, waitRecordedMs?}    where the disk lives (also after its shim stopped)
+//                                          and whether its domain's XML records that yet
+//   shim.forget {name}                     drop the state file a stopped shim left
 //   shim.stop  {name, force?, startedBy?}  SIGTERM the shim, wait, drop its record (with
 //                                          startedBy: only a shim that caller started)
 //   shim.restart {name, abortJob?}         swap the shim's process under a running guest (a
@@ -9,15 +14,15 @@
 //                                          unless abortJob; answers with the measured stall
 //   shim.list                              the registry's records
 //   status                                 every shim with its live status and job
-//   job.start  {name, to, ...migrate params, follow?}   forwarded to the shim's migrate.start;
-//                                          its events are relayed to the caller
+//   job.start  {name, to, ...migrate params, follow?, abortOnDisconnect?}   forwarded to the
+//                                          shim's migrate.start; its events are relayed to the caller
 //   job.status {name} / job.abort {name}   forwarded to migrate.status / migrate.abort
 // Jobs run inside the shim process, so they survive a daemon restart like the shim does.
 import type { Logger } from 'pino';
 import { ControlServer } from '../control/server.ts';
 import { ControlError } from '../control/protocol.ts';
 import { controlCall } from '../control/client.ts';
-import { RegistryError } from './registry.ts';
+import { OwnerSchema, RegistryError } from './registry.ts';
 import { isNbdUri } from '../block/open.ts';
 import type { Supervisor } from './supervisor.ts';
 
@@ -47,6 +52,14 @@ function optional<T extends string>(params: Record<string, unknown>, key: string
   return v as T;
 }
 
+/** The libvirt domain a hook starts a shim for (validated: it becomes virsh arguments). */
+function owner(v: unknown) {
+  if (v === undefined || v === null) return undefined;
+  const parsed = OwnerSchema.safeParse(v);
+  if (!parsed.success) throw new ControlError('bad-request', `"owner": ${parsed.error.issues[0]?.path.join('.')}: ${parsed.error.issues[0]?.message}`);
+  return parsed.data;
+}
+
 export function registerApi(server: ControlServer, sup: Supervisor, log: Logger): void {
   server.on('ping', () => ({ pong: true, pid: process.pid, version: API_VERSION }));
 
@@ -59,6 +72,7 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
         track: optional(p, 'track', ['bitmap', 'bloom', 'none'] as const),
         group: optional(p, 'group'),
         startedBy: optional(p, 'startedBy'),
+        owner: owner(p.owner),
       }),
     ),
   );
@@ -68,6 +82,24 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
   server.on('shim.restart', (p) => guard(() => sup.restart(str(p, 'name'), { abortJob: p.abortJob === true })));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
+
+  server.on('shim.forget', (p) => guard(() => sup.forgetState(str(p, 'name'))));
+
+  server.on('shim.locate', (p) =>
+    guard(async () => {
+      const name = str(p, 'name');
+      const waitMs = typeof p.waitRecordedMs === 'number' ? Math.min(Math.max(0, p.waitRecordedMs), 600_000) : 0;
+      const deadline = Date.now() + waitMs;
+      for (;;) {
+        const where = await sup.locate(name);
+        if (!where) throw new ControlError('unknown-shim', `no shim named "${name}" and no state file left by one`);
+        const rec = sup.registry.get(name);
+        const recorded = rec?.owner ? rec.recorded === where.backing : null;
+        if (recorded !== false || Date.now() >= deadline) return { ...where, owner: rec?.owner ?? null, recorded };
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }),
+  );
 
   server.on('status', async () => {
     const shims = await Promise.all(sup.registry.list().map(async (rec) => ({ ...rec, ...(await sup.describe(rec)) })));
@@ -84,7 +116,8 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
       await sup.checkDestination(params.to);
       const follow = params.follow !== false;
       log.info({ shim: name, to: params.to, mode: params.mode ?? 'auto' }, 'job starting');
-      // The caller going away stops the relay, not the job (abort it with job.abort).
+      // The caller going away stops the relay; the job goes on (abort it with job.abort)
+      // unless the caller asked for abortOnDisconnect (the shim then sees the relay close).
       const gone = new AbortController();
       void ctx.closed.then(() => gone.abort());
       try {
@@ -94,6 +127,9 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
       } catch (e) {
         if (!gone.signal.aborted) log.warn({ shim: name, to: params.to, err: (e as Error).message }, 'job failed');
         throw e;
+      } finally {
+        // The move (if it committed) is in the shim's state file: follow it now, not at the next tick.
+        if (follow) await sup.followState(str(p, 'name')).catch(() => {});
       }
     }),
   );

@@ -12,6 +12,7 @@ import { controlCall } from '../control/client.ts';
 import { Registry } from './registry.ts';
 import { Supervisor } from './supervisor.ts';
 import { registerApi } from './api.ts';
+import { XmlRecorder } from './xml-recorder.ts';
 
 export { DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_RUN_DIR } from './defaults.ts';
 
@@ -52,7 +53,8 @@ export class Daemon {
     const registry = await Registry.load(opts.stateDir);
     const vmshiftCommand = opts.vmshiftCommand ?? [vmshiftBin];
     const policy = opts.policy ?? DEFAULT_POLICY;
-    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand, policy });
+    const recorder = new XmlRecorder(registry, log);
+    const supervisor = new Supervisor(registry, log, { stateDir: opts.stateDir, runDir: opts.runDir, vmshiftCommand, policy, onLocation: (name) => recorder.poke(name) });
     log.info({ socket: opts.socket, stateDir: opts.stateDir, runDir: opts.runDir, shims: registry.list().length, datastores: policy.datastores, allowNbdSources: policy.allowNbd }, 'vmshiftd starting');
     await supervisor.adoptAll();
 
@@ -60,6 +62,8 @@ export class Daemon {
     registerApi(server, supervisor, log);
     await server.listen(opts.socket, 0o600);
     supervisor.watch();
+    // In the background: asks libvirt, which may itself be starting.
+    void supervisor.reapOrphans((rec) => recorder.ownerStopped(rec));
     log.info({ socket: opts.socket }, 'vmshiftd ready');
     return new Daemon(opts, log, supervisor, server);
   }

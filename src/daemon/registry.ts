@@ -8,6 +8,18 @@ import { isNbdUri } from '../block/open.ts';
 
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+/** Who the shim serves, when a hook started it: vmshiftd keeps that domain's XML in step. */
+export const OwnerSchema = z.object({
+  kind: z.literal('libvirt'),
+  /** libvirt URI the daemon's virsh calls use. */
+  uri: z.string().min(1),
+  domain: z.string().min(1),
+  uuid: z.string(),
+  /** Guest disk target (vda...). */
+  dev: z.string().min(1),
+});
+export type Owner = z.infer<typeof OwnerSchema>;
+
 export const ShimRecordSchema = z.object({
   name: z.string().regex(NAME_RE),
   /** What the operator gave: an absolute path or NBD URI (the shim's state file has where it lives now). */
@@ -27,6 +39,11 @@ export const ShimRecordSchema = z.object({
   startedAt: z.string().nullable(),
   restarts: z.number().int().nonnegative(),
   createdAt: z.string(),
+  /** Where the disk lives now, followed from the shim's state file (the truth) by the daemon. */
+  backing: z.string().min(1).optional(),
+  owner: OwnerSchema.optional(),
+  /** The backing last seen recorded in the owner's persistent XML (null: not yet). */
+  recorded: z.string().nullable().optional(),
 });
 export type ShimRecord = z.infer<typeof ShimRecordSchema>;
 

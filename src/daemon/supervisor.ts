@@ -11,8 +11,8 @@ import type { Logger } from 'pino';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { controlSocketFor } from '../shim/shim.ts';
-import { loadShimState } from '../shim/state.ts';
-import { Registry, checkName, checkSource, type ShimRecord } from './registry.ts';
+import { lineage, loadShimState } from '../shim/state.ts';
+import { Registry, checkName, checkSource, type Owner, type ShimRecord } from './registry.ts';
 import { findShimProcess, isShimProcess, processAlive, resolveGroup, sleep, waitForExit } from './processes.ts';
 import { DEFAULT_POLICY, SourceNotAllowedError, checkDestination, diskId, resolveSource, type ResolvedSource, type SourcePolicy } from './datastores.ts';
 import { ensureDir } from '../util/trusted-fs.ts';
@@ -29,6 +29,8 @@ export interface SupervisorOptions {
   watchIntervalMs?: number;
   /** What shims may serve (default: DEFAULT_POLICY, the usual datastores, no NBD). */
   policy?: SourcePolicy;
+  /** Told when a shim's record may be out of step with what follows it (a domain's XML). */
+  onLocation?: (name: string) => void;
 }
 
 export interface StartRequest {
@@ -39,6 +41,16 @@ export interface StartRequest {
   group?: string | null;
   /** Who asked (e.g. `libvirt:UUID`): a stop that names someone else is refused. */
   startedBy?: string | null;
+  owner?: Owner;
+}
+
+export interface StartResult {
+  shim: ShimRecord;
+  already: boolean;
+  /** Where the disk lives now (the shim's state file), which is what the shim serves. */
+  backing: string;
+  /** The source the caller named when it is not the backing (its record is behind), else null. */
+  stale: string | null;
 }
 
 /** Unix socket paths longer than this do not fit in sockaddr_un. */
@@ -78,6 +90,8 @@ interface Health {
 export class Supervisor {
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly health = new Map<string, Health>();
+  /** Shims a caller asked for since this daemon started (never reaped as orphans). */
+  private readonly confirmed = new Set<string>();
   private watchTimer?: NodeJS.Timeout;
   private closed = false;
   /** Set by watch(): look at the shims now (a child shim exited). */
@@ -116,6 +130,20 @@ export class Supervisor {
     }
   }
 
+  /**
+   * Stop adopted shims whose owner no longer runs (its domain stopped while vmshiftd was down,
+   * so the hook's `release` could not reach us). A shim a caller asked for since the daemon
+   * started is left alone: its domain may be starting right now.
+   */
+  async reapOrphans(ownerStopped: (rec: ShimRecord) => Promise<boolean>): Promise<void> {
+    for (const rec of this.registry.list()) {
+      if (!rec.owner || rec.desired !== 'running' || this.confirmed.has(rec.name)) continue;
+      if (!(await ownerStopped(rec)) || this.confirmed.has(rec.name)) continue;
+      this.log.warn({ shim: rec.name, domain: rec.owner.domain }, 'the domain of this shim stopped while vmshiftd was away; stopping the shim');
+      await this.stop(rec.name).catch((e) => this.log.error({ shim: rec.name, err: (e as Error).message }, 'could not stop the orphaned shim'));
+    }
+  }
+
   private async reconcile(name: string): Promise<void> {
     const rec = this.registry.get(name);
     if (!rec) return;
@@ -138,6 +166,7 @@ export class Supervisor {
     if (alive && (await this.answers(rec.socket, 10_000))) {
       this.health.set(name, { failures: 0, nextAttemptAt: 0, upSince: Date.now() });
       this.log.info({ shim: name, shimPid: rec.pid, socket: rec.socket }, 'adopted running shim');
+      await this.followState(name);
       return;
     }
     if (alive) {
@@ -179,20 +208,42 @@ export class Supervisor {
     return new Set([await diskId(rec.source), backing ? await diskId(backing) : undefined]);
   }
 
-  start(req: StartRequest): Promise<{ shim: ShimRecord; already: boolean }> {
+  start(req: StartRequest): Promise<StartResult> {
     const name = checkName(req.name);
-    const requested = checkSource(req.source);
+    const asked = checkSource(req.source);
     const startedBy = req.startedBy ?? null;
     const wanted = { export: req.export ?? 'disk', track: req.track ?? 'bitmap', group: req.group ?? null } as const;
+    this.confirmed.add(name);
     return this.withLock(name, async () => {
       const existing = this.registry.get(name);
+      const statePath = existing?.statePath ?? join(this.opts.stateDir, 'shims', `${name}.state.json`);
+      // The shim's state file is the truth about where the disk lives. A caller naming any
+      // earlier path of this disk (a domain XML a crash left behind) gets the disk where it
+      // lives now; the shim is started on its origin and serves the recorded backing.
+      const kept = await loadShimState(statePath).catch((e) => {
+        throw new ControlError('conflict', `shim "${name}": ${(e as Error).message}`);
+      });
+      // Records hold realpaths (the datastore check resolves them): compare the caller's spelling
+      // resolved too, so a symlinked datastore path is still this disk's earlier path.
+      let requested = asked;
+      const line = kept ? lineage(kept) : undefined;
+      const spelled = line && !line.has(asked) ? (await resolveSource(asked, this.policy).catch(() => undefined))?.canonical : asked;
+      if (kept && spelled && line!.has(spelled)) requested = kept.origin;
+      else if (kept && !existing) {
+        // Never serve anything but the truth: the operator must say the record is wrong.
+        throw new ControlError('conflict', `shim "${name}": its state file ${statePath} records that this disk lives at ${kept.backing}${kept.backing !== kept.origin ? ` (moved from ${kept.origin})` : ''}, not ${asked}; if the disk really is at ${asked} now, remove that file and retry`);
+      }
+      const answer = async (shim: ShimRecord, already: boolean): Promise<StartResult> => {
+        const backing = (await this.followState(name)) ?? shim.backing ?? shim.source;
+        return { shim: this.registry.get(name) ?? shim, already, backing, stale: asked === backing ? null : asked };
+      };
       if (existing) {
         // The recorded spelling is the same shim even if the file has moved on since (launch
         // checks what it will serve); any other is compared as a disk, by device and inode.
         if (existing.source !== requested) {
           const { canonical, id } = await this.resolve(requested);
           if (existing.source !== canonical && !(await this.diskIds(existing)).has(id)) {
-            throw new ControlError('conflict', `shim "${name}" already serves ${existing.source}, not ${canonical}: stop it first or pick another name`);
+            throw new ControlError('conflict', `shim "${name}" already serves ${existing.backing ?? existing.source}, not ${asked}: stop it first or pick another name`);
           }
         }
         if (startedBy && existing.startedBy && existing.startedBy !== startedBy) {
@@ -203,17 +254,23 @@ export class Supervisor {
             throw new ControlError('conflict', `shim "${name}" of ${existing.source} runs with ${k}=${existing[k]}, not ${wanted[k]}: stop it first to change it`);
           }
         }
-        // A record from before this was kept is claimed by the first caller that names itself.
-        const claimed = startedBy && !existing.startedBy ? { ...existing, startedBy } : existing;
-        if (claimed !== existing) await this.registry.put(claimed);
-        if (await isShimProcess(claimed.pid, claimed.socket)) return { shim: claimed, already: true };
-        return { shim: await this.launch(claimed, true), already: false };
+        // A record from before this was kept is claimed by the first caller that names itself;
+        // a new owner (whose XML follows the disk) is recorded, not yet in step.
+        const claim = !!startedBy && !existing.startedBy;
+        const newOwner = !!req.owner && JSON.stringify(req.owner) !== JSON.stringify(existing.owner);
+        let rec = existing;
+        if (claim || newOwner) {
+          rec = { ...existing, ...(claim ? { startedBy } : {}), ...(newOwner ? { owner: req.owner, recorded: null } : {}) };
+          await this.registry.put(rec);
+        }
+        if (await isShimProcess(rec.pid, rec.socket)) return answer(rec, true);
+        return answer(await this.launch(rec, true), false);
       }
       // One disk, one name: the realpath, and the device and inode behind it, not the string.
       const { canonical: source, id } = await this.resolve(requested);
       for (const other of this.registry.list()) {
-        if (other.source === source || (await this.diskIds(other)).has(id)) {
-          const spelled = requested === source ? source : `${requested} (${source})`;
+        if (other.source === source || other.backing === asked || (await this.diskIds(other)).has(id)) {
+          const spelled = asked === source ? source : `${asked} (${source})`;
           throw new ControlError('conflict', `${spelled} is already served by shim "${other.name}"${other.source === source ? '' : ` as ${other.source}`}: two shims on one disk would corrupt it`);
         }
       }
@@ -227,7 +284,7 @@ export class Supervisor {
         source,
         ...wanted,
         socket,
-        statePath: join(this.opts.stateDir, 'shims', `${name}.state.json`),
+        statePath,
         logPath: join(this.opts.stateDir, 'logs', `${name}.log`),
         startedBy,
         desired: 'running',
@@ -235,16 +292,61 @@ export class Supervisor {
         startedAt: null,
         restarts: 0,
         createdAt: new Date().toISOString(),
+        backing: kept && source === kept.origin ? kept.backing : source,
+        ...(req.owner ? { owner: req.owner, recorded: null } : {}),
       };
       // Recorded before it is spawned: a daemon crash in between restarts it rather than forgets it.
       await this.registry.put(rec);
       try {
-        return { shim: await this.launch(rec, false), already: false };
+        return await answer(await this.launch(rec, false), false);
       } catch (e) {
-        await this.forget(rec, true);
+        await this.forget(rec);
         throw e;
       }
     });
+  }
+
+  /**
+   * Drop the state file a stopped shim left (the disk left vmshift: `vmshift disable` wrote
+   * where it lives into the domain's XML). Refused while the shim is known.
+   */
+  forgetState(nameIn: string): Promise<{ name: string; removed: boolean }> {
+    const name = checkName(nameIn);
+    return this.withLock(name, async () => {
+      if (this.registry.get(name)) throw new ControlError('busy', `shim "${name}" is running: its state file stays until it stops`);
+      const path = join(this.opts.stateDir, 'shims', `${name}.state.json`);
+      const removed = await unlink(path).then(() => true, () => false);
+      if (removed) this.log.info({ shim: name, statePath: path }, 'state file of a stopped shim removed (its disk left vmshift)');
+      return { name, removed };
+    });
+  }
+
+  /**
+   * Bring the record's `backing` in line with the shim's state file (the truth) and tell the
+   * followers (a domain's XML) when it changed. Returns the backing, or undefined without one.
+   */
+  async followState(name: string): Promise<string | undefined> {
+    const rec = this.registry.get(name);
+    if (!rec) return undefined;
+    const state = await loadShimState(rec.statePath).catch(() => undefined);
+    if (!state) return rec.backing;
+    if (state.backing !== rec.backing) {
+      const now = this.registry.get(name);
+      if (!now) return state.backing;
+      await this.registry.put({ ...now, backing: state.backing });
+      this.log.info({ shim: name, from: rec.backing ?? rec.source, backing: state.backing }, 'the disk lives at a new backing (from the shim state file)');
+    }
+    this.opts.onLocation?.(name);
+    return state.backing;
+  }
+
+  /** Where the disk of shim `name` lives, from its record or the state file a stopped shim left. */
+  async locate(nameIn: string): Promise<{ name: string; running: boolean; origin: string; backing: string } | null> {
+    const name = checkName(nameIn);
+    const rec = this.registry.get(name);
+    const state = await loadShimState(rec?.statePath ?? join(this.opts.stateDir, 'shims', `${name}.state.json`)).catch(() => undefined);
+    if (!rec && !state) return null;
+    return { name, running: rec?.desired === 'running', origin: state?.origin ?? rec!.source, backing: state?.backing ?? rec?.backing ?? rec!.source };
   }
 
   /** Stop a shim; with `startedBy`, only when that caller started it (a hook never stops another domain's). */
@@ -391,6 +493,8 @@ export class Supervisor {
         const h = this.health.get(rec.name) ?? { failures: 0, nextAttemptAt: 0, upSince: Date.now() };
         if (await isShimProcess(rec.pid, rec.socket)) {
           if (h.failures && Date.now() - h.upSince > HEALTHY_AFTER_MS) this.health.set(rec.name, { ...h, failures: 0 });
+          // A job that ended (or a move made through the shim's own socket) shows here.
+          await this.followState(rec.name).catch((e) => this.log.warn({ shim: rec.name, err: (e as Error).message }, 'could not read the shim state file'));
           continue;
         }
         if (Date.now() < h.nextAttemptAt) continue;
@@ -533,12 +637,13 @@ export class Supervisor {
   }
 
   /**
-   * Drop a record and the shim's files. After a failed first start the state file is kept if
-   * it records a move (then it is the only pointer to where the disk lives).
+   * Drop a record and the shim's files. The state file is kept when it records a move: it is
+   * the truth about where the disk lives, which the next start of this shim (a domain's XML
+   * may still name an older path) and `vmshift disable` read.
    */
-  private async forget(rec: ShimRecord, failedStart = false): Promise<void> {
+  private async forget(rec: ShimRecord): Promise<void> {
     const state = await loadShimState(rec.statePath).catch(() => undefined);
-    if (!failedStart || !state || state.backing === state.origin) await unlink(rec.statePath).catch(() => {});
+    if (!state || state.backing === state.origin) await unlink(rec.statePath).catch(() => {});
     await rm(join(this.opts.runDir, rec.name), { recursive: true, force: true });
     await this.registry.remove(rec.name);
     this.health.delete(rec.name);

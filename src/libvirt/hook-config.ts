@@ -4,6 +4,7 @@
 //   { "daemonSocket": "/run/vmshift/vmshiftd.sock",
 //     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
+//     "libvirtUri": "qemu:///system",     // where vmshiftd records moved disk paths (virsh -c)
 //     "reconnectDelay": 30,               // VDSM: seconds QEMU holds I/O while a shim restarts
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
 // It tells a root hook which daemon to talk to and how to rewrite paths, so it is read only
@@ -20,6 +21,7 @@ const HookConfigSchema = z
     /** vmshiftd's --run-dir (the VDSM hook writes socket paths under it). */
     runDir: z.string().startsWith('/').optional(),
     group: z.string().min(1).nullable().optional(),
+    libvirtUri: z.string().min(1).optional(),
     /** Seconds QEMU holds the guest's I/O while a shim restarts (src/qemu/nbd-reconnect.ts). */
     reconnectDelay: z.number().int().min(0).max(MAX_RECONNECT_DELAY_S).default(DEFAULT_RECONNECT_DELAY_S),
     pathMap: z.record(z.string().startsWith('/'), z.string().startsWith('/')).default({}),

@@ -9,11 +9,13 @@
 //   migrate    (incoming) print the XML with datastore paths mapped per the config's pathMap
 // Any other operation, and any domain without vmshift, exits 0 at once. The hook talks only
 // to vmshiftd: calling back into libvirt from a hook deadlocks libvirtd.
+import { closeSync, constants as fsc, openSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
 import { daemonSocket } from '../cli/daemon-client.ts';
 import { VMSHIFT_NS, listDisks, mapPaths } from './domain-xml.ts';
 import { loadHookConfig, mapPath, type HookConfig } from './hook-config.ts';
 import { planShims, type DomainShims } from './shim-plan.ts';
-import { defaultGroup, startShims, stopShims } from './shim-control.ts';
+import { STALE_MARK, defaultGroup, startShims, stopShims } from './shim-control.ts';
 
 /** Domain XML is a few KiB; anything near this is not libvirt talking to us. */
 export const MAX_XML_BYTES = 4 * 1024 * 1024;
@@ -54,6 +56,29 @@ export interface HookIo {
   err(text: string): void;
   /** Loads the config only for domains that need it (default: loadHookConfig()). */
   config?: () => Promise<HookConfig>;
+  /**
+   * Where warnings go besides stderr: libvirt shows a hook's stderr only when the hook fails,
+   * so a warning on an operation that must not fail (release, reconnect) would be lost.
+   * The hook program appends them to libvirt's log of the domain (domainLog).
+   */
+  warn?: (text: string) => void;
+}
+
+/** libvirt's per-domain log (QEMU's stderr and libvirt's own lines about the domain). */
+export const DOMAIN_LOG_DIR = '/var/log/libvirt/qemu';
+
+/** Append a line to libvirt's log of the domain; only to an existing file, never through a symlink. */
+export function domainLog(domain: string, text: string, dir = DOMAIN_LOG_DIR): void {
+  if (domain.includes('/') || domain.startsWith('.')) return;
+  let fd: number | undefined;
+  try {
+    fd = openSync(join(dir, `${domain}.log`), fsc.O_WRONLY | fsc.O_APPEND | fsc.O_NOFOLLOW);
+    writeSync(fd, `${new Date().toISOString()}: ${text}`);
+  } catch {
+    // No log (another libvirt layout): stderr still has it.
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
 }
 
 const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate']);
@@ -61,6 +86,12 @@ const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate']);
 /** Decide and act for one hook call; returns the exit code. */
 export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<number> {
   const say = (line: string) => io.err(`vmshift hook: domain '${args.domain}' ${args.op}: ${line}\n`);
+  const warn = (line: string) => {
+    say(line);
+    io.warn?.(`vmshift hook: ${args.op}: ${line}\n`);
+  };
+  // A start on a disk whose XML names an older path is worth a line in libvirt's log.
+  const tell = (line: string) => (line.includes(STALE_MARK) ? warn(line) : say(line));
   // Only these operations concern us, and only domains that carry our metadata namespace:
   // everything else leaves at once, without parsing anything.
   if (!HANDLED.has(args.op) || !xml.includes(VMSHIFT_NS)) return 0;
@@ -71,12 +102,13 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
     if (!plan || plan.disks.length === 0) return 0;
     const config = await (io.config ?? (() => loadHookConfig()))();
     const socket = daemonSocket(config.daemonSocket);
+    const uri = config.libvirtUri ?? 'qemu:///system';
     switch (args.op) {
       case 'prepare':
-        for (const l of await startShims(plan, socket, await defaultGroup(config.group))) say(l);
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group), uri)) tell(l);
         return 0;
       case 'reconnect':
-        for (const l of await startShims(plan, socket, await defaultGroup(config.group))) say(l);
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group), uri)) tell(l);
         return 0;
       case 'release':
         for (const l of await stopShims(plan, socket)) say(l);
@@ -91,10 +123,10 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
   } catch (e) {
     const msg = (e as Error).message;
     if (mayRefuse) {
-      say(`refused: ${msg}`);
+      warn(`refused: ${msg}`);
       return 1;
     }
-    say(`warning: ${msg}`);
+    warn(`warning: ${msg}${args.op === 'release' ? "; vmshiftd stops the domain's shims when it is back" : ''}`);
     return 0;
   }
 }
@@ -128,6 +160,6 @@ export async function main(): Promise<void> {
     process.stderr.write(`vmshift hook: domain '${args.domain}' ${args.op}: ${(e as Error).message}\n`);
     process.exit(args.op === 'prepare' || args.op === 'migrate' ? 1 : 0);
   }
-  const code = await runHook(args, xml, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) });
+  const code = await runHook(args, xml, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t), warn: (t) => domainLog(args.domain, t) });
   process.exitCode = code;
 }

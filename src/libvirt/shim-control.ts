@@ -11,7 +11,13 @@ import type { DomainShims } from './shim-plan.ts';
 interface StartedShim {
   shim: { name: string; socket: string; source: string };
   already: boolean;
+  /** Where the disk lives now (the shim's state file); `stale` is what we named when older. */
+  backing?: string;
+  stale?: string | null;
 }
+
+/** Marks a start line about a domain XML that names an older path of the disk. */
+export const STALE_MARK = "the domain's XML still records";
 
 /** QEMU's group on Debian/Ubuntu libvirt hosts; used when the config names none and it exists. */
 const QEMU_GROUP = 'libvirt-qemu';
@@ -32,18 +38,22 @@ export function startedBy(plan: DomainShims): string {
  * none: when one fails, the shims this call started are stopped again (not those that already
  * ran: they serve a running guest), and the error is rethrown.
  */
-export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null): Promise<string[]> {
+export async function startShims(plan: DomainShims, daemonSocket: string, group: string | null, libvirtUri?: string): Promise<string[]> {
   const lines: string[] = [];
   const started: string[] = [];
   const by = startedBy(plan);
   try {
     for (const d of plan.disks) {
-      const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, startedBy: by });
+      // The owner lets vmshiftd keep this domain's XML in step with where the disk lives.
+      const owner = libvirtUri ? { kind: 'libvirt', uri: libvirtUri, domain: plan.domain, uuid: plan.uuid, dev: d.dev } : undefined;
+      const r = await callDaemon<StartedShim>(daemonSocket, 'shim.start', { name: d.name, source: d.source, export: d.export, group, startedBy: by, owner });
       if (!r.already) started.push(d.name);
       if (r.shim.socket !== d.socket) {
         throw new Error(`domain '${plan.domain}' disk ${d.dev}: its XML points at ${d.socket} but vmshiftd serves shim '${d.name}' on ${r.shim.socket}; run 'vmshift disable' and 'vmshift enable' with the daemon's --run-dir`);
       }
-      lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${d.source} on ${d.socket}`);
+      const backing = r.backing ?? d.source;
+      const note = r.stale ? ` (${STALE_MARK} ${r.stale}, where the disk lived before it moved; vmshiftd updates the XML)` : '';
+      lines.push(`${d.dev}: shim '${d.name}' ${r.already ? 'already serves' : 'serves'} ${backing} on ${d.socket}${note}`);
     }
   } catch (e) {
     for (const name of started.reverse()) await callDaemon(daemonSocket, 'shim.stop', { name, startedBy: by }).catch(() => {});

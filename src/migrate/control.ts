@@ -5,7 +5,8 @@
 //   migrate.status the running job's figures, or the last result
 //   migrate.abort  stop the running job (rolls back unless already committed); answers
 //                  with its result
-// A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it).
+// A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it),
+// unless it started the job with abortOnDisconnect (then the job rolls back if not committed).
 // On registration, a journal left by a job that died with the process is cleaned up.
 import { z } from 'zod';
 import type { Shim } from '../shim/shim.ts';
@@ -14,6 +15,8 @@ import type { CallContext } from '../control/server.ts';
 import { MigrationJob, type JobResult } from './job.ts';
 import { DEFAULT_OPTIONS, type MigrateOptions } from './context.ts';
 import { journalPath, recoverJournal } from './journal.ts';
+import { checkDestinationFree } from './dest-in-use.ts';
+import { isNbdUri } from '../block/open.ts';
 
 const StartParams = z.object({
   to: z.string().min(1),
@@ -28,6 +31,10 @@ const StartParams = z.object({
   chunkSize: z.number().int().min(64 * 1024).max(64 * 1024 * 1024).default(DEFAULT_OPTIONS.chunkSize),
   concurrency: z.number().int().min(1).max(64).default(DEFAULT_OPTIONS.concurrency),
   follow: z.boolean().default(false),
+  /** Abort the job if this caller disconnects before the switch-over has committed. */
+  abortOnDisconnect: z.boolean().default(false),
+  /** Replace the contents of an existing destination that holds data. */
+  overwrite: z.boolean().default(false),
 });
 
 interface Slot {
@@ -51,8 +58,13 @@ export async function registerMigrationMethods(shim: Shim): Promise<void> {
       const i = parsed.error.issues[0]!;
       throw new ControlError('bad-request', `migrate.start: ${i.path.join('.') || 'params'}: ${i.message}`);
     }
-    const { follow: wantsFollow, ...opts } = parsed.data;
+    const { follow: wantsFollow, abortOnDisconnect, overwrite, ...opts } = parsed.data;
+    if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, shim.backing);
     const job = await MigrationJob.start(shim, opts as MigrateOptions);
+    // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or
+    // disconnected CLI (or a vmshiftd restart in between) leaves the disk on its source.
+    // After the commit an abort does nothing: the move stands and vmshiftd records it.
+    if (abortOnDisconnect) void ctx.closed.then(() => job.abort('the caller went away before the switch-over'));
     slot.job = job;
     void job.done.then((r) => {
       slot.last = r;

@@ -8,6 +8,8 @@ import { onCleanup, startDaemon, tempDir, waitForSocket, type Daemon } from '../
 import { isShimProcess } from '../../src/daemon/processes.ts';
 import type { ShimRecord } from '../../src/daemon/registry.ts';
 import { Virsh } from '../../src/libvirt/virsh.ts';
+import { GUEST_INITRD, GUEST_KERNEL } from '../helpers/guest.ts';
+import { randomUUID } from 'node:crypto';
 
 const root = new URL('../..', import.meta.url).pathname;
 export const VMSHIFT = join(root, 'bin/vmshift');
@@ -84,7 +86,9 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
   writeFileSync(join(dir, 'etc/qemu.conf'), 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nsecurity_driver = "none"\nstdio_handler = "file"\n');
   writeFileSync(join(dir, 'etc/libvirtd.conf'), 'unix_sock_group = "root"\n');
   const hookConfig = join(dir, 'hooks.json');
-  writeFileSync(hookConfig, JSON.stringify({ daemonSocket: vm.api, group: null }));
+  const uri = `qemu+unix:///system?socket=${join(dir, 'run/libvirt/libvirt-sock')}`;
+  // libvirtUri: vmshiftd records moved disk paths in this libvirtd's domain XML.
+  writeFileSync(hookConfig, JSON.stringify({ daemonSocket: vm.api, group: null, libvirtUri: uri }));
   const hook = join(dir, 'etc/hooks/qemu');
   writeFileSync(hook, [
     '#!/bin/sh',
@@ -101,7 +105,6 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
     'exec libvirtd',
     '',
   ].join('\n'));
-  const uri = `qemu+unix:///system?socket=${join(dir, 'run/libvirt/libvirt-sock')}`;
   let daemon: Daemon | undefined;
   // libvirtd leaves guests running when it stops: kill their QEMUs by the PIDs it recorded.
   onCleanup(() => {
@@ -127,4 +130,30 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
     },
     output: () => daemon?.output() ?? '',
   };
+}
+
+/** A TCG domain running the tiny guest's sequence writer over `slots` blocks of one raw disk. */
+export function writerDomainXml(name: string, diskPath: string, consolePath: string, slots: number): string {
+  return `<domain type='qemu'>
+  <name>${name}</name>
+  <uuid>${randomUUID()}</uuid>
+  <memory unit='MiB'>256</memory>
+  <features><acpi/></features>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>${GUEST_KERNEL}</kernel>
+    <initrd>${GUEST_INITRD}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${slots} delay=10</cmdline>
+  </os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='${diskPath}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='${consolePath}'/></serial>
+  </devices>
+</domain>
+`;
 }

@@ -6,46 +6,21 @@
 // original XML with only the disk's path changed. Plus the refusals.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, runStatus, type Daemon } from '../helpers/proc.ts';
-import { GUEST_INITRD, GUEST_KERNEL, ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
+import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
 import { migrateDomainStorage } from '../../src/libvirt/enable.ts';
 import { isEnabled } from '../../src/libvirt/domain-xml.ts';
 import { planShims } from '../../src/libvirt/shim-plan.ts';
-import { VMSHIFT, libvirtHost, vmshiftHost, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
+import { VMSHIFT, libvirtHost, vmshiftHost, writerDomainXml, type LibvirtHost, type VmshiftHost } from './libvirt-host.ts';
 
 test.after(cleanupAll);
 
 const SLOTS = 256;
 const NAME = 'vmsh-e2e';
 let vm: VmshiftHost, lv: LibvirtHost, daemon: Daemon, disk: string, console_: string;
-
-function domainXml(name: string, diskPath: string, consolePath: string): string {
-  return `<domain type='qemu'>
-  <name>${name}</name>
-  <uuid>${randomUUID()}</uuid>
-  <memory unit='MiB'>256</memory>
-  <features><acpi/></features>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <kernel>${GUEST_KERNEL}</kernel>
-    <initrd>${GUEST_INITRD}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 mode=writer blocks=${SLOTS} delay=10</cmdline>
-  </os>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='${diskPath}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='file'><source path='${consolePath}'/></serial>
-  </devices>
-</domain>
-`;
-}
 
 const cli = (args: string[]) => runStatus(VMSHIFT, [...args, '-c', lv.uri], { env: vm.env });
 const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');
@@ -80,7 +55,7 @@ test('setup: vmshiftd, libvirtd with the hook, a defined domain on a raw file', 
   disk = join(vm.dir, 'ds1/disk.raw');
   writeFileSync(disk, Buffer.alloc(16 * 1024 * 1024));
   console_ = join(vm.dir, 'console.log');
-  await lv.virsh.define(domainXml(NAME, disk, console_));
+  await lv.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS));
 });
 
 test('bad input: unknown domain, unknown disk, not enabled: clear errors, XML unchanged', async () => {
@@ -116,6 +91,10 @@ test('enable rewrites the persistent XML; start runs the shim through the hook',
   const qemuPid = readFileSync(join(lv.dir, 'run/libvirt/qemu', `${NAME}.pid`), 'utf8').trim();
   assert.is(readFileSync(`/proc/${qemuPid}/cmdline`, 'utf8').includes('"reconnect-delay":30'), kept);
   await writerPasses(50);
+  // Enabling again names the domain and says the shim serves already (not "at its next start").
+  const again = await cli(['enable', NAME, '--run-dir', vm.runDir]);
+  assert.is(again.code, 1);
+  assert.match(again.stderr, new RegExp(`vmshift is already enabled in domain '${NAME}': vda \\(shim '${NAME}-vda' serves it now\\)`));
 });
 
 test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async () => {
@@ -138,12 +117,16 @@ test('a libvirtd restart (reconnect) and a vmshiftd restart lose nothing', async
 test('migrate-storage by domain name moves the disk and records the new path', async () => {
   const to = join(vm.dir, 'ds2/disk.raw');
   mkdirSync(join(vm.dir, 'ds2'));
-  // As an operator runs it: the CLI verb by domain name.
-  const cli = await runStatus(VMSHIFT, ['migrate-storage', NAME, '--disk', 'vda', '--to', to, '-c', lv.uri, '--daemon-socket', vm.api, '--max-downtime', '200ms', '--json']);
+  // As an operator runs it: the CLI verb by domain name (one shimmed disk: no --disk needed).
+  const cli = await runStatus(VMSHIFT, ['migrate-storage', NAME, '--to', to, '-c', lv.uri, '--daemon-socket', vm.api, '--max-downtime', '200ms', '--json']);
   assert.is(cli.code, 0, cli.stderr + cli.stdout);
   const r = JSON.parse(cli.stdout.trim().split('\n').pop()!);
   assert.is(r.from, disk);
   assert.is(r.to, to);
+  assert.is(r.recorded, true);
+  // vmshift list shows where the disk is now.
+  const list = await runStatus(VMSHIFT, ['list'], { env: vm.env });
+  assert.match(list.stdout, new RegExp(`${NAME}-vda .*${to} \\(moved from ${disk}\\)`));
   const xml = await lv.virsh.dumpxml(NAME, { inactive: true });
   assert.is(planShims(xml)?.disks[0]?.source, to);
   assert.not.ok(xml.includes(disk), xml);
@@ -162,7 +145,7 @@ test('destroy stops the shim; every acknowledged record is on the new path', asy
 
 test('start again serves the new path; the old file is not touched', async () => {
   await lv.virsh.start(NAME);
-  assert.is(shimOf()?.source, join(vm.dir, 'ds2/disk.raw'));
+  assert.is(shimOf()?.backing, join(vm.dir, 'ds2/disk.raw'));
   await writerPasses(40);
   await lv.virsh.destroy(NAME);
   assert.equal(verifyWriterLog(join(vm.dir, 'ds2/disk.raw'), lastSeq(), SLOTS), []);
@@ -177,7 +160,8 @@ test('disable restores the original XML except for the disk path', async () => {
 });
 
 test('an enabled domain does not start while vmshiftd is down, with the reason', async () => {
-  assert.is((await cli(['enable', NAME, '--run-dir', vm.runDir])).code, 0);
+  const en = await cli(['enable', NAME, '--run-dir', vm.runDir]);
+  assert.is(en.code, 0, en.stderr);
   // The domain is off, so no shim runs: stop the daemon, then try to start the domain.
   assert.is(vm.shims().length, 0);
   await daemon.stop();
@@ -185,6 +169,14 @@ test('an enabled domain does not start while vmshiftd is down, with the reason',
   assert.instance(err, Error);
   assert.match(String(err), /vmshiftd is not running/);
   assert.is(await lv.virsh.domstate(NAME), 'shut off');
+  // disable needs the daemon (it holds where the disk lives); its advice works.
+  const refused = await cli(['disable', NAME]);
+  assert.is(refused.code, 1);
+  assert.match(refused.stderr, /cannot ask vmshiftd where disk vda of 'vmsh-e2e' lives now .*start vmshiftd and retry/);
+  daemon = await vm.start();
+  const r = await cli(['disable', NAME]);
+  assert.is(r.code, 0, r.stderr);
+  assert.match(r.stdout, new RegExp(`vda: back on ${join(vm.dir, 'ds2/disk.raw')}`));
 });
 
 test.run();

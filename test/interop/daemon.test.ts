@@ -209,6 +209,32 @@ test('a shim that dies while the daemon runs is restarted; a migration job goes 
   const human = (await cli(h, ['status'])).stdout;
   assert.match(human, /vm3\s+running/);
   assert.match(human, /moved from/);
+  assert.is(records(h)[0]!.backing, dest, 'the registry follows the state file');
+
+  // The state file is the truth after the shim stops too: a start that names where the disk
+  // used to be (a domain XML that missed the move) serves where it lives, and says so.
+  const stopped = await controlCall<{ backing: string }>(h.api, 'shim.stop', { name: 'vm3' });
+  assert.is(stopped.backing, dest);
+  const where = await controlCall<{ backing: string; running: boolean }>(h.api, 'shim.locate', { name: 'vm3' });
+  assert.equal([where.backing, where.running], [dest, false]);
+  const again = await controlCall<{ backing: string; stale: string | null; shim: ShimRecord }>(h.api, 'shim.start', { name: 'vm3', source: file });
+  assert.equal([again.backing, again.stale], [dest, file]);
+  await qemuIo(again.shim.socket, `read -P 0x44 ${7 * MiB} 1M`);
+  const same = await controlCall<{ already: boolean; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: dest });
+  assert.equal([same.already, same.stale], [true, null]);
+  // A start naming a disk this shim never had is refused, naming the record; its advice works.
+  await controlCall(h.api, 'shim.stop', { name: 'vm3' });
+  const other = join(h.dir, 'other.raw');
+  writeFileSync(other, Buffer.alloc(MiB));
+  const refused = await controlCall(h.api, 'shim.start', { name: 'vm3', source: other }).then(() => null, (e) => e);
+  assert.is(refused?.code, 'conflict');
+  const statePath = join(h.stateDir, 'shims', 'vm3.state.json');
+  assert.is(refused.message, `shim "vm3": its state file ${statePath} records that this disk lives at ${dest} (moved from ${file}), not ${other}; if the disk really is at ${other} now, remove that file and retry`);
+  assert.is((await controlCall<{ removed: boolean }>(h.api, 'shim.forget', { name: 'vm3' })).removed, true);
+  const fresh = await controlCall<{ backing: string; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: other });
+  assert.equal([fresh.backing, fresh.stale], [other, null]);
+  const busy = await controlCall(h.api, 'shim.forget', { name: 'vm3' }).then(() => null, (e) => e);
+  assert.is(busy?.code, 'busy');
 });
 
 test('permissions: with --group the socket dir is 2750 and the NBD socket 0660 of that group; control socket stays 0600', async () => {

@@ -3,8 +3,9 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { statSync, readdirSync } from 'node:fs';
-import { tempDir, cleanupAll, run } from '../helpers/proc.ts';
+import { statSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tempDir, cleanupAll, run, startDaemon } from '../helpers/proc.ts';
+import { holders } from '../../src/migrate/dest-in-use.ts';
 import { MiB, startShim, makeDisk, migrate, vmshift, status, sha256, waitForJob, existsSync } from './migrate-helpers.ts';
 
 test.after(cleanupAll);
@@ -47,6 +48,27 @@ test('unreachable NBD destination: refused, nothing created', async () => {
 test('the disk itself as destination: refused', async () => {
   await refused(src, 'same-disk', /is the disk's current backing/);
   await refused(`nbd+unix:///disk?socket=${socket}`, 'same-disk', /this shim's own export/);
+});
+
+test('an existing destination holding data: refused without --overwrite; one a process has open: refused even with it', async () => {
+  const full = join(dir, 'full.raw');
+  writeFileSync(full, Buffer.alloc(32 * MiB, 0x5a));
+  const sum = sha256(full);
+  await refused(full, 'exists', /full\.raw already exists and holds data: pass --overwrite/);
+  assert.is(sha256(full), sum, 'the existing file is left as it was');
+  // Another guest's disk: some process holds it open.
+  const holder = startDaemon('sh', ['-c', `exec 3<>${full}; exec sleep 60`]);
+  for (let i = 0; i < 50 && !(await holders(full)).length; i++) await new Promise((r) => setTimeout(r, 100));
+  await refused(full, 'in-use', /full\.raw is open in sleep \(pid \d+\): another guest or server uses it/, ['--overwrite']);
+  assert.is(sha256(full), sum);
+  await holder.stop();
+  // Free, and said so: the job runs (aborted here to keep the source the disk).
+  const started = await migrate(socket, full, ['--overwrite', '--bandwidth', '1M', '--detach']);
+  assert.is(started.code, 0, started.stderr);
+  await waitForJob(socket, (j) => j.phase === 'precopy');
+  assert.is((await vmshift(['abort', '--socket', socket])).code, 0);
+  assert.ok(existsSync(full), 'a file the job did not create is never removed');
+  rmSync(full);
 });
 
 test('a second job on the same disk: refused while the first runs; abort frees it', async () => {

@@ -18,13 +18,16 @@ export interface Pair {
   dials: number;
 }
 
-export function linkPair(opts: Partial<LinkOptions> & { shared?: boolean } = {}): Pair {
-  const dir = tempDir('vmshift-link-');
+/** `shared`: both sides use the pair's dir as shared dir; `sharedSide`: only that side does. */
+export function linkPair(opts: Partial<LinkOptions> & { shared?: boolean; sharedSide?: 'a' | 'b'; dir?: string } = {}): Pair {
+  const { shared, sharedSide, dir: given, ...linkOpts } = opts;
+  const dir = given ?? tempDir('vmshift-link-');
   const sock = join(dir, 'b.sock');
   let netOn = true;
   const live = new Set<Socket>();
-  const common = { link: opts.link ?? `l${randomBytes(4).toString('hex')}`, migration: opts.migration ?? 'm1', sharedDir: opts.shared ? dir : undefined, ...opts };
-  const b = new Link({ ...common, role: 'b', peer: 'a' });
+  const common = { link: `l${randomBytes(4).toString('hex')}`, migration: 'm1', ...linkOpts };
+  const sharedFor = (side: 'a' | 'b') => (shared || sharedSide === side ? dir : undefined);
+  const b = new Link({ ...common, role: 'b', peer: 'a', sharedDir: sharedFor('b') });
   const server = createServer((s) => {
     if (!netOn) { s.destroy(); return; }
     live.add(s);
@@ -38,7 +41,7 @@ export function linkPair(opts: Partial<LinkOptions> & { shared?: boolean } = {})
     network: (on) => { netOn = on; if (!on) pair.cut(); },
   };
   pair.a = new Link({
-    ...common, role: 'a', peer: 'b',
+    ...common, role: 'a', peer: 'b', sharedDir: sharedFor('a'),
     dial: () => new Promise<Duplex>((resolve, reject) => {
       pair.dials++;
       if (!netOn) { reject(new Error('network is off')); return; }

@@ -20,3 +20,12 @@ export class LinkError extends Error {
 export function isFatal(e: unknown): boolean {
   return e instanceof LinkError && (e.code === 'MISMATCH' || e.code === 'HOST_KEY' || e.code === 'AUTH' || e.code === 'ABORTED');
 }
+
+/** A carrier marks a raw socket error with what it means for the link (see `meaning`). */
+export function classify(raw: Error, meant: Error): void {
+  if (meant !== raw) (raw as Error & { linkMeaning?: Error }).linkMeaning = meant;
+}
+
+export function meaning(e: Error): Error {
+  return (e as Error & { linkMeaning?: Error }).linkMeaning ?? e;
+}

@@ -11,7 +11,7 @@
 // shorter than that is invisible to the streams.
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
-import { LinkError, isFatal } from './errors.ts';
+import { LinkError, isFatal, meaning } from './errors.ts';
 import { FLAG_FIN, Frame, FrameReader, encodeFrame, encodeHello, parseHello, type FrameIn, type Hello } from './frames.ts';
 import { SharedDir } from './shared-dir.ts';
 import { Rec, encodeRecord } from './record-file.ts';
@@ -34,7 +34,7 @@ export interface LinkOptions {
   deadAfterMs?: number;
   /** Unacknowledged bytes per stream kept in memory; writes wait beyond it unless the file holds them. */
   maxResident?: number;
-  /** Bytes unacknowledged for this long are written to the shared file too (all at once while no carrier is up). */
+  /** Once the peer has been silent this long with bytes unacknowledged, they go to the shared file too. */
   spillAfterMs?: number;
   filePollMs?: number;
   backoffMs?: { first: number; max: number };
@@ -94,7 +94,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, spillAfterMs: 50, filePollMs: 20,
+      holdMs: 60_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, spillAfterMs: 200, filePollMs: 20,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;
@@ -175,7 +175,8 @@ export class Link extends EventEmitter implements StreamHost {
     this.write(conn, encodeHello(hello));
   }
 
-  private onConnError(conn: Conn, e: Error): void {
+  private onConnError(conn: Conn, raw: Error): void {
+    const e = meaning(raw);
     if (isFatal(e)) { this.fail(e as LinkError); return; }
     this.lastError = e.message;
     this.dropConn(conn, e.message);
@@ -279,8 +280,8 @@ export class Link extends EventEmitter implements StreamHost {
   }
 
   private write(conn: Conn, bufs: Buffer[]): boolean {
-    let ok = true;
-    for (const b of bufs) ok = conn.sock.write(b);
+    // One write per frame: an SSH channel makes a packet (with its MAC) of every write.
+    const ok = conn.sock.write(bufs.length === 1 ? bufs[0] : Buffer.concat(bufs));
     if (!ok) conn.blocked = true;
     return ok;
   }
@@ -368,20 +369,24 @@ export class Link extends EventEmitter implements StreamHost {
   private spill(now: boolean): void {
     const f = this.file;
     if (!f?.writable) return;
-    const cutoff = now ? Infinity : performance.now() - this.opts.spillAfterMs;
+    // While the peer answers on the network, nothing goes to the file (the healthy path
+    // stays at network speed); once it has been silent for spillAfterMs with bytes
+    // unacknowledged, or there is no carrier, every unacknowledged byte goes.
+    const c = this.conn;
+    const silent = !c?.ready || performance.now() - c.lastHeard > this.opts.spillAfterMs;
+    if (!now && !silent) return;
     for (const s of this.streams.values()) {
       const records: Buffer[][] = [];
       const chunks = [];
       for (const c of s.queue) {
         if (c.offset + c.length <= s.fileEnd) continue;
-        if (c.at > cutoff) break;
         records.push(encodeRecord(f.seed, Rec.DATA, s.id, c.offset, c.data!));
         chunks.push(c);
       }
       const last = chunks.length ? chunks[chunks.length - 1] : null;
       const coveredTo = last ? last.offset + last.length : s.fileEnd;
       const allCovered = s.queue.length === 0 || s.queue[s.queue.length - 1].offset + s.queue[s.queue.length - 1].length <= coveredTo;
-      const fin = s.finOffset !== null && !s.finInFile && !s.finAcked && allCovered && s.finAt <= cutoff;
+      const fin = s.finOffset !== null && !s.finInFile && !s.finAcked && allCovered;
       if (fin) records.push(encodeRecord(f.seed, Rec.FIN, s.id, s.finOffset!, Buffer.alloc(0)));
       if (!records.length) continue;
       const pos = f.append(s.id, s.streamName, records);
@@ -418,6 +423,7 @@ export class Link extends EventEmitter implements StreamHost {
         this.ackQueued.add(s);
       }
       for (const r of got.acks) {
+        if (r.kind === Rec.BYE && !this.byeReceived) { this.byeReceived = true; this.emit('bye'); }
         if (r.kind !== Rec.ACK) continue;
         const s = this.streams.get(r.stream);
         if (s && r.offset <= s.sendNext) s.onAck(r.offset, (r.flags & FLAG_FIN) !== 0);
@@ -435,9 +441,9 @@ export class Link extends EventEmitter implements StreamHost {
   }
 
   /** Acknowledge in the file while no network carrier is up, or for bytes that came from it. */
-  private fileAcks(now: number): void {
+  private fileAcks(now: number, force = false): void {
     const f = this.file!;
-    const down = !this.conn?.ready;
+    const down = force || !this.conn?.ready;
     const records: Buffer[][] = [];
     for (const s of this.streams.values()) {
       const at = s.ackOffset();
@@ -502,21 +508,20 @@ export class Link extends EventEmitter implements StreamHost {
       const t = setInterval(check, 50);
       check();
     });
+    // BYE by both carriers: the peer may be reachable by either. The final acks go first.
     this.flushAcks();
-    if (this.file) this.fileAcks(performance.now() + 1e9); // the final acks reach the peer by the file too
     this.send(encodeFrame(Frame.BYE, 0, 0));
-    // Our ack file goes once the peer no longer needs it: it said BYE, or removed its own files.
     if (this.file) {
-      const f = this.file;
-      f.removeOwn(false);
-      const deadline = performance.now() + this.opts.holdMs;
-      while (!this.byeReceived && f.peerHasDataFiles() && performance.now() < deadline && this.state === 'running') {
-        await new Promise((r) => setTimeout(r, this.opts.filePollMs));
-      }
-      f.removeOwn(true);
-    } else if (this.conn?.ready && !this.byeReceived) {
-      await new Promise<void>((r) => { const t = setTimeout(r, 2000); this.once('bye', () => { clearTimeout(t); r(); }); });
+      this.fileAcks(performance.now(), true);
+      this.file.appendAcks([encodeRecord(this.file.seed, Rec.BYE, 0, 0, Buffer.alloc(0))]);
+      this.file.removeOwn(false); // the peer has every byte of our data files
     }
+    // Our ack file goes once the peer no longer needs it: when it said BYE too.
+    const deadline = performance.now() + this.opts.holdMs;
+    while (!this.byeReceived && !this.file?.peerFinished() && performance.now() < deadline && this.state === 'running') {
+      await new Promise((r) => setTimeout(r, this.opts.filePollMs));
+    }
+    this.file?.removeOwn(true);
     this.state = 'finished';
     this.stop();
   }

@@ -10,7 +10,7 @@ import { crc32 } from 'node:zlib';
 import { checksum } from './checksum.ts';
 import { LinkError } from './errors.ts';
 
-export const Rec = { DATA: 1, FIN: 2, ACK: 3, BEAT: 4 } as const;
+export const Rec = { DATA: 1, FIN: 2, ACK: 3, BEAT: 4, BYE: 5 } as const;
 export type RecKind = (typeof Rec)[keyof typeof Rec];
 const REC_MAGIC = 0x56524543; // 'VREC'
 export const REC_HEADER = 24;

@@ -110,9 +110,10 @@ export class SharedDir {
       return out; // a missing directory: nothing to read (the writer side already warned)
     }
     const prefix = this.prefix(this.peerRole);
-    for (const n of names) {
-      if (!n.startsWith(prefix) || (!n.endsWith('.data') && !n.endsWith('.ack'))) continue;
-      const r = this.reader(join(this.id.dir, n));
+    const paths = new Set(this.readers.keys()); // files the peer removed may still hold its last records
+    for (const n of names) if (n.startsWith(prefix) && (n.endsWith('.data') || n.endsWith('.ack'))) paths.add(join(this.id.dir, n));
+    for (const path of paths) {
+      const r = this.reader(path);
       if (!r) continue;
       if (r.header.kind === 'ack') out.acks.push(...r.readNew());
       else {
@@ -144,14 +145,9 @@ export class SharedDir {
     }
   }
 
-  /** Whether the peer still has data files for this link (it removes them once it finished). */
-  peerHasDataFiles(): boolean {
-    try {
-      const prefix = this.prefix(this.peerRole);
-      return readdirSync(this.id.dir).some((n) => n.startsWith(prefix) && n.endsWith('.data'));
-    } catch {
-      return false;
-    }
+  /** The peer removed its ack file: it has finished (it does so only after its BYE). */
+  peerFinished(): boolean {
+    return this.readers.has(this.ackPath(this.peerRole)) && !existsSync(this.ackPath(this.peerRole));
   }
 
   /** After success: our data files go (the peer has every byte); `withAck` our ack file too. */

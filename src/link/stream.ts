@@ -12,8 +12,6 @@ export interface Chunk {
   /** null once evicted from memory; then it is in the shared file at `filePos`. */
   data: Buffer | null;
   filePos: number;
-  /** When the user wrote it (ms, monotonic); chunks unacknowledged for long go to the file. */
-  at: number;
 }
 
 export interface StreamHost {
@@ -38,7 +36,6 @@ export class LinkStream extends Duplex {
   resident = 0;
   /** The stream's final length once the user ended it. */
   finOffset: number | null = null;
-  finAt = Infinity;
   finSentNet = false;
   finAcked = false;
   /** Offset up to which the shared file holds this stream (whole chunks), and whether its FIN. */
@@ -80,10 +77,9 @@ export class LinkStream extends Duplex {
   }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
-    const now = performance.now();
     for (let at = 0; at < chunk.length; at += MAX_DATA) {
       const data = chunk.subarray(at, Math.min(chunk.length, at + MAX_DATA));
-      this.queue.push({ offset: this.sendNext, length: data.length, data, filePos: -1, at: now });
+      this.queue.push({ offset: this.sendNext, length: data.length, data, filePos: -1 });
       this.sendNext += data.length;
       this.resident += data.length;
     }
@@ -94,7 +90,6 @@ export class LinkStream extends Duplex {
 
   override _final(cb: (e?: Error | null) => void): void {
     this.finOffset = this.sendNext;
-    this.finAt = performance.now();
     this.host.kick();
     cb();
   }

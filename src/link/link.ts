@@ -34,6 +34,12 @@ export interface LinkOptions {
   deadAfterMs?: number;
   /** Unacknowledged bytes per stream kept in memory; writes wait beyond it unless the file holds them. */
   maxResident?: number;
+  /**
+   * Bytes per stream sent on the network and not yet acknowledged. Small enough that the
+   * carrier's buffers stay short (acknowledgements, the return path and a silent peer are
+   * then seen quickly), large enough for the bandwidth-delay product of a migration network.
+   */
+  netWindow?: number;
   /** Once the peer has been silent this long with bytes unacknowledged, they go to the shared file too. */
   spillAfterMs?: number;
   filePollMs?: number;
@@ -94,7 +100,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, spillAfterMs: 200, filePollMs: 20,
+      holdMs: 60_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;
@@ -106,7 +112,8 @@ export class Link extends EventEmitter implements StreamHost {
     }
     this.timers.push(setInterval(() => this.tick(), Math.min(this.opts.pingMs, this.opts.deadAfterMs / 3, 100)));
     if (this.file) this.timers.push(setInterval(() => this.fileTick(), this.opts.filePollMs));
-    for (const t of this.timers) t.unref();
+    // The timers keep the process alive while the link runs, as an open socket would: the
+    // hold-time check must fire even when no carrier is up.
     if (opts.role === 'a') this.redial(0);
   }
 
@@ -162,6 +169,7 @@ export class Link extends EventEmitter implements StreamHost {
         return;
       }
       this.flushAcks();
+      this.pump(); // acknowledgements open the window
     });
     sock.on('error', (e) => this.onConnError(conn, e));
     sock.on('close', () => this.dropConn(conn, 'closed'));
@@ -206,11 +214,11 @@ export class Link extends EventEmitter implements StreamHost {
         this.dialing = false;
         if (isFatal(e)) { this.fail(e as LinkError); return; }
         this.lastError = e.message;
+        this.emit('carrier', 'retry', e.message);
         this.backoff = Math.min(this.backoff * 2, this.opts.backoffMs.max);
         this.redial(this.backoff);
       });
     }, delay);
-    this.redialTimer.unref?.();
   }
 
   private onFrame(conn: Conn, f: FrameIn): void {
@@ -311,7 +319,7 @@ export class Link extends EventEmitter implements StreamHost {
         progress = false;
         for (const s of this.streams.values()) {
           if (conn.blocked) break;
-          if (s.netNext < s.sendNext) {
+          if (s.netNext < s.sendNext && s.netNext - s.acked < this.opts.netWindow) {
             const c = s.chunkAt(s.netNext);
             if (!c) continue;
             const data = c.data ?? this.readBack(s, c);

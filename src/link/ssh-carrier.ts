@@ -39,7 +39,10 @@ function connectClient(t: SshTarget): Promise<Client> {
     const c = new Client();
     let hostKeyError: LinkError | null = null;
     const where = `${t.user}@${t.host}:${t.port}`;
-    c.once('ready', () => resolve(c));
+    let ready = false;
+    c.once('ready', () => { ready = true; resolve(c); });
+    // A refused host key may end the connection without an 'error': settle on 'close' too.
+    c.once('close', () => { if (!ready) reject(hostKeyError ?? new Error(`ssh: ${where}: connection closed during the handshake`)); });
     c.once('error', (e: Error & { level?: string }) => {
       c.end();
       if (hostKeyError) reject(hostKeyError);

@@ -31,9 +31,20 @@ function read(files: TlsFiles) {
   return { ca: readFileSync(files.ca), cert: readFileSync(files.cert), key: readFileSync(files.key) };
 }
 
+/** Connections in a row the peer closed before sending a byte, after which we call it a refusal. */
+const SILENT_CLOSES = 3;
+
 export function tlsDialer(target: { host: string; port: number; servername?: string } & TlsFiles): () => Promise<Duplex> {
   const where = `${target.host}:${target.port}`;
+  // Under TLS 1.3 a server that refuses our certificate just closes the connection after
+  // the handshake we saw succeed: no alert reaches us. A peer that does so several times
+  // in a row, before its first byte, refuses us.
+  let silentCloses = 0;
   return () => new Promise((resolve, reject) => {
+    if (silentCloses >= SILENT_CLOSES) {
+      reject(new LinkError('AUTH', `tls: ${where} closed ${silentCloses} connections in a row right after the handshake: it refuses our certificate ${target.cert} (or is not a vmshift link agent)`));
+      return;
+    }
     let pem;
     try { pem = read(target); } catch (e) { reject(new LinkError('AUTH', `tls: cannot read certificates: ${(e as Error).message}`)); return; }
     const s: TLSSocket = tlsConnect({
@@ -44,6 +55,9 @@ export function tlsDialer(target: { host: string; port: number; servername?: str
       // TLS 1.3: the server judges our certificate after we think we are connected; its
       // refusal arrives later as a socket error, which this (first) listener classifies.
       s.on('error', (e) => classify(e, tlsError(e, where)));
+      let heard = false; // (the Link attaches its own 'data' listener in the same tick: nothing is lost)
+      s.once('data', () => { heard = true; silentCloses = 0; });
+      s.once('close', () => { if (!heard) silentCloses++; });
       const wrapped = s as unknown as Duplex;
       resolve(wrapped);
     });
@@ -56,7 +70,15 @@ export function tlsDialer(target: { host: string; port: number; servername?: str
 
 /** Listen for the dialer; each verified connection goes to `onSocket` (a Link's `attach`). */
 export function listenTls(opts: { host: string; port: number } & TlsFiles, onSocket: (s: Duplex) => void, onRefused?: (msg: string) => void): Promise<Server> {
-  const server = createServer({ ...read(opts), requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' }, (s) => onSocket(s));
+  // Verified here rather than by rejectUnauthorized, so that the refusal is logged with its reason.
+  const server = createServer({ ...read(opts), requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' }, (s) => {
+    if (!s.authorized) {
+      onRefused?.(`tls: ${s.remoteAddress}:${s.remotePort}: client certificate refused (${String(s.authorizationError ?? 'none sent')})`);
+      s.destroy();
+      return;
+    }
+    onSocket(s);
+  });
   server.on('tlsClientError', (e, s) => onRefused?.(tlsError(e, `${s.remoteAddress}:${s.remotePort}`).message));
   return new Promise((resolve, reject) => {
     server.once('error', reject);

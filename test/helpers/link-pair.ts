@@ -93,3 +93,9 @@ export async function writeRandom(w: Duplex, total: number, seed = 1): Promise<s
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** `p`, or a rejection after `ms` (a stream that never completes fails the test instead of hanging it). */
+export function within<T>(ms: number, p: Promise<T>, what = 'the streams'): Promise<T> {
+  let t: NodeJS.Timeout;
+  return Promise.race([p, new Promise<T>((_, reject) => { t = setTimeout(() => reject(new Error(`${what} did not complete within ${ms} ms`)), ms); })]).finally(() => clearTimeout(t));
+}

@@ -7,7 +7,7 @@ import { readdirSync } from 'node:fs';
 import type { LinkStream } from '../../src/link/stream.ts';
 import { LinkError } from '../../src/link/errors.ts';
 import { cleanupAll } from '../helpers/proc.ts';
-import { digest, linkPair, sleep, writeRandom, type Pair } from '../helpers/link-pair.ts';
+import { digest, linkPair, sleep, within, writeRandom, type Pair } from '../helpers/link-pair.ts';
 
 const MiB = 1024 * 1024;
 
@@ -29,7 +29,7 @@ test('streams in both directions arrive byte for byte, and finish() removes ever
   const s = p.a.stream('echo');
   const back = digest(s);
   const sent = await writeRandom(s, 8 * MiB, 7);
-  const got = await back;
+  const got = await within(20_000, back);
   assert.is(got.bytes, 8 * MiB);
   assert.is(got.sha, sent);
   await Promise.all([p.a.finish(), p.b.finish()]);
@@ -44,7 +44,7 @@ test('random carrier cuts: every byte exactly once, in order; resent bytes are c
   let cuts = 0;
   const cutter = setInterval(() => { p.cut(); cuts++; }, 37);
   const sent = await writeRandom(s, 24 * MiB, 3);
-  const got = await back;
+  const got = await within(20_000, back);
   clearInterval(cutter);
   assert.is(got.sha, sent);
   assert.ok(cuts >= 3, `cut ${cuts} times`);
@@ -64,8 +64,8 @@ test('network off for a stretch: the shared file carries the stream, and the net
   p.network(false);
   await sleep(400);
   p.network(true);
-  const sent = await writing;
-  assert.is((await got).sha, sent);
+  const sent = await within(20_000, writing);
+  assert.is((await within(20_000, got)).sha, sent);
   assert.ok(p.b.stats().fromFileBytes > 0, 'some bytes came from the file');
   await Promise.all([p.a.finish(), p.b.finish()]);
   assert.equal(readdirSync(p.dir).filter((n) => n.startsWith('vmshift-link-')), []);
@@ -78,7 +78,7 @@ test('network gone until the end: the whole stream, both ways, completes through
   const s = p.a.stream('echo');
   const back = digest(s);
   const sent = await writeRandom(s, 4 * MiB, 9);
-  const got = await back;
+  const got = await within(20_000, back);
   assert.is(got.sha, sent);
   assert.is(p.a.stats().carrier, 'down');
   assert.is(p.b.stats().fromFileBytes, 4 * MiB);

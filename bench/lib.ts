@@ -1,6 +1,6 @@
 // Shared benchmark plumbing: fio runs through the nbd engine, process RSS, tables.
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 
 export interface FioResult {
   iops: number;
@@ -38,6 +38,11 @@ export function peakRssMiB(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const kb = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? NaN);
   return kb / 1024;
+}
+
+/** Start a new peak for peakRssMiB (Linux: 5 > /proc/PID/clear_refs resets VmHWM to the current RSS). */
+export function resetPeakRss(pid: number): void {
+  writeFileSync(`/proc/${pid}/clear_refs`, '5');
 }
 
 export function table(header: string[], rows: (string | number)[][]): string {

@@ -3,6 +3,7 @@
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   shim: () => import('./shim.ts'),
   migrate: () => import('./migrate.ts'),
+  restart: () => import('./restart.ts'),
 };
 
 const [name, ...rest] = process.argv.slice(2);

@@ -3,7 +3,8 @@
 //   1. find the disk; refuse unless it is raw or qcow2 over a local `file`/`host_device` node
 //      with node names QEMU did not make up (blockdev-reopen cannot address those)
 //   2. start a shim on the image file (for qcow2: the container bytes; QEMU keeps the qcow2 work)
-//   3. blockdev-add an nbd node on the shim's unix socket
+//   3. blockdev-add an nbd node on the shim's unix socket, with a reconnect delay: QEMU holds
+//      the guest's requests while the shim restarts instead of failing them
 //   4. blockdev-reopen the format node with file = the nbd node (QEMU drains the node first)
 //   5. delete the old file node if it is still there (-blockdev nodes belong to the monitor)
 //
@@ -23,6 +24,8 @@ export interface AttachOptions {
   disk?: string;
   /** Recorded so that detach asks the same owner; default 'direct'. */
   starterKind?: AttachRecord['starter'];
+  /** Seconds QEMU holds the guest's I/O while the shim restarts (src/qemu/nbd-reconnect.ts). */
+  reconnectDelayS?: number;
 }
 
 export type AttachOutcome =
@@ -146,7 +149,7 @@ async function attachDisk(target: GuestTarget, d: DiskPicture, opts: AttachOptio
     };
     await step('writing the attach record', () => opts.records.save(record));
     undo.push({ what: 'remove the attach record', fn: async () => opts.records.remove(shimName) });
-    await step(`blockdev-add of nbd node ${nbdNode} on ${shim.socket}`, () => addNbdNode(qmp, shim.socket, shim.exportName, nbdNode));
+    await step(`blockdev-add of nbd node ${nbdNode} on ${shim.socket}`, () => addNbdNode(qmp, shim.socket, shim.exportName, nbdNode, opts.reconnectDelayS));
     undo.push({ what: `blockdev-del ${nbdNode}`, fn: () => deleteNode(qmp, nbdNode) });
     await step(`blockdev-reopen of ${d.formatNode} onto ${nbdNode}`, () => reopenFile(qmp, d.formatNode, nbdNode));
     undo.push({ what: `blockdev-reopen of ${d.formatNode} back onto ${fileNode}`, fn: () => reopenFile(qmp, d.formatNode, fileNode) });

@@ -16,6 +16,7 @@ import { DaemonShims } from '../attach/daemon-shims.ts';
 import type { ShimStarter } from '../attach/shim-starter.ts';
 import { existsSync } from 'node:fs';
 import { Virsh } from '../libvirt/virsh.ts';
+import { reconnectDelayArg, reconnectDelayOption } from './reconnect-option.ts';
 
 interface Args {
   guest?: string;
@@ -24,6 +25,7 @@ interface Args {
   json: boolean;
   guestStopped?: boolean;
   daemonSocket?: string;
+  reconnectDelay?: number;
 }
 
 /**
@@ -79,11 +81,13 @@ function report(guest: string, outcomes: Array<AttachOutcome | DetachOutcome>, j
 export const attachCommand = {
   command: 'attach [guest]',
   describe: 'Put shims under the disks of a running guest without stopping it',
-  builder: common,
+  builder: (y: Argv) =>
+    common(y).option('reconnect-delay', reconnectDelayOption),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
+    const reconnectDelayS = reconnectDelayArg(argv.reconnectDelay);
     const target = await openGuest({ guest: argv.guest, qmp: argv.qmp });
     try {
-      const outcomes = await attachGuest(target, { ...context(argv.daemonSocket), disk: argv.disk });
+      const outcomes = await attachGuest(target, { ...context(argv.daemonSocket), disk: argv.disk, reconnectDelayS });
       report(target.label, outcomes, argv.json);
       const attached = outcomes.filter((o) => o.status === 'attached').length;
       // Without --disk, disks vmshift cannot sit under are only reported; with it, a refusal fails.

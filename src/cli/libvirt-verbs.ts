@@ -7,6 +7,7 @@ import { disableDomain, enableDomain, migrateDomainStorage } from '../libvirt/en
 import { runDir } from '../libvirt/shim-plan.ts';
 import { daemonSocket } from './daemon-client.ts';
 import { printJson } from './output.ts';
+import { reconnectDelayArg, reconnectDelayOption } from './reconnect-option.ts';
 
 interface DomainArgs {
   domain: string;
@@ -24,9 +25,13 @@ export const enableCommand = {
       .positional('domain', { type: 'string', demandOption: true, describe: 'libvirt domain name or UUID' })
       .option('disk', { type: 'string', array: true, describe: 'disk target (vda...); default: every file and block disk' })
       .option('connect', connectOption)
-      .option('run-dir', { type: 'string', describe: "vmshiftd's --run-dir (default $VMSHIFT_RUN_DIR or /run/vmshift)" }),
-  handler: async (argv: ArgumentsCamelCase<DomainArgs & { disk?: string[]; runDir?: string }>) => {
-    const r = await enableDomain(new Virsh({ uri: argv.connect }), argv.domain, { disks: argv.disk, runDir: runDir(argv.runDir) });
+      .option('run-dir', { type: 'string', describe: "vmshiftd's --run-dir (default $VMSHIFT_RUN_DIR or /run/vmshift)" })
+      .option('reconnect-delay', reconnectDelayOption),
+  handler: async (argv: ArgumentsCamelCase<DomainArgs & { disk?: string[]; runDir?: string; reconnectDelay: number }>) => {
+    const r = await enableDomain(new Virsh({ uri: argv.connect }), argv.domain, { disks: argv.disk, runDir: runDir(argv.runDir), reconnectDelay: reconnectDelayArg(argv.reconnectDelay) });
+    if (!r.reconnect.kept && r.reconnect.delay > 0) {
+      process.stderr.write(`vmshift: warning: libvirt dropped <reconnect delay='${r.reconnect.delay}'/> from ${r.domain}'s disks (libvirt 9.0 does not know it): QEMU will fail the guest's I/O at once whenever a shim restarts. Use a libvirt that keeps it, or leave the domain disabled and run 'vmshift attach ${r.domain}' once it runs (docs/libvirt.md)\n`);
+    }
     if (argv.json) return printJson(r);
     for (const d of r.disks) process.stdout.write(`${r.domain} ${d.dev}: through shim '${d.shim}' on ${d.socket}\n`);
     if (r.running) process.stdout.write(`${r.domain} is running: the shims take over at its next start\n`);

@@ -27,7 +27,7 @@ async function runYargs(): Promise<void> {
   const commands: object[] = [
     serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, abort.abortCommand,
     attach.attachCommand, attach.detachCommand, daemon.daemonCommand,
-    shims.shimStartCommand, shims.shimStopCommand, shims.listCommand,
+    shims.shimStartCommand, shims.shimStopCommand, shims.restartCommand, shims.listCommand,
     libvirt.enableCommand, libvirt.disableCommand,
   ];
   let cli = yargs(argv)

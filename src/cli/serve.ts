@@ -10,6 +10,13 @@ import { parseArgs } from 'node:util';
 import { Shim, controlSocketFor, type TrackKind } from '../shim/shim.ts';
 import { parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
+import { DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS } from '../nbd/server.ts';
+import { DEFAULT_LIMITS } from '../nbd/server-transmission.ts';
+
+/** 64 MiB -> "64M" (defaults shown in --help as an operator would type them). */
+function sizeText(bytes: number): string {
+  return bytes % 2 ** 20 === 0 ? `${bytes / 2 ** 20}M` : String(bytes);
+}
 
 interface ServeArgs {
   source: string;
@@ -24,6 +31,9 @@ interface ServeArgs {
   tlsCa?: string;
   state?: string;
   socketMode: string;
+  maxConnections: string;
+  maxInflight: string;
+  maxInflightPerConnection: string;
   json: boolean;
 }
 
@@ -48,6 +58,11 @@ const OPTIONS: Record<string, OptionSpec> = {
   'tls-ca': { type: 'string' },
   state: { type: 'string', describe: 'state file (default PATH.state.json)' },
   'socket-mode': { type: 'string', default: '0600', describe: 'octal mode of the NBD socket' },
+  // Memory bounds whatever clients do (src/nbd/server-budget.ts): what the shim holds for
+  // requests is at most min(--max-inflight, connections x --max-inflight-per-connection).
+  'max-connections': { type: 'string', default: String(DEFAULT_MAX_CONNECTIONS), describe: 'NBD connections served at once; more are closed as they arrive' },
+  'max-inflight': { type: 'string', default: sizeText(DEFAULT_MAX_BYTES), describe: 'request payload bytes held across all connections (a connection holding nothing may still take one request)' },
+  'max-inflight-per-connection': { type: 'string', default: sizeText(DEFAULT_LIMITS.maxInFlightBytes), describe: 'request payload bytes one connection may hold' },
 };
 
 const camel = (name: string) => name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
@@ -104,6 +119,12 @@ async function serve(argv: ServeArgs): Promise<void> {
   const granularity = parseSize(argv.granularity, '--granularity');
   if (granularity < 512 || (granularity & (granularity - 1)) !== 0) throw new UsageError('--granularity must be a power of two of at least 512 bytes');
   if (!/^0?[0-7]{3}$/.test(argv.socketMode)) throw new UsageError(`--socket-mode: "${argv.socketMode}" is not an octal mode like 0600`);
+  const maxConnections = Number(argv.maxConnections);
+  if (!/^\d+$/.test(argv.maxConnections) || maxConnections < 1 || maxConnections > 100_000) throw new UsageError(`--max-connections: "${argv.maxConnections}" is not a number of connections from 1 to 100000`);
+  const maxBytes = parseSize(argv.maxInflight, '--max-inflight');
+  const maxConnectionBytes = parseSize(argv.maxInflightPerConnection, '--max-inflight-per-connection');
+  if (maxBytes < 1 || maxConnectionBytes < 1) throw new UsageError('--max-inflight and --max-inflight-per-connection must be at least 1 byte');
+  if (maxConnectionBytes > maxBytes) throw new UsageError(`--max-inflight-per-connection (${argv.maxInflightPerConnection}) is larger than --max-inflight (${argv.maxInflight})`);
   let tcp: { host: string; port: number } | undefined;
   let tls: { cert: string; key: string; ca?: string } | undefined;
   if (argv.tcp) {
@@ -128,6 +149,7 @@ async function serve(argv: ServeArgs): Promise<void> {
     tls,
     statePath: argv.state,
     socketMode: parseInt(argv.socketMode, 8),
+    nbdLimits: { maxConnections, maxBytes, maxConnectionBytes },
   });
   const info = { serving: shim.backing, origin: shim.origin, socket: argv.socket, control: controlSocketFor(argv.socket), export: argv.export, size: shim.gate.size, pid: process.pid };
   if (argv.json) printJson({ event: 'serving', data: info });

@@ -2,6 +2,9 @@
 //   ping                                   -> {pong, pid, version}
 //   shim.start {name, source, export?, track?, group?}  start (idempotent for name+source)
 //   shim.stop  {name, force?}              SIGTERM the shim, wait, drop its record
+//   shim.restart {name, abortJob?}         swap the shim's process under a running guest (a
+//                                          stall: QEMU reconnects); refused during a job
+//                                          unless abortJob; answers with the measured stall
 //   shim.list                              the registry's records
 //   status                                 every shim with its live status and job
 //   job.start  {name, to, ...migrate params, follow?}   forwarded to the shim's migrate.start;
@@ -58,6 +61,8 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
   );
 
   server.on('shim.stop', (p) => guard(() => sup.stop(str(p, 'name'), p.force === true)));
+
+  server.on('shim.restart', (p) => guard(() => sup.restart(str(p, 'name'), { abortJob: p.abortJob === true })));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
 

@@ -22,7 +22,7 @@ export class DomainXmlError extends Error {
 export type DiskSource =
   | { kind: 'file'; path: string }
   | { kind: 'block'; path: string }
-  | { kind: 'nbd'; export?: string; socket?: string; host?: string; port?: string }
+  | { kind: 'nbd'; export?: string; socket?: string; host?: string; port?: string; reconnectDelay?: number }
   | { kind: 'other'; type: string };
 
 export interface DomainDisk {
@@ -46,6 +46,12 @@ export interface EnableShimOpts {
   socketFor: (dev: string) => string;
   /** The NBD export name: one for all disks or one per disk target. */
   exportName: string | ((dev: string) => string);
+  /**
+   * Seconds QEMU holds the guest's I/O while a shim restarts, as `<reconnect delay='N'/>` in
+   * the NBD `<source>` (src/qemu/nbd-reconnect.ts); 0 or absent writes none. libvirt 9.0
+   * does not know the element and drops it on define (enableDomain checks and says so).
+   */
+  reconnectDelay?: number;
 }
 
 // ---- parsing ---------------------------------------------------------------------------
@@ -123,6 +129,8 @@ function describeSource(type: string, src: Element | undefined): DiskSource | nu
       out.host = host.getAttribute('name') ?? undefined;
       out.port = host.getAttribute('port') ?? undefined;
     }
+    const delay = firstChild(src, 'reconnect')?.getAttribute('delay');
+    if (delay && /^\d+$/.test(delay)) out.reconnectDelay = Number(delay);
     return out;
   }
   return { kind: 'other', type };
@@ -193,6 +201,11 @@ export function enableShim(xml: string, opts: EnableShimOpts): string {
     host.setAttribute('transport', 'unix');
     host.setAttribute('socket', opts.socketFor(dev));
     nbd.appendChild(host);
+    if (opts.reconnectDelay) {
+      const reconnect = doc.createElement('reconnect');
+      reconnect.setAttribute('delay', String(opts.reconnectDelay));
+      nbd.appendChild(reconnect);
+    }
     disk.replaceChild(nbd, source);
     disk.setAttribute('type', 'network');
   }

@@ -8,12 +8,19 @@ import type { CallOptions } from '../control/client.ts';
 import { DomainXmlError, disableShim, enableShim, listDisks, mapPaths } from './domain-xml.ts';
 import { domainIdentity, planShims, shimName, shimSocket, type ShimmedDisk } from './shim-plan.ts';
 import type { Virsh } from './virsh.ts';
+import { DEFAULT_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
 
 export interface EnableResult {
   domain: string;
   disks: Array<{ dev: string; shim: string; socket: string }>;
   /** The domain runs: the change applies from its next start. */
   running: boolean;
+  /**
+   * The `<reconnect delay>` asked for, and whether libvirt kept it. libvirt 9.0 drops the
+   * element without a word (it came in a later release); QEMU then fails the guest's I/O
+   * at once when a shim restarts.
+   */
+  reconnect: { delay: number; kept: boolean };
 }
 
 /** Disks `enable` picks when none is named: every file or block disk (not cdroms). */
@@ -23,16 +30,20 @@ function defaultDisks(xml: string): string[] {
     .map((d) => d.target);
 }
 
-export async function enableDomain(virsh: Virsh, domain: string, opts: { disks?: string[]; runDir: string }): Promise<EnableResult> {
+export async function enableDomain(virsh: Virsh, domain: string, opts: { disks?: string[]; runDir: string; reconnectDelay?: number }): Promise<EnableResult> {
   const xml = await virsh.dumpxml(domain, { inactive: true });
   const { domain: name, uuid } = domainIdentity(xml);
   const disks = opts.disks?.length ? opts.disks : defaultDisks(xml);
   if (disks.length === 0) throw new DomainXmlError('disk-not-found', `domain '${name}' has no file or block disk to put a shim under`);
   const socketFor = (dev: string) => shimSocket(opts.runDir, shimName(name, uuid, dev));
-  const next = enableShim(xml, { disks, socketFor, exportName: (dev) => dev });
+  const delay = opts.reconnectDelay ?? DEFAULT_RECONNECT_DELAY_S;
+  const next = enableShim(xml, { disks, socketFor, exportName: (dev) => dev, reconnectDelay: delay });
   await virsh.define(next);
+  // What libvirt made of it: an element it does not know is dropped, not refused.
+  const stored = listDisks(await virsh.dumpxml(domain, { inactive: true })).filter((d) => disks.includes(d.target));
+  const kept = delay > 0 && stored.every((d) => d.source?.kind === 'nbd' && d.source.reconnectDelay === delay);
   const running = (await virsh.domstate(domain)) !== 'shut off';
-  return { domain: name, disks: disks.map((dev) => ({ dev, shim: shimName(name, uuid, dev), socket: socketFor(dev) })), running };
+  return { domain: name, disks: disks.map((dev) => ({ dev, shim: shimName(name, uuid, dev), socket: socketFor(dev) })), running, reconnect: { delay, kept } };
 }
 
 export async function disableDomain(virsh: Virsh, domain: string): Promise<{ domain: string; disks: Array<{ dev: string; source: string }>; running: boolean }> {

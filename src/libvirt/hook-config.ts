@@ -4,9 +4,11 @@
 //   { "daemonSocket": "/run/vmshift/vmshiftd.sock",
 //     "runDir": "/run/vmshift",               // vmshiftd's --run-dir
 //     "group": "libvirt-qemu",            // group allowed to reach a shim's socket (QEMU's user)
+//     "reconnectDelay": 30,               // VDSM: seconds QEMU holds I/O while a shim restarts
 //     "pathMap": { "/srv/ds1/": "/mnt/ds1/" } }   // incoming migration: datastore prefixes
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
+import { DEFAULT_RECONNECT_DELAY_S, MAX_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
 
 export const DEFAULT_HOOK_CONFIG = '/etc/vmshift/hooks.json';
 
@@ -16,6 +18,8 @@ const HookConfigSchema = z
     /** vmshiftd's --run-dir (the VDSM hook writes socket paths under it). */
     runDir: z.string().startsWith('/').optional(),
     group: z.string().min(1).nullable().optional(),
+    /** Seconds QEMU holds the guest's I/O while a shim restarts (src/qemu/nbd-reconnect.ts). */
+    reconnectDelay: z.number().int().min(0).max(MAX_RECONNECT_DELAY_S).default(DEFAULT_RECONNECT_DELAY_S),
     pathMap: z.record(z.string().startsWith('/'), z.string().startsWith('/')).default({}),
   })
   .strict();

@@ -3,7 +3,8 @@
 // environment variables. Exit 0 is success; exit 2 fails the VM operation (1 is only logged).
 //   before_vm_start   with custom property `vmshift=vda,vdb` (or `vmshift=all`): rewrite
 //                     those disks in the XML file, in place, to go through vmshift shims, and
-//                     start the shims through vmshiftd; refuse the start (exit 2) if that fails
+//                     start the shims through vmshiftd; refuse the start (exit 2) if that fails.
+//                     Each NBD source asks QEMU to reconnect (`reconnectDelay` in hooks.json)
 //   after_vm_destroy  stop the shims of a domain whose XML has vmshift enabled
 // Like the libvirt hook, these talk only to vmshiftd, never to libvirt.
 import { readFile, writeFile } from 'node:fs/promises';
@@ -48,6 +49,9 @@ export async function beforeVmStart(env: NodeJS.ProcessEnv, log: (line: string) 
         disks: chosenDisks(property, xml),
         socketFor: (dev) => shimSocket(dir, shimName(domain, uuid, dev)),
         exportName: (dev) => dev,
+        // QEMU holds the guest's I/O while vmshiftd restarts a shim, where libvirt knows
+        // <reconnect delay> (not 9.0: it drops the element; docs/ovirt.md).
+        reconnectDelay: config.reconnectDelay,
       });
     }
     const plan = planShims(next)!;

@@ -16,6 +16,7 @@ import { throwIfAborted } from './copier.ts';
 import { unionRanges } from './ranges.ts';
 import type { JobContext } from './context.ts';
 import { debuglog } from 'node:util';
+import { faultPoint } from '../util/fault-point.ts';
 
 const debug = debuglog('vmshift');
 export interface SwitchResult {
@@ -92,8 +93,10 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     await dest.device.flush();
     throwIfAborted(ctx.signal);
     const t3 = performance.now();
+    await faultPoint('switchover-before-commit');
     await state.commit();
     state = null;
+    await faultPoint('switchover-after-commit');
     // Committed: from here the destination is the disk, whatever happens next.
     let old;
     try {

@@ -1,10 +1,12 @@
 // The transmission phase of one server connection. Requests are parsed from the wire as they
 // arrive and dispatched at once (pipelined); each replies when its device call completes,
-// so replies go out of order, matched by cookie. Reading pauses while too many requests or
-// bytes are in flight, or while the socket has too much unsent output (backpressure).
-// READ replies are read into, and WRITE payloads that span socket chunks assembled in, buffers
-// of a BufferPool (buffer-pool.ts): one per request, given back once neither the socket nor
-// the device holds it.
+// so replies go out of order, matched by cookie. Reading pauses while too many requests are
+// in flight, while this connection or the whole server holds too many payload bytes
+// (server-budget.ts), or while the socket has too much unsent output (backpressure).
+// READ replies are read into, and WRITE payloads are received into, buffers of a BufferPool
+// (buffer-pool.ts): one per request, given back once neither the socket nor the device holds
+// it. A large WRITE's payload is read from the socket straight into its buffer where the Wire
+// can (Wire.sink), and assembled there from received chunks otherwise.
 import type { NbdLogger as Logger } from './logger.ts';
 import { errnoOf, type BlockErrno, type Extent } from '../block/device.ts';
 import {
@@ -14,6 +16,7 @@ import {
 import type { Negotiated } from './server-handshake.ts';
 import type { Wire } from './server-io.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { ByteBudget } from './server-budget.ts';
 
 export interface ServerCounters {
   bytesRead: number;
@@ -25,7 +28,11 @@ export interface ServerCounters {
 export interface TransmissionLimits {
   /** Requests dispatched and not yet answered, per connection. */
   maxInFlight: number;
-  /** Payload bytes (write data received + read data pending) in flight, per connection. */
+  /**
+   * Payload bytes this connection may hold: WRITE data from its header until the device wrote
+   * it, READ data from the device read until the socket sent it (see server-budget.ts). A
+   * connection holding nothing may always take one request, however large.
+   */
   maxInFlightBytes: number;
   /** Unsent reply bytes above which we stop taking requests until the socket drains. */
   maxPendingOutput: number;
@@ -33,7 +40,9 @@ export interface TransmissionLimits {
 
 export const DEFAULT_LIMITS: TransmissionLimits = {
   maxInFlight: 128,
-  maxInFlightBytes: 64 * 1024 * 1024,
+  // nbdcopy keeps 16 MiB in flight per connection (64 x 256 KiB): 8 MiB of them keep the
+  // device and the socket busy as well (docs/performance.md), at half the memory.
+  maxInFlightBytes: 8 * 1024 * 1024,
   maxPendingOutput: 8 * 1024 * 1024,
 };
 
@@ -47,7 +56,12 @@ interface Request {
   data: Buffer | null;
   /** The pool buffer this request holds (READ reply data, or a WRITE payload), until released. */
   pooled: Buffer | null;
+  /** Payload bytes this request holds of the connection's and the server's budget. */
+  held: number;
 }
+
+/** A WRITE payload shorter than this left to arrive is awaited in received chunks, not read on its own. */
+const SINK_MIN = 16 * 1024;
 
 const HEADER = 28;
 const MAX_OFFSET = 2 ** 53;
@@ -73,7 +87,12 @@ class RequestError extends Error {
 
 export class Transmission {
   private inFlight = 0;
-  private inFlightBytes = 0;
+  /** Payload bytes this connection's requests hold (see TransmissionLimits.maxInFlightBytes). */
+  private held = 0;
+  /** A WRITE whose header was taken and whose payload is still arriving. */
+  private pending: { req: Request; filled: number } | null = null;
+  /** The pending payload is being read straight into its buffer (Wire.sink): nothing to parse until it is in. */
+  private filling = false;
   /** No more requests are taken (DISC, shutdown, or a request we cannot skip). */
   private stopping = false;
   private outputBlocked = false;
@@ -92,6 +111,7 @@ export class Transmission {
     private log: Logger,
     private limits: TransmissionLimits = DEFAULT_LIMITS,
     private pool: BufferPool = new BufferPool(),
+    private budget: ByteBudget = new ByteBudget(Number.MAX_SAFE_INTEGER),
   ) {
     this.dev = neg.export.device;
     this.size = this.dev.size;
@@ -114,11 +134,18 @@ export class Transmission {
     this.stop('server shutting down');
   }
 
+  /** The global budget had bytes back: try again (input is paused while we wait). */
+  private readonly wake = () => {
+    if (this.inputPaused) this.pump();
+  };
+
   private pump(): void {
+    if (this.filling) return;
     const wire = this.wire;
     const lim = this.limits;
+    if (this.pending && !this.stopping && !this.closed && !this.fillPending()) return this.resumeInput();
     while (!this.stopping && !this.closed) {
-      if (this.inFlight >= lim.maxInFlight || this.inFlightBytes >= lim.maxInFlightBytes || this.outputBlocked) {
+      if (this.inFlight >= lim.maxInFlight || this.outputBlocked) {
         this.pauseInput();
         return;
       }
@@ -131,34 +158,91 @@ export class Transmission {
       }
       const type = h.readUInt16BE(6);
       const length = h.readUInt32BE(24);
-      let data: Buffer | null = null;
-      if (type === Cmd.WRITE) {
-        if (length > MAX_PAYLOAD) {
-          // We will not read 4 GiB to skip it: answer, then end the session once the rest is answered.
-          const req = this.request(wire.take(HEADER), null);
-          this.counters.requests++;
-          this.sendError(req, 'EINVAL', `WRITE of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte maximum; disconnecting`);
-          this.stop('oversized write payload');
-          return;
-        }
-        if (wire.available < HEADER + length) break; // wait for the whole payload
-        const header = wire.take(HEADER);
-        // A payload within one socket chunk is a view of it; one that spans chunks is copied.
-        const pooled = length > 0 && !wire.contiguous(length) ? this.pool.take(length) : null;
-        data = wire.take(length, pooled ?? undefined);
-        this.dispatch(this.request(header, data, pooled));
-      } else if (type === Cmd.DISC) {
+      if (type === Cmd.WRITE && length > MAX_PAYLOAD) {
+        // We will not read 4 GiB to skip it: answer, then end the session once the rest is answered.
+        const req = this.request(wire.take(HEADER));
+        this.counters.requests++;
+        this.sendError(req, 'EINVAL', `WRITE of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte maximum; disconnecting`);
+        this.stop('oversized write payload');
+        return;
+      }
+      if (type === Cmd.DISC) {
         wire.take(HEADER);
         this.stop('client sent NBD_CMD_DISC');
         return;
-      } else {
-        this.dispatch(this.request(wire.take(HEADER), null));
       }
+      // An oversized READ is refused before it holds anything (validate).
+      const bytes = type === Cmd.WRITE || (type === Cmd.READ && length <= MAX_PAYLOAD) ? length : 0;
+      if (bytes > 0 && !this.admit(bytes)) {
+        this.pauseInput();
+        return;
+      }
+      const req = this.request(wire.take(HEADER));
+      req.held = bytes;
+      if (type !== Cmd.WRITE || length === 0) {
+        this.dispatch(req);
+        continue;
+      }
+      if (!wire.reusesBuffers && wire.available >= length && wire.contiguous(length)) {
+        // Within one chunk Node gave us (and keeps for us): a view of it, no copy.
+        req.data = wire.take(length);
+        this.dispatch(req);
+        continue;
+      }
+      req.pooled = req.data = this.pool.take(length);
+      this.pending = { req, filled: 0 };
+      if (!this.fillPending()) break; // the rest of the payload is still to come
     }
     this.resumeInput();
   }
 
-  private request(h: Buffer, data: Buffer | null, pooled: Buffer | null = null): Request {
+  /**
+   * Whether a request holding `bytes` may start now; if so they are counted. When the server's
+   * budget says no, the connection waits for it (input paused); when its own cap says no, its
+   * own requests finishing start it again.
+   */
+  private admit(bytes: number): boolean {
+    const cap = this.limits.maxInFlightBytes;
+    if (this.held > 0 && this.held + bytes > cap) return false;
+    if (!this.budget.take(bytes, this.held)) {
+      this.budget.wait(this.wake);
+      return false;
+    }
+    this.held += bytes;
+    return true;
+  }
+
+  /**
+   * Move the pending WRITE's payload bytes that arrived into its buffer; dispatch it once
+   * complete (true). What is left to come goes straight into the buffer when the wire can.
+   */
+  private fillPending(): boolean {
+    const p = this.pending!;
+    const buf = p.req.data!;
+    const n = Math.min(this.wire.available, buf.length - p.filled);
+    if (n > 0) {
+      this.wire.copyInto(buf, p.filled, n);
+      p.filled += n;
+    }
+    if (p.filled === buf.length) {
+      this.pending = null;
+      this.dispatch(p.req);
+      return true;
+    }
+    if (buf.length - p.filled >= SINK_MIN && this.wire.sink(buf, p.filled, () => this.filled())) this.filling = true;
+    return false;
+  }
+
+  /** The pending payload was read straight into its buffer. */
+  private filled(): void {
+    const req = this.pending!.req;
+    this.pending = null;
+    this.filling = false;
+    this.dispatch(req);
+    this.pump();
+  }
+
+  private request(h: Buffer): Request {
     const offHi = h.readUInt32BE(16);
     return {
       flags: h.readUInt16BE(4),
@@ -168,27 +252,25 @@ export class Transmission {
       // Offsets at or past 2^53 cannot be represented exactly: mark them invalid.
       offset: offHi >= 0x200000 ? MAX_OFFSET : offHi * 0x100000000 + h.readUInt32BE(20),
       length: h.readUInt32BE(24),
-      data,
-      pooled,
+      data: null,
+      pooled: null,
+      held: 0,
     };
   }
 
   private dispatch(req: Request): void {
     this.counters.requests++;
-    const bytes = req.type === Cmd.READ || req.type === Cmd.WRITE ? Math.min(req.length, MAX_PAYLOAD) : 0;
     this.inFlight++;
-    this.inFlightBytes += bytes;
-    this.execute(req).then(() => this.finished(bytes), (err) => {
+    this.execute(req).then(() => this.finished(), (err) => {
       // execute() catches device errors itself; this is a bug, but one connection's bug.
       this.log.error({ err }, 'nbd: request handler failed');
       this.forget(req);
-      this.finished(bytes);
+      this.finished();
     });
   }
 
-  private finished(bytes: number): void {
+  private finished(): void {
     this.inFlight--;
-    this.inFlightBytes -= bytes;
     if (this.inputPaused && !this.stopping) this.pump();
     this.settle();
   }
@@ -204,7 +286,11 @@ export class Transmission {
           if (req.length) {
             req.pooled = this.pool.take(req.length);
             data = await dev.read(req.offset, req.length, req.pooled);
-            if (data.buffer !== req.pooled.buffer) this.release(req); // the device used a buffer of its own
+            if (data.buffer !== req.pooled.buffer) {
+              // The device used a buffer of its own: ours goes back, the bytes stay held until sent.
+              this.pool.give(req.pooled);
+              req.pooled = null;
+            }
           }
           this.counters.bytesRead += data.length;
           return this.sendRead(req, data);
@@ -360,17 +446,22 @@ export class Transmission {
   }
 
   /**
-   * Header and payload leave in one write (cork), so replies never interleave on the wire.
+   * Replies are corked until the event loop has run every callback that was ready (a
+   * setImmediate): all the replies those completed leave in one writev, instead of a
+   * syscall each (a reply's header and payload stay together: replies never interleave).
    * `owner`'s pool buffer (the payload) is released in the payload write's callback: only then
    * is the stream done with it (it may sit in the stream's queue or in a libuv write until then).
    */
   private writeOut(header: Buffer, payload?: Buffer, owner?: Request): void {
     const s = this.wire.stream;
-    if (payload && payload.length) {
+    if (!this.corked) {
+      this.corked = true;
       s.cork();
+      setImmediate(this.uncork);
+    }
+    if (payload && payload.length) {
       s.write(header);
       s.write(payload, owner ? () => this.release(owner) : undefined);
-      s.uncork();
     } else {
       s.write(header);
       if (owner) this.release(owner);
@@ -388,11 +479,18 @@ export class Transmission {
     }
   }
 
-  /** Give the request's pool buffer back (once; nothing may use it any more). */
+  private corked = false;
+  private readonly uncork = () => {
+    this.corked = false;
+    this.wire.stream.uncork();
+  };
+
+  /** Give the request's pool buffer and budget back (once; nothing may use them any more). */
   private release(req: Request): void {
     const b = req.pooled;
     req.pooled = null;
     if (b) this.pool.give(b);
+    this.unhold(req);
   }
 
   /** The request's pool buffer may still be in use (a device failed while holding it): never reuse it. */
@@ -400,6 +498,16 @@ export class Transmission {
     const b = req.pooled;
     req.pooled = null;
     if (b) this.pool.forget(b);
+    this.unhold(req);
+  }
+
+  private unhold(req: Request): void {
+    const n = req.held;
+    if (n === 0) return;
+    req.held = 0;
+    this.held -= n;
+    this.budget.give(n);
+    if (this.inputPaused && !this.stopping) this.pump();
   }
 
   private pauseInput(): void {
@@ -435,6 +543,14 @@ export class Transmission {
   }
 
   private settle(): void {
+    if ((this.stopping || this.closed) && this.pending) {
+      // Its payload will never be complete: nothing else holds its buffer.
+      const { req } = this.pending;
+      this.pending = null;
+      this.filling = false;
+      this.release(req);
+    }
+    if (this.closed) this.budget.cancel(this.wake);
     if (this.inFlight > 0) return;
     if (this.stopping && !this.closed) {
       this.closed = true; // nothing more will be written

@@ -14,6 +14,7 @@ import { ConnectionClosed, ProtocolViolation, Wire } from './server-io.ts';
 import { DEFAULT_LIMITS, Transmission, type ServerCounters, type TransmissionLimits } from './server-transmission.ts';
 import { serverTls, type ServerTls, type TlsServerConfig } from './tls.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { ByteBudget } from './server-budget.ts';
 
 export type { ExportSpec } from './server-handshake.ts';
 export type { TlsServerConfig } from './tls.ts';
@@ -28,7 +29,14 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Payload buffers shared by every connection (default: a BufferPool of its own). */
   bufferPool?: BufferPool;
+  /** Payload bytes all connections together may hold (server-budget.ts; default 64 MiB). */
+  maxBytes?: number;
+  /** Connections served at once; more are closed as they arrive (default 16). */
+  maxConnections?: number;
 }
+
+export const DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_MAX_CONNECTIONS = 16;
 
 export interface NbdServerStats {
   /** Connections open now. */
@@ -41,6 +49,10 @@ export interface NbdServerStats {
   requests: number;
   /** Requests answered with an error. */
   errors: number;
+  /** Connections closed on arrival because maxConnections were open. */
+  refused: number;
+  /** Payload bytes held now (see server-budget.ts). */
+  heldBytes: number;
 }
 
 interface Connection {
@@ -55,6 +67,9 @@ export class NbdServer {
   private readonly log: Logger;
   private readonly limits: TransmissionLimits;
   private readonly pool: BufferPool;
+  private readonly budget: ByteBudget;
+  private readonly maxConnections: number;
+  private refused = 0;
   private readonly handshakeTimeoutMs: number;
   private readonly listeners: Array<{ server: Server; unixPath?: string }> = [];
   private readonly connections = new Set<Connection>();
@@ -72,6 +87,9 @@ export class NbdServer {
     this.log = opts.logger ?? silentLogger;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     this.pool = opts.bufferPool ?? new BufferPool();
+    this.budget = new ByteBudget(opts.maxBytes ?? DEFAULT_MAX_BYTES);
+    this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) throw new Error(`nbd server: maxConnections ${this.maxConnections} must be a positive integer`);
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
   }
 
@@ -99,13 +117,23 @@ export class NbdServer {
 
   /** Serve one client on any duplex stream; resolves when the session is over. */
   handleConnection(stream: Duplex, peer = 'stream'): Promise<void> {
+    return this.serveWire(stream, () => new Wire(stream), peer);
+  }
+
+  private serveWire(stream: Duplex, wire: () => Wire, peer: string): Promise<void> {
     if (this.closing) {
+      stream.destroy();
+      return Promise.resolve();
+    }
+    if (this.connections.size >= this.maxConnections) {
+      this.refused++;
+      this.log.warn({ peer, open: this.connections.size }, `nbd server: refusing a connection: ${this.maxConnections} are open (maxConnections)`);
       stream.destroy();
       return Promise.resolve();
     }
     const id = ++this.connectionsTotal;
     const log = this.log.child({ conn: id, peer });
-    const conn: Connection = { wire: new Wire(stream), transmission: null, done: Promise.resolve() };
+    const conn: Connection = { wire: wire(), transmission: null, done: Promise.resolve() };
     this.connections.add(conn);
     conn.done = this.serve(conn, log).finally(() => {
       this.connections.delete(conn);
@@ -115,7 +143,7 @@ export class NbdServer {
   }
 
   stats(): NbdServerStats {
-    return { clients: this.connections.size, connectionsTotal: this.connectionsTotal, ...this.counters };
+    return { clients: this.connections.size, connectionsTotal: this.connectionsTotal, ...this.counters, refused: this.refused, heldBytes: this.budget.held };
   }
 
   /** Stop listening, let requests in flight finish, then end every session. */
@@ -150,7 +178,7 @@ export class NbdServer {
         return;
       }
       log.debug({ export: neg.export.name, structured: neg.structured, flags: neg.flags }, 'nbd: transmission');
-      conn.transmission = new Transmission(wire, neg, this.counters, log, this.limits, this.pool);
+      conn.transmission = new Transmission(wire, neg, this.counters, log, this.limits, this.pool, this.budget);
       await conn.transmission.start();
     } catch (err) {
       clearTimeout(timer);
@@ -171,10 +199,18 @@ export class NbdServer {
   }
 
   private newListener(): Server {
-    const server = createServer((socket: Socket) => {
+    // Without TLS, sockets are read in the Wire's direct mode (Wire.adopt; paused until adopted).
+    // TLS wraps the socket's handle itself after STARTTLS, so those keep Node's own reads.
+    const direct = !this.tls;
+    const server = createServer({ pauseOnConnect: direct }, (socket: Socket) => {
       socket.setNoDelay(true);
       const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-      void this.handleConnection(socket, peer);
+      const adopted = direct ? Wire.adopt(socket) : null;
+      if (adopted) void this.serveWire(adopted.stream, () => adopted, peer);
+      else {
+        if (direct) socket.resume();
+        void this.handleConnection(socket, peer);
+      }
     });
     server.on('error', (err) => this.log.error({ err }, 'nbd server: listener error'));
     return server;

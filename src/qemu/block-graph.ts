@@ -9,6 +9,7 @@
 // docs/notes-live-insertion.md has the full sequence and what QEMU 7.2 refuses.
 import { z } from 'zod';
 import type { QmpTransport } from './transport.ts';
+import { DEFAULT_RECONNECT_DELAY_S } from './nbd-reconnect.ts';
 
 const NodeInfo = z.object({
   'node-name': z.string(),
@@ -106,13 +107,18 @@ export async function findDisk(qmp: QmpTransport, ref: string): Promise<DiskPict
   return d;
 }
 
-/** Add an NBD client node for `export` on a unix socket; not attached to anything yet. */
-export async function addNbdNode(qmp: QmpTransport, socket: string, exportName: string, nodeName: string): Promise<void> {
+/**
+ * Add an NBD client node for `export` on a unix socket; not attached to anything yet. It
+ * holds the guest's requests for `reconnectDelayS` seconds while the shim is away (restarted
+ * by vmshiftd or `vmshift restart`): see src/qemu/nbd-reconnect.ts.
+ */
+export async function addNbdNode(qmp: QmpTransport, socket: string, exportName: string, nodeName: string, reconnectDelayS = DEFAULT_RECONNECT_DELAY_S): Promise<void> {
   await qmp.execute('blockdev-add', {
     driver: 'nbd',
     'node-name': nodeName,
     server: { type: 'unix', path: socket },
     export: exportName,
+    'reconnect-delay': reconnectDelayS,
   });
 }
 

@@ -30,6 +30,18 @@ export interface ShimOptions {
   statePath?: string;
   /** Mode of the NBD socket; 0600 by default (0660 lets QEMU's group in). */
   socketMode?: number;
+  /** Memory bounds of the NBD server (defaults in src/nbd/server.ts and server-transmission.ts). */
+  nbdLimits?: NbdMemoryLimits;
+}
+
+/** What clients can make the shim hold: see src/nbd/server-budget.ts. */
+export interface NbdMemoryLimits {
+  /** Connections served at once. */
+  maxConnections?: number;
+  /** Payload bytes all connections together hold. */
+  maxBytes?: number;
+  /** Payload bytes one connection holds. */
+  maxConnectionBytes?: number;
 }
 
 export function controlSocketFor(nbdSocket: string): string {
@@ -69,6 +81,9 @@ export class Shim {
     const server = new NbdServer({
       exports: [{ name: opts.exportName, description: `vmshift shim of ${state.origin}`, device: gate }],
       tls: opts.tls ? { ...opts.tls, required: true } : undefined,
+      maxConnections: opts.nbdLimits?.maxConnections,
+      maxBytes: opts.nbdLimits?.maxBytes,
+      limits: opts.nbdLimits?.maxConnectionBytes ? { maxInFlightBytes: opts.nbdLimits.maxConnectionBytes } : undefined,
     });
     const control = new ControlServer();
     const shim = new Shim(opts, gate, state, server, control, bottom);
@@ -157,11 +172,17 @@ export class Shim {
     };
   }
 
-  /** Stop serving: close NBD clients after in-flight requests, flush, close devices. */
+  /**
+   * Stop serving: close NBD clients after in-flight requests, flush, close devices. A failed
+   * flush still closes everything, then throws: `vmshift serve` exits 1 with "stop failed",
+   * which is how vmshiftd tells a restart's old process did not stop cleanly.
+   */
   async stop(): Promise<void> {
     await this.control.close().catch(() => {});
     await this.server.close().catch(() => {});
-    if (!this.opts.readOnly) await this.gate.flush().catch(() => {});
+    let flushError: Error | undefined;
+    if (!this.opts.readOnly) await this.gate.flush().catch((e: Error) => { flushError = e; });
     await this.gate.close().catch(() => {});
+    if (flushError) throw new Error(`the flush before stopping failed: ${flushError.message}`);
   }
 }

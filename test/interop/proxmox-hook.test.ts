@@ -8,6 +8,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { bootGuest, ensureGuest } from '../helpers/guest.ts';
 import { cleanupAll, run, runStatus, tempDir } from '../helpers/proc.ts';
 import { disk, leftovers, runDir, SLOTS, stopAndVerify, VMSHIFT, writesMore } from './attach-helpers.ts';
@@ -39,6 +40,20 @@ test('garbage arguments: wrong count or VMID exits 2; unknown phases and pre-sta
   assert.match(odd.stderr, /VM 100: ignoring unknown phase 'migrate-now'/);
   const pre = await runStatus(HOOK, ['100', 'pre-start'], { env });
   assert.equal([pre.code, pre.stderr], [0, '']);
+});
+
+test('VMSHIFT_PVE_RECONNECT_DELAY reaches vmshift attach as --reconnect-delay (and only attach)', async () => {
+  const dir = tempDir('vpr-');
+  const bin = join(dir, 'vmshift');
+  writeFileSync(bin, `#!/bin/sh\necho "$*" >> ${join(dir, 'calls')}\n`, { mode: 0o755 });
+  const env = { ...pveEnv(dir, dir), VMSHIFT_BIN: bin };
+  for (const phase of ['post-start', 'pre-stop']) assert.is((await runStatus(HOOK, ['100', phase], { env: { ...env, VMSHIFT_PVE_RECONNECT_DELAY: '7' } })).code, 0);
+  assert.is((await runStatus(HOOK, ['100', 'post-start'], { env })).code, 0);
+  assert.equal(readFileSync(join(dir, 'calls'), 'utf8').trim().split('\n'), [
+    `attach --reconnect-delay 7 pve-100 --qmp ${dir}/100.qmp`,
+    `detach pve-100 --qmp ${dir}/100.qmp`,
+    `attach pve-100 --qmp ${dir}/100.qmp`,
+  ]);
 });
 
 test('post-start attaches, pre-stop detaches, under a writing guest; an unattachable disk never fails the start', async () => {

@@ -94,6 +94,8 @@ test('before_vm_start rewrites the chosen disk in place and starts its shim; wri
   const plan = planShims(xml)!;
   assert.equal(plan.disks.map((d) => [d.dev, d.name, d.source]), [['vda', 'ovirt-vm-7-vda', diskPath]]);
   assert.ok(xml.includes('<serial>3f5e0a1b</serial>') && xml.includes('ovirt-vm:clusterVersion'), 'the rest of the XML is kept');
+  // QEMU is asked to hold the guest's I/O while vmshiftd restarts a shim (hooks.json default).
+  assert.match(xml, /<source protocol="nbd" name="vda"><host transport="unix" socket="[^"]+"\/><reconnect delay="30"\/><\/source>/);
   assert.is(vm.shims()[0]?.socket, plan.disks[0]!.socket);
   await run('qemu-io', ['--image-opts', `driver=nbd,server.type=unix,server.path=${plan.disks[0]!.socket},export=vda`, '-c', 'write -P 0x5a 1M 256k', '-c', 'flush']);
   const data = readFileSync(diskPath);

@@ -54,6 +54,15 @@ test('enableShim turns the chosen disks into NBD disks on their sockets and reco
   assert.match(on, /<libosinfo:os id="http:\/\/debian.org\/debian\/12"\/>/);
 });
 
+test('enableShim with a reconnect delay writes <reconnect delay> into each NBD source, and listDisks reads it back', () => {
+  const on = enableShim(typical, { ...shimOpts, reconnectDelay: 30 });
+  assert.match(on, /<source protocol="nbd" name="disk"><host transport="unix" socket="\/run\/vmshift\/web01-vda.sock"\/><reconnect delay="30"\/><\/source>/);
+  assert.equal(listDisks(on)[1]!.source, { kind: 'nbd', export: 'disk', socket: '/run/vmshift/web01-vdb.sock', reconnectDelay: 30 });
+  assert.not.match(enableShim(typical, { ...shimOpts, reconnectDelay: 0 }), /<reconnect/, '0 writes no element');
+  // disable takes the whole NBD source away, the element with it.
+  assert.fixture(disableShim(on), formatDomainXml(typical));
+});
+
 test('disableShim gives back the original document exactly, comments and unknown elements included', () => {
   const back = disableShim(enableShim(typical, shimOpts));
   assert.fixture(back, formatDomainXml(typical));

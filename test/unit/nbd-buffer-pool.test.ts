@@ -63,8 +63,8 @@ test('pool: a lent buffer is never lent again; a second give and foreign buffers
   assert.not.ok(lent.slice(1).some((b) => b.buffer === y.buffer), 'still lent: never handed out');
 });
 
-test('pool: forgotten buffers are never reused; sizes outside the classes are not pooled; idle bytes are bounded', () => {
-  const pool = new BufferPool({ minSize: 4 * KiB, maxSize: MiB, maxIdleBytes: 2 * MiB });
+test('pool: forgotten buffers are never reused; sizes outside the classes are not pooled; idle bytes are bounded', async () => {
+  const pool = new BufferPool({ minSize: 4 * KiB, maxSize: MiB, maxIdleBytes: 2 * MiB, trimAfterMs: 50 });
   const f = pool.take(MiB);
   pool.forget(f);
   assert.is(pool.stats().lent, 0);
@@ -82,6 +82,13 @@ test('pool: forgotten buffers are never reused; sizes outside the classes are no
 
   const many = Array.from({ length: 5 }, () => pool.take(MiB));
   for (const b of many) pool.give(b);
+  // While busy, every buffer is kept for reuse; after a quiet spell only maxIdleBytes stay.
+  assert.is(pool.stats().idleBytes, 5 * MiB, 'all kept while busy');
+  const allocated = pool.stats().allocated;
+  const again = Array.from({ length: 5 }, () => pool.take(MiB));
+  assert.is(pool.stats().allocated, allocated, 'the five reused');
+  for (const b of again) pool.give(b);
+  await new Promise((r) => setTimeout(r, 120));
   assert.is(pool.stats().idleBytes, 2 * MiB, 'two kept, the rest left to the GC');
 });
 
@@ -106,10 +113,11 @@ test('devices read into an offered buffer of the right size and return it; other
 
 interface Fixture { server: NbdServer; pool: BufferPool; sock: string }
 
-async function serve(device: BlockDevice, limits?: { maxInFlight?: number; maxPendingOutput?: number }): Promise<Fixture> {
+async function serve(device: BlockDevice, limits: { maxInFlight?: number; maxPendingOutput?: number } = {}): Promise<Fixture> {
   const sock = join(tempDir('nbdpool-'), 's');
   const pool = new BufferPool();
-  const server = new NbdServer({ exports: [{ name: 'disk', device }], bufferPool: pool, limits });
+  // These tests are about buffer lifetimes: a byte budget above what they keep in flight.
+  const server = new NbdServer({ exports: [{ name: 'disk', device }], bufferPool: pool, limits: { maxInFlightBytes: 64 * MiB, ...limits } });
   await server.listenUnix(sock);
   onCleanup(() => server.close());
   return { server, pool, sock };

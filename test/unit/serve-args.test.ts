@@ -18,6 +18,7 @@ function usageError(args: string[]): string {
 test('defaults, camelCase names, options before or after the source', () => {
   assert.equal(parseServeArgs(['/d.raw', '--socket', '/s']), {
     source: '/d.raw', socket: '/s', json: false, export: 'disk', readOnly: false, track: 'bitmap', granularity: '64K', socketMode: '0600',
+    maxConnections: '16', maxInflight: '64M', maxInflightPerConnection: '8M',
   });
   const a = parseServeArgs(['--socket=/s', '--read-only', '--track', 'bloom', '--tls-cert', 'c', '--tls-key', 'k', '--tcp', 'h:1', '--state', '/st', '--socket-mode', '0660', '--json', 'nbd+unix:///x?socket=/u']);
   assert.is(a.source, 'nbd+unix:///x?socket=/u');

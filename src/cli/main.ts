@@ -10,6 +10,10 @@ if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
   // their packages, or yargs's help formatting in its memory.
   const { runServe } = await import('./serve.ts');
   await runServe(argv.slice(1)).catch((e) => fail(e, json));
+} else if (argv[0] === 'link-agent') {
+  // The peer end of a host-to-host link, started over SSH: no yargs either (src/link/agent.ts).
+  const { runLinkAgent } = await import('./link-agent.ts');
+  await runLinkAgent(argv.slice(1)).catch((e) => fail(e, json));
 } else {
   await runYargs();
 }

@@ -1,0 +1,56 @@
+// Which SSH client carries one bulk stream faster on this machine: the OpenSSH client
+// (`ssh HOST 'cat > /dev/null'`, as Proxmox's and libvirt's tunnels use it) or ssh2 in
+// process (bench/ssh2-sink.ts), interleaved, against one sshd in a second network namespace;
+// then the link itself (SSH and TLS carriers, 32 MiB echoed through `vmshift link-agent`).
+// Run: node --import tsx bench/link-carriers.ts [rounds]   (root; creates and removes namespaces)
+import { join } from 'node:path';
+import { twoHosts, startSshd, inNs, nsArgv, makeCerts, daemonInNs } from '../test/helpers/hosts.ts';
+import { cleanupAll, run } from '../test/helpers/proc.ts';
+
+const root = new URL('..', import.meta.url).pathname;
+const rounds = Number(process.argv[2] ?? 3);
+const MiB = 256;
+
+async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number }> {
+  const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)]);
+  const r = await run(cmd, argv, { cwd: root });
+  const done = r.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((e) => e.event === 'done');
+  if (!done) throw new Error(r.stdout);
+  return done;
+}
+
+try {
+  console.log(`load before: ${(await run('uptime', [])).stdout.trim()}`);
+  const hosts = await twoHosts();
+  const sshd = await startSshd(hosts.b, hosts.dir);
+  const certs = await makeCerts(join(hosts.dir, 'certs'), hosts.b.addr);
+  const base = ['-T', '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=yes', '-o', `UserKnownHostsFile=${sshd.knownHosts}`, '-o', 'GlobalKnownHostsFile=/dev/null',
+    '-i', sshd.identity, '-o', 'IdentitiesOnly=yes', '-p', String(sshd.port), `root@${hosts.b.addr}`];
+  const rows: Record<string, number[]> = {};
+  const add = (k: string, v: number) => (rows[k] ??= []).push(v);
+  for (let i = 0; i < rounds; i++) {
+    for (const cipher of ['chacha20-poly1305@openssh.com', 'aes128-gcm@openssh.com']) {
+      const t = performance.now();
+      await inNs(hosts.a, 'bash', ['-c', `head -c ${MiB}M /dev/zero | ssh -c ${cipher} ${base.join(' ')} 'cat > /dev/null'`]);
+      add(`openssh ${cipher}`, MiB / ((performance.now() - t) / 1000));
+      const r = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(MiB), cipher], { cwd: root });
+      add(`ssh2 ${cipher}`, JSON.parse(r.stdout).mibps);
+    }
+    const ssh = await client(hosts, { mib: 32, ssh: { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts: sshd.knownHosts, vmshift: join(root, 'bin/vmshift'), socketDir: join(hosts.dir, 'agent') } });
+    add('link over ssh2, 32 MiB each way (echo)', 64 / (ssh.ms / 1000));
+    const port = 30000 + Math.floor(Math.random() * 20000);
+    const link = `bench${i}`;
+    const agent = daemonInNs(hosts.b, join(root, 'bin/vmshift'), ['link-agent', '--echo', '--link', link, '--migration', 'm1', '--socket', join(hosts.dir, `agent/${link}.sock`),
+      '--tls-listen', `${hosts.b.addr}:${port}`, '--tls-ca', join(certs, 'ca-cert.pem'), '--tls-cert', join(certs, 'server-cert.pem'), '--tls-key', join(certs, 'server-key.pem')]);
+    while (!agent.output().includes('waiting on')) await new Promise((r) => setTimeout(r, 50));
+    const tls = await client(hosts, { link, mib: 32, tls: { host: hosts.b.addr, port, ca: join(certs, 'ca-cert.pem'), cert: join(certs, 'client-cert.pem'), key: join(certs, 'client-key.pem') } });
+    add('link over tls, 32 MiB each way (echo)', 64 / (tls.ms / 1000));
+    await agent.exited;
+  }
+  const med = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+  console.log('| path | MiB/s (median) | runs |\n|---|---|---|');
+  for (const [k, v] of Object.entries(rows)) console.log(`| ${k} | ${Math.round(med(v))} | ${v.map(Math.round).join(', ')} |`);
+  console.log(`load after: ${(await run('uptime', [])).stdout.trim()}`);
+} finally {
+  await cleanupAll();
+}

@@ -20,12 +20,13 @@ if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
 
 async function runYargs(): Promise<void> {
   const { default: yargs } = await import('yargs');
-  const [serve, status, migrate, abort, attach, daemon, shims, libvirt] = await Promise.all([
+  const [serve, status, migrate, abort, attach, daemon, shims, libvirt, memory] = await Promise.all([
     import('./serve.ts'), import('./status.ts'), import('./migrate-storage.ts'), import('./abort.ts'),
     import('./attach.ts'), import('./vmshiftd.ts'), import('./shim-verbs.ts'), import('./libvirt-verbs.ts'),
+    import('./migrate-memory.ts'),
   ]);
   const commands: object[] = [
-    serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, abort.abortCommand,
+    serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, memory.migrateMemoryCommand, abort.abortCommand,
     attach.attachCommand, attach.detachCommand, daemon.daemonCommand,
     shims.shimStartCommand, shims.shimStopCommand, shims.restartCommand, shims.listCommand,
     libvirt.enableCommand, libvirt.disableCommand,

@@ -13,6 +13,7 @@ import type { Duplex } from 'node:stream';
 import { Link } from './link.ts';
 import { listenTls } from './tls-carrier.ts';
 import type { LinkStream } from './stream.ts';
+import { serveDestination } from '../relay/destination.ts';
 
 export interface AgentOptions {
   link: string;
@@ -22,6 +23,8 @@ export interface AgentOptions {
   holdMs?: number;
   /** Tests and benchmarks: every stream the dialer opens is sent back to it. */
   echo?: boolean;
+  /** Memory migration: the destination QEMU's QMP socket (src/relay/destination.ts). */
+  destQmp?: string;
   tls?: { host: string; port: number; ca: string; cert: string; key: string };
 }
 
@@ -30,6 +33,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
       socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false },
+      'dest-qmp': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
   });
@@ -42,7 +46,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], tls,
   };
 }
 
@@ -81,6 +85,8 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
     s.on('error', () => {}); // reported once, from the link's 'failed'
     if (o.echo) s.pipe(s);
   });
+  // The incoming socket sits beside the agent's own, in its 0700 directory.
+  if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);
@@ -93,6 +99,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   server.close();
   tls?.close();
   rmSync(o.socket, { force: true });
+  if (o.destQmp) rmSync(`${o.socket}.mig`, { force: true });
   log(`link ${o.link} ${code === 0 ? 'finished' : 'failed'}: ${JSON.stringify(link.stats())}`);
   return code;
 }

@@ -1,0 +1,93 @@
+// `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] --dest-qmp PATH_ON_PEER`: move
+// a running guest's memory (and devices) to a destination QEMU on another host, over the
+// resumable link (src/relay/migrate.ts). The guest's disks must be reachable from both hosts.
+// Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
+// Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
+// the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
+import type { Argv, ArgumentsCamelCase } from 'yargs';
+import { homedir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
+import { printJson, UsageError } from './output.ts';
+import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
+
+interface Args {
+  qmp: string;
+  peer: string;
+  destQmp: string;
+  identity?: string;
+  knownHosts?: string;
+  sharedDir?: string;
+  maxDowntime: string;
+  bandwidth?: string;
+  peerVmshift: string;
+  peerSocketDir: string;
+  holdTime: string;
+  json: boolean;
+}
+
+export function parsePeer(url: string): { host: string; port: number; user: string } {
+  const m = /^ssh:\/\/(?:([A-Za-z0-9._-]+)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?\/?$/.exec(url);
+  if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT]`);
+  const port = m[3] ? Number(m[3]) : 22;
+  if (port < 1 || port > 65535) throw new UsageError(`--peer ${url}: port ${port} is out of range`);
+  return { user: m[1] ?? 'root', host: m[2].replace(/^\[|\]$/g, ''), port };
+}
+
+export const migrateMemoryCommand = {
+  command: 'migrate',
+  describe: "Move a running guest's memory to a QEMU on another host (disks reachable from both)",
+  builder: (y: Argv) =>
+    y
+      .option('qmp', { type: 'string', demandOption: true, describe: "the source guest's QMP socket" })
+      .option('peer', { type: 'string', demandOption: true, describe: 'the destination host: ssh://[USER@]HOST[:PORT]' })
+      .option('dest-qmp', { type: 'string', demandOption: true, describe: 'the QMP socket, on the peer, of a QEMU started with -incoming defer -S' })
+      .option('identity', { type: 'string', describe: 'SSH private key (default ~/.ssh/id_ed25519)' })
+      .option('known-hosts', { type: 'string', describe: 'known_hosts file to verify the peer (default ~/.ssh/known_hosts)' })
+      .option('shared-dir', { type: 'string', describe: 'a directory both hosts mount: carries the stream while the network is cut' })
+      .option('max-downtime', { type: 'string', default: '300ms', describe: 'pause allowed at the switch-over' })
+      .option('bandwidth', { type: 'string', describe: 'migration rate limit per second (e.g. 100M)' })
+      .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
+      .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
+      .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" }),
+  handler: async (argv: ArgumentsCamelCase<Args>) => {
+    const peer = parsePeer(argv.peer);
+    const ac = new AbortController();
+    const onInt = () => ac.abort();
+    process.once('SIGINT', onInt);
+    let last = 0;
+    const onEvent = (e: MigrateEvent) => {
+      if (argv.json) { printJson(e); return; }
+      if (e.event === 'progress') {
+        const now = Date.now();
+        if (now - last < 1000) return;
+        last = now;
+        process.stderr.write(`pass ${e.pass}: ${formatBytes(e.transferred)} sent, ${formatBytes(e.remaining)} left, dirtying ${formatBytes(e.dirtyRate)}/s${e.etaS !== null ? `, ETA ${e.etaS} s` : ''}\n`);
+      } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
+      else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
+      else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
+    };
+    try {
+      const done = await migrateMemory({
+        qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp,
+        identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts'),
+        sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
+        maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
+        bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
+        holdMs: parseDuration(argv.holdTime, '--hold-time'),
+        peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
+      });
+      if (argv.json) printJson(done);
+      else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+    } catch (e) {
+      if (e instanceof MigrateError && e.inDoubt) {
+        if (argv.json) printJson({ error: { code: e.code, message: e.message } });
+        else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
+        process.exit(3);
+      }
+      throw e;
+    } finally {
+      process.off('SIGINT', onInt);
+    }
+  },
+};

@@ -1,0 +1,78 @@
+// The conversation between the two hosts of a memory migration: JSON lines on the link's
+// `control` stream (so it survives a cut like the memory stream does). Source to destination:
+// `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`.
+// Destination to source: `ready`, `running`, `aborted`, `error`.
+import type { Duplex } from 'node:stream';
+
+export const CONTROL_STREAM = 'control';
+const MAX_LINE = 1024 * 1024;
+
+export type ControlMsg =
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown> }
+  | { op: 'commit' }
+  | { op: 'abort'; reason: string }
+  | { op: 'ready' }
+  | { op: 'running' }
+  | { op: 'aborted' }
+  | { op: 'error'; message: string };
+
+export class Control {
+  private buf = '';
+  private waiters: Array<(m: ControlMsg) => void> = [];
+  private queue: ControlMsg[] = [];
+  private closedWith: Error | null = null;
+  private closeWaiters: Array<(e: Error) => void> = [];
+
+  constructor(readonly stream: Duplex, private readonly peer: string) {
+    stream.setEncoding('utf8');
+    stream.on('data', (s: string) => this.onData(s));
+    stream.on('end', () => this.close(new Error(`control: ${peer} ended the conversation`)));
+    stream.on('error', (e) => this.close(e));
+  }
+
+  private onData(s: string): void {
+    this.buf += s;
+    if (this.buf.length > MAX_LINE) { this.stream.destroy(new Error(`control: a line from ${this.peer} exceeds ${MAX_LINE} bytes`)); return; }
+    let i;
+    while ((i = this.buf.indexOf('\n')) >= 0) {
+      const line = this.buf.slice(0, i);
+      this.buf = this.buf.slice(i + 1);
+      let m: ControlMsg;
+      try {
+        m = JSON.parse(line) as ControlMsg;
+        if (typeof m?.op !== 'string') throw new Error('no op');
+      } catch {
+        this.stream.destroy(new Error(`control: ${this.peer} sent a line that is not a message: ${line.slice(0, 200)}`));
+        return;
+      }
+      const w = this.waiters.shift();
+      if (w) w(m); else this.queue.push(m);
+    }
+  }
+
+  private close(e: Error): void {
+    if (this.closedWith) return;
+    this.closedWith = e;
+    for (const w of this.closeWaiters) w(e);
+  }
+
+  send(m: ControlMsg): void {
+    if (!this.stream.writableEnded && !this.stream.destroyed) this.stream.write(`${JSON.stringify(m)}\n`);
+  }
+
+  /** The next message; rejects when the conversation ends first (or after `timeoutMs`). */
+  next(timeoutMs = 0): Promise<ControlMsg> {
+    const q = this.queue.shift();
+    if (q) return Promise.resolve(q);
+    if (this.closedWith) return Promise.reject(this.closedWith);
+    return new Promise((resolve, reject) => {
+      const t = timeoutMs ? setTimeout(() => reject(new Error(`control: no answer from ${this.peer} within ${timeoutMs} ms`)), timeoutMs) : null;
+      this.waiters.push((m) => { if (t) clearTimeout(t); resolve(m); });
+      this.closeWaiters.push((e) => { if (t) clearTimeout(t); reject(e); });
+    });
+  }
+
+  end(): void {
+    if (!this.stream.writableEnded) this.stream.end();
+  }
+}

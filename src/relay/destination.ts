@@ -1,0 +1,99 @@
+// The destination half of `vmshift migrate` (memory), run inside `vmshift link-agent
+// --dest-qmp PATH` on the peer host. It talks to the destination QEMU (started with
+// `-incoming defer -S`) and to the source host over the link's `control` stream:
+//   prepare -> set the same capabilities, `migrate-incoming unix:PATH`, answer `ready`
+//   memory stream -> relayed to PATH (src/relay/memory-relay.ts)
+//   commit  -> the source reached postmigrate: wait for the incoming side to complete, `cont`
+//   abort, or the link failing before a commit -> `quit` the destination QEMU
+// The one exception: if the link fails after this QEMU received the whole state but before
+// a commit arrived, the source may be in postmigrate (it sent the commit) or running (its
+// completion failed): this side cannot tell, so it neither runs nor quits its copy; it stays
+// paused and the log says so (docs/memory-migration.md, "who wins at a cut at the end").
+import { QmpClient } from '../qemu/qmp.ts';
+import type { Link } from '../link/link.ts';
+import type { LinkStream } from '../link/stream.ts';
+import { CONTROL_STREAM, Control, type ControlMsg } from './control.ts';
+import { MEMORY_STREAM, destRelay } from './memory-relay.ts';
+
+interface MigrateStatus { status?: string; 'error-desc'?: string }
+
+export function serveDestination(link: Link, destQmp: string, incomingPath: string, log: (m: string) => void): void {
+  let qmp: QmpClient | null = null;
+  let prepared = false;
+  let committed = false;
+  let quitting = false;
+
+  const quitDest = async (why: string) => {
+    if (committed || quitting) return;
+    quitting = true;
+    try {
+      const q = qmp ?? await QmpClient.connect(destQmp, { connectTimeoutMs: 5000 });
+      const m = await q.execute<MigrateStatus>('query-migrate').catch(() => ({} as MigrateStatus));
+      if (prepared && m.status === 'completed' && why.startsWith('link')) {
+        log(`IN DOUBT: ${why} after the destination QEMU received the whole state but before the commit; leaving it paused (resume it with QMP "cont" only if the source is in postmigrate, else "quit" it)`);
+        return;
+      }
+      log(`quitting the destination QEMU (${destQmp}): ${why}`);
+      await q.execute('quit').catch(() => {});
+    } catch (e) {
+      log(`cannot quit the destination QEMU at ${destQmp}: ${(e as Error).message}`);
+    }
+  };
+
+  const onControl = async (ctl: Control) => {
+    for (;;) {
+      let m: ControlMsg;
+      try { m = await ctl.next(); } catch { return; }
+      try {
+        if (m.op === 'prepare') {
+          qmp = await QmpClient.connect(destQmp, { connectTimeoutMs: 5000 });
+          const st = await qmp.execute<{ status: string }>('query-status');
+          if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
+          const caps = Object.entries(m.capabilities).map(([capability, state]) => ({ capability, state }));
+          if (caps.length) await qmp.execute('migrate-set-capabilities', { capabilities: caps });
+          if (Object.keys(m.parameters).length) await qmp.execute('migrate-set-parameters', m.parameters);
+          await qmp.execute('migrate-incoming', { uri: `unix:${incomingPath}` });
+          prepared = true;
+          log(`destination QEMU ${destQmp} waits on ${incomingPath}`);
+          ctl.send({ op: 'ready' });
+        } else if (m.op === 'commit') {
+          if (!qmp) throw new Error('commit before prepare');
+          // The source is in postmigrate, so everything it sent was taken; the load may still be finishing.
+          for (let i = 0; ; i++) {
+            const s = await qmp.execute<MigrateStatus>('query-migrate');
+            if (s.status === 'completed') break;
+            if (s.status === 'failed' || i > 600) throw new Error(`the destination's incoming migration is "${s.status}"${s['error-desc'] ? `: ${s['error-desc']}` : ''}`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
+          committed = true;
+          await qmp.execute('cont');
+          log('commit received: destination QEMU resumed');
+          ctl.send({ op: 'running' });
+          ctl.end();
+          return;
+        } else if (m.op === 'abort') {
+          await quitDest(`the source aborted: ${m.reason}`);
+          ctl.send({ op: 'aborted' });
+          ctl.end();
+          return;
+        }
+      } catch (e) {
+        const msg = (e as Error).message;
+        log(`error: ${msg}`);
+        ctl.send({ op: 'error', message: `on the destination: ${msg}` });
+        await quitDest(msg);
+      }
+    }
+  };
+
+  link.on('stream', (s: LinkStream) => {
+    if (s.streamName === CONTROL_STREAM) void onControl(new Control(s, 'the source host'));
+    else if (s.streamName === MEMORY_STREAM) {
+      destRelay(incomingPath, s).then(
+        (r) => r.done.then(() => log(`memory stream done: ${r.counts.forward} bytes in, ${r.counts.back} bytes of return path out`), (e: Error) => log(`memory relay: ${e.message}`)),
+        (e: Error) => { log(e.message); s.destroy(e); },
+      );
+    }
+  });
+  link.once('failed', (e: Error) => void quitDest(`link failed: ${e.message}`));
+}

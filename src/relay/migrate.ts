@@ -1,0 +1,164 @@
+// The source half of `vmshift migrate` (memory): a running guest whose disks both hosts
+// reach moves to a destination QEMU on the peer (started there with `-incoming defer -S`).
+// Over one link to the peer's agent (src/link/, SSH carrier, optional shared directory):
+// `prepare` on the control stream (the agent sets the destination up and listens), the
+// source's capabilities and parameters, the relay socket, `migrate`, then `query-migrate`
+// followed until the source is in postmigrate. Only then the commit record goes to the
+// destination, which resumes the guest. Before the commit any failure rolls back: the
+// source runs on (resumed if it was paused), the destination QEMU is quit, relays stop.
+// After the commit the source never resumes: the destination owns the guest.
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { QmpClient } from '../qemu/qmp.ts';
+import { Link } from '../link/link.ts';
+import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { CONTROL_STREAM, Control } from './control.ts';
+import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+
+export interface MemoryMigrateOptions {
+  qmp: string;
+  peer: { host: string; port: number; user: string };
+  destQmp: string;
+  identity: string;
+  knownHosts: string;
+  sharedDir?: string;
+  maxDowntimeMs: number;
+  /** Bytes per second; 0 = QEMU's default. */
+  bandwidth: number;
+  /** The vmshift command on the peer. */
+  peerVmshift: string;
+  /** Where the peer's agent puts its sockets (a 0700 directory is made). */
+  peerSocketDir: string;
+  holdMs?: number;
+  onEvent: (e: MigrateEvent) => void;
+  /** Aborts the migration (before the commit) when it fires. */
+  signal?: AbortSignal;
+}
+
+export type MigrateEvent =
+  | { event: 'connected'; peer: string }
+  | { event: 'progress'; status: string; pass: number; transferred: number; remaining: number; total: number; dirtyRate: number; etaS: number | null; mbps: number }
+  | { event: 'carrier'; state: string; why: string }
+  | { event: 'warning'; message: string }
+  | { event: 'committed' }
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']> };
+
+export class MigrateError extends Error {
+  constructor(readonly where: 'source' | 'destination' | 'link' | 'usage', message: string, readonly inDoubt = false) {
+    super(message);
+    this.name = 'MigrateError';
+  }
+  get code(): string { return this.inDoubt ? 'in-doubt' : `${this.where}-failed`; }
+}
+
+interface RamInfo { transferred?: number; remaining?: number; total?: number; 'dirty-sync-count'?: number; 'dirty-pages-rate'?: number; 'page-size'?: number; mbps?: number }
+interface MigrateInfo { status?: string; ram?: RamInfo; 'error-desc'?: string; downtime?: number; 'total-time'?: number }
+
+const ACTIVE = new Set(['setup', 'active', 'pre-switchover', 'device', 'wait-unplug', 'cancelling']);
+
+export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEvent & { event: 'done' }> {
+  const t0 = performance.now();
+  const src = await QmpClient.connect(o.qmp, { connectTimeoutMs: 5000 }).catch((e: Error) => { throw new MigrateError('source', `cannot reach the source QEMU at ${o.qmp}: ${e.message}`); });
+  const st0 = await src.execute<{ status: string }>('query-status');
+  if (st0.status !== 'running' && st0.status !== 'paused') { await src.close(); throw new MigrateError('source', `the source guest is "${st0.status}"; only a running or paused guest can migrate`); }
+  const mi0 = await src.execute<MigrateInfo>('query-migrate');
+  if (mi0.status && ACTIVE.has(mi0.status)) { await src.close(); throw new MigrateError('source', `the source QEMU already has a migration "${mi0.status}"`); }
+  const wasRunning = st0.status === 'running';
+
+  const id = randomBytes(6).toString('hex');
+  const peerName = `${o.peer.user}@${o.peer.host}:${o.peer.port}`;
+  const socket = `${o.peerSocketDir}/link-${id}.sock`;
+  const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `mem-${id}`, '--socket', socket, '--dest-qmp', o.destQmp,
+    ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
+  const link = new Link({
+    link: id, migration: `mem-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs,
+    dial: sshDialer({ ...o.peer, identity: o.identity, knownHosts: o.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
+  });
+  link.on('carrier', (state: string, why: string) => o.onEvent({ event: 'carrier', state, why }));
+  link.on('warning', (m: string) => o.onEvent({ event: 'warning', message: m }));
+  const dir = mkdtempSync(join(tmpdir(), 'vmshift-mem-'));
+  let relay: SourceRelay | null = null;
+  let committed = false;
+  let ctl: Control | null = null;
+  const linkFailed = new Promise<never>((_, reject) => link.once('failed', (e: Error) => reject(new MigrateError('link', e.message))));
+  linkFailed.catch(() => {});
+  const aborted = new Promise<never>((_, reject) => o.signal?.addEventListener('abort', () => reject(new MigrateError('source', 'interrupted: migration cancelled')), { once: true }));
+  aborted.catch(() => {});
+  const race = <T>(p: Promise<T>) => Promise.race([p, linkFailed, aborted]);
+
+  try {
+    await race(new Promise((r) => link.once('carrier', r)));
+    o.onEvent({ event: 'connected', peer: peerName });
+    ctl = new Control(link.stream(CONTROL_STREAM), peerName);
+    // The return path: the source waits for the destination's word that it loaded everything
+    // (QEMU's SHUT) before completing, as libvirt runs every non-tunnelled migration.
+    const capabilities = { 'return-path': true };
+    const parameters: Record<string, unknown> = { 'downtime-limit': o.maxDowntimeMs, ...(o.bandwidth ? { 'max-bandwidth': o.bandwidth } : {}) };
+    ctl.send({ op: 'prepare', capabilities, parameters: {} });
+    const r = await race(ctl.next());
+    if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
+    await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
+    await src.execute('migrate-set-parameters', parameters);
+    relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM));
+    relay.done.catch(() => {});
+    await src.execute('migrate', { uri: `unix:${relay.path}` });
+
+    let info: MigrateInfo;
+    for (;;) {
+      info = await race(src.execute<MigrateInfo>('query-migrate'));
+      const ram = info.ram ?? {};
+      const mbps = ram.mbps ?? 0;
+      const remaining = ram.remaining ?? 0;
+      o.onEvent({
+        event: 'progress', status: info.status ?? '?', pass: ram['dirty-sync-count'] ?? 0, transferred: ram.transferred ?? 0, remaining, total: ram.total ?? 0,
+        dirtyRate: (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096), mbps, etaS: mbps > 0 ? Math.round((remaining * 8) / (mbps * 1e6) * 10) / 10 : null,
+      });
+      if (info.status === 'completed') break;
+      if (info.status === 'failed' || info.status === 'cancelled') throw new MigrateError('source', `the source QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+      await race(new Promise((res) => setTimeout(res, 200)));
+    }
+    const st = await src.execute<{ status: string }>('query-status');
+    if (st.status !== 'postmigrate') throw new MigrateError('source', `the migration completed but the source guest is "${st.status}", not postmigrate; not committing`);
+
+    // The point of no return: from here the destination owns the guest.
+    committed = true;
+    ctl.send({ op: 'commit' });
+    o.onEvent({ event: 'committed' });
+    const ans = await Promise.race([ctl.next(), linkFailed]).catch((e: Error) => {
+      throw new MigrateError('link', `the commit was sent but the destination's answer never came (${e.message}); the source stays in postmigrate: check the destination QEMU (it resumes on the commit)`, true);
+    });
+    if (ans.op !== 'running') throw new MigrateError('destination', `after the commit the destination answered "${ans.op}"${ans.op === 'error' ? `: ${ans.message}` : ''}; the source stays in postmigrate`, true);
+    ctl.end();
+    // Both directions of the memory stream end once both QEMUs closed it; then the link.
+    const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
+    await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000))]);
+    if (link.state === 'running') link.abort('finished: the guest runs on the destination');
+    return { event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats() };
+  } catch (e) {
+    if (!committed) await rollback(src, wasRunning, ctl, link);
+    throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
+  } finally {
+    relay?.close();
+    rmSync(dir, { recursive: true, force: true });
+    await src.close().catch(() => {});
+  }
+}
+
+/** Before the commit: the source runs on, the destination QEMU is quit, the link ends. */
+async function rollback(src: QmpClient, wasRunning: boolean, ctl: Control | null, link: Link): Promise<void> {
+  await src.execute('migrate_cancel').catch(() => {});
+  for (let i = 0; i < 100; i++) {
+    const m = await src.execute<MigrateInfo>('query-migrate').catch(() => ({} as MigrateInfo));
+    if (!m.status || !ACTIVE.has(m.status)) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const st = await src.execute<{ status: string }>('query-status').catch(() => null);
+  if (wasRunning && st && st.status !== 'running') await src.execute('cont').catch(() => {});
+  if (ctl && link.state === 'running') {
+    ctl.send({ op: 'abort', reason: 'the source rolled back' });
+    await Promise.race([ctl.next().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
+  }
+  if (link.state === 'running') link.abort('the migration was rolled back');
+}

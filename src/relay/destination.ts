@@ -20,21 +20,33 @@ interface MigrateStatus { status?: string; 'error-desc'?: string }
 export function serveDestination(link: Link, destQmp: string, incomingPath: string, log: (m: string) => void): void {
   let qmp: QmpClient | null = null;
   let prepared = false;
+  /** The QEMU was waiting for an incoming migration: this migration's to quit on a rollback. */
+  let ours = false;
   let committed = false;
   let quitting = false;
 
   const quitDest = async (why: string) => {
     if (committed || quitting) return;
+    if (!ours) {
+      log(`not quitting the QEMU at ${destQmp}: it was not waiting for this migration (${why})`);
+      await qmp?.close().catch(() => {});
+      qmp = null;
+      return;
+    }
     quitting = true;
     try {
       const q = qmp ?? await QmpClient.connect(destQmp, { connectTimeoutMs: 5000 });
       const m = await q.execute<MigrateStatus>('query-migrate').catch(() => ({} as MigrateStatus));
       if (prepared && m.status === 'completed' && why.startsWith('link')) {
         log(`IN DOUBT: ${why} after the destination QEMU received the whole state but before the commit; leaving it paused (resume it with QMP "cont" only if the source is in postmigrate, else "quit" it)`);
+        await q.close().catch(() => {});
+        qmp = null;
         return;
       }
       log(`quitting the destination QEMU (${destQmp}): ${why}`);
       await q.execute('quit').catch(() => {});
+      await q.close().catch(() => {});
+      qmp = null;
     } catch (e) {
       log(`cannot quit the destination QEMU at ${destQmp}: ${(e as Error).message}`);
     }
@@ -49,6 +61,7 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           qmp = await QmpClient.connect(destQmp, { connectTimeoutMs: 5000 });
           const st = await qmp.execute<{ status: string }>('query-status');
           if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
+          ours = true;
           const caps = Object.entries(m.capabilities).map(([capability, state]) => ({ capability, state }));
           if (caps.length) await qmp.execute('migrate-set-capabilities', { capabilities: caps });
           if (Object.keys(m.parameters).length) await qmp.execute('migrate-set-parameters', m.parameters);
@@ -68,6 +81,9 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           committed = true;
           await qmp.execute('cont');
           log('commit received: destination QEMU resumed');
+          // QEMU serves one QMP client per socket: let the operator (and libvirt) have it back.
+          await qmp.close().catch(() => {});
+          qmp = null;
           ctl.send({ op: 'running' });
           ctl.end();
           return;

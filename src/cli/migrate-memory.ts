@@ -27,7 +27,7 @@ interface Args {
 }
 
 export function parsePeer(url: string): { host: string; port: number; user: string } {
-  const m = /^ssh:\/\/(?:([A-Za-z0-9._-]+)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?\/?$/.exec(url);
+  const m = /^ssh:\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
   if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT]`);
   const port = m[3] ? Number(m[3]) : 22;
   if (port < 1 || port > 65535) throw new UsageError(`--peer ${url}: port ${port} is out of range`);

@@ -30,7 +30,7 @@ function host() {
 }
 
 async function startVmshiftd(h: ReturnType<typeof host>, umask = '022'): Promise<Daemon> {
-  const d = startDaemon('/bin/sh', ['-c', `umask ${umask}; exec "$@"`, 'sh', vmshiftd, '--socket', h.api, '--state-dir', h.stateDir, '--run-dir', h.runDir]);
+  const d = startDaemon('/bin/sh', ['-c', `umask ${umask}; exec "$@"`, 'sh', vmshiftd, '--socket', h.api, '--state-dir', h.stateDir, '--run-dir', h.runDir, '--config', join(h.dir, 'no-vmshiftd.json'), '--datastore', h.dir]);
   await waitForSocket(h.api, d, 60_000);
   return d;
 }

@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { SpawnOptions } from 'node:child_process';
+import { spawn, type SpawnOptions } from 'node:child_process';
 import { onCleanup, run, runStatus, startDaemon, tempDir, type Daemon } from './proc.ts';
 
 export interface Host {
@@ -139,4 +139,33 @@ export async function makeCerts(dir: string, serverAddr: string): Promise<string
     await ssl('x509', '-req', '-in', `${who}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${who}-cert.pem`, '-days', '2', '-extfile', `${who}.cnf`);
   }
   return dir;
+}
+
+export interface JsonLinesRun<E> { code: number | null; events: E[]; stderr: string }
+
+/**
+ * Run `cmd args` inside `host`'s namespace, parsing its stdout as JSON lines; `during` sees
+ * each event as it comes (to cut the network at the right moment). Killed after `timeoutMs`.
+ */
+export function jsonLinesInNs<E>(host: Host, cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; during?: (e: E) => void } = {}): Promise<JsonLinesRun<E>> {
+  const [c, argv] = nsArgv(host, cmd, args);
+  return new Promise((resolve) => {
+    const p = spawn(c, argv, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });
+    const events: E[] = [];
+    let buf = '', stderr = '';
+    p.stdout!.on('data', (b) => {
+      buf += b;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const e = JSON.parse(buf.slice(0, i)) as E;
+        buf = buf.slice(i + 1);
+        events.push(e);
+        opts.during?.(e);
+      }
+    });
+    p.stderr!.on('data', (b) => { stderr += b; });
+    const t = setTimeout(() => p.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
+    p.on('close', (code) => { clearTimeout(t); resolve({ code, events, stderr }); });
+  });
 }

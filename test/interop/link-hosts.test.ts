@@ -6,9 +6,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { spawn } from 'node:child_process';
-import { cleanupAll, onCleanup } from '../helpers/proc.ts';
-import { daemonInNs, linkState, makeCerts, nsArgv, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
+import { cleanupAll } from '../helpers/proc.ts';
+import { daemonInNs, jsonLinesInNs, linkState, makeCerts, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
 let hosts: TwoHosts;
@@ -25,27 +24,10 @@ test.after(cleanupAll);
 interface Event { event: string; [k: string]: unknown }
 
 /** Run the echo client in A; `during(events)` sees every line as it comes (to cut the network). */
-function client(args: object, during?: (e: Event) => void): Promise<Event[]> {
-  const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)]);
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
-    onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });
-    const events: Event[] = [];
-    let buf = '', err = '';
-    p.stdout.on('data', (b) => {
-      buf += b;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const e = JSON.parse(buf.slice(0, i)) as Event;
-        buf = buf.slice(i + 1);
-        events.push(e);
-        during?.(e);
-      }
-    });
-    p.stderr.on('data', (b) => { err += b; });
-    const t = setTimeout(() => p.kill('SIGKILL'), 30_000);
-    p.on('close', () => { clearTimeout(t); events.some((e) => e.event === 'done' || e.event === 'failed') ? resolve(events) : reject(new Error(`client died:\n${err}\n${JSON.stringify(events.filter((e) => e.event !== 'progress'))}`)); });
-  });
+async function client(args: object, during?: (e: Event) => void): Promise<Event[]> {
+  const r = await jsonLinesInNs<Event>(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)], { cwd: root, timeoutMs: 30_000, during });
+  if (!r.events.some((e) => e.event === 'done' || e.event === 'failed')) throw new Error(`client died:\n${r.stderr}\n${JSON.stringify(r.events.filter((e) => e.event !== 'progress'))}`);
+  return r.events;
 }
 
 const sshArgs = (over: Partial<Sshd> = {}) => ({

@@ -7,10 +7,9 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { readdirSync, readFileSync } from 'node:fs';
-import { spawn } from 'node:child_process';
-import { cleanupAll, onCleanup, waitForSocket } from '../helpers/proc.ts';
+import { cleanupAll, waitForSocket } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, type Guest } from '../helpers/guest.ts';
-import { nsArgv, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
+import { jsonLinesInNs, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
@@ -44,29 +43,10 @@ async function waitDestination(d: { guest: Guest; qmp: string }) {
 interface Event { event: string; [k: string]: unknown }
 
 /** `vmshift migrate --json` run inside A; `during` sees each event as it comes. */
-function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void): Promise<{ code: number | null; events: Event[]; stderr: string }> {
-  const [cmd, argv] = nsArgv(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, '--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`,
+function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void) {
+  return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, '--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`,
     '--dest-qmp', destQmp, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts, '--peer-vmshift', join(root, 'bin/vmshift'),
-    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', ...extra]);
-  return new Promise((resolve) => {
-    const p = spawn(cmd, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
-    onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });
-    const events: Event[] = [];
-    let buf = '', stderr = '';
-    p.stdout.on('data', (b) => {
-      buf += b;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const e = JSON.parse(buf.slice(0, i)) as Event;
-        buf = buf.slice(i + 1);
-        events.push(e);
-        during?.(e);
-      }
-    });
-    p.stderr.on('data', (b) => { stderr += b; });
-    const t = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('close', (code) => { clearTimeout(t); resolve({ code, events, stderr }); });
-  });
+    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', ...extra], { cwd: root, during });
 }
 
 async function qmpStatus(path: string): Promise<string> {

@@ -46,7 +46,10 @@ function done(events: Event[]): Event & { sent: string; got: string; stats: Reco
 test('ssh: a connection reset mid-stream (ss -K in A) is invisible: same sha256, bytes resent counted', async () => {
   let cut = false;
   // Network only: with a shared dir the file may finish the stream before the redial does.
-  const events = await client({ mib: 16, ssh: sshArgs({ agentSharedDir: undefined } as never) }, (e) => {
+  // Large enough that the stream is still at full speed (bytes in flight both ways) when the
+  // reset lands: the cut is seen through a 100 ms progress tick and a spawned `ss -K`, and a
+  // small stream could finish first on a quick machine, leaving nothing to resend.
+  const events = await client({ mib: 64, ssh: sshArgs({ agentSharedDir: undefined } as never) }, (e) => {
     if (!cut && e.event === 'progress' && (e.received as number) > 4 * 1024 * 1024) {
       cut = true;
       void resetConnections(hosts.a, hosts.b);
@@ -62,7 +65,7 @@ test('ssh: a connection reset mid-stream (ss -K in A) is invisible: same sha256,
 
 test('ssh: B\'s network down for 2.5 s: the shared file carries on, the network takes over again', async () => {
   let cut = false;
-  const events = await client({ mib: 12, sharedDir: hosts.shared, deadAfterMs: 800, ssh: sshArgs() }, (e) => {
+  const events = await client({ mib: 48, sharedDir: hosts.shared, deadAfterMs: 800, ssh: sshArgs() }, (e) => {
     if (!cut && e.event === 'progress' && (e.received as number) > 4 * 1024 * 1024) {
       cut = true;
       void linkState(hosts.b, false).then(() => new Promise((r) => setTimeout(r, 2500))).then(() => linkState(hosts.b, true));

@@ -141,7 +141,9 @@ export class MigrationJob {
     if (samples.length === 0 || now - samples[samples.length - 1]![0] >= 100) samples.push([now, s.extentBytes]);
     while (samples.length > 2 && now - samples[1]![0] > RATE_WINDOW_MS) samples.shift();
     const [t0, b0] = samples[0]!;
-    if (now - t0 >= 200) f.rate = (s.extentBytes - b0) / ((now - t0) / 1000);
+    // At least a second of samples: over a shorter span one chunk or a token bucket's burst
+    // reads as many times the real rate.
+    if (now - t0 >= 1000) f.rate = (s.extentBytes - b0) / ((now - t0) / 1000);
     f.etaSeconds = f.rate > 0 && f.passDataBytes !== null ? Math.max(0, f.passDataBytes - f.passDataDone) / f.rate : null;
   }
 

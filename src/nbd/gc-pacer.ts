@@ -5,7 +5,8 @@
 // (`vmshift serve`: bin/vmshift runs node with --expose-gc), a young-generation collection
 // after every GC_EVERY_BYTES received frees them early; it is cheap (well under a millisecond
 // here, where few young objects are alive). Without gc() (tests, other embedders) this does
-// nothing.
+// nothing. Sockets the server reads in direct mode (Wire.adopt: plain unix and TCP) allocate
+// no read buffers and are not counted; this is for the rest (TLS, and Node without `onread`).
 type Gc = (opts?: { type?: 'minor' | 'major'; execution?: 'sync' | 'async' }) => void;
 
 const gc = (globalThis as { gc?: Gc }).gc;

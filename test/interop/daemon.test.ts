@@ -5,7 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tempDir, startDaemon, waitForSocket, run, runStatus, cleanupAll, onCleanup, type Daemon } from '../helpers/proc.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { isShimProcess, processAlive, resolveGroup, sleep } from '../../src/daemon/processes.ts';
@@ -222,6 +222,12 @@ test('a shim that dies while the daemon runs is restarted; a migration job goes 
   await qemuIo(again.shim.socket, `read -P 0x44 ${7 * MiB} 1M`);
   const same = await controlCall<{ already: boolean; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: dest });
   assert.equal([same.already, same.stale], [true, null]);
+  // The same spelled through a symlink (records hold realpaths): still an old path of this disk.
+  await controlCall(h.api, 'shim.stop', { name: 'vm3' });
+  const link = join(h.dir, 'vm3-link.raw');
+  symlinkSync(file, link);
+  const viaLink = await controlCall<{ backing: string; stale: string | null }>(h.api, 'shim.start', { name: 'vm3', source: link });
+  assert.equal([viaLink.backing, viaLink.stale], [dest, link]);
   // A start naming a disk this shim never had is refused, naming the record; its advice works.
   await controlCall(h.api, 'shim.stop', { name: 'vm3' });
   const other = join(h.dir, 'other.raw');

@@ -42,6 +42,8 @@ export interface BootOptions {
   qmpSocket?: string;
   memoryMiB?: number;
   extraArgs?: string[];
+  /** Run QEMU through this command prefix (e.g. nsenter into a test's mount namespace); it must exec QEMU. */
+  wrap?: string[];
 }
 
 export interface Guest {
@@ -103,7 +105,8 @@ export function guestArgs(opts: BootOptions): string[] {
 /** Start QEMU with the tiny guest; it is stopped by PID at cleanupAll like every daemon. */
 export function bootGuest(opts: BootOptions): Guest {
   if (!guestAvailable()) throw new Error(`guest not built: run scripts/build-guest.sh (expected ${GUEST_KERNEL})`);
-  const daemon = startDaemon('qemu-system-x86_64', guestArgs(opts));
+  const [cmd, ...pre] = [...(opts.wrap ?? []), 'qemu-system-x86_64'];
+  const daemon = startDaemon(cmd!, [...pre, ...guestArgs(opts)]);
   const exited = () => daemon.proc.exitCode !== null || daemon.proc.signalCode !== null;
   const lines = () => {
     const all = daemon.output().split('\n');

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `npm run package`: the Debian package vmshift_VERSION_amd64.deb, from a staged tree with
 # dpkg-deb (no network: everything comes from this checkout, its node_modules and native/build).
-#   scripts/build-deb.sh [OUT_DIR]     (default: dist-deb/); VMSHIFT_PKG_VERSION overrides the
+#   scripts/build-deb.sh [OUT_DIR]     (default: dist-deb/; also vmshift-VERSION.tar.gz there)
+#                                      VMSHIFT_PKG_VERSION overrides the
 #                                      version (package.json's otherwise), e.g. for upgrade tests
 # Layout (docs/install.md):
 #   /usr/lib/vmshift/{bin,dist,hooks,native/build,node_modules,package.json}   the program
@@ -83,4 +84,9 @@ find "$stage" -type f ! -perm -u+x -exec chmod 0644 {} +
 mkdir -p "$out"
 deb=$out/vmshift_${version}_amd64.deb
 dpkg-deb --root-owner-group -Zgzip -z1 --build "$stage" "$deb" >/dev/null
+# The same tree as a tarball for hosts without dpkg or systemd (docs/install.md): vmshift/
+# with systemd/vmshiftd.service and etc/ beside it.
+tar -C "$stage" --owner=0 --group=0 -czf "$out/vmshift-$version.tar.gz" \
+  --transform 's,^usr/lib/vmshift,vmshift,;s,^lib/systemd/system,vmshift/systemd,;s,^etc/vmshift,vmshift/etc,' \
+  usr/lib/vmshift lib/systemd/system/vmshiftd.service etc/vmshift
 echo "$deb"

@@ -110,6 +110,8 @@ async function heldIoGiven(count: number, timeoutMs = 60_000): Promise<void> {
     if (Date.now() > deadline) throw new Error(`vmshiftd never set the reconnect delay:\n${daemon.output().slice(-3000)}`);
     await new Promise((r) => setTimeout(r, 100));
   }
+  const line = daemon.output().split('\n').filter((l) => l.includes('reconnect-delay set through the monitor')).pop()!;
+  console.log(`  reconnect-delay ${JSON.parse(line).reconnectDelay} s set through the monitor in ${JSON.parse(line).ms} ms`);
 }
 
 test('libvirt 9.0: kill -9 of the shim under writes is a stall: vmshiftd set the delay through the monitor', async () => {
@@ -130,7 +132,9 @@ test('libvirt 9.0: kill -9 of the shim under writes is a stall: vmshiftd set the
     await new Promise((r) => setTimeout(r, 50));
   }
   // lastSeq() throws on a VMSHIFT-ERROR line: the guest saw no I/O error.
+  const t0 = Date.now();
   await writerPasses(seq + 40);
+  console.log(`  kill -9 of the shim: 40 more records ${Date.now() - t0} ms after the kill`);
   assert.is(await lv.virsh.domstate(NAME), 'running');
 });
 

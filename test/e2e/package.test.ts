@@ -157,6 +157,7 @@ test('a newer build installed under the writing guest: the shim is restarted as 
   remember();
   assert.match(r.stdout, new RegExp(`shim ${SHIM} restarted: pid ${oldPid} stopped cleanly in \\d+ ms, pid \\d+ serving after \\d+ ms; the guest's I/O stalled \\d+ ms \\(1 client reconnected\\)`));
   assert.match(r.stdout, /restart vmshiftd the way you started it/);
+  console.log(`  upgrade: ${/shim \S+ restarted: .*/.exec(r.stdout)?.[0]}`);
   const now = shims().find((s) => s.name === SHIM)!;
   assert.is.not(now.pid, oldPid);
   assert.match((await ns('dpkg-query', '-W', '-f=${Version}', 'vmshift')).stdout, /^0\.1\.0\+t2$/);

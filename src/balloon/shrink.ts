@@ -33,9 +33,9 @@ export interface ShrinkResult {
 
 /** Refuse before a migration starts unless the guest can be ballooned on statistics. */
 export async function probeBalloon(qmp: QmpTransport, peer: string, o: Partial<BalloonSettings> = {}): Promise<BalloonRun> {
+  const balloon = await GuestBalloon.find(qmp, peer);
   const st = await qmp.execute<{ status: string }>('query-status');
   if (st.status !== 'running') throw new BalloonError('not-running', `${peer}: the guest is "${st.status}": only a running guest reports statistics and gives memory back`);
-  const balloon = await GuestBalloon.find(qmp, peer);
   const memory = (await qmp.execute<{ 'base-memory': number; 'plugged-memory'?: number }>('query-memory-size-summary'));
   await balloon.enableStats(POLL_S);
   let last: GuestStats;

@@ -2,7 +2,9 @@
 // set the target. QEMU's side of it: `query-balloon` (the actual size), `balloon {value}`
 // (the target, in bytes of guest memory), and on the device's QOM object the properties
 // `guest-stats-polling-interval` (seconds; 0 = off, the default) and `guest-stats` (the last
-// report: `stats` by name, -1 for what the guest does not report, and `last-update`).
+// report: `stats` by name and `last-update`). What the guest does not report is -1, which
+// QEMU prints as an unsigned 64-bit number (18446744073709551615): anything that is not a
+// safe integer counts as "not reported".
 import { QmpError, type QmpTransport } from '../qemu/transport.ts';
 import type { GuestStats } from './policy.ts';
 
@@ -74,13 +76,18 @@ export class GuestBalloon {
   async stats(after = 0): Promise<GuestStats | null> {
     const { stats, lastUpdate } = await this.rawStats();
     if (lastUpdate <= after) return null;
-    const missing = REQUIRED.filter((k) => !(typeof stats[k] === 'number' && stats[k] >= 0));
+    const missing = REQUIRED.filter((k) => !reported(stats[k]));
     if (missing.length) throw new BalloonError('no-stats', `${this.peer}: the guest's balloon driver does not report ${missing.join(', ')}`);
     const caches = stats['stat-disk-caches'];
     return {
       at: lastUpdate, total: stats['stat-total-memory']!, free: stats['stat-free-memory']!, available: stats['stat-available-memory']!,
-      caches: typeof caches === 'number' && caches >= 0 ? caches : null, majorFaults: stats['stat-major-faults']!, swapIn: stats['stat-swap-in']!,
+      caches: reported(caches) ? caches! : null, majorFaults: stats['stat-major-faults']!, swapIn: stats['stat-swap-in']!,
     };
+  }
+
+  /** Whether the guest's driver gives pages back on its own when it runs out (virtio's deflate-on-oom). */
+  async deflatesOnOom(): Promise<boolean> {
+    return this.qmp.execute<boolean>('qom-get', { path: this.path, property: 'deflate-on-oom' }).catch(() => false);
   }
 
   /** A report newer than `after`, waiting up to `timeoutMs`; BalloonError('no-stats') when none comes. */
@@ -95,4 +102,9 @@ export class GuestBalloon {
       await new Promise((r) => setTimeout(r, 200));
     }
   }
+}
+
+/** A statistic the guest reported: -1 arrives as 2^64-1, which is no safe integer. */
+export function reported(v: unknown): boolean {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 }

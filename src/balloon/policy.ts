@@ -11,9 +11,10 @@
 //               under half the headroom, or the balloon stuck above its target)--> backed-off
 //
 // Why this order: free memory costs the guest nothing to give; caches it must drop, and may
-// need again (major faults tell), so they go half at a time. Backing off gives the headroom
-// back on top of what the balloon holds now and stops shrinking for good: a guest that
-// started faulting is told nothing more until the migration ends. Never below `floor`.
+// need again (major faults tell), so they go half at a time. Backing off gives everything back
+// at once and stops shrinking for good: the guest samples once a second, and a guest that
+// allocates faster than that would run out before a step-wise retreat caught up (more bytes
+// to migrate is the only cost). Never below `floor`.
 export interface GuestStats {
   /** Host time (s) of the guest's report (QEMU's `last-update`). */
   at: number;
@@ -109,7 +110,7 @@ export class BalloonPolicy {
         : stuck ? 'the balloon stopped above its target: the guest could not give more'
         : null;
       if (pressure) {
-        const target = Math.min(this.original, actual + headroom);
+        const target = this.original;
         return decide('backed-off', target > actual ? target : null, `backing off: ${pressure}; giving ${mib(Math.max(0, target - actual))} back`);
       }
     }

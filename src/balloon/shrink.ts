@@ -20,6 +20,8 @@ export interface BalloonRun {
   balloon: GuestBalloon;
   policy: BalloonPolicy;
   last: GuestStats;
+  /** Said before the shrink: a device without deflate-on-oom depends on the policy's sampling alone. */
+  warning: string | null;
 }
 
 export interface ShrinkResult {
@@ -47,7 +49,9 @@ export async function probeBalloon(qmp: QmpTransport, peer: string, o: Partial<B
     throw e;
   }
   const settings = defaultSettings(memory['base-memory'] + (memory['plugged-memory'] ?? 0), o);
-  return { balloon, policy: new BalloonPolicy(settings, await balloon.actual()), last };
+  const warning = (await balloon.deflatesOnOom()) ? null
+    : `${peer}: the balloon device has deflate-on-oom off: a guest that allocates faster than the policy samples (each ${POLL_S} s) can run out of memory before it backs off (QEMU: virtio-balloon-pci,deflate-on-oom=on; libvirt: <memballoon model='virtio'><driver deflate_on_oom='on'/>)`;
+  return { balloon, policy: new BalloonPolicy(settings, await balloon.actual()), last, warning };
 }
 
 /** Shrink the guest toward its working set plus headroom; `onStep` sees every decision. */

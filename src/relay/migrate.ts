@@ -119,7 +119,10 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     ctl.send({ op: 'prepare', capabilities, parameters: {}, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
-    if (balloon) shrunk = await race(shrink(balloon, onBalloon));
+    if (balloon) {
+      if (balloon.warning) o.onEvent({ event: 'warning', message: balloon.warning });
+      shrunk = await race(shrink(balloon, onBalloon));
+    }
     await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
     await src.execute('migrate-set-parameters', parameters);
     relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM));

@@ -123,6 +123,7 @@ test('--balloon: at most half the bytes; the memory is given back on the destina
   const steps = r.events.filter((e) => e.event === 'balloon') as Array<Event & { state: string; target: number | null; figures: { available: number } }>;
   assert.ok(steps.some((s) => s.state === 'shrinking' && s.target !== null), `the policy shrank the guest: ${summary(r)}`);
   assert.ok(steps.every((s) => typeof s.figures.available === 'number'), 'every step carries its figures');
+  assert.ok(r.events.some((e) => e.event === 'warning' && /deflate-on-oom off/.test(String(e.message))), 'warned that the device has no deflate-on-oom');
   const ratio = done.transferred / plainBytes;
   mark(`moved: ${done.transferred} bytes with the policy, ${plainBytes} without (${ratio.toFixed(2)}x); guest ${done.balloon.original / MiB} -> ${done.balloon.actual / MiB} MiB (${done.balloon.state} in ${done.balloon.ms} ms)`);
   assert.ok(ratio <= 0.5, `with the policy ${done.transferred} bytes, without ${plainBytes}: ${ratio.toFixed(2)}x`);

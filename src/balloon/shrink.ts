@@ -22,6 +22,8 @@ export interface BalloonRun {
   last: GuestStats;
   /** Said before the shrink: a device without deflate-on-oom depends on the policy's sampling alone. */
   warning: string | null;
+  /** Set by giveBack: a shrink still running (its caller gave up on it) sets no more targets. */
+  done?: boolean;
 }
 
 export interface ShrinkResult {
@@ -64,6 +66,7 @@ export async function shrink(run: BalloonRun, onStep: (d: BalloonDecision) => vo
     const d = policy.next(run.last, actual, stuck);
     onStep(d);
     stuck = false;
+    if (run.done) break;
     if (d.target !== null) {
       steps++;
       await balloon.setTarget(d.target);
@@ -92,7 +95,7 @@ async function settle(balloon: GuestBalloon, target: number, deadline: number): 
 /** During the migration: call often; it reads a new report when there is one and backs off on pressure. */
 export async function watch(run: BalloonRun, onStep: (d: BalloonDecision) => void): Promise<void> {
   const s = await run.balloon.stats(run.last.at);
-  if (!s) return;
+  if (!s || run.done) return;
   run.last = s;
   const d = run.policy.next(s, await run.balloon.actual());
   if (d.target !== null) {
@@ -103,6 +106,7 @@ export async function watch(run: BalloonRun, onStep: (d: BalloonDecision) => voi
 
 /** Back to the size the guest had before the policy began; statistics polling as it was. */
 export async function giveBack(run: BalloonRun): Promise<void> {
+  run.done = true;
   await run.balloon.setTarget(run.policy.original);
   await run.balloon.restoreInterval();
 }

@@ -89,7 +89,9 @@ function diskArgs(disk: GuestDisk): string[] {
 
 /** The QEMU command line for a guest (exported for tests and tools that start QEMU themselves). */
 export function guestArgs(opts: BootOptions): string[] {
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', `mode=${opts.mode}`];
+  // no_timer_check: on a loaded host TCG can miss the kernel's early timer-IRQ check window,
+  // and the guest panics at boot ("IO-APIC + timer doesn't work!"; seen at load average 25).
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', 'no_timer_check', `mode=${opts.mode}`];
   for (const [k, v] of Object.entries(opts.params ?? {})) {
     if (v === undefined) continue;
     if (!Number.isSafeInteger(v) || v < 0) throw new Error(`guest param ${k}=${v}: must be a non-negative integer`);

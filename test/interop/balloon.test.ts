@@ -14,7 +14,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { existsSync, readdirSync } from 'node:fs';
-import { cleanupAll, waitForSocket } from '../helpers/proc.ts';
+import { cleanupAll, run, waitForSocket } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, type BootOptions, type Guest } from '../helpers/guest.ts';
 import { jsonLinesInNs, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
@@ -174,6 +174,16 @@ test('--balloon backs off when the guest cannot give what it asks (balloon stuck
   assert.is(done.balloon.atSwitch, 256 * MiB, 'the guest had all its memory when QEMU switched over');
   assert.is(await status(next.qmp), 'running');
   mark('backed off and moved');
+
+  // What an operator sees of it: `vmshift balloon` (statistics switched on for the moment, then off again).
+  const shown = JSON.parse((await run(join(root, 'bin/vmshift'), ['balloon', '--qmp', next.qmp, '--json'], { cwd: root })).stdout) as { device: string; memory: number; actual: number; stats: Record<string, number> };
+  assert.is(shown.device, '/machine/peripheral/balloon0');
+  assert.equal([shown.memory, shown.actual], [256 * MiB, 256 * MiB]);
+  assert.ok(shown.stats['stat-available-memory'] > 100 * MiB && shown.stats['stat-total-memory'] > shown.stats['stat-available-memory'], JSON.stringify(shown));
+  assert.is(await qmp<number>(next.qmp, 'qom-get', { path: '/machine/peripheral/balloon0', property: 'guest-stats-polling-interval' }), 0);
+  const set = JSON.parse((await run(join(root, 'bin/vmshift'), ['balloon', '--qmp', next.qmp, '--set', '200M', '--json'], { cwd: root })).stdout) as { target: number };
+  assert.is(set.target, 200 * MiB);
+  mark('vmshift balloon');
 });
 
 test.run();

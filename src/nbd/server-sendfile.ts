@@ -27,11 +27,11 @@ export const SEND_BUFFER = 4 * 1024 * 1024;
 const EMPTY = Buffer.alloc(0);
 
 /**
- * How a reply went: sent (whole, or its rest through the stream), not started (the caller
+ * How a reply went: sent (whole, or 'sent-rest': its rest through the stream), not started (the caller
  * makes it the usual way), cut short because the file could not be read ('failed') or the
  * socket failed ('lost'): either way the stream is lost.
  */
-export type SendOutcome = 'sent' | 'not-sent' | 'failed' | 'lost';
+export type SendOutcome = 'sent' | 'sent-rest' | 'not-sent' | 'failed' | 'lost';
 
 interface Item {
   fd: number;
@@ -44,10 +44,6 @@ interface Item {
 export class SendfileReplies {
   /** False once the kernel turned out not to say what is cached: the caller stops asking. */
   enabled = true;
-  /** Payload bytes that left by sendfile (tests and status). */
-  sentBytes = 0;
-  /** Replies whose rest went through the stream because the socket was full. */
-  partial = 0;
   #queue: Item[] = [];
   #running = false;
   #scheduled = false;
@@ -148,10 +144,7 @@ export class SendfileReplies {
   }
 
   #finish(batch: Item[], r: SendFileResult): void {
-    for (let i = 0; i < r.items; i++) {
-      this.sentBytes += batch[i]!.length;
-      batch[i]!.settle('sent');
-    }
+    for (let i = 0; i < r.items; i++) batch[i]!.settle('sent');
     let next = r.items;
     const stopped = batch[next];
     if (stopped) {
@@ -177,7 +170,6 @@ export class SendfileReplies {
 
   /** The socket was full `sent` bytes into this reply: the rest through the stream, now, before anything else. */
   #sendRest(it: Item, sent: number): void {
-    this.partial++;
     const hlen = it.header.length;
     const from = Math.max(0, sent - hlen);
     const rest = this.pool.take(it.length - from);
@@ -188,12 +180,11 @@ export class SendfileReplies {
       // Part of the reply may be on the wire and the rest cannot be read: the stream is lost.
       return it.settle(sent > 0 ? 'failed' : 'not-sent');
     }
-    this.sentBytes += Math.max(0, sent - hlen);
     const s = this.stream;
     if (sent < hlen) s.write(it.header.subarray(sent));
     s.write(rest, () => {
       this.pool.give(rest);
-      it.settle('sent');
+      it.settle('sent-rest');
     });
   }
 

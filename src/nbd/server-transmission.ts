@@ -25,6 +25,9 @@ export interface ServerCounters {
   bytesWritten: number;
   requests: number;
   errors: number;
+  /** READ payload bytes sent by sendfile from the page cache (server-sendfile.ts), and replies of those finished through the stream because the socket was full. */
+  sendfileBytes: number;
+  sendfileRest: number;
 }
 
 export interface TransmissionLimits {
@@ -466,6 +469,8 @@ export class Transmission {
       this.wire.destroy();
     } else {
       this.counters.bytesRead += req.length;
+      this.counters.sendfileBytes += req.length;
+      if (outcome === 'sent-rest') this.counters.sendfileRest++;
     }
     this.release(req);
     return true;

@@ -8,7 +8,7 @@ export const CONTROL_STREAM = 'control';
 const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown> }
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; cache?: boolean }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
   | { op: 'ready' }

@@ -15,7 +15,7 @@ export const GUEST_INITRD = join(GUEST_DIR, 'initramfs.cpio.gz');
 export const GUEST_DISK_NODE = 'd0';
 export const GUEST_DISK_DEVICE = 'vd0';
 
-export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty';
+export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty' | 'redirty';
 export type GuestDisk = { nbdSocket: string; exportName: string } | { file: string; format?: 'raw' | 'qcow2' };
 
 export interface GuestParams {
@@ -83,7 +83,8 @@ function diskArgs(disk: GuestDisk): string[] {
 
 /** The QEMU command line for a guest (exported for tests and tools that start QEMU themselves). */
 export function guestArgs(opts: BootOptions): string[] {
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', `mode=${opts.mode}`];
+  // no_timer_check: on a loaded host TCG can miss the kernel's IO-APIC timer check, which panics the boot.
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', 'no_timer_check', `mode=${opts.mode}`];
   for (const [k, v] of Object.entries(opts.params ?? {})) {
     if (v === undefined) continue;
     if (!Number.isSafeInteger(v) || v < 0) throw new Error(`guest param ${k}=${v}: must be a non-negative integer`);

@@ -5,18 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { FitoList } from '../../src/relay/cache/fito.ts';
-
-/** A deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng as rng } from '../fixtures/nbd-raw.ts';
 
 /**
  * A trace: with probability `hot` a page of a hot set of `hotPages` pages, touched round robin

@@ -7,6 +7,7 @@ import { uncompressSync } from 'lz4-napi';
 import { crc32 } from 'node:zlib';
 import { PAGE_SIZE } from '../../memstream/reader.ts';
 import { FRAME, HELLO_LEN, HELLO_MAGIC, MAX_SLOTS, NO_SLOT } from './frames.ts';
+import { Slots } from './slots.ts';
 
 export class CacheStreamError extends Error {
   constructor(message: string) {
@@ -15,12 +16,11 @@ export class CacheStreamError extends Error {
   }
 }
 
-const BLOCK_PAGES = 256;
 
 export class CacheDecoder {
   private buf: Buffer = Buffer.alloc(0);
   private slots = -1;
-  private mem: Buffer[] = [];
+  private copies = new Slots();
   private filled: Uint8Array = new Uint8Array(0);
   private failed: CacheStreamError | null = null;
   bytesIn = 0;
@@ -64,13 +64,6 @@ export class CacheDecoder {
     return this.failed;
   }
 
-  private slotBuf(slot: number): Buffer {
-    const b = Math.floor(slot / BLOCK_PAGES);
-    let m = this.mem[b];
-    if (!m) { m = Buffer.alloc(BLOCK_PAGES * PAGE_SIZE); this.mem[b] = m; }
-    const at = (slot % BLOCK_PAGES) * PAGE_SIZE;
-    return m.subarray(at, at + PAGE_SIZE);
-  }
 
   /** Decodes one frame at `at`; returns the bytes it used, 0 when it is not complete yet. */
   private frame(b: Buffer, at: number, out: Buffer[]): number {
@@ -119,7 +112,7 @@ export class CacheDecoder {
       page = Buffer.allocUnsafe(PAGE_SIZE);
       x.copy(page);
       const p = new Uint32Array(page.buffer, page.byteOffset, PAGE_SIZE >>> 2);
-      const copy = this.slotBuf(slot);
+      const copy = this.copies.get(slot);
       const c = new Uint32Array(copy.buffer, copy.byteOffset, PAGE_SIZE >>> 2);
       for (let i = 0; i < p.length; i++) p[i] ^= c[i]!;
     } else {
@@ -127,7 +120,7 @@ export class CacheDecoder {
       if (page.length !== PAGE_SIZE) throw new CacheStreamError(`a page of ${page.length} bytes`);
     }
     if (crc32(page, crc32(header)) !== b.readUInt32BE(at + size - 4)) throw new CacheStreamError(`a page frame (slot ${slot}) failed its CRC`);
-    if (slot !== NO_SLOT) { page.copy(this.slotBuf(slot)); this.filled[slot] = 1; }
+    if (slot !== NO_SLOT) { page.copy(this.copies.get(slot)); this.filled[slot] = 1; }
     out.push(header, page);
     return size;
   }

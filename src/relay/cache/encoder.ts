@@ -14,10 +14,9 @@ import { crc32 } from 'node:zlib';
 import { PAGE_SIZE, StreamReader, type Token } from '../../memstream/reader.ts';
 import { FitoList, type FitoSample } from './fito.ts';
 import { FRAME, hello, pageFrame, rawFrame } from './frames.ts';
+import { Slots } from './slots.ts';
 import { Governor } from './governor.ts';
 
-/** Slots are carved out of blocks of this many pages (allocated as the cache fills). */
-const BLOCK_PAGES = 256;
 
 export interface EncoderOptions {
   /** Memory for page copies, bytes (each side keeps this much at most). */
@@ -57,7 +56,7 @@ export class CacheEncoder {
   private reader = new StreamReader();
   private fito: FitoList<number, number>;
   private blocks = new Map<string, number>();
-  private mem: Buffer[] = [];
+  private copies = new Slots();
   private free: number[] = [];
   private nextSlot = 0;
   private readonly slots: number;
@@ -118,13 +117,6 @@ export class CacheEncoder {
     return id * 2 ** 40 + offset;
   }
 
-  private slotBuf(slot: number): Buffer {
-    const b = Math.floor(slot / BLOCK_PAGES);
-    let m = this.mem[b];
-    if (!m) { m = Buffer.alloc(BLOCK_PAGES * PAGE_SIZE); this.mem[b] = m; }
-    const at = (slot % BLOCK_PAGES) * PAGE_SIZE;
-    return m.subarray(at, at + PAGE_SIZE);
-  }
 
   private allocSlot(): number {
     while (this.fito.full && this.fito.size > 0) this.fito.evictOldest();
@@ -156,7 +148,7 @@ export class CacheEncoder {
     const crc = crc32(t.data, crc32(t.header));
     const had = this.fito.touch(key);
     if (had !== undefined) {
-      const copy = this.slotBuf(had);
+      const copy = this.copies.get(had);
       xor(t.data, copy, this.scratch);
       const c = compressSync(this.scratch);
       const f = c.length < PAGE_SIZE
@@ -175,7 +167,7 @@ export class CacheEncoder {
       : pageFrame(FRAME.NEW, slot, t.header, t.data, true, crc);
     this.s.newBytes += f.length;
     this.out.push(f);
-    t.data.copy(this.slotBuf(slot));
+    t.data.copy(this.copies.get(slot));
     this.fito.add(key, slot);
   }
 

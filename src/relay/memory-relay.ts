@@ -53,6 +53,8 @@ function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: bo
 export interface CacheOptions {
   /** Memory for page copies on each side, bytes. */
   budget: number;
+  /** Let the governor turn compression down while the link keeps up (default true; tests turn it off). */
+  turnDown?: boolean;
 }
 
 export interface SourceRelay {
@@ -87,7 +89,7 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
     if (cache) {
       // What waits for the link: unacknowledged bytes the link stream keeps, and its write buffer.
       const backlog = () => ((stream as { resident?: number }).resident ?? 0) + stream.writableLength;
-      const e = encoderStream({ budget: cache.budget, backlog });
+      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog });
       relay.cache = e.encoder;
       codec = e.stream;
     }

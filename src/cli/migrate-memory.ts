@@ -24,6 +24,9 @@ interface Args {
   sharedDir?: string;
   maxDowntime: string;
   bandwidth?: string;
+  compress: 'none' | 'cache' | 'xbzrle';
+  cacheSize: string;
+  linkRate?: string;
   peerVmshift: string;
   peerSocketDir: string;
   holdTime: string;
@@ -55,6 +58,9 @@ export const migrateMemoryCommand = {
       .option('shared-dir', { type: 'string', describe: 'a directory both hosts mount: carries the stream while the network is cut' })
       .option('max-downtime', { type: 'string', default: '300ms', describe: 'pause allowed at the switch-over' })
       .option('bandwidth', { type: 'string', describe: 'migration rate limit per second (e.g. 100M)' })
+      .option('compress', { choices: ['none', 'cache', 'xbzrle'] as const, default: 'none' as const, describe: "memory compression: vmshift's cache between the relays, QEMU's XBZRLE, or none" })
+      .option('cache-size', { type: 'string', default: '256M', describe: 'memory for page copies (the cache on each host, or QEMU\'s XBZRLE cache)' })
+      .option('link-rate', { type: 'string', describe: "the link's rate per second (e.g. 50M): then the guest's dirty rate is measured and auto-converge decided" })
       .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
       .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
       .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" })
@@ -82,6 +88,7 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
       else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
+      else if (e.event === 'parameters') for (const r of e.reasons) process.stderr.write(`parameter: ${r}\n`);
       else if (e.event === 'balloon') process.stderr.write(`balloon ${e.state}: ${e.why}${e.target !== null ? ` (target ${mib(e.target)}, was ${mib(e.figures.actual)})` : ''}\n`);
     };
     try {
@@ -91,6 +98,8 @@ export const migrateMemoryCommand = {
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
+        compress: argv.compress, cacheSize: parseSize(argv.cacheSize, '--cache-size'),
+        linkRate: argv.linkRate ? parseSize(argv.linkRate, '--link-rate') : undefined,
         holdMs: parseDuration(argv.holdTime, '--hold-time'), balloon,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       });
@@ -98,6 +107,8 @@ export const migrateMemoryCommand = {
       else {
         if (done.balloon) process.stderr.write(`balloon: ${mib(done.balloon.original)} -> ${mib(done.balloon.actual)} before the move (${done.balloon.state} after ${done.balloon.steps} steps, ${(done.balloon.ms / 1000).toFixed(1)} s); ${done.balloon.restored && 'target' in done.balloon.restored ? `given back on the destination (target ${mib(done.balloon.restored.target)})` : `NOT given back on the destination: ${done.balloon.restored?.error ?? 'no answer'}`}\n`);
         process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+        const c = done.cache;
+        if (c) process.stderr.write(`cache: ${formatBytes(c.bytesIn)} from QEMU, ${formatBytes(c.bytesOut)} on the link (${formatBytes(c.saved)} saved), hit rate ${(c.hitRate * 100).toFixed(1)}%, ${c.entries} of ${c.budgetEntries} pages kept, ${c.bypassedPages} pages sent raw (the link kept up)\n`);
       }
     } catch (e) {
       if (e instanceof MigrateError && e.inDoubt) {

@@ -9,7 +9,8 @@ const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
   // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; balloon?: { restore: number } }
+  // cache: the source runs the memory cache; the memory stream carries its frames.
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; balloon?: { restore: number }; cache?: boolean }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
   | { op: 'ready' }

@@ -25,6 +25,8 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
   let ours = false;
   let committed = false;
   let quitting = false;
+  /** The source runs the memory cache: the memory stream is its frames. */
+  let cache = false;
   let restore: number | null = null;
 
   const quitDest = async (why: string) => {
@@ -64,6 +66,7 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           const st = await qmp.execute<{ status: string }>('query-status');
           if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
           ours = true;
+          cache = m.cache === true;
           restore = m.balloon?.restore ?? null;
           const caps = Object.entries(m.capabilities).map(([capability, state]) => ({ capability, state }));
           if (caps.length) await qmp.execute('migrate-set-capabilities', { capabilities: caps });
@@ -111,8 +114,8 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
   link.on('stream', (s: LinkStream) => {
     if (s.streamName === CONTROL_STREAM) void onControl(new Control(s, 'the source host'));
     else if (s.streamName === MEMORY_STREAM) {
-      destRelay(incomingPath, s).then(
-        (r) => r.done.then(() => log(`memory stream done: ${r.counts.forward} bytes in, ${r.counts.back} bytes of return path out`), (e: Error) => log(`memory relay: ${e.message}`)),
+      destRelay(incomingPath, s, cache).then(
+        (r) => r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward})` : ''}, ${r.counts.back} bytes of return path out`), (e: Error) => log(`memory relay: ${e.message}`)),
         (e: Error) => { log(e.message); s.destroy(e); },
       );
     }

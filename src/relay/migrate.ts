@@ -19,6 +19,8 @@ import { Link } from '../link/link.ts';
 import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
+import type { CacheStats } from './cache/encoder.ts';
 import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
 import type { BalloonDecision, BalloonSettings } from '../balloon/policy.ts';
 
@@ -32,6 +34,12 @@ export interface MemoryMigrateOptions {
   maxDowntimeMs: number;
   /** Bytes per second; 0 = QEMU's default. */
   bandwidth: number;
+  /** vmshift's memory cache between the relays, QEMU's XBZRLE, or neither (default). */
+  compress?: Compress;
+  /** Bytes of page copies for the cache (or QEMU's XBZRLE cache); default 256 MiB. */
+  cacheSize?: number;
+  /** The link's rate in bytes per second when known: with it the guest's dirty rate is measured and auto-converge decided. */
+  linkRate?: number;
   /** The vmshift command on the peer. */
   peerVmshift: string;
   /** Where the peer's agent puts its sockets (a 0700 directory is made). */
@@ -49,9 +57,11 @@ export type MigrateEvent =
   | { event: 'progress'; status: string; pass: number; transferred: number; remaining: number; total: number; dirtyRate: number; etaS: number | null; mbps: number }
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
+  | { event: 'parameters'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; reasons: string[] }
+  | { event: 'cache'; stats: Omit<CacheStats, 'history'> }
   | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary };
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number; link: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats };
 
 export type BalloonSummary = ShrinkResult & { atSwitch: number; restored: { target: number } | { error: string } | null };
 
@@ -114,9 +124,16 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     ctl = new Control(link.stream(CONTROL_STREAM), peerName);
     // The return path: the source waits for the destination's word that it loaded everything
     // (QEMU's SHUT) before completing, as libvirt runs every non-tunnelled migration.
-    const capabilities = { 'return-path': true };
-    const parameters: Record<string, unknown> = { 'downtime-limit': o.maxDowntimeMs, ...(o.bandwidth ? { 'max-bandwidth': o.bandwidth } : {}) };
-    ctl.send({ op: 'prepare', capabilities, parameters: {}, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
+    const compress = o.compress ?? 'none';
+    const cacheSize = o.cacheSize ?? 256 * 1024 * 1024;
+    const dirtyRate = o.linkRate ? await measureDirtyRate(src) : null;
+    const choice = chooseParameters({ compress, cacheSize, maxDowntimeMs: o.maxDowntimeMs, bandwidth: o.bandwidth, linkRate: o.linkRate ?? null, dirtyRate });
+    o.onEvent({ event: 'parameters', ...choice });
+    const capabilities: Record<string, boolean> = { 'return-path': true, ...choice.capabilities };
+    const parameters = choice.parameters;
+    // The destination needs the stream's capabilities (xbzrle), not the source's pacing (auto-converge).
+    const destCaps = Object.fromEntries(Object.entries(capabilities).filter(([k]) => k !== 'auto-converge'));
+    ctl.send({ op: 'prepare', capabilities: destCaps, parameters: {}, cache: compress === 'cache', ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
     if (balloon) {
@@ -125,7 +142,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     }
     await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
     await src.execute('migrate-set-parameters', parameters);
-    relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM));
+    relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM), compress === 'cache' ? { budget: cacheSize } : undefined);
     relay.done.catch(() => {});
     await src.execute('migrate', { uri: `unix:${relay.path}` });
 
@@ -140,6 +157,8 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
         event: 'progress', status: info.status ?? '?', pass: ram['dirty-sync-count'] ?? 0, transferred: ram.transferred ?? 0, remaining, total: ram.total ?? 0,
         dirtyRate: (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096), mbps, etaS: mbps > 0 ? Math.round((remaining * 8) / (mbps * 1e6) * 10) / 10 : null,
       });
+      const cs = relay.cache?.stats();
+      if (cs) { const { history: _h, ...rest } = cs; o.onEvent({ event: 'cache', stats: rest }); }
       if (info.status === 'completed') break;
       if (info.status === 'failed' || info.status === 'cancelled') throw new MigrateError('source', `the source QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
       if (balloon && performance.now() - watched >= 1000) {
@@ -168,6 +187,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     return {
       event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(),
       ...(balloonSummary ? { balloon: balloonSummary } : {}),
+      ...(relay.cache ? { cache: relay.cache.stats() } : {}),
     };
   } catch (e) {
     if (!committed) {
@@ -180,6 +200,19 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     rmSync(dir, { recursive: true, force: true });
     await src.close().catch(() => {});
   }
+}
+
+/** The guest's dirty rate in bytes per second (QEMU's calc-dirty-rate over one second), null when QEMU cannot tell. */
+async function measureDirtyRate(src: QmpClient): Promise<number | null> {
+  try {
+    await src.execute('calc-dirty-rate', { 'calc-time': 1 });
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      const r = await src.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+      if (r.status === 'measured') return r['dirty-rate'] !== undefined ? r['dirty-rate'] * 1024 * 1024 : null;
+    }
+  } catch { /* an older QEMU: not measured */ }
+  return null;
 }
 
 /** Before the commit: the source runs on, the destination QEMU is quit, the link ends. */

@@ -15,7 +15,7 @@ export const GUEST_INITRD = join(GUEST_DIR, 'initramfs.cpio.gz');
 export const GUEST_DISK_NODE = 'd0';
 export const GUEST_DISK_DEVICE = 'vd0';
 
-export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty' | 'fillfree';
+export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty' | 'fillfree' | 'redirty';
 export type GuestDisk = { nbdSocket: string; exportName: string } | { file: string; format?: 'raw' | 'qcow2' };
 
 export interface GuestParams {

@@ -28,6 +28,7 @@ export interface DomainArgs {
   runDir: string;
   peerVmshift: string;
   peerSocketDir: string;
+  libvirtVia: 'link' | 'direct';
   json: boolean;
 }
 
@@ -64,7 +65,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
   };
   try {
     const done = await migrateDomain({
-      domain: argv.domain, sourceUri: argv.connect, dest,
+      domain: argv.domain, sourceUri: argv.connect, dest, destUri: argv.desturi, libvirtVia: argv.libvirtVia,
       identity: resolve(dest.keyfile ?? argv.identity ?? join(homedir(), '.ssh/id_ed25519')),
       knownHosts: resolve(dest.knownHosts ?? argv.knownHosts ?? join(homedir(), '.ssh/known_hosts')),
       sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,

@@ -47,6 +47,7 @@ export const migrateMemoryCommand = {
       .option('persistent', { type: 'boolean', default: true, describe: 'define the domain on the destination (--no-persistent: transient there)' })
       .option('undefine-source', { type: 'boolean', default: true, describe: 'undefine it here once it runs there (--no-undefine-source keeps the definition)' })
       .option('run-dir', { type: 'string', default: '/run/vmshift', describe: "vmshift's run directory, the same path on both hosts (with DOMAIN)" })
+      .option('libvirt-via', { choices: ['link', 'direct'] as const, default: 'link' as const, describe: "libvirt's connection to the peer: over vmshift's link (a reset is hidden from it) or virsh's own (with DOMAIN)" })
       .option('connect-timeout', { type: 'string', default: '20s', describe: 'how long to try reaching the peer before giving up (with DOMAIN)' })
       .option('qmp', { type: 'string', describe: "the source guest's QMP socket (without DOMAIN)" })
       .option('peer', { type: 'string', describe: 'the destination host: ssh://[USER@]HOST[:PORT] (with --qmp)' })

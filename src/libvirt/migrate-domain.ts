@@ -29,6 +29,7 @@ import { MEMORY_STREAM, sourceRelay, type SourceRelay } from '../relay/memory-re
 import { LIBVIRT_STREAM_PREFIX } from '../relay/libvirt-destination.ts';
 import { MigrateError } from '../relay/migrate.ts';
 import { Virsh, VirshError } from './virsh.ts';
+import { VirshSession, watchLifecycle } from './virsh-session.ts';
 import type { DestUri } from './dest-uri.ts';
 import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover, type DomainDisk } from './disk-handover.ts';
 
@@ -37,6 +38,13 @@ export interface DomainMigrateOptions {
   /** This host's libvirt (default qemu:///system). */
   sourceUri: string;
   dest: DestUri;
+  /**
+   * How libvirt reaches the peer's libvirtd: over the link (default: a reset or a cut shorter
+   * than the hold time is hidden from it), or `direct`, virsh's own connection to `destUri`
+   * (kept for measuring the difference: docs/libvirt-migrate.md).
+   */
+  libvirtVia?: 'link' | 'direct';
+  destUri?: string;
   identity: string;
   knownHosts: string;
   sharedDir?: string;
@@ -161,9 +169,11 @@ async function forwardLibvirt(path: string, link: Link): Promise<Server> {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function stateOf(v: Virsh, domain: string): Promise<string | null> {
+interface VirshLike { run(args: string[]): Promise<string> }
+
+async function stateOf(v: VirshLike, domain: string): Promise<string | null> {
   try {
-    return await v.domstate(domain);
+    return (await v.run(['domstate', '--domain', domain])).trim();
   } catch (e) {
     if (e instanceof VirshError && e.kind === 'no-domain') return null;
     throw e;
@@ -187,6 +197,8 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
   let ctl: Control | null = null;
   let handover: DiskHandover | null = null;
   let committed = false;
+  let session: VirshSession | null = null;
+  let watcher: { close(): void } | null = null;
   try {
     const job0 = parseJobInfo(await src.run(['domjobinfo', o.domain]));
     if (job0.type && job0.type !== 'None') throw new MigrateError('usage', `libvirt already runs a job on '${o.domain}' (${job0.type}${job0.operation ? `, ${job0.operation}` : ''}); nothing was changed`);
@@ -217,7 +229,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const migrateSocket = join(dir, 'mig.sock');
     const fwdPath = join(dir, 'libvirt.sock');
     fwd = await forwardLibvirt(fwdPath, l);
-    const dst = new Virsh({ uri: `qemu+unix:///system?socket=${fwdPath}`, timeoutMs: 60_000 });
+    const dst = new Virsh({ uri: o.libvirtVia === 'direct' && o.destUri ? o.destUri : `qemu+unix:///system?socket=${fwdPath}`, timeoutMs: 60_000 });
     const c = new Control(l.stream(CONTROL_STREAM), peerName);
     ctl = c;
     let prepared = false;
@@ -231,7 +243,8 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     };
 
     // Nothing is changed on either host before these checks pass.
-    const destState = await stateOf(dst, o.domain).catch((e: Error) => { throw new MigrateError('destination', `cannot reach libvirt on ${peerName} (${o.dest.socket}): ${e.message}`); });
+    session = new VirshSession(dst.uri);
+    const destState = await stateOf(session, o.domain).catch((e: Error) => { throw new MigrateError('destination', `cannot reach libvirt on ${peerName} (${o.dest.socket}): ${e.message}`); });
     if (destState === 'running' || destState === 'paused') throw new MigrateError('destination', `${peerName} already runs a domain named '${o.domain}' (${destState}); nothing was changed`);
     const definedOnDest = destState !== null;
     handover = (o.handover ?? ((d, ds, x, p) => new SharedStorageHandover(d, ds, x, p)))(o.domain, disks, xml, peerName);
@@ -257,14 +270,20 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const args = ['migrate', '--live', '--suspend', ...(o.persistent ? ['--persistent'] : []), ...(o.undefineSource ? ['--undefinesource'] : []),
       ...handover.virshFlags(), ...(o.bandwidth ? ['--bandwidth', String(Math.max(1, Math.round(o.bandwidth / 1024 ** 2)))] : []),
       '--migrateuri', `unix://${migrateSocket}`, o.domain, dst.uri];
+    // Confirm on this host kills the source QEMU only after Finish on the destination
+    // succeeded: "Stopped Migrated" is the earliest word that the guest exists only there.
+    let goneSeen = false;
+    let sourceGone!: () => void;
+    const gone = new Promise<void>((r) => { sourceGone = r; });
+    watcher = watchLifecycle(o.sourceUri, o.domain, (line) => { if (/Stopped Migrated/i.test(line)) { goneSeen = true; sourceGone(); } });
     let migrateError: Error | null = null;
     let finished = false;
     const migrating = src.run(args, { timeoutMs: 24 * 3600_000 }).then(() => {}, (e: Error) => { migrateError = e; }).finally(() => { finished = true; });
     const onAbort = () => { if (!finished) void src.run(['domjobabort', o.domain]).catch(() => {}); };
     o.signal?.addEventListener('abort', onAbort, { once: true });
-    while (!finished) {
-      await Promise.race([migrating, sleep(1000)]);
-      if (finished) break;
+    while (!finished && !goneSeen) {
+      await Promise.race([migrating, gone, sleep(1000)]);
+      if (finished || goneSeen) break;
       const j = parseJobInfo(await src.run(['domjobinfo', o.domain]).catch(() => ''));
       if (j.type && j.type !== 'None') o.onEvent({ event: 'progress', processed: j.processed, remaining: j.remaining, total: j.total, pct: j.total ? Math.round((100 * (j.total - j.remaining)) / j.total) : 0, relayed: relay.counts.forward });
     }
@@ -272,9 +291,9 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const tVirsh = performance.now();
 
     // Where the guest is now decides who wins (docs/libvirt-migrate.md, "Exactly one running copy").
-    const here = await stateOf(src, o.domain).catch(() => 'unknown');
+    const here = goneSeen ? 'shut off' : await stateOf(src, o.domain).catch(() => 'unknown');
     const hereActive = here === 'running' || here === 'paused' || here === 'unknown';
-    if (migrateError || hereActive) {
+    if (!goneSeen && (migrateError || hereActive)) {
       const why = migrateError ? (migrateError as Error).message : `virsh reported success but '${o.domain}' is still ${here} here`;
       // The destination's copy first (it never ran: --suspend), then the source runs on.
       await dropDestCopy(dst, o.domain, definedOnDest, (m) => o.onEvent({ event: 'warning', message: m }));
@@ -283,13 +302,18 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     }
     // This host's copy is gone: the destination's paused copy is the guest. Resume it.
     committed = true;
-    await resumeDest(dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
+    await resumeDest(session, dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
       throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
     });
     const commitMs = Math.round(performance.now() - tVirsh);
     o.onEvent({ event: 'committed', pausedMs: commitMs });
+    await migrating;
+    if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after the source had stopped: ${(migrateError as Error).message}` });
     await handover.commit();
-    const done = parseJobInfo(await dst.run(['domjobinfo', '--completed', o.domain]).catch(() => ''));
+    const done = parseJobInfo(await session.run(['domjobinfo', '--completed', '--domain', o.domain]).catch(() => ''));
+    // Every stream ends before the link can finish: libvirt's connections first.
+    session.close();
+    session = null;
     c.end();
     fwd.close();
     await Promise.race([Promise.all([relay.done.catch(() => {}), l.finish()]), sleep(10_000)]);
@@ -303,6 +327,8 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
   } finally {
     relay?.close();
     fwd?.close();
+    watcher?.close();
+    session?.close();
     if (link && link.state === 'running') {
       if (ctl && !committed) {
         ctl.send({ op: 'abort', reason: 'the migration ended on the source' });
@@ -316,11 +342,12 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
 }
 
 /** Resume the paused destination, through the link; a reset in between is retried. */
-async function resumeDest(dst: Virsh, domain: string, link: Link, holdMs: number): Promise<void> {
+async function resumeDest(session: VirshSession, dst: Virsh, domain: string, link: Link, holdMs: number): Promise<void> {
   const deadline = Date.now() + holdMs;
-  for (;;) {
+  // The session's connection is open already; should it have broken, a fresh one is made.
+  for (let v: VirshLike = session; ; v = dst) {
     try {
-      await dst.run(['resume', domain]);
+      await v.run(['resume', '--domain', domain]);
       return;
     } catch (e) {
       const st = await stateOf(dst, domain).catch(() => null);

@@ -57,7 +57,8 @@ test.before(async () => {
   disk = join(hosts.shared, 'disk.raw');
   console_ = join(hosts.shared, 'console.log');
   await run('qemu-img', ['create', '-f', 'raw', disk, '1M']);
-  await hosts.a.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS));
+  // 128 MiB of RAM: half the memory phase of the default, the same code paths.
+  await hosts.a.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS).replace("<memory unit='MiB'>256</memory>", "<memory unit='MiB'>128</memory>"));
   await hosts.a.virsh.start(NAME);
   await waitSeq(5);
 });

@@ -15,6 +15,7 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants as fsc, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { VMSHIFT_NS } from './domain-xml.ts';
 
 export interface DomainDisk {
   /** file, block, network, volume (virsh domblklist --details). */
@@ -80,6 +81,11 @@ export class SharedStorageHandover implements DiskHandover {
   constructor(private readonly domain: string, private readonly disks: DomainDisk[], private readonly xml: string, private readonly peerName: string) {}
 
   async prepare(peer: PeerProbe): Promise<void> {
+    // A vmshift-enabled domain's disks are served by shims here, each holding its disk's
+    // writer lock: the destination's `prepare` hook could not start a second shim on the
+    // same shared file while the source still runs. Handing a disk over to the peer's shim
+    // is the local-disk handover's job ("reshape"), not this one's.
+    if (this.xml.includes(VMSHIFT_NS)) throw new HandoverError(`${this.domain} is enabled with vmshift (its disks are served by shims): moving it to another host needs the disk handover to the peer's shims, which this version does not have (it moves guests whose disks are files both hosts mount, or network disks)`);
     const files = this.disks.filter((d) => d.source !== '-' && (d.type === 'file' || d.type === 'block'));
     const block = files.find((d) => d.type === 'block');
     if (block) throw new HandoverError(`${this.domain}: disk ${block.target} is the block device ${block.source}: this version moves guests whose disks are files on storage both hosts mount (or network disks)`);

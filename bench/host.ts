@@ -1,4 +1,4 @@
-// `npm run bench -- host [--rounds 2] [--bandwidth 20] [--no-reset]`: a whole running guest
+// `npm run bench -- host [--rounds 2] [--bandwidth 20] [--no-reset] [--cut S] [--systems a,b]`: a whole running guest
 // moved between two libvirt hosts on this machine (test/helpers/libvirt-hosts.ts), by
 // libvirt alone (`virsh migrate --live` with its own qemu+ssh connection and TCP migration
 // stream) and by `vmshift migrate DOMAIN URI` (both through the link, and with
@@ -6,14 +6,14 @@
 // one run on one guest (the sequence writer, 128 MiB RAM) that goes back and forth. Per move:
 // total time, libvirt's downtime, the writer's longest gap (the pause the guest saw, sampled
 // every 10 ms from its console), bytes over the veth, and whether a connection reset
-// (`ss -K`, once some MiB went) was survived. The disk is shared (one file both hosts see):
+// (`ss -K`, once 8 MiB went) was survived; with `--cut S`, a link-down of S seconds instead. The disk is shared (one file both hosts see):
 // the disk part (`--copy-storage-all` against vmshift's disk handover) comes with "reshape".
 import { join } from 'node:path';
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { cleanupAll, run, runStatus } from '../test/helpers/proc.ts';
 import { ensureGuest } from '../test/helpers/guest.ts';
-import { resetConnections } from '../test/helpers/hosts.ts';
+import { linkState, resetConnections } from '../test/helpers/hosts.ts';
 import { VMSHIFT, domState, libvirtHosts, type LibvirtTestHost } from '../test/helpers/libvirt-hosts.ts';
 import { writerDomainXml } from '../test/e2e/libvirt-host.ts';
 import { parseJobInfo } from '../src/libvirt/migrate-domain.ts';
@@ -50,6 +50,8 @@ export async function main(args: string[]): Promise<void> {
   const rounds = Number(opt('--rounds', '2'));
   const bandwidth = Number(opt('--bandwidth', '20'));
   const withReset = !args.includes('--no-reset');
+  const cutS = Number(opt('--cut', '0'));
+  const only = opt('--systems', '').split(',').filter(Boolean);
   await ensureGuest();
   const hosts = await libvirtHosts();
   const disk = join(hosts.shared, 'disk.raw'), consolePath = join(hosts.shared, 'console.log');
@@ -66,9 +68,10 @@ export async function main(args: string[]): Promise<void> {
   };
   const systems: Record<string, (from: LibvirtTestHost, to: LibvirtTestHost) => [string, string[]]> = {
     libvirt: (from, to) => from.argv('virsh', ['migrate', '--live', '--unsafe', '--persistent', '--undefinesource', '--bandwidth', String(bandwidth), NAME, sshWrap(to), '--migrateuri', `tcp://${to.addr}`, '--listen-address', to.addr]),
-    vmshift: (from, to) => from.argv(VMSHIFT, ['migrate', NAME, to.sshUri, '--bandwidth', `${bandwidth}M`, '--peer-vmshift', VMSHIFT]),
-    'vmshift --libvirt-via direct': (from, to) => from.argv(VMSHIFT, ['migrate', NAME, `${sshWrap(to)}&known_hosts=${to.sshd.knownHosts}`, '--libvirt-via', 'direct', '--bandwidth', `${bandwidth}M`, '--peer-vmshift', VMSHIFT]),
+    vmshift: (from, to) => from.argv(VMSHIFT, ['migrate', NAME, to.sshUri, '--json', '--bandwidth', `${bandwidth}M`, '--peer-vmshift', VMSHIFT]),
+    'vmshift --libvirt-via direct': (from, to) => from.argv(VMSHIFT, ['migrate', NAME, `${sshWrap(to)}&known_hosts=${to.sshd.knownHosts}`, '--libvirt-via', 'direct', '--json', '--bandwidth', `${bandwidth}M`, '--peer-vmshift', VMSHIFT]),
   };
+  for (const k of Object.keys(systems)) if (only.length && !only.includes(k)) delete systems[k];
   const rows: Row[] = [];
   let here = hosts.a, there = hosts.b;
   try {
@@ -80,14 +83,23 @@ export async function main(args: string[]): Promise<void> {
           const watch = setInterval(() => { const n = seqOf(consolePath); if (n !== last) { gap = Math.max(gap, Date.now() - since); last = n; since = Date.now(); } }, 10);
           const t0 = Date.now();
           const txStart = tx0;
-          const r = await runIn(argv(here, there), () => {
+          // The fault once 8 MiB crossed (polled: libvirt prints nothing while it migrates).
+          const from = here, to = there;
+          const fault = setInterval(() => {
             if (!reset || didReset) return;
             void (async () => {
-              if (didReset) return;
-              const now = (await txBytes(here)) + (await txBytes(there));
-              if (!didReset && now - txStart > 8 * 1024 * 1024) { didReset = true; await resetConnections(here, there); }
+              const now = (await txBytes(from)) + (await txBytes(to));
+              if (didReset || now - txStart <= 8 * 1024 * 1024) return;
+              didReset = true;
+              if (!cutS) { await resetConnections(from, to); return; }
+              await linkState(from, false);
+              await new Promise((res) => setTimeout(res, cutS * 1000));
+              await linkState(from, true);
             })();
-          });
+          }, 100);
+          const r = await runIn(argv(here, there), () => {});
+          clearInterval(fault);
+          if (cutS && didReset) await linkState(from, true);
           // The writer's pause: the longest gap until a few records after the move.
           const after = seqOf(consolePath);
           for (let i = 0; i < 100 && seqOf(consolePath) < after + 5; i++) await new Promise((res) => setTimeout(res, 50));
@@ -95,8 +107,12 @@ export async function main(args: string[]): Promise<void> {
           const s = (Date.now() - t0) / 1000;
           const net = ((await txBytes(here)) + (await txBytes(there)) - tx0) / 2 ** 20;
           const moved = (await domState(there, NAME)) === 'running' && (await domState(here, NAME)) !== 'running';
-          const job = moved ? parseJobInfo((await runStatus('virsh', ['-c', there.virsh.uri, 'domjobinfo', '--completed', NAME])).stdout) : null;
-          const note = r.code === 0 ? '' : (r.err.trim().split('\n').filter((l) => /error/i.test(l)).at(-1) ?? `exit ${r.code}`).slice(0, 90);
+          const job = moved ? parseJobInfo((await runStatus('virsh', ['-c', there.virsh.uri, 'domjobinfo', '--completed', '--keep-completed', NAME])).stdout) : null;
+          // vmshift's pause is libvirt's downtime plus its commit (the resume after Confirm).
+          const done = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event?: string; commitMs?: number; error?: { message: string } });
+          const commitMs = done.find((e) => e.event === 'done')?.commitMs;
+          const jsonError = done.find((e) => e.error)?.error?.message;
+          const note = r.code === 0 ? (commitMs !== undefined ? `commit ${commitMs} ms` : '') : (jsonError ?? r.err).replace(/\s+/g, ' ').trim().slice(-160);
           rows.push({ system, reset, ok: r.code === 0 && moved, s, downtimeMs: job?.downtimeMs ?? null, gapMs: gap, netMiB: net, note });
           process.stderr.write(`${system}${reset ? ' (reset)' : ''}: ${r.code === 0 && moved ? 'moved' : 'FAILED'} in ${s.toFixed(1)} s${note ? `: ${note}` : ''}\n`);
           if (moved) [here, there] = [there, here];
@@ -106,7 +122,7 @@ export async function main(args: string[]): Promise<void> {
     }
   } finally {
     process.stderr.write(`${table(['system', 'reset', 'ok', 'time s', 'libvirt downtime ms', 'writer gap ms', 'net MiB', 'note'],
-      rows.map((r) => [r.system, r.reset ? 'ss -K' : '-', r.ok ? 'yes' : 'NO', r.s.toFixed(1), r.downtimeMs ?? '-', r.gapMs, r.netMiB.toFixed(1), r.note]))}\n`);
+      rows.map((r) => [r.system, r.reset ? (cutS ? `${cutS} s cut` : 'ss -K') : '-', r.ok ? 'yes' : 'NO', r.s.toFixed(1), r.downtimeMs ?? '-', r.gapMs, r.netMiB.toFixed(1), r.note]))}\n`);
     await cleanupAll();
   }
 }

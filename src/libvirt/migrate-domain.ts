@@ -310,7 +310,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     await migrating;
     if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after the source had stopped: ${(migrateError as Error).message}` });
     await handover.commit();
-    const done = parseJobInfo(await session.run(['domjobinfo', '--completed', '--domain', o.domain]).catch(() => ''));
+    const done = parseJobInfo(await session.run(['domjobinfo', '--completed', '--keep-completed', '--domain', o.domain]).catch(() => ''));
     // Every stream ends before the link can finish: libvirt's connections first.
     session.close();
     session = null;

@@ -8,7 +8,7 @@ import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
-import { MigrateError } from '../relay/migrate.ts';
+import { exitIfInDoubt } from './migrate-memory.ts';
 import { DestUriError, parseDestUri } from '../libvirt/dest-uri.ts';
 import { migrateDomain, type DomainMigrateEvent } from '../libvirt/migrate-domain.ts';
 
@@ -82,11 +82,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
     else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s: '${argv.domain}' runs on ${dest.host}${done.persistent ? ' (defined there)' : ''}${done.undefinedSource ? ', undefined here' : ''}; downtime ${done.downtimeMs} ms (libvirt) + ${done.commitMs} ms (commit); link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent\n`);
   } catch (e) {
     if (barOn) bar!.stop();
-    if (e instanceof MigrateError && e.inDoubt) {
-      if (argv.json) printJson({ error: { code: e.code, message: e.message } });
-      else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
-      process.exit(3);
-    }
+    exitIfInDoubt(e, argv.json);
     throw e;
   } finally {
     process.off('SIGINT', onInt);

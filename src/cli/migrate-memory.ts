@@ -36,6 +36,14 @@ export function parsePeer(url: string): { host: string; port: number; user: stri
   return { user: m[1] ?? 'root', host: m[2].replace(/^\[|\]$/g, ''), port };
 }
 
+/** Exit 3 for a migration left in doubt (both forms of `migrate`); other errors go on to `fail`. */
+export function exitIfInDoubt(e: unknown, json: boolean): void {
+  if (!(e instanceof MigrateError && e.inDoubt)) return;
+  if (json) printJson({ error: { code: e.code, message: e.message } });
+  else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
+  process.exit(3);
+}
+
 export const migrateMemoryCommand = {
   command: 'migrate [domain] [desturi]',
   describe: 'Move a running guest to another host: a libvirt DOMAIN to qemu+ssh://HOST/system, or (--qmp) a QEMU to a QEMU waiting there (disks reachable from both)',
@@ -97,11 +105,7 @@ export const migrateMemoryCommand = {
       if (argv.json) printJson(done);
       else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
     } catch (e) {
-      if (e instanceof MigrateError && e.inDoubt) {
-        if (argv.json) printJson({ error: { code: e.code, message: e.message } });
-        else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
-        process.exit(3);
-      }
+      exitIfInDoubt(e, argv.json);
       throw e;
     } finally {
       process.off('SIGINT', onInt);

@@ -109,10 +109,11 @@ export async function main(args: string[]): Promise<void> {
           const moved = (await domState(there, NAME)) === 'running' && (await domState(here, NAME)) !== 'running';
           const job = moved ? parseJobInfo((await runStatus('virsh', ['-c', there.virsh.uri, 'domjobinfo', '--completed', '--keep-completed', NAME])).stdout) : null;
           // vmshift's pause is libvirt's downtime plus its commit (the resume after Confirm).
-          const done = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event?: string; commitMs?: number; error?: { message: string } });
-          const commitMs = done.find((e) => e.event === 'done')?.commitMs;
+          const done = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event?: string; commitMs?: number; pausedMs?: number; error?: { message: string } });
+          const fin = done.find((e) => e.event === 'done');
+          const commitMs = fin?.commitMs;
           const jsonError = done.find((e) => e.error)?.error?.message;
-          const note = r.code === 0 ? (commitMs !== undefined ? `commit ${commitMs} ms` : '') : (jsonError ?? r.err).replace(/\s+/g, ' ').trim().slice(-160);
+          const note = r.code === 0 ? (commitMs !== undefined ? `commit ${commitMs} ms, source paused to destination running ${fin?.pausedMs ?? '?'} ms` : '') : (jsonError ?? r.err).replace(/\s+/g, ' ').trim().slice(-160);
           rows.push({ system, reset, ok: r.code === 0 && moved, s, downtimeMs: job?.downtimeMs ?? null, gapMs: gap, netMiB: net, note });
           process.stderr.write(`${system}${reset ? ' (reset)' : ''}: ${r.code === 0 && moved ? 'moved' : 'FAILED'} in ${s.toFixed(1)} s${note ? `: ${note}` : ''}\n`);
           if (moved) [here, there] = [there, here];

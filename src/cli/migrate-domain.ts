@@ -61,7 +61,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
     else if (e.event === 'prepared') say(`disks: ${e.handover} (${e.disks.join(', ') || 'none'}); libvirt migrates the memory`);
     else if (e.event === 'warning') say(`warning: ${e.message}`);
     else if (e.event === 'carrier') say(`link ${e.state}: ${e.why}`);
-    else if (e.event === 'committed') say(`gone from here; resumed on the destination (${e.pausedMs} ms after libvirt finished)`);
+    else if (e.event === 'committed') say(`gone from here; resumed on the destination (${e.commitMs} ms after the source stopped)`);
   };
   try {
     const done = await migrateDomain({
@@ -79,7 +79,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
     });
     if (barOn) bar!.stop();
     if (argv.json) printJson(done);
-    else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s: '${argv.domain}' runs on ${dest.host}${done.persistent ? ' (defined there)' : ''}${done.undefinedSource ? ', undefined here' : ''}; downtime ${done.downtimeMs} ms (libvirt) + ${done.commitMs} ms (commit); link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent\n`);
+    else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s: '${argv.domain}' runs on ${dest.host}${done.persistent ? ' (defined there)' : ''}${done.undefinedSource ? ', undefined here' : ''}; paused ${done.pausedMs ?? '?'} ms (libvirt's downtime ${done.downtimeMs} ms, commit ${done.commitMs} ms); link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent\n`);
   } catch (e) {
     if (barOn) bar!.stop();
     exitIfInDoubt(e, argv.json);

@@ -82,7 +82,7 @@ export type DomainMigrateEvent =
   | { event: 'progress'; processed: number; remaining: number; total: number; pct: number; relayed: number }
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
-  | { event: 'committed'; pausedMs: number }
+  | { event: 'committed'; commitMs: number }
   | DomainMigrateDone;
 
 export interface DomainMigrateDone {
@@ -90,8 +90,10 @@ export interface DomainMigrateDone {
   ms: number;
   /** libvirt's figure (the destination's completed job): until the destination had everything. */
   downtimeMs: number | null;
-  /** From virsh's success to the destination running: what the commit adds to the pause. */
+  /** From learning the source is gone (its Stopped event, or virsh's success) to the destination running. */
   commitMs: number;
+  /** From the source's pause for the switch-over (its Suspended event) to the destination running: the guest's pause. */
+  pausedMs: number | null;
   relayed: { forward: number; back: number };
   link: ReturnType<Link['stats']>;
   persistent: boolean;
@@ -275,7 +277,12 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     let goneSeen = false;
     let sourceGone!: () => void;
     const gone = new Promise<void>((r) => { sourceGone = r; });
-    watcher = watchLifecycle(o.sourceUri, o.domain, (line) => { if (/Stopped Migrated/i.test(line)) { goneSeen = true; sourceGone(); } });
+    // "Suspended Migrated": the source paused for the switch-over; the guest's pause runs from there.
+    let tSuspended: number | null = null;
+    watcher = watchLifecycle(o.sourceUri, o.domain, (line) => {
+      if (/Suspended Migrated/i.test(line)) tSuspended ??= performance.now();
+      if (/Stopped Migrated/i.test(line)) { goneSeen = true; sourceGone(); }
+    });
     let migrateError: Error | null = null;
     let finished = false;
     const migrating = src.run(args, { timeoutMs: 24 * 3600_000 }).then(() => {}, (e: Error) => { migrateError = e; }).finally(() => { finished = true; });
@@ -305,8 +312,10 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     await resumeDest(session, dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
       throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
     });
-    const commitMs = Math.round(performance.now() - tVirsh);
-    o.onEvent({ event: 'committed', pausedMs: commitMs });
+    const tResumed = performance.now();
+    const commitMs = Math.round(tResumed - tVirsh);
+    const pausedMs = tSuspended !== null ? Math.round(tResumed - tSuspended) : null;
+    o.onEvent({ event: 'committed', commitMs });
     await migrating;
     if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after the source had stopped: ${(migrateError as Error).message}` });
     await handover.commit();
@@ -318,7 +327,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     fwd.close();
     await Promise.race([Promise.all([relay.done.catch(() => {}), l.finish()]), sleep(10_000)]);
     return {
-      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, relayed: relay.counts, link: l.stats(),
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, pausedMs, relayed: relay.counts, link: l.stats(),
       persistent: o.persistent, undefinedSource: o.undefineSource,
     };
   } catch (e) {

@@ -69,7 +69,7 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   const ino = statSync(disk).ino;
   const r = await migrate(a, NAME, b.sshUri);
   assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\n${JSON.stringify(r.events.slice(-3))}`);
-  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; relayed: { forward: number } };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; pausedMs: number; relayed: { forward: number } };
   assert.ok(done, 'no done event');
   assert.ok(r.events.some((e) => e.event === 'committed'));
   assert.ok(done.relayed.forward > 1024 * 1024, `only ${done.relayed.forward} bytes of memory relayed`);
@@ -87,7 +87,7 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   assert.ok(a.hookCalls().includes(`${NAME} stopped end`) && a.hookCalls().includes(`${NAME} release end`), a.hookCalls().join('\n'));
   assert.equal(leftovers(a), []);
   assert.equal(leftovers(b), []);
-  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, downtime ${done.downtimeMs} ms (libvirt) + ${done.commitMs} ms (commit)`);
+  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms, commit ${done.commitMs} ms)`);
 });
 
 test('a connection reset during the memory phase is ridden out (libvirt\'s connection rides the link); a second migration meanwhile is refused', async () => {
@@ -103,7 +103,7 @@ test('a connection reset during the memory phase is ridden out (libvirt\'s conne
   });
   assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\n${JSON.stringify(r.events.slice(-3))}`);
   assert.ok(reset, 'the migration ended before the reset');
-  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number }; downtimeMs: number; commitMs: number };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number }; downtimeMs: number; commitMs: number; pausedMs: number };
   assert.ok(done.link.reconnects >= 1, `no reconnect: ${JSON.stringify(done.link)}`);
   assert.equal(await domState(a, NAME), 'running');
   assert.equal(await domState(b, NAME), null);
@@ -114,7 +114,7 @@ test('a connection reset during the memory phase is ridden out (libvirt\'s conne
   await waitSeq(at + 10);
   const s = seqs();
   for (let i = 1; i < s.length; i++) assert.equal(s[i], s[i - 1] + 1, `the writer's sequence broke at ${s[i - 1]} -> ${s[i]}`);
-  console.log(`  B->A with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), downtime ${done.downtimeMs} ms + ${done.commitMs} ms`);
+  console.log(`  B->A with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms, commit ${done.commitMs} ms)`);
 });
 
 test('bad input: unknown domain, untrusted host key, unreachable peer: clear errors, nothing changed on either host', async () => {

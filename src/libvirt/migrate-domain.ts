@@ -300,7 +300,13 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     // Where the guest is now decides who wins (docs/libvirt-migrate.md, "Exactly one running copy").
     const here = goneSeen ? 'shut off' : await stateOf(src, o.domain).catch(() => 'unknown');
     const hereActive = here === 'running' || here === 'paused' || here === 'unknown';
-    if (!goneSeen && (migrateError || hereActive)) {
+    if (!goneSeen && !hereActive && migrateError) {
+      // virsh failed, but this host's copy is gone (the event was missed): the destination's
+      // paused copy is all there is, so it must run; destroying it would lose the guest.
+      const there = await stateOf(dst, o.domain).catch(() => null);
+      if (there !== 'paused') throw new MigrateError('destination', `libvirt's migration failed (${(migrateError as Error).message}) and '${o.domain}' is ${here ?? 'not defined'} here and ${there ?? 'not defined'} on ${peerName}: check both hosts`, true);
+      o.onEvent({ event: 'warning', message: `virsh migrate failed (${(migrateError as Error).message}), but '${o.domain}' is gone from here and paused on ${peerName}: resuming it there` });
+    } else if (!goneSeen && (migrateError || hereActive)) {
       const why = migrateError ? (migrateError as Error).message : `virsh reported success but '${o.domain}' is still ${here} here`;
       // The destination's copy first (it never ran: --suspend), then the source runs on.
       await dropDestCopy(dst, o.domain, definedOnDest, (m) => o.onEvent({ event: 'warning', message: m }));

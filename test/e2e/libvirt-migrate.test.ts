@@ -73,7 +73,11 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   assert.ok(done, 'no done event');
   assert.ok(r.events.some((e) => e.event === 'committed'));
   assert.ok(done.relayed.forward > 1024 * 1024, `only ${done.relayed.forward} bytes of memory relayed`);
-  assert.equal(await domState(b, NAME), 'running');
+  const onB = await domState(b, NAME);
+  if (onB !== 'running') {
+    const log = (h: LibvirtTestHost) => { const f = join(h.dir, `log/qemu/${NAME}.log`); return existsSync(f) ? readFileSync(f, 'utf8').slice(-1500) : '(no log)'; };
+    assert.unreachable(`on B: ${onB}\nevents: ${JSON.stringify(r.events.filter((e) => e.event !== 'progress'))}\nconsole: ${readFileSync(console_, 'latin1').slice(-600)}\nB log: ${log(b)}\nB hooks: ${b.hookCalls().join(', ')}`);
+  }
   assert.equal(await domState(a, NAME), null, 'still defined on A');
   assert.match(await b.virsh.run(['dominfo', NAME]), /Persistent:\s+yes/);
   const at = lastSeq();

@@ -16,9 +16,11 @@ import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts'
 import { mib } from '../balloon/policy.ts';
 
 interface Args {
-  qmp: string;
-  peer: string;
-  destQmp: string;
+  domain?: string;
+  desturi?: string;
+  qmp?: string;
+  peer?: string;
+  destQmp?: string;
   identity?: string;
   knownHosts?: string;
   sharedDir?: string;
@@ -45,14 +47,30 @@ export function parsePeer(url: string): { host: string; port: number; user: stri
   return { user: m[1] ?? 'root', host: m[2].replace(/^\[|\]$/g, ''), port };
 }
 
+/** Exit 3 for a migration left in doubt (both forms of `migrate`); other errors go on to `fail`. */
+export function exitIfInDoubt(e: unknown, json: boolean): void {
+  if (!(e instanceof MigrateError && e.inDoubt)) return;
+  if (json) printJson({ error: { code: e.code, message: e.message } });
+  else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
+  process.exit(3);
+}
+
 export const migrateMemoryCommand = {
-  command: 'migrate',
-  describe: "Move a running guest's memory to a QEMU on another host (disks reachable from both)",
+  command: 'migrate [domain] [desturi]',
+  describe: 'Move a running guest to another host: a libvirt DOMAIN to qemu+ssh://HOST/system, or (--qmp) a QEMU to a QEMU waiting there (disks reachable from both)',
   builder: (y: Argv) =>
     y
-      .option('qmp', { type: 'string', demandOption: true, describe: "the source guest's QMP socket" })
-      .option('peer', { type: 'string', demandOption: true, describe: 'the destination host: ssh://[USER@]HOST[:PORT]' })
-      .option('dest-qmp', { type: 'string', demandOption: true, describe: 'the QMP socket, on the peer, of a QEMU started with -incoming defer -S' })
+      .positional('domain', { type: 'string', describe: 'the libvirt domain to move (libvirt drives the migration)' })
+      .positional('desturi', { type: 'string', describe: 'the destination libvirt: qemu+ssh://[USER@]HOST[:PORT]/system' })
+      .option('connect', { alias: 'c', type: 'string', default: 'qemu:///system', describe: "this host's libvirt (with DOMAIN)" })
+      .option('persistent', { type: 'boolean', default: true, describe: 'define the domain on the destination (--no-persistent: transient there)' })
+      .option('undefine-source', { type: 'boolean', default: true, describe: 'undefine it here once it runs there (--no-undefine-source keeps the definition)' })
+      .option('run-dir', { type: 'string', default: '/run/vmshift', describe: "vmshift's run directory, the same path on both hosts (with DOMAIN)" })
+      .option('libvirt-via', { choices: ['link', 'direct'] as const, default: 'link' as const, describe: "libvirt's connection to the peer: over vmshift's link (a reset is hidden from it) or virsh's own (with DOMAIN)" })
+      .option('connect-timeout', { type: 'string', default: '20s', describe: 'how long to try reaching the peer before giving up (with DOMAIN)' })
+      .option('qmp', { type: 'string', describe: "the source guest's QMP socket (without DOMAIN)" })
+      .option('peer', { type: 'string', describe: 'the destination host: ssh://[USER@]HOST[:PORT] (with --qmp)' })
+      .option('dest-qmp', { type: 'string', describe: 'the QMP socket, on the peer, of a QEMU started with -incoming defer -S (with --qmp)' })
       .option('identity', { type: 'string', describe: 'SSH private key (default ~/.ssh/id_ed25519)' })
       .option('known-hosts', { type: 'string', describe: 'known_hosts file to verify the peer (default ~/.ssh/known_hosts)' })
       .option('shared-dir', { type: 'string', describe: 'a directory both hosts mount: carries the stream while the network is cut' })
@@ -69,6 +87,13 @@ export const migrateMemoryCommand = {
       .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
       .option('config', { type: 'string', default: DEFAULT_DAEMON_CONFIG, describe: "vmshiftd's config file: its balloon section gives the defaults" }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
+    if (argv.domain) {
+      if (argv.qmp || argv.peer || argv.destQmp) throw new UsageError('migrate DOMAIN URI takes no --qmp, --peer or --dest-qmp (those move a QEMU without libvirt)');
+      const { migrateDomainHandler } = await import('./migrate-domain.ts');
+      await migrateDomainHandler(argv as unknown as Parameters<typeof migrateDomainHandler>[0]);
+      return;
+    }
+    if (!argv.qmp || !argv.peer || !argv.destQmp) throw new UsageError('migrate: name a DOMAIN and a qemu+ssh:// URI, or give --qmp, --peer and --dest-qmp');
     const peer = parsePeer(argv.peer);
     const defaults = await loadBalloonDefaults(argv.config);
     const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
@@ -93,7 +118,7 @@ export const migrateMemoryCommand = {
     };
     try {
       const done = await migrateMemory({
-        qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp,
+        qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp!,
         identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts'),
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
@@ -111,11 +136,7 @@ export const migrateMemoryCommand = {
         if (c) process.stderr.write(`cache: ${formatBytes(c.bytesIn)} from QEMU, ${formatBytes(c.bytesOut)} on the link (${formatBytes(c.saved)} saved), hit rate ${(c.hitRate * 100).toFixed(1)}%, ${c.entries} of ${c.budgetEntries} pages kept, ${c.bypassedPages} pages sent raw (the link kept up)\n`);
       }
     } catch (e) {
-      if (e instanceof MigrateError && e.inDoubt) {
-        if (argv.json) printJson({ error: { code: e.code, message: e.message } });
-        else process.stderr.write(`vmshift: IN DOUBT: ${e.message}\n`);
-        process.exit(3);
-      }
+      exitIfInDoubt(e, argv.json);
       throw e;
     } finally {
       process.off('SIGINT', onInt);

@@ -1,7 +1,7 @@
 // The conversation between the two hosts of a memory migration: JSON lines on the link's
 // `control` stream (so it survives a cut like the memory stream does). Source to destination:
-// `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`.
-// Destination to source: `ready`, `running`, `aborted`, `error`.
+// `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`,
+// `libvirt-prepare`. Destination to source: `ready`, `running`, `aborted`, `error`, `libvirt-ready`.
 import type { Duplex } from 'node:stream';
 
 export const CONTROL_STREAM = 'control';
@@ -16,7 +16,12 @@ export type ControlMsg =
   | { op: 'ready' }
   | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
-  | { op: 'error'; message: string };
+  | { op: 'error'; message: string }
+  // `vmshift migrate DOMAIN URI` (libvirt drives the QEMUs; src/libvirt/migrate-domain.ts):
+  // the destination makes the directory of the migration socket and reads the probe files
+  // the source wrote beside its disks (shared storage proven by seeing the same bytes).
+  | { op: 'libvirt-prepare'; migrateSocket: string; probes: string[] }
+  | { op: 'libvirt-ready'; probes: Array<string | null> };
 
 export class Control {
   private buf = '';

@@ -35,6 +35,7 @@ export const statusCommand = {
       lines.push(`dirty:    ${formatBytes(s.tracking.dirtyBytes)} (${s.tracking.writes} writes tracked)`);
       for (const h of s.tracking.hot ?? []) lines.push(`  hot:    ${formatBytes(h.offset)} +${formatBytes(h.length)}  ${Math.round(h.writes)} writes`);
     }
+    if (s.stack) lines.push(`stack:    ${s.stack.join(' -> ')}`);
     lines.push(`job:      ${s.job ?? 'none'}`);
     process.stdout.write(lines.join('\n') + '\n');
   },
@@ -48,6 +49,8 @@ interface ShimStatus {
   size: number;
   readOnly: boolean;
   job: string | null;
+  /** Top-down, each layer by its own name (older shims do not send it). */
+  stack?: string[];
   nbd: { clients: number; connectionsTotal: number; bytesRead: number; bytesWritten: number; requests: number; errors: number };
   tracking: { dirtyBytes: number; writes: number; hot?: Array<{ offset: number; length: number; writes: number }> } | null;
 }

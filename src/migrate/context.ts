@@ -5,6 +5,7 @@ import type { Tracker } from '../block/tracker.ts';
 import type { Mirror } from '../block/mirror.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
 import type { Copier } from './copier.ts';
+import type { JobCursors } from './cursors.ts';
 import type { Destination } from './destination.ts';
 
 export type MigrateMode = 'auto' | 'precopy' | 'mirror';
@@ -101,6 +102,8 @@ export interface JobContext {
   readonly gate: Gate;
   readonly tracker: Tracker;
   readonly mirror: Mirror;
+  /** The tracker's and the mirror's cursors: the only way the phases move them. */
+  readonly cursors: JobCursors;
   readonly copier: Copier;
   readonly dest: Destination;
   readonly size: number;

@@ -10,7 +10,8 @@ import type { Destination } from './destination.ts';
 
 export type MigrateMode = 'auto' | 'precopy' | 'mirror';
 export type TrackerChoice = 'bitmap' | 'incremental' | 'bloom';
-export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'switchover' | 'done' | 'failed' | 'aborted';
+/** `synchronized`: (handover 'peer' only) every guest write reaches both hosts; waiting for migrate.handover. */
+export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'synchronized' | 'switchover' | 'done' | 'failed' | 'aborted';
 
 export interface MigrateOptions {
   /** Destination: absolute file path or NBD URI. */
@@ -31,6 +32,14 @@ export interface MigrateOptions {
   suspendQmp?: string;
   chunkSize: number;
   concurrency: number;
+  /**
+   * What the switch-over does: 'local' swaps the shim onto the destination; 'peer' (the
+   * destination is the peer host's shim, reached over the link) holds a synchronized mirror
+   * after the copy until migrate.handover, then stops serving here (src/migrate/peer-handover.ts).
+   */
+  handover: 'local' | 'peer';
+  /** For messages when handover is 'peer': who the peer is. */
+  peer?: string;
 }
 
 export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
@@ -43,6 +52,7 @@ export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
   deleteSource: false,
   chunkSize: 1024 * 1024,
   concurrency: 4,
+  handover: 'local',
 };
 
 /** The span over which the reported rate is measured. */

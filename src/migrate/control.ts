@@ -5,6 +5,8 @@
 //   migrate.status the running job's figures, or the last result
 //   migrate.abort  stop the running job (rolls back unless already committed); answers
 //                  with its result
+//   migrate.handover a job started with handover 'peer' that holds its synchronized
+//                  mirror: switch over (the peer's shim becomes the disk); answers with the result
 // A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it),
 // unless it started the job with abortOnDisconnect (then the job rolls back if not committed).
 // On registration, a journal left by a job that died with the process is cleaned up.
@@ -30,6 +32,8 @@ const StartParams = z.object({
   suspendQmp: z.string().min(1).optional(),
   chunkSize: z.number().int().min(64 * 1024).max(64 * 1024 * 1024).default(DEFAULT_OPTIONS.chunkSize),
   concurrency: z.number().int().min(1).max(64).default(DEFAULT_OPTIONS.concurrency),
+  handover: z.enum(['local', 'peer']).default(DEFAULT_OPTIONS.handover),
+  peer: z.string().min(1).max(256).optional(),
   follow: z.boolean().default(false),
   /** Abort the job if this caller disconnects before the switch-over has committed. */
   abortOnDisconnect: z.boolean().default(false),
@@ -59,6 +63,9 @@ export async function registerMigrationMethods(disk: MovableDisk, control: Contr
       throw new ControlError('bad-request', `migrate.start: ${i.path.join('.') || 'params'}: ${i.message}`);
     }
     const { follow: wantsFollow, abortOnDisconnect, overwrite, ...opts } = parsed.data;
+    if (opts.handover === 'peer' && (!isNbdUri(opts.to) || opts.mode !== 'mirror')) {
+      throw new ControlError('bad-request', 'migrate.start: handover "peer" needs mode "mirror" and an NBD destination (the peer\'s shim)');
+    }
     if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, disk.backing);
     const job = await MigrationJob.start(disk, opts as MigrateOptions);
     // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or
@@ -84,6 +91,15 @@ export async function registerMigrationMethods(disk: MovableDisk, control: Contr
     job: slot.job ? slot.job.snapshot() : slot.last,
     recovered: slot.recovered,
   }));
+
+  control.on('migrate.handover', async () => {
+    const job = slot.job;
+    if (!job) throw none();
+    job.handover();
+    const result = await job.done;
+    if (!result.ok) throw new ControlError(result.error?.code ?? 'failed', result.error?.message ?? 'handover failed');
+    return result;
+  });
 
   control.on('migrate.abort', async () => {
     const job = slot.job;

@@ -22,6 +22,7 @@ import { precopy } from './precopy.ts';
 import { mirrorPass, startMirroring, stopMirroring } from './selective.ts';
 import { switchOver, swapToLocalFile, CommittedError, type Handover } from './switchover.ts';
 import { JobCursors } from './cursors.ts';
+import { handOverToPeer } from './peer-handover.ts';
 import type { MovableDisk } from './disk.ts';
 import { RATE_WINDOW_MS, type JobContext, type JobFigures, type JobPhase, type MigrateOptions } from './context.ts';
 
@@ -53,6 +54,8 @@ export class MigrationJob {
   };
   readonly done: Promise<JobResult>;
   readonly #abort = new AbortController();
+  #handoverAsked!: () => void;
+  readonly #handoverRequest = new Promise<void>((r) => (this.#handoverAsked = r));
   readonly #listeners = new Set<JobListener>();
   #lastProgress = 0;
   #copier: Copier;
@@ -67,7 +70,7 @@ export class MigrationJob {
     private readonly dest: Destination,
     private readonly release: () => void,
     private readonly journal: string,
-    private readonly handover: Handover,
+    private readonly strategy: Handover,
   ) {
     this.from = disk.backing;
     this.#copier = new Copier(disk.bottom, dest.device, {
@@ -90,7 +93,8 @@ export class MigrationJob {
     try {
       const facts = { backing: disk.backing, sockets: disk.sockets, size: disk.gate.size, caps: disk.gate.caps };
       const dest = await openDestination(opts.to, facts, (path) => writeJournal(journal, path, true));
-      return new MigrationJob(disk, opts, dest, release, journal, (handover ?? ((d) => swapToLocalFile(disk, d)))(dest));
+      const strategy = handover ?? (opts.handover === 'peer' ? (d: Destination) => handOverToPeer(disk, d, opts.peer ?? 'the peer') : (d: Destination) => swapToLocalFile(disk, d));
+      return new MigrationJob(disk, opts, dest, release, journal, strategy(dest));
     } catch (e) {
       await removeJournal(journal).catch(() => {});
       release();
@@ -100,6 +104,12 @@ export class MigrationJob {
 
   get phase(): JobPhase {
     return this.figures.phase;
+  }
+
+  /** Handover 'peer': the synchronized mirror may end; switch over now (or once synchronized). */
+  handover(): void {
+    if (this.opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.handover: this job swaps to a local destination; it switches over on its own');
+    this.#handoverAsked();
   }
 
   /** Ask the job to stop; it rolls back unless the switch-over has already committed. */
@@ -205,7 +215,8 @@ export class MigrationJob {
       if (opts.mode === 'mirror') {
         await startMirroring(ctx, null);
         await mirrorPass(ctx, null);
-        await stopMirroring(ctx);
+        if (opts.handover === 'peer') await this.#holdSynchronized(ctx);
+        else await stopMirroring(ctx);
       } else {
         const outcome = await precopy(ctx);
         if (outcome.kind === 'diverging') {
@@ -215,7 +226,7 @@ export class MigrationJob {
           await stopMirroring(ctx);
         } else carry = outcome.carry;
       }
-      const sw = await switchOver(ctx, this.handover, carry);
+      const sw = await switchOver(ctx, this.strategy, carry);
       committed = true;
       // The old source device is no longer below the gate; close it, and delete it if asked.
       await sw.old.close().catch(() => {});
@@ -235,6 +246,31 @@ export class MigrationJob {
     } finally {
       this.release();
     }
+  }
+
+  /**
+   * Handover 'peer': the mirror stays on (every guest write is acknowledged once both hosts
+   * have it) until the caller asks for the handover, typically once the memory phase ended.
+   */
+  async #holdSynchronized(ctx: JobContext): Promise<void> {
+    ctx.setPhase('synchronized');
+    let tick: NodeJS.Timeout | undefined;
+    // An abort, or the destination failing a mirrored write, ends the wait: the job rolls back.
+    const failed = new Promise<never>((_, reject) => {
+      const signal = this.#abort.signal;
+      if (signal.aborted) reject(signal.reason);
+      signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+      tick = setInterval(() => {
+        if (ctx.mirror.error) reject(ctx.mirror.error);
+        ctx.progress();
+      }, 250);
+    });
+    try {
+      await Promise.race([this.#handoverRequest, failed]);
+    } finally {
+      clearInterval(tick);
+    }
+    if (ctx.mirror.error) throw ctx.mirror.error;
   }
 
   /** Put the shim's own stack back on the source and undo what the job created. */
@@ -274,7 +310,7 @@ export class MigrationJob {
 
   #phaseName(): string {
     const f = this.figures;
-    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase;
+    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase === 'synchronized' ? 'the synchronized mirror' : f.phase;
   }
 
   #noteSet(set: DirtySet): void {

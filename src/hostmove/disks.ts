@@ -161,7 +161,8 @@ export class PeerDisks {
       let resolveSynced!: () => void;
       const isSynced = new Promise<void>((r) => (resolveSynced = r));
       const job = controlCall(`${p.sourceSocket}.ctl`, 'migrate.start', {
-        to: `nbd+unix:///disk?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName,
+        // The peer created the file (O_EXCL, truncated to size): it reads as zeroes, so holes cost nothing.
+        to: `nbd+unix:///disk?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
         bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true,
       }, {
         onEvent: (event, data) => {

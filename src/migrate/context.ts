@@ -40,6 +40,12 @@ export interface MigrateOptions {
   handover: 'local' | 'peer';
   /** For messages when handover is 'peer': who the peer is. */
   peer?: string;
+  /**
+   * The caller vouches that the destination reads as zeroes (the peer just created it): holes
+   * are then skipped, not written as zeroes. Only with handover 'peer' (a local file the job
+   * creates knows it by itself).
+   */
+  destinationZero?: boolean;
 }
 
 export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {

@@ -34,6 +34,7 @@ const StartParams = z.object({
   concurrency: z.number().int().min(1).max(64).default(DEFAULT_OPTIONS.concurrency),
   handover: z.enum(['local', 'peer']).default(DEFAULT_OPTIONS.handover),
   peer: z.string().min(1).max(256).optional(),
+  destinationZero: z.boolean().default(false),
   follow: z.boolean().default(false),
   /** Abort the job if this caller disconnects before the switch-over has committed. */
   abortOnDisconnect: z.boolean().default(false),
@@ -66,6 +67,7 @@ export async function registerMigrationMethods(disk: MovableDisk, control: Contr
     if (opts.handover === 'peer' && (!isNbdUri(opts.to) || opts.mode !== 'mirror')) {
       throw new ControlError('bad-request', 'migrate.start: handover "peer" needs mode "mirror" and an NBD destination (the peer\'s shim)');
     }
+    if (opts.destinationZero && opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.start: destinationZero is only for handover "peer"');
     if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, disk.backing);
     const job = await MigrationJob.start(disk, opts as MigrateOptions);
     // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or

@@ -93,6 +93,7 @@ export class MigrationJob {
     try {
       const facts = { backing: disk.backing, sockets: disk.sockets, size: disk.gate.size, caps: disk.gate.caps };
       const dest = await openDestination(opts.to, facts, (path) => writeJournal(journal, path, true));
+      if (opts.destinationZero) dest.initiallyZero = true;
       const strategy = handover ?? (opts.handover === 'peer' ? (d: Destination) => handOverToPeer(disk, d, opts.peer ?? 'the peer') : (d: Destination) => swapToLocalFile(disk, d));
       return new MigrationJob(disk, opts, dest, release, journal, strategy(dest));
     } catch (e) {

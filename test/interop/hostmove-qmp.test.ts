@@ -109,7 +109,10 @@ test('disk and memory move to B; a reset mid-copy resumes without recopying; eve
   const aHash = sha(srcDisk);
   // The writer goes on on B.
   const atSwitch = srcGuest.lastSeq();
-  await b.waitFor(new RegExp(`^VMSHIFT-SEQ ${atSwitch + 30}$`), 120_000);
+  await b.waitFor(new RegExp(`^VMSHIFT-SEQ ${atSwitch + 30}$`), 120_000).catch((e) => {
+    writeFileSync(join(hosts.dir, '..', `hostmove-b-console-${process.pid}.txt`), b.lines().join('\n'));
+    throw e;
+  });
   await b.stop();
   const last = b.lastSeq();
   assert.equal(verifyWriterLog(destPath, last, WRITER.blocks, { start: WRITER.start }), [], 'every acknowledged record is on B');

@@ -85,12 +85,17 @@ export const migrateMemoryCommand = {
     const onInt = () => ac.abort();
     process.once('SIGINT', onInt);
     let last = 0;
+    /** Progress lines on a terminal: at most one a second (memory and disks share it). */
+    const due = () => {
+      const now = Date.now();
+      if (now - last < 1000) return false;
+      last = now;
+      return true;
+    };
     const onEvent = (e: MigrateEvent) => {
       if (argv.json) { printJson(e); return; }
       if (e.event === 'progress') {
-        const now = Date.now();
-        if (now - last < 1000) return;
-        last = now;
+        if (!due()) return;
         process.stderr.write(`pass ${e.pass}: ${formatBytes(e.transferred)} sent, ${formatBytes(e.remaining)} left, dirtying ${formatBytes(e.dirtyRate)}/s${e.etaS !== null ? `, ETA ${e.etaS} s` : ''}\n`);
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
@@ -99,9 +104,7 @@ export const migrateMemoryCommand = {
     const onDisk = (e: DiskEvent) => {
       if (argv.json) { printJson(e); return; }
       if (e.event === 'disk-progress') {
-        const now = Date.now();
-        if (now - last < 1000) return;
-        last = now;
+        if (!due()) return;
         process.stderr.write(`disk ${e.disk}: ${e.phase}, ${formatBytes(e.passDone)} of ${formatBytes(e.passTotal)}, ${formatBytes(e.bytesCopied)} copied, ${formatBytes(e.mirroredBytes)} mirrored\n`);
       } else if (e.event === 'disks-prepared') process.stderr.write(`peer serves ${e.disks.map((d) => `${d.name} (${d.path} on ${d.socket})`).join(', ')}\n`);
       else if (e.event === 'disks-synchronized') process.stderr.write('disks synchronized: every write reaches both hosts; moving memory\n');

@@ -179,13 +179,20 @@ export class PeerDisks {
     onEvent({ event: 'disks-synchronized' });
   }
 
-  /** The memory phase has ended: the peer's shims become the disks; the source shims stop serving. */
+  /**
+   * The memory phase has ended (the guest runs on the peer): first the peer keeps its shims
+   * for good (commit), so nothing can remove a disk the guest now runs on; then each source
+   * shim hands over and stops serving. A source that fails to hand over is reported, and its
+   * guest on this host is stopped anyway (postmigrate).
+   */
   async handover(): Promise<void> {
+    await this.#ask({ op: 'commit' }, 'committed');
+    const failed: string[] = [];
     for (const p of this.#plans) {
-      await controlCall(`${p.sourceSocket}.ctl`, 'migrate.handover', {}, { timeoutMs: 60_000 });
+      await controlCall(`${p.sourceSocket}.ctl`, 'migrate.handover', {}, { timeoutMs: 60_000 }).catch((e: Error) => failed.push(`${p.name}: ${e.message}`));
       await this.#jobs.get(p.name)?.catch(() => {});
     }
-    await this.#ask({ op: 'commit' }, 'committed');
+    if (failed.length) throw new ControlError('handover-failed', `the guest runs on ${this.peerName} with its disks there, but these source shims did not hand over: ${failed.join('; ')}`);
   }
 
   /** In doubt whether the guest runs on the peer: the peer keeps its files and shims. */

@@ -7,6 +7,8 @@
 // Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
 // Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
 // the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
+// --balloon shrinks the guest on its own memory statistics first (src/balloon/); its defaults
+// come from the `balloon` section of vmshiftd's config file (src/daemon/config.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -14,6 +16,8 @@ import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
 import { PeerDisks, planDisks, type DiskEvent } from '../hostmove/disks.ts';
+import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
+import { mib } from '../balloon/policy.ts';
 
 interface Args {
   qmp: string;
@@ -31,6 +35,10 @@ interface Args {
   toDir?: string;
   destSocket?: string[];
   peerConfig?: string;
+  balloon?: boolean;
+  balloonFloor?: string;
+  balloonHeadroom?: string;
+  config: string;
   json: boolean;
 }
 
@@ -78,9 +86,17 @@ export const migrateMemoryCommand = {
       .option('disk', { type: 'string', array: true, describe: "move this local disk first: a source shim's NBD socket, =PATH of the new file on the peer" })
       .option('to-dir', { type: 'string', describe: "the peer's directory for the new files of --disk without =PATH" })
       .option('dest-socket', { type: 'string', array: true, describe: "SOURCE_SOCKET=PEER_SOCKET: where the peer serves the disk (default: the same path)" })
-      .option('peer-config', { type: 'string', describe: "the peer's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json there)" }),
+      .option('peer-config', { type: 'string', describe: "the peer's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json there)" })
+      .option('balloon', { type: 'boolean', describe: 'shrink the guest to its working set plus headroom first (its balloon statistics say how far); given back on the destination' })
+      .option('balloon-floor', { type: 'string', describe: 'never shrink the guest below this (default: max(64M, a quarter of its memory))' })
+      .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
+      .option('config', { type: 'string', default: DEFAULT_DAEMON_CONFIG, describe: "vmshiftd's config file: its balloon section gives the defaults" }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
     const peer = parsePeer(argv.peer);
+    const defaults = await loadBalloonDefaults(argv.config);
+    const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
+    const headroom = argv.balloonHeadroom !== undefined ? parseSize(argv.balloonHeadroom, '--balloon-headroom') : defaults.headroom;
+    const balloon = (argv.balloon ?? defaults.enabled) ? { floor, headroom } : undefined;
     const ac = new AbortController();
     const onInt = () => ac.abort();
     process.once('SIGINT', onInt);
@@ -100,6 +116,7 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
       else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
+      else if (e.event === 'balloon') process.stderr.write(`balloon ${e.state}: ${e.why}${e.target !== null ? ` (target ${mib(e.target)}, was ${mib(e.figures.actual)})` : ''}\n`);
     };
     const onDisk = (e: DiskEvent) => {
       if (argv.json) { printJson(e); return; }
@@ -141,7 +158,7 @@ export const migrateMemoryCommand = {
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth,
-        holdMs,
+        holdMs, balloon,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       }).catch(async (e) => {
         // In doubt the guest may run on the peer's disks: keep them there (never remove data
@@ -159,7 +176,10 @@ export const migrateMemoryCommand = {
         else process.stderr.write(`disks moved: the peer's shims serve them (disk link: ${stats.reconnects} reconnects, ${formatBytes(stats.resentBytes)} resent)\n`);
       }
       if (argv.json) printJson(done);
-      else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      else {
+        if (done.balloon) process.stderr.write(`balloon: ${mib(done.balloon.original)} -> ${mib(done.balloon.actual)} before the move (${done.balloon.state} after ${done.balloon.steps} steps, ${(done.balloon.ms / 1000).toFixed(1)} s); ${done.balloon.restored && 'target' in done.balloon.restored ? `given back on the destination (target ${mib(done.balloon.restored.target)})` : `NOT given back on the destination: ${done.balloon.restored?.error ?? 'no answer'}`}\n`);
+        process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      }
     } catch (e) {
       if (e instanceof MigrateError && e.inDoubt) {
         if (argv.json) printJson({ error: { code: e.code, message: e.message } });

@@ -24,6 +24,12 @@ export class Gate extends Layer {
     this.#caps = Object.freeze({ ...inner.caps });
   }
 
+  override get layerName(): string {
+    return 'gate';
+  }
+  override describe(): string {
+    return this.#paused ? `gate (paused, ${this.#held.length} held)` : 'gate';
+  }
   override get size(): number {
     return this.#size;
   }

@@ -1,6 +1,8 @@
 // Base class for a layer: a device that wraps another and passes every call through.
 // Subclasses override only what they change (as nbdkit filters do), and say why in their
-// own doc comment.
+// own doc comment. Every layer has a name of its own (`layerName`, e.g. "gate", "tracker"),
+// as every nbdkit backend has, so a stack can describe itself (describeStack in stack.ts);
+// `name` stays the name of the device at the bottom, for error messages about the disk.
 import type { BlockDevice, DeviceCaps, Extent, WriteOpts, ZeroOpts } from './device.ts';
 
 export class Layer implements BlockDevice {
@@ -14,6 +16,14 @@ export class Layer implements BlockDevice {
   }
   get name(): string {
     return this.inner.name;
+  }
+  /** What this layer is ("gate", "tracker", "mirror"): one word, fixed per class. */
+  get layerName(): string {
+    return 'layer';
+  }
+  /** This layer in a stack description: its name and, where useful, its state. */
+  describe(): string {
+    return this.layerName;
   }
   /** The device this layer wraps (for status and for walking a stack). */
   get next(): BlockDevice {

@@ -9,6 +9,8 @@
 //   - a write overlapping the window the copier holds waits for the copier to finish it.
 // Overlapping writes are serialised while mirroring, so both devices apply them in the same
 // order. Inactive, the layer passes everything through.
+// The cursor is the job's (src/migrate/cursors.ts): the mirror only reads it, as QEMU's
+// mirror filter node reads its job's state through a small handle and never owns it.
 import type { BlockDevice, WriteOpts, ZeroOpts } from './device.ts';
 import { Layer } from './layer.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
@@ -19,6 +21,21 @@ interface Span {
 }
 
 const overlaps = (a: Span, start: number, end: number) => a.start < end && start < a.end;
+
+/** Where the destination is known to be in step: everything below `mirroredBelow`. */
+export interface MirrorCursor {
+  readonly mirroredBelow: number;
+}
+
+/**
+ * A failure writing a guest's write to the destination. It carries a code the job switches
+ * on (never a regex on the message): the guest's write succeeded on the source; the job
+ * must give up.
+ */
+export class MirrorFailedError extends Error {
+  override name = 'MirrorFailedError';
+  readonly code = 'destination-failed';
+}
 
 export interface MirrorStats {
   active: boolean;
@@ -32,8 +49,7 @@ export interface MirrorStats {
 
 export class Mirror extends Layer {
   #active = false;
-  /** Everything below the cursor is on the destination (and mirrored from now on). */
-  cursor = 0;
+  readonly #cursor: MirrorCursor;
   /** Writes at or ahead of the cursor while active; the copier reads it. */
   pending: DirtySet | null = null;
   #window: Span | null = null;
@@ -43,8 +59,21 @@ export class Mirror extends Layer {
   #mirroredBytes = 0;
   #waitedWrites = 0;
 
-  constructor(source: BlockDevice, readonly destination: BlockDevice) {
+  constructor(source: BlockDevice, readonly destination: BlockDevice, cursor: MirrorCursor) {
     super(source);
+    this.#cursor = cursor;
+  }
+
+  override get layerName(): string {
+    return 'mirror';
+  }
+  override describe(): string {
+    return `mirror to ${this.destination.name} (${this.#active ? `active, in step below ${this.cursor}` : 'inactive'})`;
+  }
+
+  /** Everything below the cursor is on the destination (and mirrored from now on). */
+  get cursor(): number {
+    return this.#cursor.mirroredBelow;
   }
 
   get active(): boolean {
@@ -55,9 +84,8 @@ export class Mirror extends Layer {
     return this.#error;
   }
 
-  /** Start mirroring from offset 0; writes ahead of the cursor are marked in `pending`. */
+  /** Start mirroring (the job has put the cursor at 0); writes ahead of the cursor are marked in `pending`. */
   start(pending: DirtySet | null): void {
-    this.cursor = 0;
     this.pending = pending;
     this.#active = true;
   }
@@ -112,7 +140,7 @@ export class Mirror extends Layer {
     this.#inFlight.add(span);
     try {
       // Decided after waiting: a write that waited for the window is behind the cursor now.
-      if (this.#active && offset < this.cursor) {
+      if (this.#active && offset < this.#cursor.mirroredBelow) {
         const toDest = op(this.destination).then(
           () => void (this.#mirroredBytes += length),
           (e: Error) => this.#fail(e),
@@ -129,7 +157,7 @@ export class Mirror extends Layer {
   }
 
   #fail(e: Error): void {
-    if (!this.#error) this.#error = new Error(`mirroring to ${this.destination.name} failed: ${e.message}`, { cause: e });
+    if (!this.#error) this.#error = new MirrorFailedError(`mirroring to ${this.destination.name} failed: ${e.message}`, { cause: e });
     this.#active = false;
   }
 

@@ -10,10 +10,12 @@
 //
 // Incremental tracking (`cursor`): during the first full pass, a write that starts at or
 // beyond the cursor is not marked: the copier has not read that part yet and will copy its
-// new data anyway. The copier sets the cursor to the END of the chunk it is about to read
+// new data anyway. The copier moves the cursor to the END of the chunk it is about to read
 // BEFORE it reads, so writes to the chunk in flight count as behind. The cursor is checked
 // at completion time, so a write that was ahead when issued but completes after the cursor
-// passed it is still marked. Set it back to Infinity (the default) after the first pass.
+// passed it is still marked. The tracker only reads the cursor: it belongs to the job
+// (src/migrate/cursors.ts), which moves it and the mirror's together; without one the
+// tracker marks every write.
 import type { BlockDevice, WriteOpts, ZeroOpts } from './device.ts';
 import { Layer } from './layer.ts';
 import { createDirtySet, HeatMap, DEFAULT_REGION_SIZE, type DirtySet, type HotRegion } from '../tracking/index.ts';
@@ -28,6 +30,8 @@ export interface TrackerOptions {
   /** Bloom sizing (kind 'bloom' only): see BloomOptions. */
   expectedBlocks?: number;
   falsePositiveRate?: number;
+  /** The job's cursor (incremental tracking); default: mark everything. */
+  cursor?: TrackingCursor;
 }
 
 export interface TrackerStats {
@@ -45,9 +49,17 @@ export interface TrackerStats {
 
 export type WriteListener = (offset: number, length: number) => void;
 
+/** Where the tracker stops marking: writes starting at or beyond `trackBelow` are not marked. */
+export interface TrackingCursor {
+  readonly trackBelow: number;
+}
+
+/** Mark every write (no job moves a cursor). */
+const TRACK_ALL: TrackingCursor = Object.freeze({ trackBelow: Infinity });
+
 export class Tracker extends Layer {
-  /** Writes starting at or beyond this offset are not marked (see the file comment). */
-  cursor = Infinity;
+  readonly #cursor: TrackingCursor;
+  readonly granularity: number;
   readonly kind: TrackerOptions['kind'];
   readonly heat: HeatMap | undefined;
   #set: DirtySet | null;
@@ -61,12 +73,27 @@ export class Tracker extends Layer {
   constructor(inner: BlockDevice, opts: TrackerOptions) {
     super(inner);
     this.kind = opts.kind;
+    this.#cursor = opts.cursor ?? TRACK_ALL;
+    this.granularity = opts.granularity ?? 64 * 1024;
     const { granularity, expectedBlocks, falsePositiveRate } = opts;
     this.#newSet = opts.kind === 'none'
       ? () => null
       : () => createDirtySet(opts.kind as DirtySet['kind'], inner.size, { granularity, expectedBlocks, falsePositiveRate });
     this.#set = this.#newSet();
     this.heat = opts.heat ? new HeatMap(inner.size, opts.heatRegionSize ?? DEFAULT_REGION_SIZE) : undefined;
+  }
+
+  override get layerName(): string {
+    return 'tracker';
+  }
+  override describe(): string {
+    const below = this.#cursor.trackBelow;
+    return `tracker ${this.kind}${this.kind === 'none' ? '' : ` ${this.granularity / 1024} KiB`}${this.heat ? ' +heat' : ''}${below === Infinity ? '' : ` below ${below}`}`;
+  }
+
+  /** Writes starting at or beyond this offset are not marked (see the file comment). */
+  get cursor(): number {
+    return this.#cursor.trackBelow;
   }
 
   /** The set currently being filled (null for kind 'none'). */
@@ -128,7 +155,7 @@ export class Tracker extends Layer {
     this.#bytes += length;
     this.heat?.record(offset, length);
     if (this.#set) {
-      if (offset < this.cursor) {
+      if (offset < this.#cursor.trackBelow) {
         this.#set.mark(offset, length);
         this.#marked++;
       } else {

@@ -1,6 +1,9 @@
 // `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] --dest-qmp PATH_ON_PEER`: move
 // a running guest's memory (and devices) to a destination QEMU on another host, over the
-// resumable link (src/relay/migrate.ts). The guest's disks must be reachable from both hosts.
+// resumable link (src/relay/migrate.ts). The guest's disks must be reachable from both hosts,
+// or be moved first: `--disk SOCKET[=PATH]` (a source shim's NBD socket, and the new file on
+// the peer; `--to-dir DIR` names it DIR/<file name>) copies each to a new thin file on the
+// peer and holds a synchronized mirror until the memory phase ends (src/hostmove/disks.ts).
 // Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
 // Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
 // the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
@@ -12,6 +15,7 @@ import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
+import { PeerDisks, planDisks, type DiskEvent } from '../hostmove/disks.ts';
 import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
 import { mib } from '../balloon/policy.ts';
 
@@ -32,11 +36,32 @@ interface Args {
   peerVmshift: string;
   peerSocketDir: string;
   holdTime: string;
+  disk?: string[];
+  toDir?: string;
+  destSocket?: string[];
+  peerConfig?: string;
   balloon?: boolean;
   balloonFloor?: string;
   balloonHeadroom?: string;
   config: string;
   json: boolean;
+}
+
+/** `SOCKET[=PATH]` pairs, and `SRC=DST` socket renames, into planDisks' input. */
+export function parseDiskSpecs(disks: string[], destSockets: string[] = []): Array<{ sourceSocket: string; destPath?: string; destSocket?: string }> {
+  const renames = new Map<string, string>();
+  for (const d of destSockets) {
+    const i = d.indexOf('=');
+    if (i <= 0 || !d.slice(i + 1).startsWith('/')) throw new UsageError(`--dest-socket ${d}: expected SOURCE_SOCKET=/PEER/SOCKET`);
+    renames.set(resolve(d.slice(0, i)), d.slice(i + 1));
+  }
+  return disks.map((d) => {
+    const i = d.indexOf('=');
+    const sourceSocket = resolve(i < 0 ? d : d.slice(0, i));
+    const destPath = i < 0 ? undefined : d.slice(i + 1);
+    if (destPath !== undefined && !destPath.startsWith('/')) throw new UsageError(`--disk ${d}: the path on the peer must be absolute`);
+    return { sourceSocket, destPath, destSocket: renames.get(sourceSocket) };
+  });
 }
 
 export function parsePeer(url: string): { host: string; port: number; user: string } {
@@ -82,6 +107,10 @@ export const migrateMemoryCommand = {
       .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
       .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
       .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" })
+      .option('disk', { type: 'string', array: true, describe: "move this local disk first: a source shim's NBD socket, =PATH of the new file on the peer" })
+      .option('to-dir', { type: 'string', describe: "the peer's directory for the new files of --disk without =PATH" })
+      .option('dest-socket', { type: 'string', array: true, describe: "SOURCE_SOCKET=PEER_SOCKET: where the peer serves the disk (default: the same path)" })
+      .option('peer-config', { type: 'string', describe: "the peer's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json there)" })
       .option('balloon', { type: 'boolean', describe: 'shrink the guest to its working set plus headroom first (its balloon statistics say how far); given back on the destination' })
       .option('balloon-floor', { type: 'string', describe: 'never shrink the guest below this (default: max(64M, a quarter of its memory))' })
       .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
@@ -103,12 +132,17 @@ export const migrateMemoryCommand = {
     const onInt = () => ac.abort();
     process.once('SIGINT', onInt);
     let last = 0;
+    /** Progress lines on a terminal: at most one a second (memory and disks share it). */
+    const due = () => {
+      const now = Date.now();
+      if (now - last < 1000) return false;
+      last = now;
+      return true;
+    };
     const onEvent = (e: MigrateEvent) => {
       if (argv.json) { printJson(e); return; }
       if (e.event === 'progress') {
-        const now = Date.now();
-        if (now - last < 1000) return;
-        last = now;
+        if (!due()) return;
         process.stderr.write(`pass ${e.pass}: ${formatBytes(e.transferred)} sent, ${formatBytes(e.remaining)} left, dirtying ${formatBytes(e.dirtyRate)}/s${e.etaS !== null ? `, ETA ${e.etaS} s` : ''}\n`);
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
@@ -116,18 +150,65 @@ export const migrateMemoryCommand = {
       else if (e.event === 'parameters') for (const r of e.reasons) process.stderr.write(`parameter: ${r}\n`);
       else if (e.event === 'balloon') process.stderr.write(`balloon ${e.state}: ${e.why}${e.target !== null ? ` (target ${mib(e.target)}, was ${mib(e.figures.actual)})` : ''}\n`);
     };
+    const onDisk = (e: DiskEvent) => {
+      if (argv.json) { printJson(e); return; }
+      if (e.event === 'disk-progress') {
+        if (!due()) return;
+        process.stderr.write(`disk ${e.disk}: ${e.phase}, ${formatBytes(e.passDone)} of ${formatBytes(e.passTotal)}, ${formatBytes(e.bytesCopied)} copied, ${formatBytes(e.mirroredBytes)} mirrored\n`);
+      } else if (e.event === 'disks-prepared') process.stderr.write(`peer serves ${e.disks.map((d) => `${d.name} (${d.path} on ${d.socket})`).join(', ')}\n`);
+      else if (e.event === 'disks-synchronized') process.stderr.write('disks synchronized: every write reaches both hosts; moving memory\n');
+      else if (e.event === 'carrier') process.stderr.write(`disk link ${e.state}: ${e.why}\n`);
+    };
+    const identity = argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts = argv.knownHosts ?? join(homedir(), '.ssh/known_hosts');
+    const holdMs = parseDuration(argv.holdTime, '--hold-time');
+    const bandwidth = argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0;
+    let disks: PeerDisks | null = null;
+    if (argv.disk?.length) {
+      const plans = await planDisks(parseDiskSpecs(argv.disk, argv.destSocket), argv.toDir);
+      disks = await PeerDisks.open({
+        ...peer, identity, knownHosts, peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, peerConfig: argv.peerConfig,
+        sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined, holdMs,
+      }, onDisk);
+      try {
+        const aborted = new Promise<never>((_, reject) => ac.signal.addEventListener('abort', () => reject(new MigrateError('source', 'interrupted: migration cancelled')), { once: true }));
+        aborted.catch(() => {});
+        await Promise.race([(async () => {
+          await disks!.prepare(plans, onDisk);
+          await disks!.copy(onDisk, { bandwidth });
+          await disks!.awaitPeerSocket(argv.destQmp!);
+        })(), aborted]);
+      } catch (e) {
+        await disks.abort((e as Error).message);
+        await disks.close();
+        throw e;
+      }
+    }
     try {
       const done = await migrateMemory({
         qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp!,
-        identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts'),
+        identity, knownHosts,
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
-        bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
+        bandwidth,
         compress: argv.compress, cacheSize: parseSize(argv.cacheSize, '--cache-size'),
         linkRate: argv.linkRate ? parseSize(argv.linkRate, '--link-rate') : undefined,
-        holdMs: parseDuration(argv.holdTime, '--hold-time'), balloon,
+        holdMs, balloon,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
+      }).catch(async (e) => {
+        // In doubt the guest may run on the peer's disks: keep them there (never remove data
+        // a guest may be using); the source jobs roll back when this process exits.
+        if (disks && e instanceof MigrateError && e.inDoubt) await disks.keepPeer().catch(() => {});
+        else if (disks) await disks.abort((e as Error).message);
+        await disks?.close();
+        throw e;
       });
+      if (disks) {
+        await disks.handover();
+        const stats = disks.stats;
+        await disks.close();
+        if (argv.json) printJson({ event: 'disks-moved', link: stats });
+        else process.stderr.write(`disks moved: the peer's shims serve them (disk link: ${stats.reconnects} reconnects, ${formatBytes(stats.resentBytes)} resent)\n`);
+      }
       if (argv.json) printJson(done);
       else {
         if (done.balloon) process.stderr.write(`balloon: ${mib(done.balloon.original)} -> ${mib(done.balloon.actual)} before the move (${done.balloon.state} after ${done.balloon.steps} steps, ${(done.balloon.ms / 1000).toFixed(1)} s); ${done.balloon.restored && 'target' in done.balloon.restored ? `given back on the destination (target ${mib(done.balloon.restored.target)})` : `NOT given back on the destination: ${done.balloon.restored?.error ?? 'no answer'}`}\n`);

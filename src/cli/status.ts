@@ -22,8 +22,11 @@ export const statusCommand = {
       .option('daemon-socket', daemonSocketOption),
   handler: async (argv: ArgumentsCamelCase<StatusArgs>) => {
     if (!argv.socket) return daemonStatus(argv);
-    const s = await controlCall<ShimStatus>(controlSocketFor(argv.socket), 'status', {}, { timeoutMs: 5000 });
-    if (argv.json) return printJson(s);
+    const ctl = controlSocketFor(argv.socket);
+    const s = await controlCall<ShimStatus>(ctl, 'status', {}, { timeoutMs: 5000 });
+    // The running job's phase and figures (a move to the peer shows "synchronized" here).
+    const m = s.job ? await controlCall<{ job: JobSummary | null }>(ctl, 'migrate.status', {}, { timeoutMs: 5000 }).catch(() => null) : null;
+    if (argv.json) return printJson(m?.job ? { ...s, migration: m.job } : s);
     const lines = [
       `socket:   ${s.socket} (export "${s.export}")`,
       `backing:  ${s.backing}${s.backing !== s.origin ? ` (moved from ${s.origin})` : ''}`,
@@ -35,10 +38,19 @@ export const statusCommand = {
       lines.push(`dirty:    ${formatBytes(s.tracking.dirtyBytes)} (${s.tracking.writes} writes tracked)`);
       for (const h of s.tracking.hot ?? []) lines.push(`  hot:    ${formatBytes(h.offset)} +${formatBytes(h.length)}  ${Math.round(h.writes)} writes`);
     }
-    lines.push(`job:      ${s.job ?? 'none'}`);
+    if (s.stack) lines.push(`stack:    ${s.stack.join(' -> ')}`);
+    const j = m?.job;
+    lines.push(`job:      ${s.job ?? 'none'}${j ? `: ${j.phase} to ${j.to}, ${formatBytes(j.bytesCopied)} copied, ${formatBytes(j.mirroredBytes)} mirrored` : ''}`);
     process.stdout.write(lines.join('\n') + '\n');
   },
 };
+
+interface JobSummary {
+  phase: string;
+  to: string;
+  bytesCopied: number;
+  mirroredBytes: number;
+}
 
 interface ShimStatus {
   socket: string;
@@ -48,6 +60,8 @@ interface ShimStatus {
   size: number;
   readOnly: boolean;
   job: string | null;
+  /** Top-down, each layer by its own name (older shims do not send it). */
+  stack?: string[];
   nbd: { clients: number; connectionsTotal: number; bytesRead: number; bytesWritten: number; requests: number; errors: number };
   tracking: { dirtyBytes: number; writes: number; hot?: Array<{ offset: number; length: number; writes: number }> } | null;
 }

@@ -15,6 +15,7 @@ import { listenTls } from './tls-carrier.ts';
 import type { LinkStream } from './stream.ts';
 import { serveDestination } from '../relay/destination.ts';
 import { serveLibvirtDestination } from '../relay/libvirt-destination.ts';
+import { serveDisks } from '../hostmove/peer.ts';
 
 export interface AgentOptions {
   link: string;
@@ -28,6 +29,10 @@ export interface AgentOptions {
   destQmp?: string;
   /** Migration driven by libvirt: this host's libvirtd socket (src/relay/libvirt-destination.ts). */
   libvirtSocket?: string;
+  /** Moving disks: this host's new thin files and their shims (src/hostmove/peer.ts). */
+  disks?: boolean;
+  /** This host's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json). */
+  disksConfig?: string;
   tls?: { host: string; port: number; ca: string; cert: string; key: string };
 }
 
@@ -36,7 +41,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
       socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false },
-      'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' },
+      'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' }, disks: { type: 'boolean', default: false }, 'disks-config': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
   });
@@ -50,7 +55,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], disks: v.disks, disksConfig: v['disks-config'], tls,
   };
 }
 
@@ -92,6 +97,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
   if (o.libvirtSocket) serveLibvirtDestination(link, o.libvirtSocket, log);
+  if (o.disks) serveDisks(link, { config: o.disksConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);

@@ -5,11 +5,13 @@ import type { Tracker } from '../block/tracker.ts';
 import type { Mirror } from '../block/mirror.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
 import type { Copier } from './copier.ts';
+import type { JobCursors } from './cursors.ts';
 import type { Destination } from './destination.ts';
 
 export type MigrateMode = 'auto' | 'precopy' | 'mirror';
 export type TrackerChoice = 'bitmap' | 'incremental' | 'bloom';
-export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'switchover' | 'done' | 'failed' | 'aborted';
+/** `synchronized`: (handover 'peer' only) every guest write reaches both hosts; waiting for migrate.handover. */
+export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'synchronized' | 'switchover' | 'done' | 'failed' | 'aborted';
 
 export interface MigrateOptions {
   /** Destination: absolute file path or NBD URI. */
@@ -30,6 +32,20 @@ export interface MigrateOptions {
   suspendQmp?: string;
   chunkSize: number;
   concurrency: number;
+  /**
+   * What the switch-over does: 'local' swaps the shim onto the destination; 'peer' (the
+   * destination is the peer host's shim, reached over the link) holds a synchronized mirror
+   * after the copy until migrate.handover, then stops serving here (src/migrate/peer-handover.ts).
+   */
+  handover: 'local' | 'peer';
+  /** For messages when handover is 'peer': who the peer is. */
+  peer?: string;
+  /**
+   * The caller vouches that the destination reads as zeroes (the peer just created it): holes
+   * are then skipped, not written as zeroes. Only with handover 'peer' (a local file the job
+   * creates knows it by itself).
+   */
+  destinationZero?: boolean;
 }
 
 export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
@@ -42,6 +58,7 @@ export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
   deleteSource: false,
   chunkSize: 1024 * 1024,
   concurrency: 4,
+  handover: 'local',
 };
 
 /** The span over which the reported rate is measured. */
@@ -101,6 +118,8 @@ export interface JobContext {
   readonly gate: Gate;
   readonly tracker: Tracker;
   readonly mirror: Mirror;
+  /** The tracker's and the mirror's cursors: the only way the phases move them. */
+  readonly cursors: JobCursors;
   readonly copier: Copier;
   readonly dest: Destination;
   readonly size: number;

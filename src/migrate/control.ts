@@ -5,13 +5,15 @@
 //   migrate.status the running job's figures, or the last result
 //   migrate.abort  stop the running job (rolls back unless already committed); answers
 //                  with its result
+//   migrate.handover a job started with handover 'peer' that holds its synchronized
+//                  mirror: switch over (the peer's shim becomes the disk); answers with the result
 // A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it),
 // unless it started the job with abortOnDisconnect (then the job rolls back if not committed).
 // On registration, a journal left by a job that died with the process is cleaned up.
 import { z } from 'zod';
-import type { Shim } from '../shim/shim.ts';
 import { ControlError } from '../control/protocol.ts';
-import type { CallContext } from '../control/server.ts';
+import type { CallContext, ControlServer } from '../control/server.ts';
+import type { MovableDisk } from './disk.ts';
 import { MigrationJob, type JobResult } from './job.ts';
 import { DEFAULT_OPTIONS, type MigrateOptions } from './context.ts';
 import { journalPath, recoverJournal } from './journal.ts';
@@ -30,6 +32,9 @@ const StartParams = z.object({
   suspendQmp: z.string().min(1).optional(),
   chunkSize: z.number().int().min(64 * 1024).max(64 * 1024 * 1024).default(DEFAULT_OPTIONS.chunkSize),
   concurrency: z.number().int().min(1).max(64).default(DEFAULT_OPTIONS.concurrency),
+  handover: z.enum(['local', 'peer']).default(DEFAULT_OPTIONS.handover),
+  peer: z.string().min(1).max(256).optional(),
+  destinationZero: z.boolean().default(false),
   follow: z.boolean().default(false),
   /** Abort the job if this caller disconnects before the switch-over has committed. */
   abortOnDisconnect: z.boolean().default(false),
@@ -44,23 +49,27 @@ interface Slot {
   recovered: string | null;
 }
 
-export async function registerMigrationMethods(shim: Shim): Promise<void> {
+export async function registerMigrationMethods(disk: MovableDisk, control: ControlServer): Promise<void> {
   const slot: Slot = { job: null, last: null, recovered: null };
-  if (!shim.opts.readOnly) {
-    slot.recovered = await recoverJournal(journalPath(shim.opts.statePath), shim.backing);
+  if (!disk.readOnly) {
+    slot.recovered = await recoverJournal(journalPath(disk.statePath), disk.backing);
     if (slot.recovered) process.stderr.write(`vmshift: ${slot.recovered}\n`);
   }
-  const none = () => new ControlError('no-job', `${shim.opts.socket}: no migration is running`);
+  const none = () => new ControlError('no-job', `${disk.label}: no migration is running`);
 
-  shim.control.on('migrate.start', async (params, ctx) => {
+  control.on('migrate.start', async (params, ctx) => {
     const parsed = StartParams.safeParse(params);
     if (!parsed.success) {
       const i = parsed.error.issues[0]!;
       throw new ControlError('bad-request', `migrate.start: ${i.path.join('.') || 'params'}: ${i.message}`);
     }
     const { follow: wantsFollow, abortOnDisconnect, overwrite, ...opts } = parsed.data;
-    if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, shim.backing);
-    const job = await MigrationJob.start(shim, opts as MigrateOptions);
+    if (opts.handover === 'peer' && (!isNbdUri(opts.to) || opts.mode !== 'mirror')) {
+      throw new ControlError('bad-request', 'migrate.start: handover "peer" needs mode "mirror" and an NBD destination (the peer\'s shim)');
+    }
+    if (opts.destinationZero && opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.start: destinationZero is only for handover "peer"');
+    if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, disk.backing);
+    const job = await MigrationJob.start(disk, opts as MigrateOptions);
     // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or
     // disconnected CLI (or a vmshiftd restart in between) leaves the disk on its source.
     // After the commit an abort does nothing: the move stands and vmshiftd records it.
@@ -73,19 +82,28 @@ export async function registerMigrationMethods(shim: Shim): Promise<void> {
     return wantsFollow ? follow(job, ctx) : job.snapshot();
   });
 
-  shim.control.on('migrate.watch', (_params, ctx) => {
+  control.on('migrate.watch', (_params, ctx) => {
     if (slot.job) return follow(slot.job, ctx);
     if (slot.last) return slot.last;
     throw none();
   });
 
-  shim.control.on('migrate.status', () => ({
+  control.on('migrate.status', () => ({
     running: slot.job !== null,
     job: slot.job ? slot.job.snapshot() : slot.last,
     recovered: slot.recovered,
   }));
 
-  shim.control.on('migrate.abort', async () => {
+  control.on('migrate.handover', async () => {
+    const job = slot.job;
+    if (!job) throw none();
+    job.handover();
+    const result = await job.done;
+    if (!result.ok) throw new ControlError(result.error?.code ?? 'failed', result.error?.message ?? 'handover failed');
+    return result;
+  });
+
+  control.on('migrate.abort', async () => {
     const job = slot.job;
     if (!job) throw none();
     job.abort();

@@ -24,8 +24,8 @@ export interface Destination {
 export interface DiskFacts {
   /** The shim's current backing spec. */
   backing: string;
-  /** The shim's own NBD socket (a destination served by this shim would be itself). */
-  socket: string;
+  /** The disk's own NBD sockets (a destination served by this disk would be itself). */
+  sockets: readonly string[];
   size: number;
   caps: DeviceCaps;
 }
@@ -53,7 +53,7 @@ async function openNbd(uri: string, disk: DiskFacts): Promise<Destination> {
     return fail('bad-destination', `destination ${uri}: ${(e as Error).message}`);
   }
   const socket = target.transport === 'unix' ? target.socket : undefined;
-  if (socket && (socket === disk.socket || (await samePath(socket, disk.socket)))) fail('same-disk', `destination ${uri} is this shim's own export: choose another destination`);
+  if (socket && (await isOneOf(socket, disk.sockets))) fail('same-disk', `destination ${uri} is this shim's own export: choose another destination`);
   if (uri === disk.backing) fail('same-disk', `destination ${uri} is the disk's current backing`);
   let device: BlockDevice;
   try {
@@ -116,6 +116,11 @@ export async function discard(dest: Destination): Promise<void> {
   if (dest.created) await unlink(dest.spec).catch((e: NodeJS.ErrnoException) => {
     if (e.code !== 'ENOENT') throw new Error(`could not remove the destination file ${dest.spec} the job created: ${e.message}`);
   });
+}
+
+async function isOneOf(path: string, paths: readonly string[]): Promise<boolean> {
+  for (const p of paths) if (path === p || (await samePath(path, p))) return true;
+  return false;
 }
 
 async function samePath(a: string, b: string): Promise<boolean> {

@@ -1,14 +1,15 @@
-// A storage-migration job on one shim: checks and opens the destination, inserts its own
-// Tracker -> Mirror -> source stack under the gate, runs the mode's phases, switches over,
+// A storage-migration job on one disk (a MovableDisk: disk.ts; a shim is one): checks and
+// opens the destination, inserts its own Tracker -> Mirror -> source stack under the gate
+// (src/block/stack.ts), runs the mode's phases, switches over (the strategy: switchover.ts),
 // and reports. It runs inside the shim process; callers watch it through the control
 // socket and may go away without stopping it. Any failure before the commit point puts the
 // shim's original stack back, removes what the job created, and leaves the source as the
 // disk; an abort is such a failure, on request.
 import { unlink } from 'node:fs/promises';
-import type { Shim } from '../shim/shim.ts';
 import type { BlockDevice } from '../block/device.ts';
-import { Tracker } from '../block/tracker.ts';
-import { Mirror } from '../block/mirror.ts';
+import type { Tracker } from '../block/tracker.ts';
+import { MirrorFailedError, type Mirror } from '../block/mirror.ts';
+import { migratingStack } from '../block/stack.ts';
 import { isNbdUri } from '../block/open.ts';
 import { BloomDirtySet } from '../tracking/bloom.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
@@ -19,7 +20,10 @@ import { openDestination, discard, type Destination } from './destination.ts';
 import { journalPath, writeJournal, removeJournal } from './journal.ts';
 import { precopy } from './precopy.ts';
 import { mirrorPass, startMirroring, stopMirroring } from './selective.ts';
-import { switchOver, CommittedError } from './switchover.ts';
+import { switchOver, swapToLocalFile, CommittedError, type Handover } from './switchover.ts';
+import { JobCursors } from './cursors.ts';
+import { handOverToPeer } from './peer-handover.ts';
+import type { MovableDisk } from './disk.ts';
 import { RATE_WINDOW_MS, type JobContext, type JobFigures, type JobPhase, type MigrateOptions } from './context.ts';
 
 export interface JobResult extends JobFigures {
@@ -37,6 +41,7 @@ export type JobListener = (event: 'progress' | 'phase' | 'end', data: unknown) =
 
 class AbortRequested extends Error {
   override name = 'AbortRequested';
+  readonly code = 'aborted';
 }
 
 export class MigrationJob {
@@ -49,6 +54,8 @@ export class MigrationJob {
   };
   readonly done: Promise<JobResult>;
   readonly #abort = new AbortController();
+  #handoverAsked!: () => void;
+  readonly #handoverRequest = new Promise<void>((r) => (this.#handoverAsked = r));
   readonly #listeners = new Set<JobListener>();
   #lastProgress = 0;
   #copier: Copier;
@@ -58,14 +65,15 @@ export class MigrationJob {
   #passBase = 0;
 
   private constructor(
-    private readonly shim: Shim,
+    private readonly disk: MovableDisk,
     readonly opts: MigrateOptions,
     private readonly dest: Destination,
     private readonly release: () => void,
     private readonly journal: string,
+    private readonly strategy: Handover,
   ) {
-    this.from = shim.backing;
-    this.#copier = new Copier(shim.bottom, dest.device, {
+    this.from = disk.backing;
+    this.#copier = new Copier(disk.bottom, dest.device, {
       chunkSize: opts.chunkSize,
       concurrency: opts.concurrency,
       limiter: new RateLimiter(opts.bandwidth),
@@ -74,15 +82,20 @@ export class MigrationJob {
     this.done = this.#run();
   }
 
-  /** Claim the disk, check and open the destination, and start; errors here are the caller's. */
-  static async start(shim: Shim, opts: MigrateOptions): Promise<MigrationJob> {
-    if (shim.opts.readOnly) throw new ControlError('read-only', `${shim.opts.socket}: the shim serves its disk read-only; nothing to migrate live`);
-    const release = shim.claim('migrate-storage');
-    const journal = journalPath(shim.opts.statePath);
+  /**
+   * Claim the disk, check and open the destination, and start; errors here are the caller's.
+   * The switch-over's strategy defaults to swapping the disk onto the destination here.
+   */
+  static async start(disk: MovableDisk, opts: MigrateOptions, handover?: (dest: Destination) => Handover): Promise<MigrationJob> {
+    if (disk.readOnly) throw new ControlError('read-only', `${disk.label}: the shim serves its disk read-only; nothing to migrate live`);
+    const release = disk.claim('migrate-storage');
+    const journal = journalPath(disk.statePath);
     try {
-      const disk = { backing: shim.backing, socket: shim.opts.socket, size: shim.gate.size, caps: shim.gate.caps };
-      const dest = await openDestination(opts.to, disk, (path) => writeJournal(journal, path, true));
-      return new MigrationJob(shim, opts, dest, release, journal);
+      const facts = { backing: disk.backing, sockets: disk.sockets, size: disk.gate.size, caps: disk.gate.caps };
+      const dest = await openDestination(opts.to, facts, (path) => writeJournal(journal, path, true));
+      if (opts.destinationZero) dest.initiallyZero = true;
+      const strategy = handover ?? (opts.handover === 'peer' ? (d: Destination) => handOverToPeer(disk, d, opts.peer ?? 'the peer') : (d: Destination) => swapToLocalFile(disk, d));
+      return new MigrationJob(disk, opts, dest, release, journal, strategy(dest));
     } catch (e) {
       await removeJournal(journal).catch(() => {});
       release();
@@ -92,6 +105,12 @@ export class MigrationJob {
 
   get phase(): JobPhase {
     return this.figures.phase;
+  }
+
+  /** Handover 'peer': the synchronized mirror may end; switch over now (or once synchronized). */
+  handover(): void {
+    if (this.opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.handover: this job swaps to a local destination; it switches over on its own');
+    this.#handoverAsked();
   }
 
   /** Ask the job to stop; it rolls back unless the switch-over has already committed. */
@@ -148,17 +167,18 @@ export class MigrationJob {
   }
 
   async #run(): Promise<JobResult> {
-    const { shim, opts, dest } = this;
-    const gate = shim.gate;
+    const { disk, opts, dest } = this;
+    const gate = disk.gate;
     // Our own stack under the gate: the tracker kind is the job's choice, and the mirror
-    // layer is in place (inactive) so auto can start mirroring without another swap.
-    const mirror = new Mirror(shim.bottom, dest.device);
-    const granularity = jobGranularity(gate.size, shim.opts.granularity);
-    const tracker = new Tracker(mirror, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat });
+    // layer is in place (inactive) so auto can start mirroring without another swap. Both
+    // read the job's cursors; only the phases move them.
+    const cursors = new JobCursors();
+    const granularity = jobGranularity(gate.size, disk.granularity);
+    const { tracker, mirror } = migratingStack(disk.bottom, dest.device, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat, cursors });
     let original: BlockDevice | null = null;
     let committed = false;
     const ctx: JobContext = {
-      opts, gate, tracker, mirror, copier: this.#copier, dest, size: gate.size, granularity,
+      opts, gate, tracker, mirror, cursors, copier: this.#copier, dest, size: gate.size, granularity,
       signal: this.#abort.signal, figures: this.figures,
       setPhase: (phase) => {
         this.figures.phase = phase;
@@ -196,7 +216,8 @@ export class MigrationJob {
       if (opts.mode === 'mirror') {
         await startMirroring(ctx, null);
         await mirrorPass(ctx, null);
-        await stopMirroring(ctx);
+        if (opts.handover === 'peer') await this.#holdSynchronized(ctx);
+        else await stopMirroring(ctx);
       } else {
         const outcome = await precopy(ctx);
         if (outcome.kind === 'diverging') {
@@ -206,7 +227,7 @@ export class MigrationJob {
           await stopMirroring(ctx);
         } else carry = outcome.carry;
       }
-      const sw = await switchOver(ctx, shim, carry);
+      const sw = await switchOver(ctx, this.strategy, carry);
       committed = true;
       // The old source device is no longer below the gate; close it, and delete it if asked.
       await sw.old.close().catch(() => {});
@@ -228,9 +249,34 @@ export class MigrationJob {
     }
   }
 
+  /**
+   * Handover 'peer': the mirror stays on (every guest write is acknowledged once both hosts
+   * have it) until the caller asks for the handover, typically once the memory phase ended.
+   */
+  async #holdSynchronized(ctx: JobContext): Promise<void> {
+    ctx.setPhase('synchronized');
+    let tick: NodeJS.Timeout | undefined;
+    // An abort, or the destination failing a mirrored write, ends the wait: the job rolls back.
+    const failed = new Promise<never>((_, reject) => {
+      const signal = this.#abort.signal;
+      if (signal.aborted) reject(signal.reason);
+      signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+      tick = setInterval(() => {
+        if (ctx.mirror.error) reject(ctx.mirror.error);
+        ctx.progress();
+      }, 250);
+    });
+    try {
+      await Promise.race([this.#handoverRequest, failed]);
+    } finally {
+      clearInterval(tick);
+    }
+    if (ctx.mirror.error) throw ctx.mirror.error;
+  }
+
   /** Put the shim's own stack back on the source and undo what the job created. */
   async #rollback(original: BlockDevice | null, tracker: Tracker, mirror: Mirror): Promise<void> {
-    const gate = this.shim.gate;
+    const gate = this.disk.gate;
     mirror.stop();
     await gate.pause();
     try {
@@ -252,20 +298,20 @@ export class MigrationJob {
   #describe(e: unknown): { code: string; message: string } {
     const stay = `the disk stays on ${this.from}`;
     if (e instanceof AbortRequested) return { code: 'aborted', message: `migration to ${this.dest.spec} aborted during ${this.#phaseName()}: ${stay}` };
-    if (e instanceof CommittedError) return { code: 'swap-failed', message: e.message };
+    if (e instanceof CommittedError) return { code: e.code, message: e.message };
     const cause = e instanceof Error ? e.message : String(e);
     if (e instanceof CopyError && e.side === 'destination') {
       if (e.errno === 'ENOSPC') return { code: 'destination-full', message: `destination ${this.dest.spec} is out of space (${cause}): ${stay}` };
       return { code: 'destination-failed', message: `destination ${this.dest.spec} failed during ${this.#phaseName()}: ${cause}: ${stay}` };
     }
     if (e instanceof CopyError) return { code: 'source-failed', message: `reading the source failed during ${this.#phaseName()}: ${cause}: ${stay}` };
-    if (/mirroring to/.test(cause)) return { code: 'destination-failed', message: `${cause}: ${stay}` };
+    if (e instanceof MirrorFailedError) return { code: e.code, message: `${cause}: ${stay}` };
     return { code: 'failed', message: `migration to ${this.dest.spec} failed during ${this.#phaseName()}: ${cause}: ${stay}` };
   }
 
   #phaseName(): string {
     const f = this.figures;
-    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase;
+    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase === 'synchronized' ? 'the synchronized mirror' : f.phase;
   }
 
   #noteSet(set: DirtySet): void {

@@ -38,17 +38,17 @@ export interface PrecopyOutcome {
 }
 
 export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
-  const { tracker, copier, opts, figures } = ctx;
+  const { tracker, copier, opts, figures, cursors } = ctx;
   ctx.setPhase('precopy');
   // auto always tracks incrementally in pass 1: writes ahead of the copier cost nothing then.
   const incremental = opts.tracker === 'incremental' || opts.mode === 'auto';
   // Nothing is copied yet: from here on a write ahead of the copier is not marked. (The job
   // started with the cursor at Infinity: writes before this point were marked, which only
   // costs a second copy.)
-  if (incremental) tracker.cursor = 0;
+  if (incremental) cursors.trackBehindCopier();
   let skippedBytes = 0;
   const unlisten = incremental ? tracker.onWrite((offset, length) => {
-    if (offset >= tracker.cursor) skippedBytes += length;
+    if (offset >= cursors.trackBelow) skippedBytes += length;
   }) : () => {};
   const skippedBefore = tracker.stats().skippedAhead;
   let prevCopied: number;
@@ -61,10 +61,10 @@ export async function precopy(ctx: JobContext): Promise<PrecopyOutcome> {
       copier.copy([{ offset: 0, length: ctx.size }], {
         destIsZero: ctx.dest.initiallyZero,
         // Set BEFORE the chunk is read: writes into it count as behind the cursor.
-        beforeChunk: incremental ? (_start, end) => void (tracker.cursor = Math.max(tracker.cursor, end)) : undefined,
+        beforeChunk: incremental ? (_start, end) => cursors.copierReaches(end) : undefined,
       }));
   } finally {
-    tracker.cursor = Infinity;
+    cursors.trackEverything();
     unlisten();
   }
   figures.savings.incrementalSkippedWrites = tracker.stats().skippedAhead - skippedBefore;

@@ -20,7 +20,7 @@ export const MIRROR_WINDOW = 1024 * 1024;
  * take the tracker's set into `carry` so nothing written so far is missed.
  */
 export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null): Promise<DirtySet[] | null> {
-  const { gate, tracker, mirror } = ctx;
+  const { gate, tracker, mirror, cursors } = ctx;
   await gate.pause();
   try {
     if (carry) {
@@ -30,7 +30,8 @@ export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null):
     }
     // From here on the mirror decides what the destination needs; tracking would only
     // make the switch-over recopy mirrored blocks.
-    tracker.cursor = 0;
+    cursors.trackNothing();
+    cursors.mirrorFromStart();
     mirror.start(carry ? new DirtyBitmap(ctx.size, ctx.granularity) : null);
   } finally {
     gate.resume();
@@ -40,7 +41,7 @@ export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null):
 
 /** The mirror pass: `carry` null copies everything, else only the carried sets and pending. */
 export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Promise<void> {
-  const { mirror, copier, figures, size } = ctx;
+  const { mirror, copier, figures, size, cursors } = ctx;
   ctx.setPhase('mirror');
   const sets = carry ? [...carry, mirror.pending!] : null;
   ctx.startPass(figures.pass + 1, size, sets ? sets.reduce((n, set) => n + set.dirtyBytes(), 0) : null);
@@ -51,17 +52,17 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
   const started = performance.now();
   const written0 = copier.writtenBytes;
   let lastTick = 0;
-  while (mirror.cursor < size) {
+  while (cursors.mirroredBelow < size) {
     throwIfAborted(ctx.signal);
     if (mirror.error) throw mirror.error;
     // Choosing the next start and moving the cursor happen in one synchronous step: a write
     // that started before has already marked `pending`, so nothing is skipped over.
-    const start = sets ? firstDirty(sets, mirror.cursor) : mirror.cursor;
+    const start = sets ? firstDirty(sets, cursors.mirroredBelow) : cursors.mirroredBelow;
     if (start < 0) {
-      mirror.cursor = size;
+      cursors.mirroredUpTo(size);
       break;
     }
-    mirror.cursor = start;
+    cursors.mirroredUpTo(start);
     // Copying everything: a hole or zero extent ahead is passed in one step, not window by window.
     if (!sets && (await skipZeroExtent(ctx))) continue;
     const end = Math.min(size, start + MIRROR_WINDOW);
@@ -73,12 +74,12 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
     try {
       const work = sets ? unionRanges(sets.map((s) => s.ranges(start)), start, end) : [{ offset: start, length: end - start }];
       await copier.copy(work, { destIsZero: !carry && ctx.dest.initiallyZero, chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency), deferLimit: true });
-      mirror.cursor = end;
+      cursors.mirroredUpTo(end);
     } finally {
       mirror.release();
     }
-    figures.passDone = mirror.cursor;
-    figures.dirtyBytes = sets ? remaining(sets, mirror.cursor) : size - mirror.cursor;
+    figures.passDone = cursors.mirroredBelow;
+    figures.dirtyBytes = sets ? remaining(sets, cursors.mirroredBelow) : size - cursors.mirroredBelow;
     figures.mirroredBytes = mirror.stats().mirroredBytes;
     const now = performance.now();
     if (now - lastTick > 250) {
@@ -105,9 +106,9 @@ const SKIP_MAX = 64 * 1024 * 1024 * 1024;
  * waited finds itself behind the cursor and is mirrored.
  */
 async function skipZeroExtent(ctx: JobContext): Promise<boolean> {
-  const { mirror, copier, size } = ctx;
+  const { mirror, copier, size, cursors } = ctx;
   if (!copier.source.caps.canBlockStatus) return false;
-  const start = mirror.cursor, end = Math.min(size, start + SKIP_MAX);
+  const start = cursors.mirroredBelow, end = Math.min(size, start + SKIP_MAX);
   await mirror.hold(start, end);
   try {
     const [first] = await copier.source.blockStatus(start, end - start);
@@ -115,7 +116,7 @@ async function skipZeroExtent(ctx: JobContext): Promise<boolean> {
     const stop = Math.min(end, first.offset + first.length);
     if (stop - start < MIRROR_WINDOW) return false;
     await copier.zeroRange(start, stop - start, ctx.dest.initiallyZero);
-    mirror.cursor = stop;
+    cursors.mirroredUpTo(stop);
     return true;
   } finally {
     mirror.release();
@@ -133,14 +134,14 @@ async function skipZeroExtent(ctx: JobContext): Promise<boolean> {
  * tracked writes, so the mirror stays on and keeps the destination in step to the end.
  */
 export async function stopMirroring(ctx: JobContext): Promise<void> {
-  const { gate, tracker, mirror, figures, copier } = ctx;
+  const { gate, tracker, mirror, figures, copier, cursors } = ctx;
   if (copier.opts.limiter?.limited) return;
   await gate.pause();
   try {
     if (mirror.error) throw mirror.error;
     mirror.stop();
     tracker.swap(); // empty: nothing was marked while the mirror decided (cursor 0)
-    tracker.cursor = Infinity;
+    cursors.trackEverything();
     figures.mirroredBytes = mirror.stats().mirroredBytes;
   } finally {
     gate.resume();

@@ -4,17 +4,25 @@
 //   writes to do), copy them and flush again; write the new shim state (synced, not yet in
 //   place);
 //   the stall: [QMP stop] -> Gate.pause (drain) -> copy the last dirty blocks -> destination
-//   flush -> rename the new state into place -> shim.replaceBottom(dest) -> Gate.resume
-//   [-> QMP cont].
-// Until the rename, any failure leaves the stack as it was and the caller rolls back to the
+//   flush -> handover.commit() -> handover.apply() -> Gate.resume [-> QMP cont].
+// Until the commit, any failure leaves the stack as it was and the caller rolls back to the
 // source; after it, the destination is the disk. The stall (first held request possible to
 // resume) is measured, and so is each of its parts.
-import type { Shim } from '../shim/shim.ts';
+//
+// What the commit point changes is a strategy (Handover), so the sequence around it is
+// written once:
+//   - swapToLocalFile (here): the new backing is this host's file or export; commit renames
+//     the shim state naming it into place, apply swaps the stack onto it;
+//   - handing over to the peer's shim (src/hostmove/disks.ts): commit records that the
+//     peer's shim is the disk's primary, apply stops serving here.
+import type { BlockDevice } from '../block/device.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
 import { QmpClient } from '../qemu/qmp.ts';
 import { throwIfAborted } from './copier.ts';
 import { unionRanges } from './ranges.ts';
 import type { JobContext } from './context.ts';
+import type { Destination } from './destination.ts';
+import type { MovableDisk, PreparedBacking } from './disk.ts';
 import { debuglog } from 'node:util';
 import { faultPoint } from '../util/fault-point.ts';
 
@@ -22,8 +30,44 @@ const debug = debuglog('vmshift');
 export interface SwitchResult {
   stallMs: number;
   finalBytes: number;
-  /** The device the shim served before (the caller closes it). */
-  old: import('../block/device.ts').BlockDevice;
+  /** The device the disk was on before (the caller closes it). */
+  old: BlockDevice;
+}
+
+/** What the switch-over changes at its commit point. */
+export interface Handover {
+  /** For status and messages: 'local-swap', 'peer-handover'. */
+  readonly kind: string;
+  /** Outside the stall: make the change durable but not yet in effect. */
+  prepare(): Promise<void>;
+  /** Inside the stall (gate drained, destination flushed): the commit point. */
+  commit(): Promise<void>;
+  /** Committed, gate still paused: change the stack; returns the device no longer served. */
+  apply(): BlockDevice;
+  /** Not committed: undo what prepare() did (safe to call when it did nothing). */
+  discard(): Promise<void>;
+}
+
+/** The disk moves to `dest` on this host: the shim records it and serves it from now on. */
+export function swapToLocalFile(disk: MovableDisk, dest: Destination): Handover {
+  let state: PreparedBacking | null = null;
+  return {
+    kind: 'local-swap',
+    prepare: async () => {
+      state = await disk.prepareBacking(dest.spec);
+    },
+    commit: async () => {
+      if (!state) throw new Error(`switch-over to ${dest.spec}: commit before prepare`);
+      await state.commit();
+      state = null;
+    },
+    apply: () => disk.replaceBottom(dest.device),
+    discard: async () => {
+      const s = state;
+      state = null;
+      await s?.discard();
+    },
+  };
 }
 
 /** Catch-up copies outside the stall before the stall is taken whatever the final set's size. */
@@ -39,14 +83,15 @@ const FLUSH_SHARE = 0.25;
 /** Thrown after the commit point: the job must not roll back. */
 export class CommittedError extends Error {
   override name = 'CommittedError';
+  readonly code = 'swap-failed';
 }
 
-export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[]): Promise<SwitchResult> {
+export async function switchOver(ctx: JobContext, handover: Handover, carry: DirtySet[]): Promise<SwitchResult> {
   const { gate, tracker, mirror, copier, dest, figures } = ctx;
   ctx.setPhase('switchover');
   const qmp = ctx.opts.suspendQmp ? await QmpClient.connect(ctx.opts.suspendQmp, { timeoutMs: 5000 }) : null;
   let stopped = false;
-  let state: Awaited<ReturnType<Shim['prepareBacking']>> | null = null;
+  let prepared = false;
   try {
     // Outside the stall. The flush writes back what the copy left in the page cache (without
     // it the stall's own flush took 1.6-2 s on 1 GiB). The guest keeps writing meanwhile:
@@ -66,7 +111,8 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
       await copier.copy(unionRanges([...carry, tracker.swap()].map((set) => set.ranges())), { destIsZero: false });
       carry = [];
     }
-    state = await shim.prepareBacking(dest.spec);
+    prepared = true;
+    await handover.prepare();
     throwIfAborted(ctx.signal);
 
     const t0 = performance.now(); // the stall starts here
@@ -81,7 +127,7 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     // swap (none are in flight: the gate is drained). After a mirror pass nothing is carried
     // and the tracker holds what was written since mirroring stopped (or, with the mirror
     // kept on under --bandwidth, nothing: it kept the destination in step).
-    if (mirror.active && mirror.cursor < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${mirror.cursor} of ${ctx.size})`);
+    if (mirror.active && ctx.cursors.mirroredBelow < ctx.size) throw new Error(`switch-over before the mirror pass finished (cursor ${ctx.cursors.mirroredBelow} of ${ctx.size})`);
     const sets = [...carry, tracker.swap()];
     const t1 = performance.now();
     const before = copier.writtenBytes;
@@ -94,16 +140,16 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     throwIfAborted(ctx.signal);
     const t3 = performance.now();
     await faultPoint('switchover-before-commit');
-    await state.commit();
-    state = null;
+    await handover.commit();
+    prepared = false;
     await faultPoint('switchover-after-commit');
     // Committed: from here the destination is the disk, whatever happens next.
     let old;
     try {
       mirror.stop();
-      old = shim.replaceBottom(dest.device);
+      old = handover.apply();
     } catch (e) {
-      throw new CommittedError(`the new backing ${dest.spec} is recorded but the swap failed: ${(e as Error).message}; restart the shim to serve it`);
+      throw new CommittedError(`the new backing ${dest.spec} is recorded but the ${handover.kind} failed: ${(e as Error).message}; restart the shim to serve it`);
     }
     gate.resume();
     const t4 = performance.now();
@@ -112,7 +158,7 @@ export async function switchOver(ctx: JobContext, shim: Shim, carry: DirtySet[])
     figures.stallParts = { drainMs: t1 - t0, copyMs: t2 - t1, flushMs: t3 - t2, commitMs: t4 - t3 };
     return { stallMs, finalBytes, old };
   } finally {
-    if (state) await state.discard().catch(() => {});
+    if (prepared) await handover.discard().catch(() => {});
     if (stopped) await qmp!.execute('cont').catch(() => {});
     await qmp?.close().catch(() => {});
   }

@@ -23,10 +23,11 @@ export type ControlMsg =
   | { op: 'libvirt-prepare'; migrateSocket: string; probes: string[] }
   | { op: 'libvirt-ready'; probes: Array<string | null> };
 
-export class Control {
+/** JSON lines of messages `M` on a stream (the memory migration's by default; src/hostmove has its own). */
+export class Control<M extends { op: string } = ControlMsg> {
   private buf = '';
-  private waiters: Array<(m: ControlMsg) => void> = [];
-  private queue: ControlMsg[] = [];
+  private waiters: Array<(m: M) => void> = [];
+  private queue: M[] = [];
   private closedWith: Error | null = null;
   private closeWaiters: Array<(e: Error) => void> = [];
 
@@ -44,9 +45,9 @@ export class Control {
     while ((i = this.buf.indexOf('\n')) >= 0) {
       const line = this.buf.slice(0, i);
       this.buf = this.buf.slice(i + 1);
-      let m: ControlMsg;
+      let m: M;
       try {
-        m = JSON.parse(line) as ControlMsg;
+        m = JSON.parse(line) as M;
         if (typeof m?.op !== 'string') throw new Error('no op');
       } catch {
         this.stream.destroy(new Error(`control: ${this.peer} sent a line that is not a message: ${line.slice(0, 200)}`));
@@ -63,12 +64,12 @@ export class Control {
     for (const w of this.closeWaiters) w(e);
   }
 
-  send(m: ControlMsg): void {
+  send(m: M): void {
     if (!this.stream.writableEnded && !this.stream.destroyed) this.stream.write(`${JSON.stringify(m)}\n`);
   }
 
   /** The next message; rejects when the conversation ends first (or after `timeoutMs`). */
-  next(timeoutMs = 0): Promise<ControlMsg> {
+  next(timeoutMs = 0): Promise<M> {
     const q = this.queue.shift();
     if (q) return Promise.resolve(q);
     if (this.closedWith) return Promise.reject(this.closedWith);

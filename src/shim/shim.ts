@@ -2,13 +2,16 @@
 //     NbdServer -> Gate -> Tracker -> bottom device (file or NBD export)
 // plus its control socket (`<socket>.ctl`) and its durable state (`<socket>.state.json` by
 // default). Jobs (storage migration) change the stack below the Gate only while it is
-// paused, and record a new backing durably before they swap it in. While it serves a file
+// paused, and record a new backing durably before they swap it in. The shim knows nothing of
+// migrations: it is a MovableDisk (src/migrate/disk.ts) to them, and their control methods
+// are added by whoever starts it (`extend`; `vmshift serve` adds migrate.*). While it serves a file
 // or block device it holds that disk's one-writer lock (disk-lock.ts), and moves the lock to
 // the destination at a switch-over.
 import { realpath } from 'node:fs/promises';
 import type { BlockDevice } from '../block/device.ts';
-import { Gate } from '../block/gate.ts';
+import type { Gate } from '../block/gate.ts';
 import { Tracker } from '../block/tracker.ts';
+import { describeStack, servedDisk, servingStack, type TrackKind } from '../block/stack.ts';
 import { isNbdUri, openDevice } from '../block/open.ts';
 import { lockDisk, type DiskLock } from './disk-lock.ts';
 import { NbdServer } from '../nbd/server.ts';
@@ -16,9 +19,8 @@ import { ControlServer } from '../control/server.ts';
 import { ControlError } from '../control/protocol.ts';
 import { loadShimState, prepareShimState, saveShimState, type ShimState } from './state.ts';
 import type { PreparedFile } from '../util/atomic-file.ts';
-import { registerMigrationMethods } from '../migrate/control.ts';
 
-export type TrackKind = 'bitmap' | 'bloom' | 'none';
+export type { TrackKind };
 
 export interface ShimOptions {
   /** File path or NBD URI the operator gave (the origin). */
@@ -38,6 +40,8 @@ export interface ShimOptions {
   socketMode?: number;
   /** Memory bounds of the NBD server (defaults in src/nbd/server.ts and server-transmission.ts). */
   nbdLimits?: NbdMemoryLimits;
+  /** Adds control methods (e.g. migrate.*) once the shim serves, before its control socket listens. */
+  extend?: (shim: Shim) => void | Promise<void>;
 }
 
 /** What clients can make the shim hold: see src/nbd/server-budget.ts. */
@@ -91,7 +95,7 @@ export class Shim {
       await lock?.release();
       throw e;
     }
-    const gate = new Gate(new Tracker(bottom, { kind: opts.track, granularity: opts.granularity, heat: true }));
+    const gate = servedDisk(bottom, { track: opts.track, granularity: opts.granularity });
     const server = new NbdServer({
       // The description never names the host path: every client may read it.
       exports: [{ name: opts.exportName, description: 'vmshift shim', device: gate }],
@@ -106,13 +110,31 @@ export class Shim {
       await server.listenUnix(opts.socket, opts.socketMode ?? 0o600);
       if (opts.tcp) await server.listenTcp(opts.tcp.host, opts.tcp.port);
       control.on('status', () => shim.status());
-      await registerMigrationMethods(shim);
+      await opts.extend?.(shim);
       await control.listen(controlSocketFor(opts.socket));
     } catch (e) {
       await shim.stop().catch(() => {});
       throw e;
     }
     return shim;
+  }
+
+  /** MovableDisk: how messages name this disk. */
+  get label(): string {
+    return this.opts.socket;
+  }
+  get statePath(): string {
+    return this.opts.statePath;
+  }
+  get readOnly(): boolean {
+    return this.opts.readOnly;
+  }
+  get granularity(): number {
+    return this.opts.granularity;
+  }
+  /** The unix socket and, when given, nothing else: a TCP address is no path to compare. */
+  get sockets(): readonly string[] {
+    return [this.opts.socket];
   }
 
   /** The device the disk lives on now. */
@@ -181,7 +203,7 @@ export class Shim {
   /** Swap the stack below the gate (gate must be paused) onto a new bottom device. */
   replaceBottom(device: BlockDevice): BlockDevice {
     const old = this.bottomDevice;
-    this.gate.swap(new Tracker(device, { kind: this.opts.track, granularity: this.opts.granularity, heat: true }));
+    this.gate.swap(servingStack(device, { track: this.opts.track, granularity: this.opts.granularity }));
     this.bottomDevice = device;
     return old;
   }
@@ -197,6 +219,8 @@ export class Shim {
       readOnly: this.opts.readOnly,
       uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
       job: this.job ?? null,
+      /** The stack top-down, each layer by its own name, the bottom device last. */
+      stack: describeStack(this.gate),
       nbd: this.server.stats(),
       tracking: tracker ? tracker.stats() : null,
     };

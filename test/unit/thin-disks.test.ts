@@ -7,6 +7,7 @@ import * as assert from 'uvu/assert';
 import { randomBytes } from 'node:crypto';
 import { DEFAULT_CAPS, type BlockDevice, type Extent } from '../../src/block/device.ts';
 import { Tracker } from '../../src/block/tracker.ts';
+import { JobCursors } from '../../src/migrate/cursors.ts';
 import { Copier } from '../../src/migrate/copier.ts';
 import { BloomDirtySet, DirtyBitmap, HeatMap, type DirtySet } from '../../src/tracking/index.ts';
 
@@ -174,8 +175,9 @@ test('a guest write into a hole just after the copier asked is copied or marked,
     const size = TiB;
     const { dev: src } = await thinSource(size, 4, UNIT);
     const dst = new SparseDevice(size, 'dest');
-    const tracker = new Tracker(src, { kind: 'bitmap', granularity: 4096 });
-    tracker.cursor = 0;
+    const cursors = new JobCursors();
+    const tracker = new Tracker(src, { kind: 'bitmap', granularity: 4096, cursor: cursors });
+    cursors.trackBehindCopier();
     const target = 100 * GiB + 12345; // inside the hole after the second extent
     const payload = randomBytes(4096);
     let statusCalls = 0, wrote = false;
@@ -192,7 +194,7 @@ test('a guest write into a hole just after the copier asked is copied or marked,
     const copier = new Copier(src, dst, { chunkSize: MiB });
     await copier.copy([{ offset: 0, length: size }], {
       destIsZero: true,
-      beforeChunk: (_s, end) => void (tracker.cursor = Math.max(tracker.cursor, end)),
+      beforeChunk: (_s, end) => cursors.copierReaches(end),
     });
     assert.ok(wrote, `${when}: the write happened`);
     const onDest = (await dst.read(target, 4096)).equals(payload);

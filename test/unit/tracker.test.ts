@@ -9,6 +9,7 @@ import type { WriteOpts } from '../../src/block/device.ts';
 import { FileDevice } from '../../src/block/file.ts';
 import { Layer } from '../../src/block/layer.ts';
 import { Tracker } from '../../src/block/tracker.ts';
+import { JobCursors } from '../../src/migrate/cursors.ts';
 import type { BloomDirtySet, DirtyRange, DirtySet } from '../../src/tracking/index.ts';
 import { cleanupAll, onCleanup, tempDir } from '../helpers/proc.ts';
 
@@ -183,14 +184,16 @@ test('a write in flight during swap() lands in the new set', async () => {
 
 test('incremental: writes ahead of the cursor are skipped and counted, checked when they complete', async () => {
   const hold = new Hold(await file(8 * MiB));
-  const tracker = new Tracker(hold, { kind: 'bitmap' });
+  const cursors = new JobCursors();
+  const tracker = new Tracker(hold, { kind: 'bitmap', cursor: cursors });
   const write = async (offset: number, length: number) => {
     const p = tracker.write(offset, Buffer.alloc(length, 5));
     await new Promise((r) => setImmediate(r));
     hold.release();
     await p;
   };
-  tracker.cursor = 1 * MiB;
+  cursors.trackBehindCopier();
+  cursors.copierReaches(1 * MiB);
   await write(2 * MiB, 4096);            // ahead: the copier will read it later anyway
   await write(1 * MiB, 4096);            // starts at the cursor: still ahead
   await write(512 * KiB, 1 * MiB);       // starts behind, runs past: marked whole
@@ -206,12 +209,12 @@ test('incremental: writes ahead of the cursor are skipped and counted, checked w
   // Issued ahead of the cursor, completed after the copier moved the cursor past it: marked.
   const late = tracker.write(3 * MiB, Buffer.alloc(4096));
   await new Promise((r) => setImmediate(r));
-  tracker.cursor = 4 * MiB;
+  cursors.copierReaches(4 * MiB);
   hold.release();
   await late;
   assert.ok(set.has(3 * MiB, 4096));
 
-  tracker.cursor = Infinity; // pass 2 on: everything counts
+  cursors.trackEverything(); // pass 2 on: everything counts
   await write(7 * MiB, 4096);
   assert.ok(set.has(7 * MiB, 4096));
   st = tracker.stats();

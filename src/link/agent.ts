@@ -23,6 +23,8 @@ export interface AgentOptions {
   holdMs?: number;
   /** Tests and benchmarks: every stream the dialer opens is sent back to it. */
   echo?: boolean;
+  /** Benchmarks: every stream the dialer opens is read to its end and discarded (one-way throughput). */
+  sink?: boolean;
   /** Memory migration: the destination QEMU's QMP socket (src/relay/destination.ts). */
   destQmp?: string;
   tls?: { host: string; port: number; ca: string; cert: string; key: string };
@@ -32,7 +34,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   const { values: v } = parseArgs({
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
-      socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false },
+      socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false }, sink: { type: 'boolean', default: false },
       'dest-qmp': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
@@ -46,7 +48,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, sink: v.sink, destQmp: v['dest-qmp'], tls,
   };
 }
 
@@ -84,6 +86,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   link.on('stream', (s: LinkStream) => {
     s.on('error', () => {}); // reported once, from the link's 'failed'
     if (o.echo) s.pipe(s);
+    else if (o.sink) { s.resume(); s.once('end', () => s.end()); }
   });
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);

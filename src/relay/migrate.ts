@@ -133,7 +133,8 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     ctl.end();
     // Both directions of the memory stream end once both QEMUs closed it; then the link.
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
-    await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000))]);
+    // unref: the timer must not keep `vmshift migrate` alive; it held every run 10 s after its result.
+    await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000).unref())]);
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
     return { event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats() };
   } catch (e) {

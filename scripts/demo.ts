@@ -113,6 +113,14 @@ function migrate(sock: string, dest: string, env: NodeJS.ProcessEnv): Promise<Re
   });
 }
 
+// Ctrl-C or a kill: stop what the demo started (guests, daemons, namespaces) before leaving.
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    say(`interrupted (${sig}): cleaning up`);
+    void cleanupAll().finally(() => process.exit(130));
+  });
+}
+
 main()
   .then(() => cleanupAll())
   .catch(async (e) => {

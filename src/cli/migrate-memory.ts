@@ -4,12 +4,16 @@
 // Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
 // Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
 // the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
+// --balloon shrinks the guest on its own memory statistics first (src/balloon/); its defaults
+// come from the `balloon` section of vmshiftd's config file (src/daemon/config.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
+import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
+import { mib } from '../balloon/policy.ts';
 
 interface Args {
   qmp: string;
@@ -23,6 +27,10 @@ interface Args {
   peerVmshift: string;
   peerSocketDir: string;
   holdTime: string;
+  balloon?: boolean;
+  balloonFloor?: string;
+  balloonHeadroom?: string;
+  config: string;
   json: boolean;
 }
 
@@ -49,9 +57,17 @@ export const migrateMemoryCommand = {
       .option('bandwidth', { type: 'string', describe: 'migration rate limit per second (e.g. 100M)' })
       .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
       .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
-      .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" }),
+      .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" })
+      .option('balloon', { type: 'boolean', describe: 'shrink the guest to its working set plus headroom first (its balloon statistics say how far); given back on the destination' })
+      .option('balloon-floor', { type: 'string', describe: 'never shrink the guest below this (default: max(64M, a quarter of its memory))' })
+      .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
+      .option('config', { type: 'string', default: DEFAULT_DAEMON_CONFIG, describe: "vmshiftd's config file: its balloon section gives the defaults" }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
     const peer = parsePeer(argv.peer);
+    const defaults = await loadBalloonDefaults(argv.config);
+    const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
+    const headroom = argv.balloonHeadroom !== undefined ? parseSize(argv.balloonHeadroom, '--balloon-headroom') : defaults.headroom;
+    const balloon = (argv.balloon ?? defaults.enabled) ? { floor, headroom } : undefined;
     const ac = new AbortController();
     const onInt = () => ac.abort();
     process.once('SIGINT', onInt);
@@ -66,6 +82,7 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
       else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
+      else if (e.event === 'balloon') process.stderr.write(`balloon ${e.state}: ${e.why}${e.target !== null ? ` (target ${mib(e.target)}, was ${mib(e.figures.actual)})` : ''}\n`);
     };
     try {
       const done = await migrateMemory({
@@ -74,11 +91,14 @@ export const migrateMemoryCommand = {
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
-        holdMs: parseDuration(argv.holdTime, '--hold-time'),
+        holdMs: parseDuration(argv.holdTime, '--hold-time'), balloon,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       });
       if (argv.json) printJson(done);
-      else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      else {
+        if (done.balloon) process.stderr.write(`balloon: ${mib(done.balloon.original)} -> ${mib(done.balloon.actual)} before the move (${done.balloon.state} after ${done.balloon.steps} steps, ${(done.balloon.ms / 1000).toFixed(1)} s); ${done.balloon.restored && 'target' in done.balloon.restored ? `given back on the destination (target ${mib(done.balloon.restored.target)})` : `NOT given back on the destination: ${done.balloon.restored?.error ?? 'no answer'}`}\n`);
+        process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      }
     } catch (e) {
       if (e instanceof MigrateError && e.inDoubt) {
         if (argv.json) printJson({ error: { code: e.code, message: e.message } });

@@ -8,11 +8,12 @@ export const CONTROL_STREAM = 'control';
 const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown> }
+  // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; balloon?: { restore: number } }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
   | { op: 'ready' }
-  | { op: 'running' }
+  | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
   | { op: 'error'; message: string };
 

@@ -7,6 +7,9 @@
 // destination, which resumes the guest. Before the commit any failure rolls back: the
 // source runs on (resumed if it was paused), the destination QEMU is quit, relays stop.
 // After the commit the source never resumes: the destination owns the guest.
+// With `balloon` (src/balloon/): refused before anything starts unless the guest has a
+// balloon that reports statistics; shrunk once the destination is ready, watched during the
+// migration, given back by the destination after `cont` (by the source after a rollback).
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,6 +19,8 @@ import { Link } from '../link/link.ts';
 import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
+import type { BalloonDecision, BalloonSettings } from '../balloon/policy.ts';
 
 export interface MemoryMigrateOptions {
   qmp: string;
@@ -32,6 +37,8 @@ export interface MemoryMigrateOptions {
   /** Where the peer's agent puts its sockets (a 0700 directory is made). */
   peerSocketDir: string;
   holdMs?: number;
+  /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
+  balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
   /** Aborts the migration (before the commit) when it fires. */
   signal?: AbortSignal;
@@ -42,8 +49,11 @@ export type MigrateEvent =
   | { event: 'progress'; status: string; pass: number; transferred: number; remaining: number; total: number; dirtyRate: number; etaS: number | null; mbps: number }
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
+  | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']> };
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary };
+
+export type BalloonSummary = ShrinkResult & { atSwitch: number; restored: { target: number } | { error: string } | null };
 
 export class MigrateError extends Error {
   constructor(readonly where: 'source' | 'destination' | 'link' | 'usage', message: string, readonly inDoubt = false) {
@@ -66,6 +76,16 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
   const mi0 = await src.execute<MigrateInfo>('query-migrate');
   if (mi0.status && ACTIVE.has(mi0.status)) { await src.close(); throw new MigrateError('source', `the source QEMU already has a migration "${mi0.status}"`); }
   const wasRunning = st0.status === 'running';
+  // Said before anything starts: no link, no destination touched.
+  let balloon: BalloonRun | null = null;
+  if (o.balloon) {
+    balloon = await probeBalloon(src, 'the source guest', o.balloon).catch(async (e: Error) => {
+      await src.close();
+      throw new MigrateError('source', `--balloon: ${e.message}`);
+    });
+  }
+  const onBalloon = (d: BalloonDecision) => o.onEvent({ event: 'balloon', ...d });
+  let shrunk: ShrinkResult | null = null;
 
   const id = randomBytes(6).toString('hex');
   const peerName = `${o.peer.user}@${o.peer.host}:${o.peer.port}`;
@@ -96,9 +116,13 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     // (QEMU's SHUT) before completing, as libvirt runs every non-tunnelled migration.
     const capabilities = { 'return-path': true };
     const parameters: Record<string, unknown> = { 'downtime-limit': o.maxDowntimeMs, ...(o.bandwidth ? { 'max-bandwidth': o.bandwidth } : {}) };
-    ctl.send({ op: 'prepare', capabilities, parameters: {} });
+    ctl.send({ op: 'prepare', capabilities, parameters: {}, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
+    if (balloon) {
+      if (balloon.warning) o.onEvent({ event: 'warning', message: balloon.warning });
+      shrunk = await race(shrink(balloon, onBalloon));
+    }
     await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
     await src.execute('migrate-set-parameters', parameters);
     relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM));
@@ -106,6 +130,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     await src.execute('migrate', { uri: `unix:${relay.path}` });
 
     let info: MigrateInfo;
+    let watched = 0;
     for (;;) {
       info = await race(src.execute<MigrateInfo>('query-migrate'));
       const ram = info.ram ?? {};
@@ -117,6 +142,10 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
       });
       if (info.status === 'completed') break;
       if (info.status === 'failed' || info.status === 'cancelled') throw new MigrateError('source', `the source QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+      if (balloon && performance.now() - watched >= 1000) {
+        watched = performance.now();
+        await race(watch(balloon, onBalloon)).catch((e: Error) => { if (e instanceof MigrateError) throw e; o.onEvent({ event: 'warning', message: `balloon: ${e.message}` }); });
+      }
       await race(new Promise((res) => setTimeout(res, 200)));
     }
     const st = await src.execute<{ status: string }>('query-status');
@@ -136,9 +165,16 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     // unref: the timer must not keep `vmshift migrate` alive; it held every run 10 s after its result.
     await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000).unref())]);
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
-    return { event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats() };
+    const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
+    return {
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(),
+      ...(balloonSummary ? { balloon: balloonSummary } : {}),
+    };
   } catch (e) {
-    if (!committed) await rollback(src, wasRunning, ctl, link);
+    if (!committed) {
+      await rollback(src, wasRunning, ctl, link);
+      if (balloon) await giveBack(balloon).catch((g: Error) => o.onEvent({ event: 'warning', message: `balloon: cannot give the guest its memory back: ${g.message}` }));
+    }
     throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
   } finally {
     relay?.close();

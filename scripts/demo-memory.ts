@@ -69,7 +69,7 @@ export async function memoryAct(say: (s: string) => void): Promise<void> {
   });
   if (!cut) throw new Error('the migration finished before the network could be cut');
   const link = result.link as { fromFileBytes: number; spilledBytes: number; reconnects: number };
-  say(`  done in ${((result.ms as number) / 1000).toFixed(1)} s, downtime ${result.downtimeMs} ms; ${(link.fromFileBytes / MiB).toFixed(1)} MiB reached B through the shared file (the network never came back)`);
+  say(`  done in ${((result.ms as number) / 1000).toFixed(1)} s, downtime ${result.downtimeMs} ms; ${(link.spilledBytes / MiB).toFixed(1)} MiB went to B through the shared file (the network never came back)`);
   const atSwitch = counter(src);
   await dst.waitFor(new RegExp(`^VMSHIFT-DIRTY ${atSwitch + 3}$`), 60_000);
   const first = dst.lines().map((l) => /^VMSHIFT-DIRTY (\d+)$/.exec(l)).find(Boolean);

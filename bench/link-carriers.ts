@@ -1,7 +1,9 @@
 // Which SSH client carries one bulk stream faster on this machine: the OpenSSH client
 // (`ssh HOST 'cat > /dev/null'`, as Proxmox's and libvirt's tunnels use it) or ssh2 in
 // process (bench/ssh2-sink.ts), interleaved, against one sshd in a second network namespace;
-// then the link itself (SSH and TLS carriers, 32 MiB echoed through `vmshift link-agent`).
+// then the link itself over the same sshd, against ssh2 alone on the same work: one way
+// (`vmshift link-agent --sink` vs `cat > /dev/null`) and echoed (`--echo` vs `cat`), and
+// the link over TLS. Every path is timed in each round, interleaved.
 // Run: node --import tsx bench/link-carriers.ts [rounds]   (root; creates and removes namespaces)
 import { join } from 'node:path';
 import { twoHosts, startSshd, inNs, nsArgv, makeCerts, daemonInNs } from '../test/helpers/hosts.ts';
@@ -9,7 +11,8 @@ import { cleanupAll, run } from '../test/helpers/proc.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 const rounds = Number(process.argv[2] ?? 3);
-const MiB = 256;
+const MiB = 128;
+const ECHO_MIB = 32;
 
 async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number }> {
   const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)]);
@@ -36,15 +39,20 @@ try {
       const r = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(MiB), cipher], { cwd: root });
       add(`ssh2 ${cipher}`, JSON.parse(r.stdout).mibps);
     }
-    const ssh = await client(hosts, { mib: 32, ssh: { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts: sshd.knownHosts, vmshift: join(root, 'bin/vmshift'), socketDir: join(hosts.dir, 'agent') } });
-    add('link over ssh2, 32 MiB each way (echo)', 64 / (ssh.ms / 1000));
+    const sshArgs = { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts: sshd.knownHosts, vmshift: join(root, 'bin/vmshift'), socketDir: join(hosts.dir, 'agent') };
+    const sink = await client(hosts, { mib: MiB, oneWay: true, ssh: sshArgs });
+    add(`link over ssh2, ${MiB} MiB one way`, MiB / (sink.ms / 1000));
+    const echo = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(ECHO_MIB), 'aes128-gcm@openssh.com', 'echo'], { cwd: root });
+    add(`ssh2 aes128-gcm, ${ECHO_MIB} MiB each way (cat)`, JSON.parse(echo.stdout).mibps);
+    const ssh = await client(hosts, { mib: ECHO_MIB, ssh: sshArgs });
+    add(`link over ssh2, ${ECHO_MIB} MiB each way (echo)`, (2 * ECHO_MIB) / (ssh.ms / 1000));
     const port = 30000 + Math.floor(Math.random() * 20000);
     const link = `bench${i}`;
     const agent = daemonInNs(hosts.b, join(root, 'bin/vmshift'), ['link-agent', '--echo', '--link', link, '--migration', 'm1', '--socket', join(hosts.dir, `agent/${link}.sock`),
       '--tls-listen', `${hosts.b.addr}:${port}`, '--tls-ca', join(certs, 'ca-cert.pem'), '--tls-cert', join(certs, 'server-cert.pem'), '--tls-key', join(certs, 'server-key.pem')]);
     while (!agent.output().includes('waiting on')) await new Promise((r) => setTimeout(r, 50));
-    const tls = await client(hosts, { link, mib: 32, tls: { host: hosts.b.addr, port, ca: join(certs, 'ca-cert.pem'), cert: join(certs, 'client-cert.pem'), key: join(certs, 'client-key.pem') } });
-    add('link over tls, 32 MiB each way (echo)', 64 / (tls.ms / 1000));
+    const tls = await client(hosts, { link, mib: ECHO_MIB, tls: { host: hosts.b.addr, port, ca: join(certs, 'ca-cert.pem'), cert: join(certs, 'client-cert.pem'), key: join(certs, 'client-key.pem') } });
+    add(`link over tls, ${ECHO_MIB} MiB each way (echo)`, (2 * ECHO_MIB) / (tls.ms / 1000));
     await agent.exited;
   }
   const med = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];

@@ -6,6 +6,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   thin: () => import('./thin.ts'),
   restart: () => import('./restart.ts'),
   host: () => import('./host.ts'),
+  memory: () => import('./memory.ts'),
 };
 
 const [name, ...rest] = process.argv.slice(2);

@@ -1,18 +1,20 @@
-// Throughput of one ssh2 exec channel (`cat > /dev/null` on the peer), for comparison with
-// the OpenSSH client on the same sshd: `node --import tsx bench/ssh2-sink.ts HOST PORT KEY [MiB] [cipher]`
-// (run inside a network namespace; see bench/link-carriers.ts).
-import { Client } from 'ssh2';
+// Throughput of one ssh2 exec channel, for comparison with the OpenSSH client and with the
+// link on the same sshd: `node --import tsx bench/ssh2-sink.ts HOST PORT KEY [MiB] [cipher] [sink|echo]`
+// sink: `cat > /dev/null` on the peer (one way); echo: `cat` on the peer, every byte read
+// back (both directions at once, MiB/s counts both). Run inside a network namespace (see
+// bench/link-carriers.ts).
+import { Client, type ClientChannel } from 'ssh2';
 import { readFileSync } from 'node:fs';
 
-const [host, port, key, mib = '256', cipher] = process.argv.slice(2);
+const [host, port, key, mib = '256', cipher, mode = 'sink'] = process.argv.slice(2);
+const total = Number(mib) * 1024 * 1024;
 const c = new Client();
 c.on('ready', () => {
-  c.exec('cat > /dev/null', (err, ch) => {
+  c.exec(mode === 'echo' ? 'cat' : 'cat > /dev/null', (err, ch: ClientChannel) => {
     if (err) throw err;
     const t = performance.now();
     const buf = Buffer.alloc(64 * 1024);
-    const total = Number(mib) * 1024 * 1024;
-    let sent = 0;
+    let sent = 0, got = 0;
     const go = () => {
       while (sent < total) {
         sent += buf.length;
@@ -20,12 +22,14 @@ c.on('ready', () => {
       }
       ch.end();
     };
-    ch.on('exit', () => {
+    const report = () => {
       const ms = performance.now() - t;
-      console.log(JSON.stringify({ carrier: 'ssh2', cipher: cipher ?? 'default', mib: Number(mib), ms: Math.round(ms), mibps: Math.round(Number(mib) / (ms / 1000)) }));
+      const moved = mode === 'echo' ? 2 * Number(mib) : Number(mib);
+      console.log(JSON.stringify({ carrier: 'ssh2', cipher: cipher ?? 'default', mode, mib: Number(mib), ms: Math.round(ms), mibps: Math.round(moved / (ms / 1000)) }));
       c.end();
-    });
-    ch.resume();
+    };
+    if (mode === 'echo') ch.on('data', (b: Buffer) => { got += b.length; if (got === total) report(); });
+    else { ch.on('exit', report); ch.resume(); }
     go();
   });
 }).connect({

@@ -3,12 +3,15 @@
 // file with a continuous writer, attaches a shim under its running disk, shows what the shim
 // tracks, moves the disk to a second datastore while the guest writes, detaches the shim
 // (the guest is left on the new file), and proves that every record the guest saw
-// acknowledged is on the destination. Everything it starts is stopped by PID at the end.
+// acknowledged is on the destination. Act 2 (scripts/demo-memory.ts) moves a running guest's
+// memory between two hosts (network namespaces) with the network cut half-way for good: it
+// completes through the shared file. Everything it starts is stopped by PID at the end.
 import { join } from 'node:path';
 import { mkdirSync, statSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { bootGuest, ensureGuest, verifyWriterLog } from '../test/helpers/guest.ts';
 import { tempDir, startDaemon, waitForSocket, run, cleanupAll, onCleanup } from '../test/helpers/proc.ts';
+import { memoryAct } from './demo-memory.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 const vmshift = join(root, 'bin/vmshift');
@@ -79,6 +82,7 @@ async function main(): Promise<void> {
   say(`  (the old source misses ${verifyWriterLog(source, last, SLOTS).length} of them, as it should: writes after the switch-over went to the destination only)`);
   say(`  the destination has ${fmtMiB(statSync(dest).blocks * 512)} allocated of ${fmtMiB(statSync(dest).size)}: it stayed thin`);
   await daemon.stop();
+  await memoryAct(say);
   say('done');
 }
 
@@ -106,6 +110,14 @@ function migrate(sock: string, dest: string, env: NodeJS.ProcessEnv): Promise<Re
       }
     });
     p.on('close', (code) => (code === 0 && result ? resolve(result) : reject(new Error(`migrate-storage failed (exit ${code})`))));
+  });
+}
+
+// Ctrl-C or a kill: stop what the demo started (guests, daemons, namespaces) before leaving.
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    say(`interrupted (${sig}): cleaning up`);
+    void cleanupAll().finally(() => process.exit(130));
   });
 }
 

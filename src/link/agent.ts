@@ -25,6 +25,8 @@ export interface AgentOptions {
   holdMs?: number;
   /** Tests and benchmarks: every stream the dialer opens is sent back to it. */
   echo?: boolean;
+  /** Benchmarks: every stream the dialer opens is read to its end and discarded (one-way throughput). */
+  sink?: boolean;
   /** Memory migration: the destination QEMU's QMP socket (src/relay/destination.ts). */
   destQmp?: string;
   /** Migration driven by libvirt: this host's libvirtd socket (src/relay/libvirt-destination.ts). */
@@ -40,7 +42,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   const { values: v } = parseArgs({
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
-      socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false },
+      socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false }, sink: { type: 'boolean', default: false },
       'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' }, disks: { type: 'boolean', default: false }, 'disks-config': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
@@ -55,7 +57,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], disks: v.disks, disksConfig: v['disks-config'], tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, sink: v.sink, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], disks: v.disks, disksConfig: v['disks-config'], tls,
   };
 }
 
@@ -93,6 +95,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   link.on('stream', (s: LinkStream) => {
     s.on('error', () => {}); // reported once, from the link's 'failed'
     if (o.echo) s.pipe(s);
+    else if (o.sink) { s.resume(); s.once('end', () => s.end()); }
   });
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);

@@ -3,6 +3,10 @@
 //
 // Every frame is a 20-byte header and a payload:
 //   u8 type | u8 flags | u16 stream | u32 length | u64 offset | u32 crc32(header[0..16] + payload)
+// except DATA, whose CRC covers the header only: both network carriers authenticate every
+// byte already (SSH's and TLS's AEAD ciphers), and summing the bulk bytes once more cost a
+// fifth of the link's CPU (docs/performance.md). The shared file, which has no such layer,
+// keeps a CRC over every record's payload (record-file.ts).
 // HELLO   payload JSON (Hello below): who we are and, per stream, where to resume
 // OPEN    stream id, payload = its name (a stream opened while a carrier is up)
 // DATA    stream, offset of the payload's first byte in the stream, payload
@@ -16,6 +20,8 @@
 //   AWAIT_HELLO --HELLO--> READY --BYE--> CLOSED ; any --ABORT--> CLOSED ; any error -> DEAD
 import { checksum } from './checksum.ts';
 import { LinkError } from './errors.ts';
+
+const EMPTY = Buffer.alloc(0);
 
 export const HEADER = 20;
 /** Largest DATA payload a sender makes and a receiver accepts. */
@@ -64,7 +70,15 @@ export interface FrameIn {
   flags: number;
   stream: number;
   offset: number;
-  payload: Buffer;
+  /** The payload as it arrived: the socket's chunks, not copied into one buffer. */
+  parts: Buffer[];
+  /** The payload in one buffer (concatenated on first use when it came in several parts). */
+  readonly payload: Buffer;
+}
+
+/** What the CRC covers of a frame's payload (DATA: nothing, see the top of this file). */
+function summed(type: number, payload: Buffer): Buffer {
+  return type === Frame.DATA ? EMPTY : payload;
 }
 
 export function encodeFrame(type: FrameType, stream: number, offset: number, payload: Buffer = EMPTY, flags = 0): Buffer[] {
@@ -74,10 +88,9 @@ export function encodeFrame(type: FrameType, stream: number, offset: number, pay
   h.writeUInt16BE(stream, 2);
   h.writeUInt32BE(payload.length, 4);
   h.writeBigUInt64BE(BigInt(offset), 8);
-  h.writeUInt32BE(checksum(h.subarray(0, 16), payload), 16);
+  h.writeUInt32BE(checksum(h.subarray(0, 16), summed(type, payload)), 16);
   return payload.length ? [h, payload] : [h];
 }
-const EMPTY = Buffer.alloc(0);
 
 export function encodeHello(h: Hello): Buffer[] {
   return encodeFrame(Frame.HELLO, 0, 0, Buffer.from(JSON.stringify(h)));
@@ -101,7 +114,7 @@ export class FrameReader {
     this.have += chunk.length;
     try {
       while (this.have >= HEADER && this.state !== 'CLOSED') {
-        const h = this.peek(HEADER);
+        const h = this.header();
         const type = h.readUInt8(0) as FrameType;
         const length = h.readUInt32BE(4);
         const next: CarrierState | undefined = TRANSITIONS[this.state][type];
@@ -109,15 +122,19 @@ export class FrameReader {
         const limit = type === Frame.DATA ? MAX_DATA : MAX_SMALL;
         if (length > limit) throw this.error('PROTOCOL', `${frameName(type)} of ${length} bytes exceeds the limit of ${limit} in state ${this.state}`);
         if (this.have < HEADER + length) return;
-        const whole = this.take(HEADER + length);
-        const payload = whole.subarray(HEADER);
-        if (checksum(whole.subarray(0, 16), payload) !== whole.readUInt32BE(16)) {
+        this.take(HEADER);
+        // A frame usually spans two socket chunks: its payload is handed on in those pieces
+        // rather than copied into one buffer (a copy of every byte on the bulk path).
+        const parts = this.take(length);
+        const payload = type === Frame.DATA ? EMPTY : join(parts);
+        if (checksum(h.subarray(0, 16), payload) !== h.readUInt32BE(16)) {
           throw this.error('CHECKSUM', `${frameName(type)} frame failed its checksum in state ${this.state}`);
         }
-        const offset = Number(whole.readBigUInt64BE(8));
+        const offset = Number(h.readBigUInt64BE(8));
         if (!Number.isSafeInteger(offset)) throw this.error('PROTOCOL', `${frameName(type)} offset out of range`);
         this.state = next;
-        this.onFrame({ type, flags: whole.readUInt8(1), stream: whole.readUInt16BE(2), offset, payload });
+        let joined: Buffer | null = type === Frame.DATA ? null : payload;
+        this.onFrame({ type, flags: h.readUInt8(1), stream: h.readUInt16BE(2), offset, parts, get payload() { return (joined ??= join(parts)); } });
       }
     } catch (e) {
       this.state = 'DEAD';
@@ -129,21 +146,41 @@ export class FrameReader {
     return new LinkError(code, `link: ${msg} (peer ${this.peer})`);
   }
 
-  private peek(n: number): Buffer {
-    if (this.chunks[0].length >= n) return this.chunks[0];
-    const b = Buffer.concat(this.chunks);
-    this.chunks = [b];
-    return b;
+  /** The next 20 bytes (copied only when they span chunks). */
+  private header(): Buffer {
+    const first = this.chunks[0];
+    if (first.length >= HEADER) return first.subarray(0, HEADER);
+    const h = Buffer.allocUnsafe(HEADER);
+    let at = 0;
+    for (const c of this.chunks) {
+      at += c.copy(h, at, 0, Math.min(c.length, HEADER - at));
+      if (at === HEADER) break;
+    }
+    return h;
   }
 
-  private take(n: number): Buffer {
-    const b = this.peek(n);
-    const out = b.subarray(0, n);
-    if (b.length === n) this.chunks.shift();
-    else this.chunks[0] = b.subarray(n);
+  /** The next `n` bytes as the pieces of the chunks they are in (no copy). */
+  private take(n: number): Buffer[] {
+    const out: Buffer[] = [];
     this.have -= n;
+    while (n > 0) {
+      const c = this.chunks[0];
+      if (c.length <= n) {
+        out.push(c);
+        this.chunks.shift();
+        n -= c.length;
+      } else {
+        out.push(c.subarray(0, n));
+        this.chunks[0] = c.subarray(n);
+        n = 0;
+      }
+    }
     return out;
   }
+}
+
+function join(parts: Buffer[]): Buffer {
+  return parts.length === 1 ? parts[0] : parts.length === 0 ? EMPTY : Buffer.concat(parts);
 }
 
 /** Parse and check a HELLO payload; the peer must be on the same link and migration, in the other role. */

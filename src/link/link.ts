@@ -67,6 +67,8 @@ interface Conn {
   blocked: boolean;
   lastHeard: number;
   closed: boolean;
+  /** The carrier has a writev (net and TLS sockets; ssh2's channels do not). */
+  gathers: boolean;
 }
 
 const ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -157,6 +159,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (this.conn) this.dropConn(this.conn, 'replaced by a new connection');
     const conn: Conn = {
       sock, ready: false, blocked: false, lastHeard: performance.now(), closed: false,
+      gathers: typeof (sock as Duplex & { _writev?: unknown })._writev === 'function',
       reader: new FrameReader(this.opts.peer, (f) => this.onFrame(conn, f)),
     };
     this.conn = conn;
@@ -230,8 +233,13 @@ export class Link extends EventEmitter implements StreamHost {
       case Frame.OPEN: this.peerStream(f.stream, f.payload.toString('utf8')); return;
       case Frame.DATA: {
         const s = this.known(f.stream, 'DATA');
-        if (!s.deliver(f.offset, f.payload, false)) throw new LinkError('PROTOCOL', `link: DATA for stream ${s.streamName} at ${f.offset} leaves a gap after ${s.recvNext} (peer ${this.opts.peer})`);
-        if (s.recvFin !== null && f.offset + f.payload.length > s.recvFin) throw new LinkError('PROTOCOL', `link: DATA beyond the end of stream ${s.streamName} (peer ${this.opts.peer})`);
+        const length = f.parts.reduce((n, p) => n + p.length, 0);
+        if (s.recvFin !== null && f.offset + length > s.recvFin) throw new LinkError('PROTOCOL', `link: DATA beyond the end of stream ${s.streamName} (peer ${this.opts.peer})`);
+        let at = f.offset;
+        for (const part of f.parts) {
+          if (!s.deliver(at, part, false)) throw new LinkError('PROTOCOL', `link: DATA for stream ${s.streamName} at ${f.offset} leaves a gap after ${s.recvNext} (peer ${this.opts.peer})`);
+          at += part.length;
+        }
         this.ackQueued.add(s);
         return;
       }
@@ -288,8 +296,19 @@ export class Link extends EventEmitter implements StreamHost {
   }
 
   private write(conn: Conn, bufs: Buffer[]): boolean {
-    // One write per frame: an SSH channel makes a packet (with its MAC) of every write.
-    const ok = conn.sock.write(bufs.length === 1 ? bufs[0] : Buffer.concat(bufs));
+    let ok: boolean;
+    if (bufs.length === 1) ok = conn.sock.write(bufs[0]);
+    else if (conn.gathers) {
+      // A socket (TLS, unix) gathers corked writes into one writev: header and payload go
+      // as they are, no copy.
+      conn.sock.cork();
+      for (const b of bufs) conn.sock.write(b);
+      conn.sock.uncork();
+      ok = conn.sock.writableLength < conn.sock.writableHighWaterMark;
+    } else {
+      // An SSH channel makes a packet (with its MAC) of every write: one write per frame.
+      ok = conn.sock.write(Buffer.concat(bufs));
+    }
     if (!ok) conn.blocked = true;
     return ok;
   }

@@ -133,6 +133,12 @@ function skipBytes(bufs: Buffer[], n: number): Buffer[] {
   return out;
 }
 
+/** Error code of a file whose header is not completely written yet (try again later). */
+export const HEADER_INCOMPLETE = 'HEADER_INCOMPLETE';
+function incomplete(path: string): Error {
+  return Object.assign(new Error(`link: ${path}: header not completely written yet`), { code: HEADER_INCOMPLETE });
+}
+
 /**
  * The reader's end: checks the header against the link it expects, then hands out verified
  * records as the writer appends them. A partial record at the end is waited for; a record that
@@ -150,12 +156,17 @@ export class RecordReader {
   constructor(readonly path: string, private seed: number, expect: { link: string; migration: string; from: 'a' | 'b' }) {
     this.fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
     try {
+      // The writer creates the file, then writes its header: a reader that comes in between
+      // sees a short file. That is waited for (HEADER_INCOMPLETE, the caller tries again),
+      // not refused: refusing it would turn the peer's own file away for good.
       const fixed = this.readAt(0, 16);
-      if (fixed.length < 16 || !fixed.subarray(0, 8).equals(FILE_MAGIC)) throw new LinkError('MISMATCH', `link: ${path} is not a vmshift link file`);
+      const magic = fixed.subarray(0, 8);
+      if (!magic.equals(FILE_MAGIC.subarray(0, magic.length))) throw new LinkError('MISMATCH', `link: ${path} is not a vmshift link file`);
+      if (fixed.length < 16) throw incomplete(path);
       const len = fixed.readUInt32BE(8);
       if (len > MAX_PAYLOAD) throw new LinkError('MISMATCH', `link: ${path} has a header of ${len} bytes`);
       const json = this.readAt(16, len);
-      if (json.length < len) throw new LinkError('MISMATCH', `link: ${path} has a truncated header`);
+      if (json.length < len) throw incomplete(path);
       if (crc32(json, seed) !== fixed.readUInt32BE(12)) throw new LinkError('MISMATCH', `link: ${path} belongs to another link or migration (header checksum)`);
       const h = JSON.parse(json.toString('utf8')) as FileHeader;
       if (h.link !== expect.link || h.migration !== expect.migration || h.from !== expect.from) {

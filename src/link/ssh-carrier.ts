@@ -101,7 +101,14 @@ export function sshDialer(t: SshTarget): () => Promise<Duplex> {
       const ch = await new Promise<ClientChannel>((resolve, reject) => {
         c.openssh_forwardOutStreamLocal(t.remoteSocket, (err, stream) => (err ? reject(new Error(`ssh: ${t.host}: cannot reach the link agent at ${t.remoteSocket}: ${err.message}`)) : resolve(stream)));
       });
-      ch.on('close', () => c.end());
+      // ssh2's channel.destroy() only asks the server to close the channel, and end() says
+      // goodbye over TCP: over a network that is gone neither completes, and the socket held
+      // `vmshift migrate` for the kernel's retransmission timeout after a cut (the demo's
+      // second act). A carrier the link drops takes its connection with it, shortly after.
+      const hangUp = () => { c.end(); setTimeout(() => c.destroy(), 1000).unref(); };
+      const destroyChannel = ch.destroy.bind(ch);
+      ch.destroy = () => { destroyChannel(); hangUp(); return ch; };
+      ch.on('close', hangUp);
       c.on('error', () => ch.destroy());
       c.on('close', () => ch.destroy());
       return ch;

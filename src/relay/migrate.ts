@@ -181,7 +181,8 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     ctl.end();
     // Both directions of the memory stream end once both QEMUs closed it; then the link.
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
-    await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000))]);
+    // unref: the timer must not keep `vmshift migrate` alive; it held every run 10 s after its result.
+    await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000).unref())]);
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
     const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
     return {

@@ -54,8 +54,13 @@ export async function twoHosts(): Promise<TwoHosts> {
   const a: Host = { ns: `vsa${tag}`, addr: '10.213.7.1', dev: `vxa${tag}` };
   const b: Host = { ns: `vsb${tag}`, addr: '10.213.7.2', dev: `vxb${tag}` };
   onCleanup(async () => {
-    await runStatus('ip', ['netns', 'del', a.ns]);
-    await runStatus('ip', ['netns', 'del', b.ns]);
+    for (const h of [a, b]) {
+      // What still runs inside was started by this run (a link agent started over SSH, an
+      // sshd session after a cut): stopped with its namespace.
+      const pids = (await runStatus('ip', ['netns', 'pids', h.ns])).stdout.split(/\s+/).filter(Boolean).map(Number);
+      for (const pid of pids) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+      await runStatus('ip', ['netns', 'del', h.ns]);
+    }
   });
   await run('ip', ['netns', 'add', a.ns]);
   await run('ip', ['netns', 'add', b.ns]);

@@ -7,7 +7,8 @@ import * as assert from 'uvu/assert';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync, rmSync, chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { RecordReader, RecordWriter, encodeRecord, linkSeed, Rec, REC_HEADER } from '../../src/link/record-file.ts';
+import { HEADER_INCOMPLETE, RecordReader, RecordWriter, encodeRecord, linkSeed, Rec, REC_HEADER } from '../../src/link/record-file.ts';
+import { SharedDir } from '../../src/link/shared-dir.ts';
 import type { LinkStream } from '../../src/link/stream.ts';
 import { cleanupAll, tempDir } from '../helpers/proc.ts';
 import { digest, linkPair, sleep, writeRandom } from '../helpers/link-pair.ts';
@@ -84,6 +85,30 @@ test('reader: a file from another migration, or another link, is refused at its 
   assert.throws(() => readAll(g.path), /belongs to another link or migration/);
   writeFileSync(join(dir, 'junk.data'), randomBytes(500));
   assert.throws(() => readAll(join(dir, 'junk.data')), /not a vmshift link file/);
+});
+
+test('reader: a file whose header is still being written is waited for, not refused; the peer\'s file is read once it is complete', () => {
+  const dir = tempDir();
+  const f = makeFile(dir, 'full.data', 2);
+  const whole = readFileSync(f.path);
+  for (const cut of [0, 5, 8, 12, 16, 30]) {
+    const p = join(dir, `partial${cut}.data`);
+    writeFileSync(p, whole.subarray(0, cut));
+    assert.throws(() => new RecordReader(p, linkSeed(id.link, id.migration), id), (e: NodeJS.ErrnoException) => e.code === HEADER_INCOMPLETE, `header cut at ${cut}`);
+  }
+  // The race the migration benchmark hit: side b has created its ack file but not yet written
+  // its header when side a first looks. Side a must read it later, with no warning.
+  const warnings: string[] = [];
+  const a = new SharedDir({ dir, link: 'LR', migration: 'MR', role: 'a' }, (m) => warnings.push(m));
+  a.open();
+  writeFileSync(a.ackPath('b'), '', { mode: 0o600 });
+  assert.equal(a.readPeer(() => 0).acks, []);
+  rmSync(a.ackPath('b'));
+  const b = new SharedDir({ dir, link: 'LR', migration: 'MR', role: 'b' }, (m) => warnings.push(m));
+  b.open();
+  b.appendAcks([encodeRecord(b.seed, Rec.BEAT, 0, 0, Buffer.alloc(0))]);
+  assert.is(a.readPeer(() => 0).acks.length, 1, "b's heartbeat is read");
+  assert.equal(warnings, []);
 });
 
 test('writer: files are 0600, never follow a symlink, never reuse an existing file', () => {

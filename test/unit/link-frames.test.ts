@@ -36,9 +36,15 @@ test('a frame the state does not allow, a bad CRC and an oversized frame are ref
   assert.is(r1.state, 'DEAD');
   const r2 = new FrameReader('p', () => {});
   r2.push(Buffer.concat(hello));
+  // DATA: the CRC covers the header (its offset here); the payload is the carrier's AEAD's to guard.
   const bad = Buffer.concat(encodeFrame(Frame.DATA, 0, 0, Buffer.from('hello')));
-  bad[bad.length - 1] ^= 1;
+  bad[15] ^= 1;
   assert.throws(() => r2.push(bad), /DATA frame failed its checksum in state READY \(peer p\)/);
+  const r5 = new FrameReader('p', () => {});
+  r5.push(Buffer.concat(hello));
+  const badOpen = Buffer.concat(encodeFrame(Frame.OPEN, 0, 0, Buffer.from('memory')));
+  badOpen[badOpen.length - 1] ^= 1;
+  assert.throws(() => r5.push(badOpen), /OPEN frame failed its checksum in state READY/);
   const r3 = new FrameReader('p', () => {});
   r3.push(Buffer.concat(hello));
   const big = Buffer.concat(encodeFrame(Frame.DATA, 0, 0, Buffer.alloc(MAX_DATA + 1)));

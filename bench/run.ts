@@ -5,6 +5,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   migrate: () => import('./migrate.ts'),
   thin: () => import('./thin.ts'),
   restart: () => import('./restart.ts'),
+  host: () => import('./host.ts'),
 };
 
 const [name, ...rest] = process.argv.slice(2);

@@ -8,7 +8,8 @@ need=()
 for cmd in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils qemu-nbd:qemu-utils \
            nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio virsh:libvirt-clients \
            libvirtd:libvirt-daemon-system /usr/sbin/sshd:openssh-server busybox:busybox-static \
-           ip:iproute2 socat:socat cpio:cpio gcc:gcc openssl:openssl fincore:util-linux-extra; do
+           ip:iproute2 socat:socat cpio:cpio gcc:gcc openssl:openssl fincore:util-linux-extra \
+           systemd-analyze:systemd; do
   bin=${cmd%%:*}; pkg=${cmd##*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "$bin" ]; then need+=("$pkg"); fi
 done
@@ -20,7 +21,7 @@ if ((${#need[@]})); then
   $SUDO apt-get update -q >&2
   $SUDO apt-get install -y -q --no-install-recommends qemu-system-x86 qemu-utils nbdkit \
     libnbd-bin fio libvirt-daemon-system libvirt-clients openssh-server busybox-static \
-    iproute2 socat cpio kmod gcc libc6-dev openssl util-linux-extra >&2
+    iproute2 socat cpio kmod gcc libc6-dev openssl util-linux-extra systemd >&2
 fi
 
 # npm dependencies: reinstall only when the lockfile changed since the last install.

@@ -32,7 +32,7 @@ export const enableCommand = {
   handler: async (argv: ArgumentsCamelCase<DomainArgs & { disk?: string[]; runDir?: string; daemonSocket?: string; reconnectDelay: number }>) => {
     const r = await enableDomain(new Virsh({ uri: argv.connect }), argv.domain, { disks: argv.disk, runDir: runDir(argv.runDir), daemonSocket: daemonSocket(argv.daemonSocket), reconnectDelay: reconnectDelayArg(argv.reconnectDelay) });
     if (!r.reconnect.kept && r.reconnect.delay > 0) {
-      process.stderr.write(`vmshift: warning: libvirt dropped <reconnect delay='${r.reconnect.delay}'/> from ${r.domain}'s disks (libvirt 9.0 does not know it): QEMU will fail the guest's I/O at once whenever a shim restarts. Use a libvirt that keeps it, or leave the domain disabled and run 'vmshift attach ${r.domain}' once it runs (docs/libvirt.md)\n`);
+      process.stderr.write(`vmshift: note: libvirt dropped <reconnect delay='${r.reconnect.delay}'/> from ${r.domain}'s disks (libvirt 9.0 does not know it): vmshiftd gives QEMU the delay through libvirt's monitor after each start instead (libvirt marks the domain tainted "custom-monitor"; docs/libvirt.md)\n`);
     }
     if (argv.json) return printJson(r);
     for (const d of r.disks) process.stdout.write(`${r.domain} ${d.dev}: through shim '${d.shim}' on ${d.socket}\n`);

@@ -13,6 +13,9 @@
 //                                          stall: QEMU reconnects); refused during a job
 //                                          unless abortJob; answers with the measured stall
 //   shim.list                              the registry's records
+//   shim.hold-io {names, delay}            (libvirt hook, `started`) give QEMU's NBD nodes of
+//                                          these shims a reconnect delay through libvirt's
+//                                          monitor, in the background; answers at once
 //   status                                 every shim with its live status and job
 //   job.start  {name, to, ...migrate params, follow?, abortOnDisconnect?}   forwarded to the
 //                                          shim's migrate.start; its events are relayed to the caller
@@ -25,6 +28,8 @@ import { controlCall } from '../control/client.ts';
 import { OwnerSchema, RegistryError } from './registry.ts';
 import { isNbdUri } from '../block/open.ts';
 import type { Supervisor } from './supervisor.ts';
+import type { ReconnectGiver } from './reconnect-giver.ts';
+import { checkReconnectDelay } from '../qemu/nbd-reconnect.ts';
 
 export const API_VERSION = 1;
 
@@ -60,7 +65,7 @@ function owner(v: unknown) {
   return parsed.data;
 }
 
-export function registerApi(server: ControlServer, sup: Supervisor, log: Logger): void {
+export function registerApi(server: ControlServer, sup: Supervisor, log: Logger, giver?: ReconnectGiver): void {
   server.on('ping', () => ({ pong: true, pid: process.pid, version: API_VERSION }));
 
   server.on('shim.start', (p) =>
@@ -82,6 +87,21 @@ export function registerApi(server: ControlServer, sup: Supervisor, log: Logger)
   server.on('shim.restart', (p) => guard(() => sup.restart(str(p, 'name'), { abortJob: p.abortJob === true })));
 
   server.on('shim.list', () => ({ shims: sup.registry.list() }));
+
+  server.on('shim.hold-io', (p) =>
+    guard(() => {
+      if (!giver) throw new ControlError('bad-request', 'shim.hold-io: this daemon does not talk to libvirt');
+      const names = p.names;
+      if (!Array.isArray(names) || names.length === 0 || names.length > 64 || !names.every((n) => typeof n === 'string')) throw new ControlError('bad-request', '"names" must be a list of shim names');
+      let delay: number;
+      try {
+        delay = checkReconnectDelay(p.delay, '"delay"');
+      } catch (e) {
+        throw new ControlError('bad-request', (e as Error).message);
+      }
+      return giver.request(names as string[], delay);
+    }),
+  );
 
   server.on('shim.forget', (p) => guard(() => sup.forgetState(str(p, 'name'))));
 

@@ -13,6 +13,7 @@ import { Registry } from './registry.ts';
 import { Supervisor } from './supervisor.ts';
 import { registerApi } from './api.ts';
 import { XmlRecorder } from './xml-recorder.ts';
+import { ReconnectGiver } from './reconnect-giver.ts';
 
 export { DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_RUN_DIR } from './defaults.ts';
 
@@ -38,6 +39,7 @@ export class Daemon {
     readonly log: Logger,
     private readonly supervisor: Supervisor,
     private readonly server: ControlServer,
+    private readonly giver: ReconnectGiver,
   ) {}
 
   static async start(opts: DaemonOptions): Promise<Daemon> {
@@ -59,18 +61,20 @@ export class Daemon {
     await supervisor.adoptAll();
 
     const server = new ControlServer();
-    registerApi(server, supervisor, log);
+    const giver = new ReconnectGiver(registry, log);
+    registerApi(server, supervisor, log, giver);
     await server.listen(opts.socket, 0o600);
     supervisor.watch();
     // In the background: asks libvirt, which may itself be starting.
     void supervisor.reapOrphans((rec) => recorder.ownerStopped(rec));
     log.info({ socket: opts.socket }, 'vmshiftd ready');
-    return new Daemon(opts, log, supervisor, server);
+    return new Daemon(opts, log, supervisor, server, giver);
   }
 
   /** Stop answering and watching; the API socket is removed, the shims keep running. */
   async stop(): Promise<void> {
     this.supervisor.close();
+    this.giver.close();
     await this.server.close();
     await unlink(this.opts.socket).catch(() => {});
     this.log.info({ socket: this.opts.socket }, 'vmshiftd stopped; shims left running');

@@ -156,6 +156,15 @@ export function listDisks(xml: string): DomainDisk[] {
   });
 }
 
+/**
+ * The reconnect delay `vmshift enable` asked for (its vmshift record); undefined for a record
+ * written before it kept one, or none when vmshift is not enabled.
+ */
+export function recordedReconnectDelay(xml: string): number | undefined {
+  const v = shimRecord(parse(xml).domain)?.getAttribute('reconnect-delay');
+  return v && /^\d+$/.test(v) ? Number(v) : undefined;
+}
+
 export function isEnabled(xml: string): boolean {
   return shimRecord(parse(xml).domain) !== undefined;
 }
@@ -184,6 +193,8 @@ export function enableShim(xml: string, opts: EnableShimOpts): string {
   const { meta, created } = ensureMetadata(doc, domain);
   const record = doc.createElementNS(VMSHIFT_NS, 'vmshift:disks');
   record.setAttributeNS(XMLNS_NS, 'xmlns:vmshift', VMSHIFT_NS);
+  // Kept here too: a libvirt that drops <reconnect> (9.0) leaves vmshiftd this to go by.
+  if (opts.reconnectDelay !== undefined) record.setAttribute('reconnect-delay', String(opts.reconnectDelay));
   if (created) record.setAttribute('created-metadata', 'yes');
   meta.appendChild(record);
 

@@ -7,6 +7,9 @@
 //   reconnect  (libvirtd restarted) make sure they run; never fails: libvirt would kill
 //              the running guest
 //   migrate    (incoming) print the XML with datastore paths mapped per the config's pathMap
+//   started    QEMU runs: when libvirt dropped the disks' <reconnect delay> (9.0), ask
+//              vmshiftd to give QEMU's NBD nodes the delay through the monitor, after this
+//              hook returns; never fails
 // Any other operation, and any domain without vmshift, exits 0 at once. The hook talks only
 // to vmshiftd: calling back into libvirt from a hook deadlocks libvirtd.
 import { closeSync, constants as fsc, openSync, writeSync } from 'node:fs';
@@ -15,7 +18,7 @@ import { daemonSocket } from '../cli/daemon-client.ts';
 import { VMSHIFT_NS, listDisks, mapPaths } from './domain-xml.ts';
 import { loadHookConfig, mapPath, type HookConfig } from './hook-config.ts';
 import { planShims, type DomainShims } from './shim-plan.ts';
-import { STALE_MARK, defaultGroup, startShims, stopShims } from './shim-control.ts';
+import { STALE_MARK, askToHoldIo, defaultGroup, startShims, stopShims } from './shim-control.ts';
 
 /** Domain XML is a few KiB; anything near this is not libvirt talking to us. */
 export const MAX_XML_BYTES = 4 * 1024 * 1024;
@@ -81,7 +84,7 @@ export function domainLog(domain: string, text: string, dir = DOMAIN_LOG_DIR): v
   }
 }
 
-const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate']);
+const HANDLED = new Set(['prepare', 'release', 'reconnect', 'migrate', 'started']);
 
 /** Decide and act for one hook call; returns the exit code. */
 export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<number> {
@@ -112,6 +115,9 @@ export async function runHook(args: HookArgs, xml: string, io: HookIo): Promise<
         return 0;
       case 'release':
         for (const l of await stopShims(plan, socket)) say(l);
+        return 0;
+      case 'started':
+        for (const l of await askToHoldIo(plan, socket)) say(l);
         return 0;
       case 'migrate': {
         const mapped = mapDomainPaths(xml, plan, config.pathMap);

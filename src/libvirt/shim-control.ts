@@ -73,3 +73,15 @@ export async function stopShims(plan: DomainShims, daemonSocket: string): Promis
   }
   return lines;
 }
+
+/**
+ * After QEMU started (`started`): the disks whose NBD source lost its `<reconnect delay>` to
+ * libvirt (9.0 drops it) get it from vmshiftd, which changes QEMU's nodes through libvirt's
+ * monitor once this hook has returned (the hook itself must not call libvirt).
+ */
+export async function askToHoldIo(plan: DomainShims, daemonSocket: string): Promise<string[]> {
+  const missing = plan.disks.filter((d) => d.xmlReconnectDelay !== plan.reconnectDelay);
+  if (plan.reconnectDelay === 0 || missing.length === 0) return [];
+  const r = await callDaemon<{ queued: string[] }>(daemonSocket, 'shim.hold-io', { names: missing.map((d) => d.name), delay: plan.reconnectDelay });
+  return [`vmshiftd gives ${r.queued.join(', ') || 'no shim'} a reconnect delay of ${plan.reconnectDelay} s through the monitor (libvirt dropped <reconnect delay>)`];
+}

@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { create } from 'xmlbuilder2';
 import { DEFAULT_RUN_DIR } from '../daemon/defaults.ts';
 import { NAME_RE } from '../daemon/registry.ts';
-import { DomainXmlError, disableShim, isEnabled, listDisks } from './domain-xml.ts';
+import { DomainXmlError, disableShim, isEnabled, listDisks, recordedReconnectDelay } from './domain-xml.ts';
+import { DEFAULT_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
 
 export interface ShimmedDisk {
   /** Guest target, e.g. vda. */
@@ -18,12 +19,16 @@ export interface ShimmedDisk {
   /** The NBD socket and export the domain's XML points QEMU at. */
   socket: string;
   export: string;
+  /** The `<reconnect delay>` libvirt kept in the NBD source (libvirt 9.0 keeps none). */
+  xmlReconnectDelay?: number;
 }
 
 export interface DomainShims {
   domain: string;
   uuid: string;
   disks: ShimmedDisk[];
+  /** Seconds QEMU should hold I/O while a shim restarts, as `vmshift enable` asked. */
+  reconnectDelay: number;
 }
 
 /** The shims' run dir: --run-dir, else $VMSHIFT_RUN_DIR, else vmshiftd's default. */
@@ -76,7 +81,9 @@ export function planShims(xml: string): DomainShims | null {
     if (d.source?.kind !== 'nbd' || !d.source.socket) {
       throw new DomainXmlError('unsupported-disk', `disk '${d.target}' is recorded as shimmed but is not an NBD disk on a unix socket`);
     }
-    return { dev: d.target, name: shimName(domain, uuid, d.target), source: saved.path, socket: d.source.socket, export: d.source.export ?? '' };
+    const disk: ShimmedDisk = { dev: d.target, name: shimName(domain, uuid, d.target), source: saved.path, socket: d.source.socket, export: d.source.export ?? '' };
+    if (d.source.reconnectDelay !== undefined) disk.xmlReconnectDelay = d.source.reconnectDelay;
+    return disk;
   });
-  return { domain, uuid, disks };
+  return { domain, uuid, disks, reconnectDelay: recordedReconnectDelay(xml) ?? DEFAULT_RECONNECT_DELAY_S };
 }

@@ -14,6 +14,7 @@ import { Link } from './link.ts';
 import { listenTls } from './tls-carrier.ts';
 import type { LinkStream } from './stream.ts';
 import { serveDestination } from '../relay/destination.ts';
+import { serveLibvirtDestination } from '../relay/libvirt-destination.ts';
 
 export interface AgentOptions {
   link: string;
@@ -25,6 +26,8 @@ export interface AgentOptions {
   echo?: boolean;
   /** Memory migration: the destination QEMU's QMP socket (src/relay/destination.ts). */
   destQmp?: string;
+  /** Migration driven by libvirt: this host's libvirtd socket (src/relay/libvirt-destination.ts). */
+  libvirtSocket?: string;
   tls?: { host: string; port: number; ca: string; cert: string; key: string };
 }
 
@@ -33,11 +36,12 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
       socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false },
-      'dest-qmp': { type: 'string' },
+      'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
   });
   if (!v.link || !v.migration || !v.socket) throw new Error('link-agent: --link, --migration and --socket are required');
+  if (v['dest-qmp'] && v['libvirt-socket']) throw new Error('link-agent: --dest-qmp and --libvirt-socket exclude each other');
   let tls: AgentOptions['tls'];
   if (v['tls-listen']) {
     const m = /^(.+):(\d+)$/.exec(v['tls-listen']);
@@ -46,7 +50,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], tls,
   };
 }
 
@@ -87,6 +91,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   });
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
+  if (o.libvirtSocket) serveLibvirtDestination(link, o.libvirtSocket, log);
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);

@@ -1,20 +1,27 @@
 // The conversation between the two hosts of a memory migration: JSON lines on the link's
 // `control` stream (so it survives a cut like the memory stream does). Source to destination:
-// `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`.
-// Destination to source: `ready`, `running`, `aborted`, `error`.
+// `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`,
+// `libvirt-prepare`. Destination to source: `ready`, `running`, `aborted`, `error`, `libvirt-ready`.
 import type { Duplex } from 'node:stream';
 
 export const CONTROL_STREAM = 'control';
 const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown> }
+  // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
+  // cache: the source runs the memory cache; the memory stream carries its frames.
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; balloon?: { restore: number }; cache?: boolean }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
   | { op: 'ready' }
-  | { op: 'running' }
+  | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
-  | { op: 'error'; message: string };
+  | { op: 'error'; message: string }
+  // `vmshift migrate DOMAIN URI` (libvirt drives the QEMUs; src/libvirt/migrate-domain.ts):
+  // the destination makes the directory of the migration socket and reads the probe files
+  // the source wrote beside its disks (shared storage proven by seeing the same bytes).
+  | { op: 'libvirt-prepare'; migrateSocket: string; probes: string[] }
+  | { op: 'libvirt-ready'; probes: Array<string | null> };
 
 export class Control {
   private buf = '';

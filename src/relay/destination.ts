@@ -3,7 +3,8 @@
 // `-incoming defer -S`) and to the source host over the link's `control` stream:
 //   prepare -> set the same capabilities, `migrate-incoming unix:PATH`, answer `ready`
 //   memory stream -> relayed to PATH (src/relay/memory-relay.ts)
-//   commit  -> the source reached postmigrate: wait for the incoming side to complete, `cont`
+//   commit  -> the source reached postmigrate: wait for the incoming side to complete, `cont`,
+//              then give the guest back the memory the source's balloon policy took (if any)
 //   abort, or the link failing before a commit -> `quit` the destination QEMU
 // The one exception: if the link fails after this QEMU received the whole state but before
 // a commit arrived, the source may be in postmigrate (it sent the commit) or running (its
@@ -24,6 +25,9 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
   let ours = false;
   let committed = false;
   let quitting = false;
+  /** The source runs the memory cache: the memory stream is its frames. */
+  let cache = false;
+  let restore: number | null = null;
 
   const quitDest = async (why: string) => {
     if (committed || quitting) return;
@@ -62,6 +66,8 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           const st = await qmp.execute<{ status: string }>('query-status');
           if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
           ours = true;
+          cache = m.cache === true;
+          restore = m.balloon?.restore ?? null;
           const caps = Object.entries(m.capabilities).map(([capability, state]) => ({ capability, state }));
           if (caps.length) await qmp.execute('migrate-set-capabilities', { capabilities: caps });
           if (Object.keys(m.parameters).length) await qmp.execute('migrate-set-parameters', m.parameters);
@@ -81,10 +87,13 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           committed = true;
           await qmp.execute('cont');
           log('commit received: destination QEMU resumed');
+          const balloon = restore === null ? undefined : await qmp.execute('balloon', { value: restore }).then(
+            () => { log(`balloon target set back to ${restore} bytes`); return { target: restore! }; },
+            (e: Error) => { log(`cannot give the guest its memory back: ${e.message}`); return { error: e.message }; });
           // QEMU serves one QMP client per socket: let the operator (and libvirt) have it back.
           await qmp.close().catch(() => {});
           qmp = null;
-          ctl.send({ op: 'running' });
+          ctl.send({ op: 'running', ...(balloon ? { balloon } : {}) });
           ctl.end();
           return;
         } else if (m.op === 'abort') {
@@ -105,8 +114,8 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
   link.on('stream', (s: LinkStream) => {
     if (s.streamName === CONTROL_STREAM) void onControl(new Control(s, 'the source host'));
     else if (s.streamName === MEMORY_STREAM) {
-      destRelay(incomingPath, s).then(
-        (r) => r.done.then(() => log(`memory stream done: ${r.counts.forward} bytes in, ${r.counts.back} bytes of return path out`), (e: Error) => log(`memory relay: ${e.message}`)),
+      destRelay(incomingPath, s, cache).then(
+        (r) => r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward})` : ''}, ${r.counts.back} bytes of return path out`), (e: Error) => log(`memory relay: ${e.message}`)),
         (e: Error) => { log(e.message); s.destroy(e); },
       );
     }

@@ -3,10 +3,14 @@
 // `migrate uri=unix:PATH` connects to; on the destination host a connection to the socket
 // the destination QEMU's `migrate-incoming uri=unix:PATH` listens on. Each direction ends on
 // its own (half-close), so the return path outlives the forward stream's end: the source waits
-// for the destination's SHUT after its last byte.
+// for the destination's SHUT after its last byte. With the memory cache (src/relay/cache/) the
+// forward direction goes through its encoder on the source and its decoder on the destination;
+// the return path is never parsed.
 import { chmodSync, existsSync, lstatSync, rmSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Transform } from 'node:stream';
+import type { CacheEncoder } from './cache/encoder.ts';
+import { decoderStream, encoderStream } from './cache/streams.ts';
 
 export const MEMORY_STREAM = 'memory';
 
@@ -15,17 +19,30 @@ export interface RelayCounts {
   forward: number;
   /** Return-path bytes from the destination QEMU back to the source. */
   back: number;
+  /** Forward bytes on the link (differs from `forward` with the cache). */
+  link: number;
 }
 
-/** Both directions between a QEMU socket and a link stream; `done` once both ended. */
-function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: boolean): Promise<void> {
+/**
+ * Both directions between a QEMU socket and a link stream; `done` once both ended. `codec`
+ * sits in the forward direction (the cache's encoder or decoder).
+ */
+function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: boolean, codec?: Transform): Promise<void> {
   return new Promise((resolve, reject) => {
     let ended = 0;
     const oneEnded = () => { if (++ended === 2) resolve(); };
-    sock.on('data', (b: Buffer) => { if (fwdIsSock) counts.forward += b.length; else counts.back += b.length; });
-    stream.on('data', (b: Buffer) => { if (fwdIsSock) counts.back += b.length; else counts.forward += b.length; });
-    sock.pipe(stream);
-    stream.pipe(sock);
+    const [from, to] = fwdIsSock ? [sock, stream] : [stream, sock];
+    from.on('data', (b: Buffer) => { if (fwdIsSock) counts.forward += b.length; else counts.link += b.length; });
+    to.on('data', (b: Buffer) => { counts.back += b.length; });
+    if (codec) {
+      codec.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else counts.forward += b.length; });
+      from.pipe(codec).pipe(to);
+      codec.once('error', (e) => { sock.destroy(); stream.destroy(e); reject(e); });
+    } else {
+      from.pipe(to);
+      from.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else counts.forward += b.length; });
+    }
+    to.pipe(from);
     sock.once('end', oneEnded);
     stream.once('end', oneEnded);
     sock.once('error', (e) => { stream.destroy(e); reject(new Error(`relay: QEMU's migration socket: ${e.message}`)); });
@@ -33,10 +50,19 @@ function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: bo
   });
 }
 
+export interface CacheOptions {
+  /** Memory for page copies on each side, bytes. */
+  budget: number;
+  /** Let the governor turn compression down while the link keeps up (default true; tests turn it off). */
+  turnDown?: boolean;
+}
+
 export interface SourceRelay {
   /** The unix socket path for the source QEMU's `migrate uri=unix:PATH`. */
   path: string;
   counts: RelayCounts;
+  /** The cache's encoder (its stats) when the relay runs the cache. */
+  cache: CacheEncoder | null;
   /** Resolves once the migration stream ran both ways to its end; rejects on a failure. */
   done: Promise<void>;
   close(): void;
@@ -46,9 +72,10 @@ export interface SourceRelay {
  * Listen on `path` (a fresh path in a private directory) for exactly one connection, the
  * source QEMU's; relay it over `open()` (the link's memory stream, opened on connection).
  */
-export async function sourceRelay(path: string, open: () => Duplex): Promise<SourceRelay> {
+export async function sourceRelay(path: string, open: () => Duplex, cache?: CacheOptions): Promise<SourceRelay> {
   if (existsSync(path)) throw new Error(`relay: ${path} already exists; refusing to replace it`);
-  const counts: RelayCounts = { forward: 0, back: 0 };
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0 };
+  const relay = { cache: null as CacheEncoder | null };
   let taken = false;
   let settle!: { resolve: () => void; reject: (e: Error) => void };
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject }; });
@@ -57,7 +84,16 @@ export async function sourceRelay(path: string, open: () => Duplex): Promise<Sou
     if (taken) { sock.destroy(); return; } // one migration, one connection
     taken = true;
     server.close();
-    splice(sock, open(), counts, true).then(settle.resolve, settle.reject);
+    const stream = open();
+    let codec: Transform | undefined;
+    if (cache) {
+      // What waits for the link: unacknowledged bytes the link stream keeps, and its write buffer.
+      const backlog = () => ((stream as { resident?: number }).resident ?? 0) + stream.writableLength;
+      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog });
+      relay.cache = e.encoder;
+      codec = e.stream;
+    }
+    splice(sock, stream, counts, true, codec).then(settle.resolve, settle.reject);
   });
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(path, () => resolve()); });
   chmodSync(path, 0o600);
@@ -65,17 +101,17 @@ export async function sourceRelay(path: string, open: () => Duplex): Promise<Sou
     server.close();
     try { if (lstatSync(path).isSocket()) rmSync(path); } catch { /* gone already */ }
   };
-  return { path, counts, done, close };
+  return { path, counts, get cache() { return relay.cache; }, done, close };
 }
 
 /** Connect `stream` (the link's memory stream, on the destination) to the destination QEMU's incoming socket. */
-export async function destRelay(path: string, stream: Duplex): Promise<{ counts: RelayCounts; done: Promise<void> }> {
+export async function destRelay(path: string, stream: Duplex, cache = false): Promise<{ counts: RelayCounts; done: Promise<void> }> {
   const sock = await new Promise<Socket>((resolve, reject) => {
     const s = connect({ path, allowHalfOpen: true }, () => { s.off('error', reject); resolve(s); });
     s.once('error', (e) => reject(new Error(`relay: cannot reach the destination QEMU's incoming socket ${path}: ${e.message}`)));
   });
-  const counts: RelayCounts = { forward: 0, back: 0 };
-  const done = splice(sock, stream, counts, false);
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0 };
+  const done = splice(sock, stream, counts, false, cache ? decoderStream().stream : undefined);
   done.catch(() => {});
   return { counts, done };
 }

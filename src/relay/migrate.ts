@@ -7,6 +7,9 @@
 // destination, which resumes the guest. Before the commit any failure rolls back: the
 // source runs on (resumed if it was paused), the destination QEMU is quit, relays stop.
 // After the commit the source never resumes: the destination owns the guest.
+// With `balloon` (src/balloon/): refused before anything starts unless the guest has a
+// balloon that reports statistics; shrunk once the destination is ready, watched during the
+// migration, given back by the destination after `cont` (by the source after a rollback).
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,6 +19,10 @@ import { Link } from '../link/link.ts';
 import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
+import type { CacheStats } from './cache/encoder.ts';
+import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
+import type { BalloonDecision, BalloonSettings } from '../balloon/policy.ts';
 
 export interface MemoryMigrateOptions {
   qmp: string;
@@ -27,11 +34,19 @@ export interface MemoryMigrateOptions {
   maxDowntimeMs: number;
   /** Bytes per second; 0 = QEMU's default. */
   bandwidth: number;
+  /** vmshift's memory cache between the relays, QEMU's XBZRLE, or neither (default). */
+  compress?: Compress;
+  /** Bytes of page copies for the cache (or QEMU's XBZRLE cache); default 256 MiB. */
+  cacheSize?: number;
+  /** The link's rate in bytes per second when known: with it the guest's dirty rate is measured and auto-converge decided. */
+  linkRate?: number;
   /** The vmshift command on the peer. */
   peerVmshift: string;
   /** Where the peer's agent puts its sockets (a 0700 directory is made). */
   peerSocketDir: string;
   holdMs?: number;
+  /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
+  balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
   /** Aborts the migration (before the commit) when it fires. */
   signal?: AbortSignal;
@@ -42,8 +57,13 @@ export type MigrateEvent =
   | { event: 'progress'; status: string; pass: number; transferred: number; remaining: number; total: number; dirtyRate: number; etaS: number | null; mbps: number }
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
+  | { event: 'parameters'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; reasons: string[] }
+  | { event: 'cache'; stats: Omit<CacheStats, 'history'> }
+  | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']> };
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number; link: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats };
+
+export type BalloonSummary = ShrinkResult & { atSwitch: number; restored: { target: number } | { error: string } | null };
 
 export class MigrateError extends Error {
   constructor(readonly where: 'source' | 'destination' | 'link' | 'usage', message: string, readonly inDoubt = false) {
@@ -66,6 +86,16 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
   const mi0 = await src.execute<MigrateInfo>('query-migrate');
   if (mi0.status && ACTIVE.has(mi0.status)) { await src.close(); throw new MigrateError('source', `the source QEMU already has a migration "${mi0.status}"`); }
   const wasRunning = st0.status === 'running';
+  // Said before anything starts: no link, no destination touched.
+  let balloon: BalloonRun | null = null;
+  if (o.balloon) {
+    balloon = await probeBalloon(src, 'the source guest', o.balloon).catch(async (e: Error) => {
+      await src.close();
+      throw new MigrateError('source', `--balloon: ${e.message}`);
+    });
+  }
+  const onBalloon = (d: BalloonDecision) => o.onEvent({ event: 'balloon', ...d });
+  let shrunk: ShrinkResult | null = null;
 
   const id = randomBytes(6).toString('hex');
   const peerName = `${o.peer.user}@${o.peer.host}:${o.peer.port}`;
@@ -94,18 +124,30 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     ctl = new Control(link.stream(CONTROL_STREAM), peerName);
     // The return path: the source waits for the destination's word that it loaded everything
     // (QEMU's SHUT) before completing, as libvirt runs every non-tunnelled migration.
-    const capabilities = { 'return-path': true };
-    const parameters: Record<string, unknown> = { 'downtime-limit': o.maxDowntimeMs, ...(o.bandwidth ? { 'max-bandwidth': o.bandwidth } : {}) };
-    ctl.send({ op: 'prepare', capabilities, parameters: {} });
+    const compress = o.compress ?? 'none';
+    const cacheSize = o.cacheSize ?? 256 * 1024 * 1024;
+    const dirtyRate = o.linkRate ? await measureDirtyRate(src) : null;
+    const choice = chooseParameters({ compress, cacheSize, maxDowntimeMs: o.maxDowntimeMs, bandwidth: o.bandwidth, linkRate: o.linkRate ?? null, dirtyRate });
+    o.onEvent({ event: 'parameters', ...choice });
+    const capabilities: Record<string, boolean> = { 'return-path': true, ...choice.capabilities };
+    const parameters = choice.parameters;
+    // The destination needs the stream's capabilities (xbzrle), not the source's pacing (auto-converge).
+    const destCaps = Object.fromEntries(Object.entries(capabilities).filter(([k]) => k !== 'auto-converge'));
+    ctl.send({ op: 'prepare', capabilities: destCaps, parameters: {}, cache: compress === 'cache', ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
+    if (balloon) {
+      if (balloon.warning) o.onEvent({ event: 'warning', message: balloon.warning });
+      shrunk = await race(shrink(balloon, onBalloon));
+    }
     await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
     await src.execute('migrate-set-parameters', parameters);
-    relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM));
+    relay = await sourceRelay(join(dir, 'src.mig'), () => link.stream(MEMORY_STREAM), compress === 'cache' ? { budget: cacheSize } : undefined);
     relay.done.catch(() => {});
     await src.execute('migrate', { uri: `unix:${relay.path}` });
 
     let info: MigrateInfo;
+    let watched = 0;
     for (;;) {
       info = await race(src.execute<MigrateInfo>('query-migrate'));
       const ram = info.ram ?? {};
@@ -115,8 +157,14 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
         event: 'progress', status: info.status ?? '?', pass: ram['dirty-sync-count'] ?? 0, transferred: ram.transferred ?? 0, remaining, total: ram.total ?? 0,
         dirtyRate: (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096), mbps, etaS: mbps > 0 ? Math.round((remaining * 8) / (mbps * 1e6) * 10) / 10 : null,
       });
+      const cs = relay.cache?.stats();
+      if (cs) { const { history: _h, ...rest } = cs; o.onEvent({ event: 'cache', stats: rest }); }
       if (info.status === 'completed') break;
       if (info.status === 'failed' || info.status === 'cancelled') throw new MigrateError('source', `the source QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+      if (balloon && performance.now() - watched >= 1000) {
+        watched = performance.now();
+        await race(watch(balloon, onBalloon)).catch((e: Error) => { if (e instanceof MigrateError) throw e; o.onEvent({ event: 'warning', message: `balloon: ${e.message}` }); });
+      }
       await race(new Promise((res) => setTimeout(res, 200)));
     }
     const st = await src.execute<{ status: string }>('query-status');
@@ -135,15 +183,36 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
     await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000))]);
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
-    return { event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats() };
+    const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
+    return {
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(),
+      ...(balloonSummary ? { balloon: balloonSummary } : {}),
+      ...(relay.cache ? { cache: relay.cache.stats() } : {}),
+    };
   } catch (e) {
-    if (!committed) await rollback(src, wasRunning, ctl, link);
+    if (!committed) {
+      await rollback(src, wasRunning, ctl, link);
+      if (balloon) await giveBack(balloon).catch((g: Error) => o.onEvent({ event: 'warning', message: `balloon: cannot give the guest its memory back: ${g.message}` }));
+    }
     throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
   } finally {
     relay?.close();
     rmSync(dir, { recursive: true, force: true });
     await src.close().catch(() => {});
   }
+}
+
+/** The guest's dirty rate in bytes per second (QEMU's calc-dirty-rate over one second), null when QEMU cannot tell. */
+async function measureDirtyRate(src: QmpClient): Promise<number | null> {
+  try {
+    await src.execute('calc-dirty-rate', { 'calc-time': 1 });
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      const r = await src.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+      if (r.status === 'measured') return r['dirty-rate'] !== undefined ? r['dirty-rate'] * 1024 * 1024 : null;
+    }
+  } catch { /* an older QEMU: not measured */ }
+  return null;
 }
 
 /** Before the commit: the source runs on, the destination QEMU is quit, the link ends. */

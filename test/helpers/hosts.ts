@@ -94,8 +94,14 @@ export interface Sshd {
   fingerprint: string;
 }
 
-/** sshd in `host`, listening on its address only, authorizing one generated client key. */
-export async function startSshd(host: Host, dir: string): Promise<Sshd> {
+/** Runs `cmd args` inside a host: its network namespace (default), or more (test/helpers/libvirt-hosts.ts). */
+export type HostArgv = (cmd: string, args: string[]) => [string, string[]];
+
+/**
+ * sshd in `host`, listening on its address only, authorizing one generated client key.
+ * `argv` places it (and its readiness probe): a libvirt host runs it in its mount namespace too.
+ */
+export async function startSshd(host: Host, dir: string, argv: HostArgv = (c, a) => nsArgv(host, c, a)): Promise<Sshd> {
   const d = join(dir, `sshd-${host.ns}`);
   mkdirSync(d, { mode: 0o700 });
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(d, 'host_key')]);
@@ -109,14 +115,14 @@ export async function startSshd(host: Host, dir: string): Promise<Sshd> {
     'LogLevel ERROR', 'MaxStartups 100', '',
   ].join('\n'));
   if (!existsSync('/run/sshd')) mkdirSync('/run/sshd', { mode: 0o755 });
-  const daemon = daemonInNs(host, '/usr/sbin/sshd', ['-D', '-e', '-f', join(d, 'sshd_config')]);
+  const daemon = startDaemon(...argv('/usr/sbin/sshd', ['-D', '-e', '-f', join(d, 'sshd_config')]));
   const pub = readFileSync(join(d, 'host_key.pub'), 'utf8').trim().split(/\s+/).slice(0, 2).join(' ');
   const knownHosts = join(d, 'known_hosts');
   writeFileSync(knownHosts, `[${host.addr}]:${port} ${pub}\n`);
   const fp = (await run('ssh-keygen', ['-l', '-f', join(d, 'host_key.pub')])).stdout.split(/\s+/)[1];
   // Ready once the port accepts a TCP connection (tried from inside the host itself).
   for (let i = 0; ; i++) {
-    const r = await inNsStatus(host, 'bash', ['-c', `exec 3<>/dev/tcp/${host.addr}/${port}`]);
+    const r = await runStatus(...argv('bash', ['-c', `exec 3<>/dev/tcp/${host.addr}/${port}`]));
     if (r.code === 0) break;
     if (i > 100) throw new Error(`sshd did not start:\n${daemon.output()}`);
     await new Promise((res) => setTimeout(res, 50));
@@ -147,8 +153,8 @@ export interface JsonLinesRun<E> { code: number | null; events: E[]; stderr: str
  * Run `cmd args` inside `host`'s namespace, parsing its stdout as JSON lines; `during` sees
  * each event as it comes (to cut the network at the right moment). Killed after `timeoutMs`.
  */
-export function jsonLinesInNs<E>(host: Host, cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; during?: (e: E) => void } = {}): Promise<JsonLinesRun<E>> {
-  const [c, argv] = nsArgv(host, cmd, args);
+export function jsonLinesInNs<E>(host: Host, cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; during?: (e: E) => void; argv?: HostArgv } = {}): Promise<JsonLinesRun<E>> {
+  const [c, argv] = opts.argv ? opts.argv(cmd, args) : nsArgv(host, cmd, args);
   return new Promise((resolve) => {
     const p = spawn(c, argv, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });

@@ -124,4 +124,24 @@ test('the carrying connection reset mid-stream (ss -K in A): completes, the rese
   current = dest;
 });
 
+test('--compress cache: the stream goes through the cache both ways and the guest moves; stats and parameters reported', async () => {
+  const dest = await waitDestination(destination());
+  const r = await migrate(current.qmp, dest.qmp, ['--compress', 'cache', '--cache-size', '64M']);
+  assert.is(r.code, 0, summary(r));
+  const params = r.events.find((e) => e.event === 'parameters') as Event & { parameters: Record<string, unknown>; reasons: string[] };
+  assert.ok(params && params.parameters['max-bandwidth'] === 4 * 1024 ** 3, `QEMU's limit raised for the cache: ${JSON.stringify(params)}`);
+  assert.ok(params.reasons.some((x) => x.startsWith('downtime-limit 300 ms')), JSON.stringify(params.reasons));
+  const done = r.events.find((e) => e.event === 'done') as Event & { relayed: { forward: number; link: number }; cache: { bytesIn: number; bytesOut: number; pages: number; bypassedPages: number; hits: number; budgetEntries: number; passThrough: string | null } };
+  assert.ok(done?.cache, summary(r));
+  assert.is(done.cache.bytesIn, done.relayed.forward, 'every byte from QEMU went through the encoder');
+  assert.is(done.cache.bytesOut, done.relayed.link, 'and its frames went on the link');
+  assert.is(done.cache.budgetEntries, 64 * 256);
+  assert.is(done.cache.passThrough, null, 'the reader followed the stream to the device state');
+  assert.ok(done.cache.pages > 1000, JSON.stringify(done.cache));
+  assert.ok(r.events.some((e) => e.event === 'cache'), 'cache stats during the run');
+  await checkMoved(current, dest);
+  await current.guest.stop();
+  current = dest;
+});
+
 test.run();

@@ -5,8 +5,9 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import {
-  disableShim, DomainXmlError, enableShim, formatDomainXml, isEnabled, listDisks, mapPaths, VMSHIFT_NS,
+  disableShim, DomainXmlError, enableShim, formatDomainXml, isEnabled, listDisks, mapPaths, recordedReconnectDelay, VMSHIFT_NS,
 } from '../../src/libvirt/domain-xml.ts';
+import { planShims } from '../../src/libvirt/shim-plan.ts';
 
 const fixture = (name: string) => readFileSync(new URL(`../fixtures/domains/${name}`, import.meta.url), 'utf8');
 const typical = fixture('typical.xml');
@@ -61,6 +62,20 @@ test('enableShim with a reconnect delay writes <reconnect delay> into each NBD s
   assert.not.match(enableShim(typical, { ...shimOpts, reconnectDelay: 0 }), /<reconnect/, '0 writes no element');
   // disable takes the whole NBD source away, the element with it.
   assert.fixture(disableShim(on), formatDomainXml(typical));
+});
+
+test('the vmshift record keeps the reconnect delay: what vmshiftd gives QEMU where libvirt dropped <reconnect>', () => {
+  // libvirt 9.0 drops <reconnect> from the NBD source on define: the record is what is left.
+  const dropped = (xml: string) => xml.replace(/<reconnect delay="\d+"\/>/g, '');
+  const plan = planShims(dropped(enableShim(typical, { ...shimOpts, reconnectDelay: 7 })))!;
+  assert.is(plan.reconnectDelay, 7);
+  assert.equal(plan.disks.map((d) => d.xmlReconnectDelay), [undefined, undefined]);
+  const kept = planShims(enableShim(typical, { ...shimOpts, reconnectDelay: 7 }))!;
+  assert.equal(kept.disks.map((d) => d.xmlReconnectDelay), [7, 7]);
+  assert.is(planShims(enableShim(typical, { ...shimOpts, reconnectDelay: 0 }))!.reconnectDelay, 0);
+  // A record from before the attribute existed: the default.
+  assert.is(planShims(enableShim(typical, shimOpts))!.reconnectDelay, 30);
+  assert.is(recordedReconnectDelay(enableShim(typical, shimOpts)), undefined);
 });
 
 test('disableShim gives back the original document exactly, comments and unknown elements included', () => {

@@ -9,6 +9,7 @@ import { cleanupAll, runStatus } from '../helpers/proc.ts';
 import { enableShim } from '../../src/libvirt/domain-xml.ts';
 import { shimName, shimSocket } from '../../src/libvirt/shim-plan.ts';
 import { LIBVIRT_HOOK, vmshiftHost } from '../e2e/libvirt-host.ts';
+import { controlCall } from '../../src/control/client.ts';
 
 test.after(cleanupAll);
 
@@ -61,6 +62,15 @@ test('an XML pointing at another run dir is refused with both paths, nothing lef
   assert.is(r.code, 1);
   assert.match(r.stderr, /points at \/run\/elsewhere\/hooked-vda\/nbd\.sock but vmshiftd serves shim 'hooked-vda' on .*\/run\/hooked-vda\/nbd\.sock/);
   assert.is(vm.shims().length, 0);
+});
+
+test('shim.hold-io (the started hook) refuses bad input and queues only shims a libvirt domain started', async () => {
+  const call = (params: Record<string, unknown>) => controlCall<{ queued: string[] }>(vm.api, 'shim.hold-io', params).catch((e: Error) => e);
+  assert.match(String(await call({ names: 'hooked-vda', delay: 30 })), /"names" must be a list of shim names/);
+  assert.match(String(await call({ names: ['hooked-vda'], delay: -1 })), /"delay": -1 is not a whole number of seconds from 0 to 3600/);
+  assert.match(String(await call({ names: ['hooked-vda'], delay: '30; rm' })), /is not a whole number/);
+  // No such shim running (nothing is asked of libvirt).
+  assert.equal(await call({ names: ['hooked-vda', '../etc'], delay: 30 }), { queued: [] });
 });
 
 test.run();

@@ -74,11 +74,22 @@ test('an enabled domain is refused at prepare when vmshiftd is down, with the re
   assert.match(r.stderr, /domain 'web01' prepare: refused: vmshiftd is not running \(socket .*nobody-here.sock\)/);
 });
 
-test('release and reconnect never fail (libvirt would kill the guest): a warning only', async () => {
-  for (const op of ['release', 'reconnect']) {
+test('release, reconnect and started never fail (libvirt would kill the guest): a warning only', async () => {
+  for (const op of ['release', 'reconnect', 'started']) {
     const r = await hook(['web01', op, 'end', '-'], enabled);
     assert.is(r.code, 0, op);
     assert.match(r.stderr, /warning: vmshiftd is not running/, op);
+  }
+});
+
+test('started asks vmshiftd nothing when libvirt kept <reconnect delay> or enable asked for none', async () => {
+  const kept = enableShim(typical, { disks: ['vda'], socketFor: (dev) => shimSocket(RUN, shimName('web01', 'x', dev)), exportName: (dev) => dev, reconnectDelay: 30 });
+  const none = enableShim(typical, { disks: ['vda'], socketFor: (dev) => shimSocket(RUN, shimName('web01', 'x', dev)), exportName: (dev) => dev, reconnectDelay: 0 });
+  for (const xml of [kept, none]) {
+    // The daemon is down: any call would print a warning.
+    const r = await hook(['web01', 'started', 'begin', '-'], xml);
+    assert.is(r.code, 0);
+    assert.is(r.stderr, '');
   }
 });
 

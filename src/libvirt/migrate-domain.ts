@@ -1,0 +1,386 @@
+// `vmshift migrate DOMAIN qemu+ssh://HOST/system`: a running libvirt guest moves to another
+// host through libvirt's own live migration, with everything that crosses between the hosts
+// on vmshift's resumable link (src/link/): QEMU's migration stream and its return path, and
+// libvirt's own connection to the peer's libvirtd. A reset or a short cut of the network is
+// then hidden from QEMU and from libvirt alike (docs/libvirt-migrate.md, measured there).
+//
+//   host A (here)                                         host B (the peer)
+//   virsh migrate --live --suspend ...                    libvirtd (Prepare/Finish)
+//     dest URI qemu+unix:///system?socket=RUN/migrate/ID/libvirt.sock
+//        \-- stream libvirt-N ======== link ========> agent -> /run/libvirt/libvirt-sock
+//   source QEMU --unix RUN/migrate/ID/mig.sock          destination QEMU listening at the
+//        \-- stream memory =========== link ========> agent -> same path on B
+//
+// Exactly one running copy. libvirt's Finish would resume the destination on its own, and
+// its client gives up on Finish's answer when its connection to B breaks, then resumes the
+// source (Confirm cancelled): a lost answer would leave two running copies. So libvirt runs
+// the migration with --suspend (the destination stays paused after Finish), and the commit is
+// ours: only once virsh reported success and this host's copy is verifiably gone (Confirm
+// killed the source QEMU) does vmshift resume the destination, through the link. Who wins at
+// each cut point: docs/libvirt-migrate.md.
+import { randomBytes } from 'node:crypto';
+import { chmodSync, chownSync, closeSync, constants as fsc, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { Link } from '../link/link.ts';
+import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { CONTROL_STREAM, Control } from '../relay/control.ts';
+import { MEMORY_STREAM, sourceRelay, type SourceRelay } from '../relay/memory-relay.ts';
+import { LIBVIRT_STREAM_PREFIX } from '../relay/libvirt-destination.ts';
+import { MigrateError } from '../relay/migrate.ts';
+import { Virsh, VirshError } from './virsh.ts';
+import { VirshSession, watchLifecycle } from './virsh-session.ts';
+import type { DestUri } from './dest-uri.ts';
+import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover, type DomainDisk } from './disk-handover.ts';
+
+export interface DomainMigrateOptions {
+  domain: string;
+  /** This host's libvirt (default qemu:///system). */
+  sourceUri: string;
+  dest: DestUri;
+  /**
+   * How libvirt reaches the peer's libvirtd: over the link (default: a reset or a cut shorter
+   * than the hold time is hidden from it), or `direct`, virsh's own connection to `destUri`
+   * (kept for measuring the difference: docs/libvirt-migrate.md).
+   */
+  libvirtVia?: 'link' | 'direct';
+  destUri?: string;
+  identity: string;
+  knownHosts: string;
+  sharedDir?: string;
+  maxDowntimeMs: number;
+  /** Bytes per second; 0 = no limit. */
+  bandwidth: number;
+  /** Define the domain on the destination (virsh --persistent). */
+  persistent: boolean;
+  /** Undefine it here once it runs there (virsh --undefinesource). */
+  undefineSource: boolean;
+  /** vmshift's run directory: the same path on both hosts (the migration socket lives under it). */
+  runDir: string;
+  peerVmshift: string;
+  peerSocketDir: string;
+  holdMs?: number;
+  connectTimeoutMs: number;
+  onEvent: (e: DomainMigrateEvent) => void;
+  signal?: AbortSignal;
+  /** The disks' part (default: shared storage, proven by a probe file). */
+  handover?: (domain: string, disks: DomainDisk[], xml: string, peer: string) => DiskHandover;
+}
+
+export interface JobInfo {
+  type: string;
+  operation?: string;
+  processed: number;
+  remaining: number;
+  total: number;
+  downtimeMs: number | null;
+}
+
+export type DomainMigrateEvent =
+  | { event: 'connected'; peer: string }
+  | { event: 'prepared'; handover: string; disks: string[] }
+  | { event: 'progress'; processed: number; remaining: number; total: number; pct: number; relayed: number }
+  | { event: 'carrier'; state: string; why: string }
+  | { event: 'warning'; message: string }
+  | { event: 'committed'; commitMs: number }
+  | DomainMigrateDone;
+
+export interface DomainMigrateDone {
+  event: 'done';
+  ms: number;
+  /** libvirt's figure (the destination's completed job): until the destination had everything. */
+  downtimeMs: number | null;
+  /** From learning the source is gone (its Stopped event, or virsh's success) to the destination running. */
+  commitMs: number;
+  /** From the source's pause for the switch-over (its Suspended event) to the destination running: the guest's pause. */
+  pausedMs: number | null;
+  relayed: { forward: number; back: number };
+  link: ReturnType<Link['stats']>;
+  persistent: boolean;
+  undefinedSource: boolean;
+}
+
+const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3, TiB: 1024 ** 4 };
+
+/** `virsh domjobinfo [--completed]` (its human form: the one every libvirt version prints). */
+export function parseJobInfo(text: string): JobInfo {
+  const f = new Map<string, string>();
+  for (const line of text.split('\n')) {
+    const i = line.indexOf(':');
+    if (i > 0) f.set(line.slice(0, i).trim(), line.slice(i + 1).trim());
+  }
+  const size = (k: string) => {
+    const m = /^([\d.]+)\s*(B|KiB|MiB|GiB|TiB)$/.exec(f.get(k) ?? '');
+    return m ? Math.round(Number(m[1]) * SIZE_UNITS[m[2]]) : 0;
+  };
+  const dt = /^(\d+)\s*ms$/.exec(f.get('Total downtime') ?? '');
+  return { type: f.get('Job type') ?? '', operation: f.get('Operation'), processed: size('Data processed'), remaining: size('Data remaining'), total: size('Data total'), downtimeMs: dt ? Number(dt[1]) : null };
+}
+
+/** One `vmshift migrate` per domain on this host: a lock file naming the process. */
+function takeLock(runDir: string, domain: string): () => void {
+  const dir = join(runDir, 'migrations');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const path = join(dir, `${encodeURIComponent(domain)}.lock`);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = openSync(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+      writeSync(fd, JSON.stringify({ pid: process.pid, started: new Date().toISOString() }));
+      closeSync(fd);
+      return () => rmSync(path, { force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      let holder: { pid?: number; started?: string } = {};
+      try { holder = JSON.parse(readFileSync(path, 'utf8')); } catch { /* torn: treat as stale */ }
+      if (holder.pid && isAlive(holder.pid)) throw new MigrateError('usage', `a migration of '${domain}' is already running (vmshift pid ${holder.pid}, since ${holder.started}); nothing was changed`);
+      rmSync(path, { force: true }); // its process is gone
+    }
+  }
+  throw new MigrateError('usage', `cannot take the migration lock ${path}`);
+}
+
+function isAlive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+/** The gid of `libvirt-qemu`, whom the source QEMU runs as on a stock host; null when absent. */
+function qemuGid(): number | null {
+  try {
+    const line = readFileSync('/etc/group', 'utf8').split('\n').find((l) => l.startsWith('libvirt-qemu:'));
+    return line ? Number(line.split(':')[2]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A local unix socket whose every connection is a link stream to the peer's libvirtd. */
+async function forwardLibvirt(path: string, link: Link): Promise<Server> {
+  let n = 0;
+  const server = createServer({ allowHalfOpen: true }, (sock: Socket) => {
+    let s;
+    try { s = link.stream(`${LIBVIRT_STREAM_PREFIX}${n++}`); } catch { sock.destroy(); return; }
+    sock.once('error', () => s.destroy());
+    s.once('error', () => sock.destroy());
+    sock.pipe(s);
+    s.pipe(sock);
+  });
+  await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(path, () => resolve()); });
+  chmodSync(path, 0o600);
+  return server;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface VirshLike { run(args: string[]): Promise<string> }
+
+async function stateOf(v: VirshLike, domain: string): Promise<string | null> {
+  try {
+    return (await v.run(['domstate', '--domain', domain])).trim();
+  } catch (e) {
+    if (e instanceof VirshError && e.kind === 'no-domain') return null;
+    throw e;
+  }
+}
+
+export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigrateDone> {
+  const t0 = performance.now();
+  const src = new Virsh({ uri: o.sourceUri, timeoutMs: 60_000 });
+  const peerName = `${o.dest.user}@${o.dest.host}:${o.dest.port}`;
+  const state0 = await stateOf(src, o.domain).catch((e: Error) => { throw new MigrateError('source', `cannot ask libvirt (${o.sourceUri}) about '${o.domain}': ${e.message}`); });
+  if (state0 === null) throw new MigrateError('usage', `domain '${o.domain}' is not defined on this host (${o.sourceUri}); nothing was changed`);
+  if (state0 !== 'running' && state0 !== 'paused') throw new MigrateError('usage', `domain '${o.domain}' is ${state0}: only a running or paused guest migrates live; nothing was changed`);
+  const wasRunning = state0 === 'running';
+  const unlock = takeLock(o.runDir, o.domain);
+  const id = randomBytes(6).toString('hex');
+  const dir = join(o.runDir, 'migrate', id);
+  let link: Link | null = null;
+  let relay: SourceRelay | null = null;
+  let fwd: Server | null = null;
+  let ctl: Control | null = null;
+  let handover: DiskHandover | null = null;
+  let committed = false;
+  let session: VirshSession | null = null;
+  let watcher: { close(): void } | null = null;
+  try {
+    const job0 = parseJobInfo(await src.run(['domjobinfo', o.domain]));
+    if (job0.type && job0.type !== 'None') throw new MigrateError('usage', `libvirt already runs a job on '${o.domain}' (${job0.type}${job0.operation ? `, ${job0.operation}` : ''}); nothing was changed`);
+    const xml = await src.dumpxml(o.domain);
+    const disks = parseDomblklist(await src.run(['domblklist', o.domain, '--details']));
+
+    // The link: the agent on the peer carries libvirt's connection and the migration stream.
+    const socket = `${o.peerSocketDir}/link-${id}.sock`;
+    const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `dom-${id}`, '--socket', socket, '--libvirt-socket', o.dest.socket,
+      ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
+    const l = new Link({
+      link: id, migration: `dom-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs,
+      dial: sshDialer({ host: o.dest.host, port: o.dest.port, user: o.dest.user, identity: o.identity, knownHosts: o.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
+    });
+    link = l;
+    l.on('carrier', (state: string, why: string) => o.onEvent({ event: 'carrier', state, why }));
+    l.on('warning', (m: string) => o.onEvent({ event: 'warning', message: m }));
+    await new Promise<void>((resolve, reject) => {
+      let lastWhy = 'no answer';
+      const t = setTimeout(() => reject(new MigrateError('link', `cannot reach ${peerName} within ${Math.round(o.connectTimeoutMs / 1000)} s (${lastWhy}); nothing was changed`)), o.connectTimeoutMs);
+      l.on('carrier', (state: string, why: string) => { if (state === 'up') { clearTimeout(t); resolve(); } else lastWhy = why; });
+      l.once('failed', (e: Error) => { clearTimeout(t); reject(new MigrateError('link', `${e.message}; nothing was changed`)); });
+      o.signal?.addEventListener('abort', () => { clearTimeout(t); reject(new MigrateError('source', 'interrupted; nothing was changed')); }, { once: true });
+    });
+    o.onEvent({ event: 'connected', peer: peerName });
+
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const migrateSocket = join(dir, 'mig.sock');
+    const fwdPath = join(dir, 'libvirt.sock');
+    fwd = await forwardLibvirt(fwdPath, l);
+    const dst = new Virsh({ uri: o.libvirtVia === 'direct' && o.destUri ? o.destUri : `qemu+unix:///system?socket=${fwdPath}`, timeoutMs: 60_000 });
+    const c = new Control(l.stream(CONTROL_STREAM), peerName);
+    ctl = c;
+    let prepared = false;
+    const peerPrepare = async (probes: string[]): Promise<Array<string | null>> => {
+      c.send({ op: 'libvirt-prepare', migrateSocket, probes });
+      const r = await c.next(30_000);
+      if (r.op === 'error') throw new MigrateError('destination', r.message);
+      if (r.op !== 'libvirt-ready') throw new MigrateError('destination', `unexpected answer "${r.op}" to libvirt-prepare`);
+      prepared = true;
+      return r.probes;
+    };
+
+    // Nothing is changed on either host before these checks pass.
+    session = new VirshSession(dst.uri);
+    const destState = await stateOf(session, o.domain).catch((e: Error) => { throw new MigrateError('destination', `cannot reach libvirt on ${peerName} (${o.dest.socket}): ${e.message}`); });
+    if (destState === 'running' || destState === 'paused') throw new MigrateError('destination', `${peerName} already runs a domain named '${o.domain}' (${destState}); nothing was changed`);
+    const definedOnDest = destState !== null;
+    handover = (o.handover ?? ((d, ds, x, p) => new SharedStorageHandover(d, ds, x, p)))(o.domain, disks, xml, peerName);
+    try {
+      await handover.prepare({ readFiles: peerPrepare });
+    } catch (e) {
+      if (e instanceof HandoverError) throw new MigrateError('usage', `${e.message}; nothing was changed`);
+      throw e;
+    }
+    if (!prepared) await peerPrepare([]);
+    o.onEvent({ event: 'prepared', handover: handover.kind, disks: disks.map((d) => d.target) });
+    await handover.copy();
+    await handover.sync();
+
+    relay = await sourceRelay(migrateSocket, () => l.stream(MEMORY_STREAM));
+    relay.done.catch(() => {});
+    // The source QEMU connects as libvirt's QEMU user on a stock host: the directory is
+    // searchable, the socket its group's; its path holds a random id nobody else knows.
+    const gid = qemuGid();
+    if (gid !== null) { chmodSync(dir, 0o711); chownSync(migrateSocket, 0, gid); chmodSync(migrateSocket, 0o660); }
+
+    await src.run(['migrate-setmaxdowntime', o.domain, String(o.maxDowntimeMs)]);
+    const args = ['migrate', '--live', '--suspend', ...(o.persistent ? ['--persistent'] : []), ...(o.undefineSource ? ['--undefinesource'] : []),
+      ...handover.virshFlags(), ...(o.bandwidth ? ['--bandwidth', String(Math.max(1, Math.round(o.bandwidth / 1024 ** 2)))] : []),
+      '--migrateuri', `unix://${migrateSocket}`, o.domain, dst.uri];
+    // Confirm on this host kills the source QEMU only after Finish on the destination
+    // succeeded: "Stopped Migrated" is the earliest word that the guest exists only there.
+    let goneSeen = false;
+    let sourceGone!: () => void;
+    const gone = new Promise<void>((r) => { sourceGone = r; });
+    // "Suspended Migrated": the source paused for the switch-over; the guest's pause runs from there.
+    let tSuspended: number | null = null;
+    watcher = watchLifecycle(o.sourceUri, o.domain, (line) => {
+      if (/Suspended Migrated/i.test(line)) tSuspended ??= performance.now();
+      if (/Stopped Migrated/i.test(line)) { goneSeen = true; sourceGone(); }
+    });
+    let migrateError: Error | null = null;
+    let finished = false;
+    const migrating = src.run(args, { timeoutMs: 24 * 3600_000 }).then(() => {}, (e: Error) => { migrateError = e; }).finally(() => { finished = true; });
+    const onAbort = () => { if (!finished) void src.run(['domjobabort', o.domain]).catch(() => {}); };
+    o.signal?.addEventListener('abort', onAbort, { once: true });
+    while (!finished && !goneSeen) {
+      await Promise.race([migrating, gone, sleep(1000)]);
+      if (finished || goneSeen) break;
+      const j = parseJobInfo(await src.run(['domjobinfo', o.domain]).catch(() => ''));
+      if (j.type && j.type !== 'None') o.onEvent({ event: 'progress', processed: j.processed, remaining: j.remaining, total: j.total, pct: j.total ? Math.round((100 * (j.total - j.remaining)) / j.total) : 0, relayed: relay.counts.forward });
+    }
+    o.signal?.removeEventListener('abort', onAbort);
+    const tVirsh = performance.now();
+
+    // Where the guest is now decides who wins (docs/libvirt-migrate.md, "Exactly one running copy").
+    const here = goneSeen ? 'shut off' : await stateOf(src, o.domain).catch(() => 'unknown');
+    const hereActive = here === 'running' || here === 'paused' || here === 'unknown';
+    if (!goneSeen && !hereActive && migrateError) {
+      // virsh failed, but this host's copy is gone (the event was missed): the destination's
+      // paused copy is all there is, so it must run; destroying it would lose the guest.
+      const there = await stateOf(dst, o.domain).catch(() => null);
+      if (there !== 'paused') throw new MigrateError('destination', `libvirt's migration failed (${(migrateError as Error).message}) and '${o.domain}' is ${here ?? 'not defined'} here and ${there ?? 'not defined'} on ${peerName}: check both hosts`, true);
+      o.onEvent({ event: 'warning', message: `virsh migrate failed (${(migrateError as Error).message}), but '${o.domain}' is gone from here and paused on ${peerName}: resuming it there` });
+    } else if (!goneSeen && (migrateError || hereActive)) {
+      const why = migrateError ? (migrateError as Error).message : `virsh reported success but '${o.domain}' is still ${here} here`;
+      // The destination's copy first (it never ran: --suspend), then the source runs on.
+      await dropDestCopy(dst, o.domain, definedOnDest, (m) => o.onEvent({ event: 'warning', message: m }));
+      if (here === 'paused' && wasRunning && migrateError) await src.run(['resume', o.domain]).catch(() => {});
+      throw new MigrateError('source', `libvirt's migration failed: ${why}; '${o.domain}' runs on here${here === 'unknown' ? ' (check it: this host\'s libvirt did not answer)' : ''}`);
+    }
+    // This host's copy is gone: the destination's paused copy is the guest. Resume it.
+    committed = true;
+    await resumeDest(session, dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
+      throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
+    });
+    const tResumed = performance.now();
+    const commitMs = Math.round(tResumed - tVirsh);
+    const pausedMs = tSuspended !== null ? Math.round(tResumed - tSuspended) : null;
+    o.onEvent({ event: 'committed', commitMs });
+    await migrating;
+    if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after the source had stopped: ${(migrateError as Error).message}` });
+    await handover.commit();
+    const done = parseJobInfo(await session.run(['domjobinfo', '--completed', '--keep-completed', '--domain', o.domain]).catch(() => ''));
+    // Every stream ends before the link can finish: libvirt's connections first.
+    session.close();
+    session = null;
+    c.end();
+    fwd.close();
+    await Promise.race([Promise.all([relay.done.catch(() => {}), l.finish()]), sleep(10_000)]);
+    return {
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, pausedMs, relayed: relay.counts, link: l.stats(),
+      persistent: o.persistent, undefinedSource: o.undefineSource,
+    };
+  } catch (e) {
+    if (!committed) await handover?.rollback().catch(() => {});
+    throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
+  } finally {
+    relay?.close();
+    fwd?.close();
+    watcher?.close();
+    session?.close();
+    if (link && link.state === 'running') {
+      if (ctl && !committed) {
+        ctl.send({ op: 'abort', reason: 'the migration ended on the source' });
+        await Promise.race([ctl.next().catch(() => {}), sleep(3000)]);
+      }
+      link.abort(committed ? 'finished: the guest runs on the destination' : 'the migration was rolled back');
+    }
+    rmSync(dir, { recursive: true, force: true });
+    unlock();
+  }
+}
+
+/** Resume the paused destination, through the link; a reset in between is retried. */
+async function resumeDest(session: VirshSession, dst: Virsh, domain: string, link: Link, holdMs: number): Promise<void> {
+  const deadline = Date.now() + holdMs;
+  // The session's connection is open already; should it have broken, a fresh one is made.
+  for (let v: VirshLike = session; ; v = dst) {
+    try {
+      await v.run(['resume', '--domain', domain]);
+      return;
+    } catch (e) {
+      const st = await stateOf(dst, domain).catch(() => null);
+      if (st === 'running') return;
+      if (link.state !== 'running' || Date.now() > deadline) throw e;
+      await sleep(500);
+    }
+  }
+}
+
+/** After a failure: the destination's copy (paused: it never ran) is destroyed, its definition undone. */
+async function dropDestCopy(dst: Virsh, domain: string, definedBefore: boolean, warn: (m: string) => void): Promise<void> {
+  try {
+    const st = await stateOf(dst, domain);
+    if (st === 'running') { warn(`'${domain}' RUNS on the destination although the migration failed; not touching it`); return; }
+    if (st === 'paused') await dst.run(['destroy', domain]);
+    if (st !== null && !definedBefore) await dst.run(['undefine', domain]).catch(() => {});
+  } catch (e) {
+    warn(`cannot check the destination for a paused copy of '${domain}' (${(e as Error).message}): it never ran; destroy it there if it exists`);
+  }
+}

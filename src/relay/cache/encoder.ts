@@ -1,0 +1,193 @@
+// The source half of the memory cache: QEMU's migration stream in, the cache's frames
+// (./frames.ts) out. A page QEMU sends again goes as a delta against the copy both relays
+// keep (XOR, lz4: pages that changed a little become a few dozen bytes), a page sent for the
+// first time goes lz4 compressed, everything else (ZERO records, device state, the reader's
+// pass-through) goes as it is. Which pages are kept is the FITO list's call (./fito.ts), within
+// the memory budget. The decoder keeps the same slots because only NEW and DELTA frames name
+// them: the source alone decides, the destination follows.
+//
+// Turning itself down: compressing costs CPU the guest and QEMU want too, and it only pays
+// while the link is the bottleneck (./governor.ts decides from the encoder's and the link's
+// measured speeds). While it is down, pages go on raw and leave the cache.
+import { compressSync } from 'lz4-napi';
+import { crc32 } from 'node:zlib';
+import { PAGE_SIZE, StreamReader, type Token } from '../../memstream/reader.ts';
+import { FitoList, type FitoSample } from './fito.ts';
+import { FRAME, hello, pageFrame, rawFrame } from './frames.ts';
+import { Slots } from './slots.ts';
+import { Governor } from './governor.ts';
+
+
+export interface EncoderOptions {
+  /** Memory for page copies, bytes (each side keeps this much at most). */
+  budget: number;
+  /** Bytes written but not yet taken by the link; absent = always compress. */
+  backlog?: () => number;
+  /** FITO tuning (tests). */
+  adjustEvery?: number;
+}
+
+export interface CacheStats {
+  /** Bytes QEMU sent, bytes put on the link. */
+  bytesIn: number;
+  bytesOut: number;
+  saved: number;
+  pages: number;
+  hits: number;
+  misses: number;
+  hitRate: number;
+  deltaBytes: number;
+  newBytes: number;
+  /** Pages sent raw because the link kept up (the cache turned down). */
+  bypassedPages: number;
+  modeChanges: number;
+  /** What the governor measured (bytes/s), null when not measured. */
+  encoderRate: number | null;
+  linkRate: number | null;
+  entries: number;
+  target: number;
+  budgetEntries: number;
+  history: FitoSample[];
+  passThrough: string | null;
+  reader: StreamReader['seen'];
+}
+
+export class CacheEncoder {
+  private reader = new StreamReader();
+  private fito: FitoList<number, number>;
+  private blocks = new Map<string, number>();
+  private copies = new Slots();
+  private free: number[] = [];
+  private nextSlot = 0;
+  private readonly slots: number;
+  private scratch = Buffer.alloc(PAGE_SIZE);
+  private raw: Buffer[] = [];
+  private out: Buffer[] = [];
+  private compressing = true;
+  private governor: Governor | null;
+  private started = false;
+  private readonly s = { bytesIn: 0, bytesOut: 0, pages: 0, deltaBytes: 0, newBytes: 0, bypassedPages: 0, modeChanges: 0 };
+
+  constructor(o: EncoderOptions) {
+    this.slots = Math.max(1, Math.floor(o.budget / PAGE_SIZE));
+    this.fito = new FitoList<number, number>({ maxEntries: this.slots, adjustEvery: o.adjustEvery }, (_k, slot) => this.free.push(slot));
+    this.governor = o.backlog ? new Governor(o.backlog) : null;
+  }
+
+  /** Frames for the next bytes of QEMU's stream (the hello first). */
+  encode(chunk: Buffer): Buffer[] {
+    this.s.bytesIn += chunk.length;
+    if (!this.started) { this.started = true; this.out.push(hello(this.slots, PAGE_SIZE)); }
+    const t0 = performance.now();
+    for (const t of this.reader.push(chunk)) this.token(t);
+    const out = this.take();
+    if (this.governor) {
+      let n = 0;
+      for (const b of out) n += b.length;
+      this.compressing = this.governor.account(chunk.length, n, performance.now() - t0);
+      this.s.modeChanges = this.governor.changes;
+    }
+    return out;
+  }
+
+  /** The stream ended: what the reader held goes out raw. */
+  finish(): Buffer[] {
+    if (!this.started) { this.started = true; this.out.push(hello(this.slots, PAGE_SIZE)); }
+    for (const t of this.reader.end()) this.token(t);
+    return this.take();
+  }
+
+  private take(): Buffer[] {
+    this.flushRaw();
+    const out = this.out;
+    this.out = [];
+    for (const b of out) this.s.bytesOut += b.length;
+    return out;
+  }
+
+  private flushRaw(): void {
+    if (!this.raw.length) return;
+    this.out.push(rawFrame(this.raw));
+    this.raw = [];
+  }
+
+  private key(block: string, offset: number): number {
+    let id = this.blocks.get(block);
+    if (id === undefined) { id = this.blocks.size; this.blocks.set(block, id); }
+    return id * 2 ** 40 + offset;
+  }
+
+
+  private allocSlot(): number {
+    while (this.fito.full && this.fito.size > 0) this.fito.evictOldest();
+    const f = this.free.pop();
+    if (f !== undefined) return f;
+    if (this.nextSlot < this.slots) return this.nextSlot++;
+    this.fito.evictOldest();
+    return this.free.pop()!;
+  }
+
+  private token(t: Token): void {
+    if (t.kind === 'raw') { this.raw.push(t.data); return; }
+    const key = this.key(t.block, t.offset);
+    if (t.kind === 'touch') {
+      // ZERO, XBZRLE, COMPRESS_PAGE: the page changed without us seeing it: the copy is stale.
+      const slot = this.fito.remove(key);
+      if (slot !== undefined) this.free.push(slot);
+      return;
+    }
+    this.s.pages++;
+    if (!this.compressing) {
+      const slot = this.fito.remove(key);
+      if (slot !== undefined) this.free.push(slot);
+      this.s.bypassedPages++;
+      this.raw.push(t.header, t.data);
+      return;
+    }
+    this.flushRaw();
+    const crc = crc32(t.data, crc32(t.header));
+    const had = this.fito.touch(key);
+    if (had !== undefined) {
+      const copy = this.copies.get(had);
+      xor(t.data, copy, this.scratch);
+      const c = compressSync(this.scratch);
+      const f = c.length < PAGE_SIZE
+        ? pageFrame(FRAME.DELTA, had, t.header, c, false, crc)
+        : pageFrame(FRAME.NEW, had, t.header, t.data, true, crc);
+      this.s.deltaBytes += f.length;
+      this.out.push(f);
+      t.data.copy(copy);
+      this.fito.add(key, had);
+      return;
+    }
+    const slot = this.allocSlot();
+    const c = compressSync(t.data);
+    const f = c.length < PAGE_SIZE
+      ? pageFrame(FRAME.NEW, slot, t.header, c, false, crc)
+      : pageFrame(FRAME.NEW, slot, t.header, t.data, true, crc);
+    this.s.newBytes += f.length;
+    this.out.push(f);
+    t.data.copy(this.copies.get(slot));
+    this.fito.add(key, slot);
+  }
+
+  stats(): CacheStats {
+    const st = this.fito.stats;
+    const lookups = st.hits + st.misses;
+    return {
+      ...this.s, saved: this.s.bytesIn - this.s.bytesOut, hits: st.hits, misses: st.misses,
+      hitRate: lookups ? st.hits / lookups : 0, entries: this.fito.size, target: this.fito.target, budgetEntries: this.slots,
+      encoderRate: this.governor?.encoderRate ?? null, linkRate: this.governor?.linkRate ?? null,
+      history: this.fito.history.slice(), passThrough: this.reader.passThroughReason, reader: { ...this.reader.seen },
+    };
+  }
+}
+
+/** out = a XOR b. `b` and `out` are 4-byte aligned page buffers (slot memory, scratch); `a` may not be. */
+export function xor(a: Buffer, b: Buffer, out: Buffer): void {
+  a.copy(out);
+  const o = new Uint32Array(out.buffer, out.byteOffset, out.length >>> 2);
+  const c = new Uint32Array(b.buffer, b.byteOffset, b.length >>> 2);
+  for (let i = 0; i < o.length; i++) o[i] ^= c[i]!;
+}
+

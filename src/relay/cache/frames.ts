@@ -1,0 +1,68 @@
+// The memory cache's framing on the link between the two relays (never seen by QEMU). The
+// source relay's encoder writes it, the destination relay's decoder reads it back into exactly
+// the bytes the source QEMU sent. Big-endian:
+//
+//   hello  "VMC1", be32 slots, be32 page size          once, first
+//   RAW    0x01, be32 len, bytes, be32 crc              bytes as QEMU sent them
+//   NEW    0x02, be32 slot, be16 hlen, header, be16 clen, data, be32 crc
+//          a PAGE record: header (QEMU's be64 offset|flags and idstr) then the page, lz4
+//          compressed (clen > 0) or as it is (clen 0: 4096 bytes follow); both sides keep a copy
+//          in `slot` (0xffffffff: not kept)
+//   DELTA  0x03, be32 slot, be16 hlen, header, be16 clen, lz4(page XOR copy in slot), be32 crc
+//          the page is the copy in `slot` XOR the decompressed bytes; the slot keeps the result
+//
+// Every frame's crc is the CRC-32 of the bytes it rebuilds: the decoder hands nothing on that
+// it could not check, so a cut, a truncated frame or garbage can stop the stream but never
+// produce a wrong byte on the destination side.
+import { crc32 } from 'node:zlib';
+
+export const HELLO_MAGIC = 0x564d4331; // "VMC1"
+export const HELLO_LEN = 12;
+export const FRAME = { RAW: 0x01, NEW: 0x02, DELTA: 0x03 } as const;
+export const NO_SLOT = 0xffffffff;
+/** The most slots a decoder accepts (16 GiB of 4 KiB pages): a hello asking for more is refused. */
+export const MAX_SLOTS = 1 << 22;
+
+export function hello(slots: number, pageSize: number): Buffer {
+  const b = Buffer.alloc(HELLO_LEN);
+  b.writeUInt32BE(HELLO_MAGIC, 0);
+  b.writeUInt32BE(slots, 4);
+  b.writeUInt32BE(pageSize, 8);
+  return b;
+}
+
+export function crcOf(a: Buffer, b?: Buffer): number {
+  const h = a.length ? crc32(a) : 0;
+  return b && b.length ? crc32(b, h) : h;
+}
+
+export function rawFrame(parts: Buffer[]): Buffer {
+  const len = parts.reduce((n, p) => n + p.length, 0);
+  const f = Buffer.allocUnsafe(5 + len + 4);
+  f[0] = FRAME.RAW;
+  f.writeUInt32BE(len, 1);
+  let at = 5;
+  let crc = 0;
+  for (const p of parts) {
+    p.copy(f, at);
+    at += p.length;
+    if (p.length) crc = crc32(p, crc);
+  }
+  f.writeUInt32BE(crc >>> 0, at);
+  return f;
+}
+
+/** A NEW or DELTA frame; `data` is lz4 (clen = its length) or, for NEW, the raw page (`raw`). */
+export function pageFrame(type: number, slot: number, header: Buffer, data: Buffer, raw: boolean, crc: number): Buffer {
+  const f = Buffer.allocUnsafe(1 + 4 + 2 + header.length + 2 + data.length + 4);
+  f[0] = type;
+  f.writeUInt32BE(slot, 1);
+  f.writeUInt16BE(header.length, 5);
+  header.copy(f, 7);
+  let at = 7 + header.length;
+  f.writeUInt16BE(raw ? 0 : data.length, at);
+  at += 2;
+  data.copy(f, at);
+  f.writeUInt32BE(crc >>> 0, at + data.length);
+  return f;
+}

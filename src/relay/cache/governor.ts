@@ -1,0 +1,54 @@
+// Whether the memory cache should compress right now. Compressing only pays while the link is
+// the bottleneck: it then carries `ratio` times more of QEMU's stream. When the link keeps up
+// with QEMU's raw stream (a fast link), compressing just spends CPU the guest and QEMU want.
+//
+// Every window (500 ms) it measures:
+//   E  the encoder's speed while compressing (QEMU bytes per second of encoding time);
+//   L  the link's speed, from the windows in which bytes waited for it the whole time
+//      (backlog above BUSY at both ends): what the link took = written - growth of the backlog.
+// and decides: compressing while the link is busy -> keep on (link-bound: compression wins).
+// Compressing while the link waits for us -> raw instead if the link is known to be faster
+// than the encoder (or not known yet: probe it raw). Raw while the link is busy -> compress
+// again if the encoder is faster than the link (or not measured yet).
+export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
+const WINDOW_MS = 500;
+
+export class Governor {
+  compressing = true;
+  changes = 0;
+  /** Bytes per second; null until measured. */
+  encoderRate: number | null = null;
+  linkRate: number | null = null;
+  private t0 = performance.now();
+  private backlog0: number;
+  private written = 0;
+  private encIn = 0;
+  private encMs = 0;
+
+  constructor(private readonly backlog: () => number) {
+    this.backlog0 = backlog();
+  }
+
+  /** Account one encode call: QEMU bytes in, link bytes out, time spent; returns whether to compress next. */
+  account(bytesIn: number, bytesOut: number, ms: number): boolean {
+    this.written += bytesOut;
+    if (this.compressing) { this.encIn += bytesIn; this.encMs += ms; }
+    const now = performance.now();
+    const dt = now - this.t0;
+    if (dt < WINDOW_MS) return this.compressing;
+    const b1 = this.backlog();
+    const busy = this.backlog0 > BUSY && b1 > BUSY;
+    if (busy) this.linkRate = Math.max(0, (this.written - (b1 - this.backlog0)) / (dt / 1000));
+    if (this.compressing && this.encMs > 50) this.encoderRate = this.encIn / (this.encMs / 1000);
+    let want = this.compressing;
+    if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
+    else if (!this.compressing && busy) want = this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1;
+    if (want !== this.compressing) { this.compressing = want; this.changes++; }
+    this.t0 = now;
+    this.backlog0 = b1;
+    this.written = 0;
+    this.encIn = 0;
+    this.encMs = 0;
+    return this.compressing;
+  }
+}

@@ -19,6 +19,7 @@ import { BufferPool } from './buffer-pool.ts';
 import { ByteBudget } from './server-budget.ts';
 import { loadNative } from '../block/file.ts';
 import { SendfileReplies } from './server-sendfile.ts';
+import { INLINE_MAX } from '../block/inline-io.ts';
 
 export interface ServerCounters {
   bytesRead: number;
@@ -64,6 +65,13 @@ interface Request {
   /** Payload bytes this request holds of the connection's and the server's budget. */
   held: number;
 }
+
+/**
+ * READs up to this size are copied (from the page cache on the event loop, where they are
+ * cached: inline-io.ts), not sent by sendfile: for a small reply a worker thread's round
+ * trip costs more than the copy it saves (inline-io.ts says why).
+ */
+const SENDFILE_MIN = INLINE_MAX;
 
 /** A WRITE payload shorter than this left to arrive is awaited in received chunks, not read on its own. */
 const SINK_MIN = 16 * 1024;
@@ -123,7 +131,10 @@ export class Transmission {
     this.dev = neg.export.device;
     this.size = this.dev.size;
     const native = loadNative();
-    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && !process.env.VMSHIFT_NO_SENDFILE) {
+    // Opt-in for now (VMSHIFT_SENDFILE=1): with it on, test/interop/migrate-faults.test.ts's
+    // abort cases failed in 2 runs of 2 (the job over before the abort landed), with it off
+    // they passed; not yet understood (docs/performance.md).
+    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && process.env.VMSHIFT_SENDFILE === '1') {
       this.zc = new SendfileReplies(wire.stream, wire.fd, native, pool, this.uncork);
     }
   }
@@ -294,7 +305,7 @@ export class Transmission {
       const fua = (req.flags & CmdFlag.FUA) !== 0 && dev.caps.canFua;
       switch (req.type) {
         case Cmd.READ: {
-          if (req.length && this.zc?.enabled && (await this.sendZeroCopy(req))) return;
+          if (req.length > SENDFILE_MIN && this.zc?.enabled && (await this.sendZeroCopy(req))) return;
           let data: Buffer = Buffer.alloc(0);
           if (req.length) {
             req.pooled = this.pool.take(req.length);

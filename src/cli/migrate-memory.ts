@@ -1,15 +1,18 @@
-// `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] --dest-qmp PATH_ON_PEER`: move
-// a running guest's memory (and devices) to a destination QEMU on another host, over the
-// resumable link (src/relay/migrate.ts). The guest's disks must be reachable from both hosts.
-// Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
-// Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
-// the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
+// `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] | tls://HOST:PORT --dest-qmp
+// PATH_ON_PEER`: move a running guest's memory (and devices) to a destination QEMU on another
+// host, over the resumable link (src/relay/migrate.ts). The guest's disks must be reachable
+// from both hosts. Progress on stderr (a line per second), JSON lines on stdout with --json.
+// Ctrl-C or `vmshift abort --qmp SRC_QMP` (through the migration's control socket,
+// src/relay/migration-socket.ts) before the commit rolls back (the guest runs on here). Exit 0
+// when the guest runs on the destination, 1 when it failed (and runs on here), 3 when in doubt.
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
-import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
+import { MigrateError, migrateMemory, type MigrateEvent, type Peer } from '../relay/migrate.ts';
+import { listenMigration, type AbortOutcome } from '../relay/migration-socket.ts';
+import { runDir } from '../libvirt/shim-plan.ts';
 
 interface Args {
   qmp: string;
@@ -23,15 +26,37 @@ interface Args {
   peerVmshift: string;
   peerSocketDir: string;
   holdTime: string;
+  timeout?: string;
+  timeoutAction: string;
+  tlsDir?: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  runDir?: string;
   json: boolean;
 }
 
-export function parsePeer(url: string): { host: string; port: number; user: string } {
-  const m = /^ssh:\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
-  if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT]`);
-  const port = m[3] ? Number(m[3]) : 22;
+export type PeerUrl = { scheme: 'ssh'; host: string; port: number; user: string } | { scheme: 'tls'; host: string; port: number };
+
+export function parsePeer(url: string): PeerUrl {
+  const m = /^(ssh|tls):\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
+  if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT] or tls://HOST:PORT`);
+  const host = m[3].replace(/^\[|\]$/g, '');
+  if (m[1] === 'tls') {
+    if (m[2]) throw new UsageError(`--peer ${url}: a tls:// peer has no user (the certificate says who we are)`);
+    if (!m[4]) throw new UsageError(`--peer ${url}: a tls:// peer needs the port its link-agent --listen uses`);
+  }
+  const port = m[4] ? Number(m[4]) : 22;
   if (port < 1 || port > 65535) throw new UsageError(`--peer ${url}: port ${port} is out of range`);
-  return { user: m[1] ?? 'root', host: m[2].replace(/^\[|\]$/g, ''), port };
+  return m[1] === 'tls' ? { scheme: 'tls', host, port } : { scheme: 'ssh', user: m[2] ?? 'root', host, port };
+}
+
+/** The TLS files: --tls-dir DIR (QEMU's names: ca-cert.pem, client-cert.pem, client-key.pem), each overridable. */
+export function tlsFiles(a: { tlsDir?: string; tlsCa?: string; tlsCert?: string; tlsKey?: string }): { ca: string; cert: string; key: string } {
+  const inDir = (f: string) => (a.tlsDir ? join(resolve(a.tlsDir), f) : undefined);
+  const ca = a.tlsCa ?? inDir('ca-cert.pem'), cert = a.tlsCert ?? inDir('client-cert.pem'), key = a.tlsKey ?? inDir('client-key.pem');
+  if (!ca || !cert || !key) throw new UsageError('--peer tls://... needs --tls-dir DIR, or --tls-ca, --tls-cert and --tls-key');
+  return { ca: resolve(ca), cert: resolve(cert), key: resolve(key) };
 }
 
 export const migrateMemoryCommand = {
@@ -40,7 +65,7 @@ export const migrateMemoryCommand = {
   builder: (y: Argv) =>
     y
       .option('qmp', { type: 'string', demandOption: true, describe: "the source guest's QMP socket" })
-      .option('peer', { type: 'string', demandOption: true, describe: 'the destination host: ssh://[USER@]HOST[:PORT]' })
+      .option('peer', { type: 'string', demandOption: true, describe: 'the destination host: ssh://[USER@]HOST[:PORT], or tls://HOST:PORT (a vmshift link-agent --listen there)' })
       .option('dest-qmp', { type: 'string', demandOption: true, describe: 'the QMP socket, on the peer, of a QEMU started with -incoming defer -S' })
       .option('identity', { type: 'string', describe: 'SSH private key (default ~/.ssh/id_ed25519)' })
       .option('known-hosts', { type: 'string', describe: 'known_hosts file to verify the peer (default ~/.ssh/known_hosts)' })
@@ -49,14 +74,29 @@ export const migrateMemoryCommand = {
       .option('bandwidth', { type: 'string', describe: 'migration rate limit per second (e.g. 100M)' })
       .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
       .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
-      .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" }),
+      .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" })
+      .option('timeout', { type: 'string', describe: 'once the migration runs this long without completing (a guest dirtying faster than the link), do --timeout-action' })
+      .option('timeout-action', { choices: ['abort', 'suspend'], default: 'abort', describe: 'at --timeout: roll back, or pause the guest so that the migration completes' })
+      .option('tls-dir', { type: 'string', describe: 'tls:// peer: a directory with ca-cert.pem, client-cert.pem, client-key.pem' })
+      .option('tls-ca', { type: 'string', describe: 'tls:// peer: PEM CA bundle the peer\'s certificate must be signed by' })
+      .option('tls-cert', { type: 'string', describe: 'tls:// peer: PEM client certificate (chain) of this host' })
+      .option('tls-key', { type: 'string', describe: 'tls:// peer: PEM private key of --tls-cert' })
+      .option('run-dir', { type: 'string', describe: "where this migration's control socket goes, for vmshift abort (default $VMSHIFT_RUN_DIR or /run/vmshift)" }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
-    const peer = parsePeer(argv.peer);
+    const url = parsePeer(argv.peer);
+    const peer: Peer = url.scheme === 'ssh'
+      ? { ...url, identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts') }
+      : { ...url, ...tlsFiles(argv) };
+    const timeoutMs = argv.timeout ? parseDuration(argv.timeout, '--timeout') : 0;
     const ac = new AbortController();
-    const onInt = () => ac.abort();
+    const onInt = () => ac.abort(new Error('interrupted'));
     process.once('SIGINT', onInt);
     let last = 0;
+    let committed = false;
+    let phase = 'connecting';
     const onEvent = (e: MigrateEvent) => {
+      if (e.event === 'committed') committed = true;
+      if (e.event === 'progress') phase = e.status;
       if (argv.json) { printJson(e); return; }
       if (e.event === 'progress') {
         const now = Date.now();
@@ -67,16 +107,31 @@ export const migrateMemoryCommand = {
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
       else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
     };
+    const qmp = resolve(argv.qmp);
+    // `vmshift abort --qmp` reaches this process here; the outcome it hears is this run's own.
+    let outcome: Promise<unknown> = new Promise(() => {});
+    const control = await listenMigration(runDir(argv.runDir), qmp, {
+      status: () => ({ qmp, peer: argv.peer, phase, committed }),
+      abort: async (): Promise<AbortOutcome> => {
+        if (committed) return { aborted: false, message: 'too late: the commit was sent, the guest runs on the destination' };
+        ac.abort(new Error('aborted by vmshift abort'));
+        return outcome.then(() => ({ aborted: false, message: 'too late: the migration completed first; the guest runs on the destination' }),
+          (e: Error) => ({ aborted: !(e instanceof MigrateError && e.inDoubt), message: e.message }));
+      },
+    });
     try {
-      const done = await migrateMemory({
-        qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp,
-        identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts'),
+      const run = migrateMemory({
+        qmp, peer, destQmp: argv.destQmp,
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
         holdMs: parseDuration(argv.holdTime, '--hold-time'),
+        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend',
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       });
+      outcome = run;
+      run.catch(() => {});
+      const done = await run;
       if (argv.json) printJson(done);
       else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
     } catch (e) {
@@ -88,6 +143,9 @@ export const migrateMemoryCommand = {
       throw e;
     } finally {
       process.off('SIGINT', onInt);
+      // Give an abort that is waiting for the outcome a moment to send it.
+      await new Promise((r) => setTimeout(r, 100));
+      await control.close();
     }
   },
 };

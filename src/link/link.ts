@@ -10,6 +10,7 @@
 // `holdMs`, the link fails: every stream is destroyed with an UNREACHABLE LinkError. A cut
 // shorter than that is invisible to the streams.
 import { EventEmitter } from 'node:events';
+import { rmSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError, isFatal, meaning } from './errors.ts';
 import { FLAG_FIN, Frame, FrameReader, encodeFrame, encodeHello, parseHello, type FrameIn, type Hello } from './frames.ts';
@@ -93,6 +94,7 @@ export class Link extends EventEmitter implements StreamHost {
   /** null while the link runs; else how it ended. */
   state: 'running' | 'finished' | 'failed' = 'running';
   failure: LinkError | null = null;
+  private keptFiles: string[] = [];
   private counters = { reconnects: 0, spilled: 0, resentGone: 0, dupGone: 0, fileGone: 0 };
 
   constructor(opts: LinkOptions) {
@@ -534,6 +536,15 @@ export class Link extends EventEmitter implements StreamHost {
     this.stop();
   }
 
+  /**
+   * After a failure whose outcome the user has settled (a rollback, say), the files kept
+   * renamed `.failed` help no one: remove them. Without it they stay for a person to look at.
+   */
+  discardFiles(): void {
+    for (const p of this.keptFiles) rmSync(p, { force: true });
+    this.keptFiles = [];
+  }
+
   /** Give the link up on purpose; the peer's streams fail with ABORTED and this reason. */
   abort(reason: string): void {
     if (this.state !== 'running') return;
@@ -547,6 +558,7 @@ export class Link extends EventEmitter implements StreamHost {
     this.state = 'failed';
     this.failure = err;
     const kept = this.file?.keepFailed() ?? [];
+    this.keptFiles = kept;
     if (kept.length) this.warn(`link: kept ${kept.join(', ')} after the failure`);
     this.stop();
     for (const s of this.streams.values()) s.destroy(err);

@@ -8,10 +8,10 @@ export const CONTROL_STREAM = 'control';
 const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown> }
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; destQmp?: string }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
-  | { op: 'ready' }
+  | { op: 'ready'; sharedDir?: string | null }
   | { op: 'running' }
   | { op: 'aborted' }
   | { op: 'error'; message: string };

@@ -6,10 +6,10 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { readdirSync, readFileSync } from 'node:fs';
-import { cleanupAll, waitForSocket } from '../helpers/proc.ts';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cleanupAll, onCleanup, run, runStatus, waitForSocket } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, type Guest } from '../helpers/guest.ts';
-import { jsonLinesInNs, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
+import { daemonInNs, jsonLinesInNs, linkState, makeCerts, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
@@ -42,11 +42,14 @@ async function waitDestination(d: { guest: Guest; qmp: string }) {
 
 interface Event { event: string; [k: string]: unknown }
 
-/** `vmshift migrate --json` run inside A; `during` sees each event as it comes. */
-function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void) {
-  return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, '--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`,
-    '--dest-qmp', destQmp, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts, '--peer-vmshift', join(root, 'bin/vmshift'),
-    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', ...extra], { cwd: root, during });
+const runDir = () => join(hosts.dir, 'run');
+
+/** `vmshift migrate --json` run inside A (over SSH unless `extra` names a --peer); `during` sees each event as it comes. */
+function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void, timeoutMs = 60_000) {
+  const peer = extra.includes('--peer') ? [] : ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
+  return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, ...peer,
+    '--dest-qmp', destQmp, '--peer-vmshift', join(root, 'bin/vmshift'), '--run-dir', runDir(),
+    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', ...extra], { cwd: root, during, timeoutMs });
 }
 
 async function qmpStatus(path: string): Promise<string> {
@@ -122,6 +125,164 @@ test('the carrying connection reset mid-stream (ss -K in A): completes, the rese
   await checkMoved(current, dest);
   await current.guest.stop();
   current = dest;
+});
+
+// ---- failures, aborts and cuts (the guest moves on only where a test says it completes) ----
+
+const leftovers = () => readdirSync(hosts.shared).filter((f) => f.startsWith('vmshift-link-'));
+const errorOf = (r: { events: Event[] }) => (r.events.find((e) => 'error' in e) as unknown as { error: { code: string; message: string } } | undefined)?.error;
+
+async function until(what: string, ok: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
+  for (const end = Date.now() + ms; !(await ok());) {
+    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms\n${agentLogs()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Rolled back: the guest runs on here (its counter goes on), the destination QEMU quit, no link files, no agent socket. */
+async function checkRolledBack(r: { code: number | null; events: Event[]; stderr: string }, dest: { guest: Guest; qmp: string }, message: RegExp) {
+  assert.is(r.code, 1, summary(r));
+  assert.match(errorOf(r)?.message ?? '', message, summary(r));
+  assert.is(await qmpStatus(current.qmp), 'running');
+  const before = lastDirty(current.guest);
+  await current.guest.waitFor(new RegExp(`^VMSHIFT-DIRTY ${before + 1}$`), 30_000);
+  await until('the destination QEMU quits', () => dest.guest.daemon.proc.exitCode !== null || dest.guest.daemon.proc.signalCode !== null, 30_000);
+  await until('no link files left in the shared directory', () => leftovers().length === 0);
+  await until('no agent socket left', () => readdirSync(join(hosts.dir, 'agent')).filter((f) => !f.endsWith('.log')).length === 0);
+}
+
+/** Until the migration has sent `bytes`, then `act` once. */
+const after = (bytes: number, act: () => void) => {
+  let done = false;
+  return (e: Event) => { if (!done && e.event === 'progress' && (e.transferred as number) > bytes) { done = true; act(); } };
+};
+
+let spare: { guest: Guest; qmp: string } | null = null;
+
+test('security: a wrong host key refuses before anything is touched: the source runs on, the destination still waits', async () => {
+  const dest = await waitDestination(destination());
+  const wrong = join(hosts.dir, 'wrong_known_hosts');
+  writeFileSync(wrong, `[${hosts.b.addr}]:${sshd.port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n`);
+  const r = await migrate(current.qmp, dest.qmp, ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', wrong]);
+  assert.is(r.code, 1, summary(r));
+  assert.match(errorOf(r)!.message, `HOST KEY MISMATCH for [${hosts.b.addr}]:${sshd.port}`);
+  assert.match(errorOf(r)!.message, sshd.fingerprint);
+  assert.is(await qmpStatus(current.qmp), 'running');
+  assert.is(await qmpStatus(dest.qmp), 'inmigrate', 'the destination was never touched');
+  spare = dest; // still waiting: the next test takes it
+});
+
+test('vmshift abort in flight: rolled back like a failure (source runs, destination quit, files removed); a second migrate of the guest is refused', async () => {
+  const dest = spare ?? await waitDestination(destination());
+  spare = null;
+  let abort = null as Promise<{ code: number; stdout: string; stderr: string }> | null;
+  let second = null as ReturnType<typeof migrate> | null;
+  const r = await migrate(current.qmp, dest.qmp, ['--shared-dir', hosts.shared, '--bandwidth', '2M'], after(1024 * 1024, () => {
+    second = migrate(current.qmp, dest.qmp);
+    void second.then(() => {
+      abort = runStatus(join(root, 'bin/vmshift'), ['abort', '--json', '--qmp', current.qmp, '--run-dir', runDir()], { cwd: root });
+    });
+  }));
+  assert.ok(second, summary(r));
+  const s = await second!;
+  assert.is(s.code, 1, summary(s));
+  assert.match(errorOf(s)!.message, /already running .*vmshift abort --qmp/);
+  const a = await abort!;
+  assert.is(a.code, 0, `${a.stdout}${a.stderr}`);
+  assert.is(JSON.parse(a.stdout).result.aborted, true, a.stdout);
+  await checkRolledBack(r, dest, /aborted by vmshift abort: migration cancelled/);
+  const again = await runStatus(join(root, 'bin/vmshift'), ['abort', '--qmp', current.qmp, '--run-dir', runDir()], { cwd: root });
+  assert.is(again.code, 1);
+  assert.match(again.stderr, /no memory migration of .* is running here/);
+});
+
+test('--timeout: a guest dirtying faster than the link rolls back after the timeout; with suspend it is paused and completes', async () => {
+  const dest = await waitDestination(destination());
+  const t0 = Date.now();
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '1M', '--timeout', '2s']);
+  assert.ok(Date.now() - t0 < 15_000, `bounded: ${Date.now() - t0} ms`);
+  await checkRolledBack(r, dest, /not completed after 2 s .*rolled back/);
+
+  // Suspend, and the shared directory missing: the network carries it all, with a warning.
+  const dest2 = await waitDestination(destination());
+  const missing = join(hosts.dir, 'no-such-dir');
+  const s = await migrate(current.qmp, dest2.qmp, ['--bandwidth', '16M', '--timeout', '1s', '--timeout-action', 'suspend', '--shared-dir', missing]);
+  assert.is(s.code, 0, summary(s));
+  assert.ok(s.events.some((e) => e.event === 'warning' && /pausing the guest/.test(e.message as string)), summary(s));
+  assert.ok(s.events.some((e) => e.event === 'warning' && (e.message as string).includes(`shared directory ${missing} cannot be written`)), summary(s));
+  await checkMoved(current, dest2);
+  await current.guest.stop();
+  current = dest2;
+});
+
+test('B\'s network down for 40 s, the shared directory full: the link rides it out over the network and completes', async () => {
+  const full = join(hosts.dir, 'full');
+  mkdirSync(full, { mode: 0o700 });
+  await run('mount', ['-t', 'tmpfs', '-o', 'size=64k,mode=0700', 'tmpfs', full]);
+  onCleanup(() => runStatus('umount', ['-l', full]).then(() => {}));
+  await runStatus('dd', ['if=/dev/zero', `of=${join(full, 'filler')}`, 'bs=4k']); // until ENOSPC
+  const dest = await waitDestination(destination());
+  const t0 = Date.now();
+  let cutAt = 0;
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--hold-time', '60s', '--shared-dir', full], after(4 * 1024 * 1024, () => {
+    cutAt = Date.now();
+    void linkState(hosts.b, false).then(() => new Promise((res) => setTimeout(res, 40_000))).then(() => linkState(hosts.b, true));
+  }), 120_000);
+  await runStatus('umount', [full]);
+  assert.is(r.code, 0, summary(r));
+  assert.ok(cutAt > 0 && Date.now() - cutAt >= 40_000, `the cut lasted 40 s: ${Date.now() - cutAt} ms (whole run ${Date.now() - t0} ms)`);
+  assert.ok(r.events.some((e) => e.event === 'warning' && /cannot be written \(ENOSPC/.test(e.message as string)), summary(r));
+  const done = r.events.find((e) => e.event === 'done') as Event & { link: Record<string, number> };
+  assert.ok(done.link.reconnects >= 1, JSON.stringify(done.link));
+  await checkMoved(current, dest);
+  await current.guest.stop();
+  current = dest;
+});
+
+test('the network cut until the end: the migration completes through the shared file, nothing left in it', async () => {
+  const dest = await waitDestination(destination());
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--shared-dir', hosts.shared], after(4 * 1024 * 1024, () => void linkState(hosts.b, false)));
+  await linkState(hosts.b, true);
+  assert.is(r.code, 0, summary(r));
+  const done = r.events.find((e) => e.event === 'done') as Event & { link: Record<string, number> };
+  assert.ok(done.link.fromFileBytes > 0 || done.link.spilledBytes > 0, JSON.stringify(done.link));
+  await checkMoved(current, dest);
+  await current.guest.stop();
+  current = dest;
+});
+
+test('both carriers gone (network down, shared directory missing): fails cleanly after the hold time on both hosts', async () => {
+  const dest = await waitDestination(destination());
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '4M', '--hold-time', '6s', '--shared-dir', join(hosts.dir, 'no-such-dir')],
+    after(2 * 1024 * 1024, () => void linkState(hosts.b, false)));
+  await linkState(hosts.b, true);
+  await checkRolledBack(r, dest, /nothing heard from .* for 6 s over any carrier/);
+});
+
+test('tls: the guest moves to a link-agent --listen on B; a client certificate from another CA is refused, the guest untouched', async () => {
+  const certs = await makeCerts(join(hosts.dir, 'certs'), hosts.b.addr);
+  const other = await makeCerts(join(hosts.dir, 'other-ca'), hosts.b.addr);
+  const port = 30000 + Math.floor(Math.random() * 20000);
+  const listener = daemonInNs(hosts.b, join(root, 'bin/vmshift'), ['link-agent', '--listen', `${hosts.b.addr}:${port}`, '--tls-dir', certs,
+    '--socket-dir', join(hosts.dir, 'tls-agent'), '--shared-dir', hosts.shared, '--hold-ms', '20000']);
+  await until('the listener starts', () => listener.output().includes('listening for TLS links'), 30_000);
+  const tls = ['--peer', `tls://${hosts.b.addr}:${port}`];
+
+  const dest = await waitDestination(destination());
+  const bad = await migrate(current.qmp, dest.qmp, [...tls, '--tls-dir', other, '--tls-ca', join(certs, 'ca-cert.pem')]);
+  assert.is(bad.code, 1, summary(bad));
+  assert.match(errorOf(bad)!.message, /certificate/, summary(bad));
+  assert.match(listener.output(), /refused: tls: .*certificate/);
+  assert.is(await qmpStatus(current.qmp), 'running');
+  assert.is(await qmpStatus(dest.qmp), 'inmigrate', 'the destination was never touched');
+
+  const r = await migrate(current.qmp, dest.qmp, [...tls, '--tls-dir', certs, '--shared-dir', hosts.shared]);
+  assert.is(r.code, 0, `${summary(r)}\n${listener.output()}`);
+  await checkMoved(current, dest);
+  await current.guest.stop();
+  current = dest;
+  await until('the listener forgets the link', () => /finished: /.test(listener.output()));
+  await listener.stop();
 });
 
 test.run();

@@ -6,11 +6,12 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cleanupAll, onCleanup, run, runStatus, waitForSocket } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, type Guest } from '../helpers/guest.ts';
 import { daemonInNs, jsonLinesInNs, linkState, makeCerts, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
+import { RecordWriter, encodeRecord, linkSeed, Rec } from '../../src/link/record-file.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
 const PARAMS = { mib: 16, delay: 200 };
@@ -49,7 +50,7 @@ function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?:
   const peer = extra.includes('--peer') ? [] : ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
   return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, ...peer,
     '--dest-qmp', destQmp, '--peer-vmshift', join(root, 'bin/vmshift'), '--run-dir', runDir(),
-    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', ...extra], { cwd: root, during, timeoutMs });
+    '--peer-socket-dir', join(hosts.dir, 'agent'), ...(extra.includes('--hold-time') ? [] : ['--hold-time', '20s']), ...extra], { cwd: root, during, timeoutMs });
 }
 
 async function qmpStatus(path: string): Promise<string> {
@@ -58,7 +59,7 @@ async function qmpStatus(path: string): Promise<string> {
 }
 
 const lastDirty = (g: Guest) => Math.max(0, ...g.lines().map((l) => /^VMSHIFT-DIRTY (\d+)$/.exec(l)).filter(Boolean).map((m) => Number(m![1])));
-const agentLogs = () => readdirSync(join(hosts.dir, 'agent')).filter((f) => f.endsWith('.log')).map((f) => `${f}:\n${readFileSync(join(hosts.dir, 'agent', f), 'utf8')}`).join('\n');
+const agentLogs = () => (existsSync(join(hosts.dir, 'agent')) ? readdirSync(join(hosts.dir, 'agent')) : []).filter((f) => f.endsWith('.log')).map((f) => `${f}:\n${readFileSync(join(hosts.dir, 'agent', f), 'utf8')}`).join('\n');
 const summary = (r: { events: Event[]; stderr: string }) => `${JSON.stringify(r.events.filter((e) => e.event !== 'progress').concat(r.events.filter((e) => e.event === 'progress').slice(-3)))}\n${r.stderr}\n${agentLogs()}`;
 
 /** The guest moved from `from` to `to`: the counter goes on there, the source stays in postmigrate. */
@@ -92,10 +93,23 @@ test('a destination that is not waiting for a migration: refused, the source run
   await current.guest.waitFor(new RegExp(`^VMSHIFT-DIRTY ${before + 1}$`), 30_000);
 });
 
-test('healthy: the guest moves to B, its counter continues there, the source is in postmigrate', async () => {
+test('healthy: the guest moves to B, its counter continues there, the source is in postmigrate; a link file another migration wrote is never read', async () => {
   const dest = await waitDestination(destination());
-  const r = await migrate(current.qmp, dest.qmp, ['--shared-dir', hosts.shared]);
+  // Where B's return-path file of this link would go, a file another migration wrote (same
+  // link id, as a stale file of an id reused would be): refused at its header, with a warning.
+  let planted = '';
+  const r = await migrate(current.qmp, dest.qmp, ['--shared-dir', hosts.shared], (e) => {
+    if (planted || e.event !== 'connected') return;
+    const id = readdirSync(hosts.shared).map((f) => /^vmshift-link-([0-9a-f]+)\.a\.ack$/.exec(f)?.[1]).find(Boolean)!;
+    planted = join(hosts.shared, `vmshift-link-${id}.b.s2.data`);
+    const w = new RecordWriter(planted, linkSeed(id, 'mem-other'), { link: id, migration: 'mem-other', from: 'b', kind: 'data', stream: 2, name: 'memory' });
+    w.append([encodeRecord(linkSeed(id, 'mem-other'), Rec.DATA, 2, 0, Buffer.alloc(4096, 0x55))], true);
+    w.close();
+  });
   assert.is(r.code, 0, summary(r));
+  assert.ok(planted, 'a file was planted');
+  assert.ok(r.events.some((e) => e.event === 'warning' && (e.message as string).includes(`${planted} was written by link`) && /migration mem-other/.test(e.message as string)), summary(r));
+  rmSync(planted);
   const done = r.events.find((e) => e.event === 'done') as Event & { relayed: { forward: number; back: number }; link: Record<string, number> };
   assert.ok(done, summary(r));
   assert.ok(r.events.some((e) => e.event === 'progress' && (e.transferred as number) > 0), 'progress was reported');
@@ -198,9 +212,10 @@ test('vmshift abort in flight: rolled back like a failure (source runs, destinat
 
 test('--timeout: a guest dirtying faster than the link rolls back after the timeout; with suspend it is paused and completes', async () => {
   const dest = await waitDestination(destination());
-  const t0 = Date.now();
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '1M', '--timeout', '2s']);
-  assert.ok(Date.now() - t0 < 15_000, `bounded: ${Date.now() - t0} ms`);
+  let t0 = 0;
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '1M', '--timeout', '2s'], (e) => { if (!t0 && e.event === 'progress') t0 = Date.now(); });
+  // From the migration's start (its first progress) to the rollback's end, not the CLI's start-up.
+  assert.ok(t0 && Date.now() - t0 < 20_000, `bounded: ${Date.now() - t0} ms ${summary(r)}`);
   await checkRolledBack(r, dest, /not completed after 2 s .*rolled back/);
 
   // Suspend, and the shared directory missing: the network carries it all, with a warning.
@@ -241,7 +256,7 @@ test('B\'s network down for 40 s, the shared directory full: the link rides it o
 
 test('the network cut until the end: the migration completes through the shared file, nothing left in it', async () => {
   const dest = await waitDestination(destination());
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--shared-dir', hosts.shared], after(4 * 1024 * 1024, () => void linkState(hosts.b, false)));
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--shared-dir', hosts.shared], after(4 * 1024 * 1024, () => void linkState(hosts.b, false)), 120_000);
   await linkState(hosts.b, true);
   assert.is(r.code, 0, summary(r));
   const done = r.events.find((e) => e.event === 'done') as Event & { link: Record<string, number> };

@@ -378,7 +378,7 @@ export class Link extends EventEmitter implements StreamHost {
    */
   private spill(now: boolean): void {
     const f = this.file;
-    if (!f?.writable) return;
+    if (!f?.writable || this.state !== 'running') return; // after finish() no file may appear again
     // While the peer answers on the network, nothing goes to the file (the healthy path
     // stays at network speed); once it has been silent for spillAfterMs with bytes
     // unacknowledged, or there is no carrier, every unacknowledged byte goes.

@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync, rmSync, chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RecordReader, RecordWriter, encodeRecord, linkSeed, Rec, REC_HEADER } from '../../src/link/record-file.ts';
+import { SharedDir } from '../../src/link/shared-dir.ts';
 import type { LinkStream } from '../../src/link/stream.ts';
 import { cleanupAll, tempDir } from '../helpers/proc.ts';
 import { digest, linkPair, sleep, writeRandom } from '../helpers/link-pair.ts';
@@ -84,6 +85,19 @@ test('reader: a file from another migration, or another link, is refused at its 
   assert.throws(() => readAll(g.path), /belongs to another link or migration/);
   writeFileSync(join(dir, 'junk.data'), randomBytes(500));
   assert.throws(() => readAll(join(dir, 'junk.data')), /not a vmshift link file/);
+});
+
+test('shared dir: a peer file whose header is still being written is read once it is complete, not refused', () => {
+  const dir = tempDir();
+  const shared = new SharedDir({ dir, link: id.link, migration: id.migration, role: 'b' }, (m) => { throw new Error(`warned: ${m}`); });
+  const f = makeFile(dir, 'tmp.data', 2);
+  const whole = readFileSync(f.path);
+  const path = join(dir, `vmshift-link-${id.link}.a.s0.data`);
+  writeFileSync(path, whole.subarray(0, 5)); // created, header not all there yet
+  assert.equal(shared.readPeer(() => 0).data, []);
+  writeFileSync(path, whole);
+  const got = shared.readPeer(() => 0).data;
+  assert.equal(got.flatMap((d) => d.records.map((r) => r.payload)), f.payloads);
 });
 
 test('writer: files are 0600, never follow a symlink, never reuse an existing file', () => {

@@ -110,7 +110,9 @@ export class Link extends EventEmitter implements StreamHost {
     this.nextId = opts.role === 'a' ? 0 : 1;
     if (opts.sharedDir) {
       this.file = new SharedDir({ dir: opts.sharedDir, link: opts.link, migration: opts.migration, role: opts.role }, (m) => this.warn(m));
-      this.file.open();
+      // Not in the constructor itself: a directory that cannot be written warns, and whoever
+      // constructs the link attaches its 'warning' listener only after this returns.
+      queueMicrotask(() => { if (this.state === 'running') this.file?.open(); });
     }
     this.timers.push(setInterval(() => this.tick(), Math.min(this.opts.pingMs, this.opts.deadAfterMs / 3, 100)));
     if (this.file) this.timers.push(setInterval(() => this.fileTick(), this.opts.filePollMs));

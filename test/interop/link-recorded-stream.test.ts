@@ -51,24 +51,26 @@ test('a recorded QEMU migration stream through random cuts and file-only stretch
   const rx = new Promise<LinkStream>((r) => p.b.once('stream', (s: LinkStream) => { s.end(); r(s); }));
   const got = rx.then(digest);
   const s = p.a.stream('memory');
-  // Random faults while the stream goes: a cut of the carrier (it redials), or the network
-  // off for 100-400 ms (the file carries on meanwhile).
-  let cuts = 0, offs = 0, stop = false;
-  const faults = (async () => {
-    for (let i = 0; !stop && i < 200; i++) {
-      await sleep(20 + Math.random() * 80);
-      if (Math.random() < 0.6) { p.cut(); cuts++; } else { p.network(false); offs++; await sleep(100 + Math.random() * 300); p.network(true); }
+  // Faults while the stream goes, at random points of every 2 MiB: a cut of the carrier (it
+  // redials), or the network off for 100-300 ms while writing goes on (the file carries it).
+  let cuts = 0, offs = 0;
+  const restores: Promise<void>[] = [];
+  const piece = 32 * 1024; // QEMU's buffer size
+  let nextFault = Math.floor(Math.random() * 2 * 1024 * 1024);
+  for (let at = 0; at < stream.length; at += piece) {
+    if (at >= nextFault) {
+      nextFault += 1024 * 1024 + Math.floor(Math.random() * 2 * 1024 * 1024);
+      if ((cuts + offs) % 2 === 0) { p.cut(); cuts++; } else {
+        p.network(false);
+        offs++;
+        restores.push(sleep(100 + Math.random() * 200).then(() => p.network(true)));
+      }
     }
-  })();
-  // Written in QEMU-like pieces (32 KiB, its buffer size), honouring backpressure.
-  for (let at = 0; at < stream.length; at += 32 * 1024) {
-    if (!s.write(stream.subarray(at, Math.min(stream.length, at + 32 * 1024)))) await new Promise<void>((r) => s.once('drain', () => r()));
+    if (!s.write(stream.subarray(at, Math.min(stream.length, at + piece)))) await new Promise<void>((r) => s.once('drain', () => r()));
   }
   s.end();
   const r = await within(60_000, got);
-  stop = true;
-  await faults;
-  p.network(true);
+  await Promise.all(restores);
   assert.is(r.bytes, stream.length);
   assert.is(r.sha, want, 'byte for byte the stream QEMU wrote');
   assert.ok(cuts >= 1 && offs >= 1, `faults: ${cuts} cuts, ${offs} network-off stretches`);

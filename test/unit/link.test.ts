@@ -127,7 +127,7 @@ test('after a failure the files stay renamed .failed until the user, knowing the
   await sleep(50);
   p.network(false);
   p.a.abort('rolled back');
-  await bFailed;
+  await within(10_000, bFailed, 'side b failing');
   const files = () => readdirSync(p.dir).filter((n) => n.startsWith('vmshift-link-'));
   assert.ok(files().length > 0 && files().every((n) => n.endsWith('.failed')), `kept, renamed: ${files().join(', ')}`);
   p.a.discardFiles();

@@ -147,5 +147,9 @@ export const migrateMemoryCommand = {
       await new Promise((r) => setTimeout(r, 100));
       await control.close();
     }
+    // The guest runs on the destination and the link is over; a carrier dial still in flight
+    // towards a peer whose network is gone (seen: the CLI alive minutes after "done" when
+    // the network was cut until the end) must not keep this command from returning.
+    process.exit(0);
   },
 };

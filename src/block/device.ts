@@ -49,6 +49,14 @@ export interface BlockDevice {
    * promise settles, nor reuse it at all after a rejection (the device may still be using it).
    */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  /**
+   * Optional, for replies that leave without a copy (the NBD server's sendfile path): when
+   * the bytes at [offset, offset+length) are those at `position` of a file this device reads,
+   * calls `send(fd, position)` and returns its promise; fd stays open, and the device
+   * unchanged, until that settles. Null when it cannot now (the caller uses read()). A
+   * device or layer that changes what reads return must not offer it (Layer sees to that).
+   */
+  sendRange?<T>(offset: number, length: number, send: (fd: number, position: number) => Promise<T>): Promise<T> | null;
   write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: ZeroOpts): Promise<void>;
   trim(offset: number, length: number, opts?: WriteOpts): Promise<void>;

@@ -36,8 +36,27 @@ export interface NativeFileOps {
   readInline(fd: number, into: Buffer, offset: number): number;
   /** Copy ranges (offset, length pairs) file to file in a worker thread (see native/vmshift_native.c). */
   copyRanges(src: number, dst: number, ranges: Float64Array, destIsZero: boolean, writeback: boolean, dropOffset: number, dropLength: number): Promise<FileCopyCounts>;
+  /**
+   * Send READ replies from the page cache in a worker thread (sendfile: no copy in user
+   * space): for each item (header offset and length in `headers`, file offset, length), its
+   * header then its bytes of `fd`, on the non-blocking socket `sock`, until one cannot go
+   * whole (native/vmshift_native.c says why). Absent from addons built before it.
+   */
+  sendFileBatch?(sock: number, fd: number, headers: Buffer, items: Float64Array): Promise<SendFileResult>;
+  /** A new descriptor (close-on-exec) of the same socket (absent from addons built before it). */
+  dupSocket?(fd: number): number;
+  /** SO_SNDBUF of a socket (absent from addons built before it). */
+  setSendBuffer?(sock: number, bytes: number): void;
   /** A page-aligned Buffer of its own mapping, unmapped once collected (absent from addons built before it). */
   alignedBuffer?(length: number): Buffer;
+}
+
+/** How far a sendFileBatch got: `items` sent whole, then `bytes` of the next, and why it stopped. */
+export interface SendFileResult {
+  items: number;
+  bytes: number;
+  /** 0: all sent; 1: the socket is full; 2: the next range is not all cached data (nothing of it sent); 3: no cachestat here; else an errno. */
+  stop: number;
 }
 
 /** What one FileDevice.copyTo did. */
@@ -246,6 +265,12 @@ export class FileDevice implements BlockDevice {
       throw this.#wrap('read', offset, length, err);
     }
     return buf;
+  }
+
+  /** The file's own fd at the same offset, open until `send` settles (null once closed, or for a bad range: read() says why). */
+  sendRange<T>(offset: number, length: number, send: (fd: number, position: number) => Promise<T>): Promise<T> | null {
+    if (this.#closed || offset < 0 || length < 0 || offset + length > this.size) return null;
+    return this.#raw(send(this.handle.fd, offset));
   }
 
   async write(offset: number, data: Buffer, opts: WriteOpts = {}): Promise<void> {

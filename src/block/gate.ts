@@ -79,6 +79,12 @@ export class Gate extends Layer {
   override read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return this.#pass(() => this.inner.read(offset, length, into));
   }
+  /** Counted in flight like any request (a swap waits for it); while paused or closed, none (read() holds it). */
+  override sendRange<T>(offset: number, length: number, send: (fd: number, position: number) => Promise<T>): Promise<T> | null {
+    if (this.#paused || this.#closed) return null;
+    const p = this.inner.sendRange?.(offset, length, send) ?? null;
+    return p && this.#start(() => p);
+  }
   override write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void> {
     return this.#pass(() => this.inner.write(offset, data, opts));
   }

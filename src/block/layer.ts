@@ -22,6 +22,14 @@ export class Layer implements BlockDevice {
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return this.inner.read(offset, length, into);
   }
+  /**
+   * Passed through only by layers that leave reads alone: a subclass that overrides read()
+   * must not be bypassed by the zero-copy path, so it offers none unless it says how.
+   */
+  sendRange<T>(offset: number, length: number, send: (fd: number, position: number) => Promise<T>): Promise<T> | null {
+    if (this.read !== Layer.prototype.read) return null;
+    return this.inner.sendRange?.(offset, length, send) ?? null;
+  }
   write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void> {
     return this.inner.write(offset, data, opts);
   }

@@ -20,16 +20,16 @@ if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
 
 async function runYargs(): Promise<void> {
   const { default: yargs } = await import('yargs');
-  const [serve, status, migrate, abort, attach, daemon, shims, libvirt, memory] = await Promise.all([
+  const [serve, status, migrate, abort, attach, daemon, shims, libvirt, memory, balloon] = await Promise.all([
     import('./serve.ts'), import('./status.ts'), import('./migrate-storage.ts'), import('./abort.ts'),
     import('./attach.ts'), import('./vmshiftd.ts'), import('./shim-verbs.ts'), import('./libvirt-verbs.ts'),
-    import('./migrate-memory.ts'),
+    import('./migrate-memory.ts'), import('./balloon.ts'),
   ]);
   const commands: object[] = [
     serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, memory.migrateMemoryCommand, abort.abortCommand,
     attach.attachCommand, attach.detachCommand, daemon.daemonCommand,
     shims.shimStartCommand, shims.shimStopCommand, shims.restartCommand, shims.listCommand,
-    libvirt.enableCommand, libvirt.disableCommand,
+    libvirt.enableCommand, libvirt.disableCommand, balloon.balloonCommand,
   ];
   let cli = yargs(argv)
     .scriptName('vmshift')

@@ -5,6 +5,8 @@
 // Ctrl-C or `vmshift abort --qmp SRC_QMP` (through the migration's control socket,
 // src/relay/migration-socket.ts) before the commit rolls back (the guest runs on here). Exit 0
 // when the guest runs on the destination, 1 when it failed (and runs on here), 3 when in doubt.
+// --balloon shrinks the guest on its own memory statistics first (src/balloon/); its defaults
+// come from the `balloon` section of vmshiftd's config file (src/daemon/config.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -13,6 +15,8 @@ import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent, type Peer } from '../relay/migrate.ts';
 import { listenMigration, type AbortOutcome } from '../relay/migration-socket.ts';
 import { runDir } from '../libvirt/shim-plan.ts';
+import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
+import { mib } from '../balloon/policy.ts';
 
 interface Args {
   qmp: string;
@@ -33,6 +37,10 @@ interface Args {
   tlsCert?: string;
   tlsKey?: string;
   runDir?: string;
+  balloon?: boolean;
+  balloonFloor?: string;
+  balloonHeadroom?: string;
+  config: string;
   json: boolean;
 }
 
@@ -81,13 +89,21 @@ export const migrateMemoryCommand = {
       .option('tls-ca', { type: 'string', describe: 'tls:// peer: PEM CA bundle the peer\'s certificate must be signed by' })
       .option('tls-cert', { type: 'string', describe: 'tls:// peer: PEM client certificate (chain) of this host' })
       .option('tls-key', { type: 'string', describe: 'tls:// peer: PEM private key of --tls-cert' })
-      .option('run-dir', { type: 'string', describe: "where this migration's control socket goes, for vmshift abort (default $VMSHIFT_RUN_DIR or /run/vmshift)" }),
+      .option('run-dir', { type: 'string', describe: "where this migration's control socket goes, for vmshift abort (default $VMSHIFT_RUN_DIR or /run/vmshift)" })
+      .option('balloon', { type: 'boolean', describe: 'shrink the guest to its working set plus headroom first (its balloon statistics say how far); given back on the destination' })
+      .option('balloon-floor', { type: 'string', describe: 'never shrink the guest below this (default: max(64M, a quarter of its memory))' })
+      .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
+      .option('config', { type: 'string', default: DEFAULT_DAEMON_CONFIG, describe: "vmshiftd's config file: its balloon section gives the defaults" }),
   handler: async (argv: ArgumentsCamelCase<Args>) => {
     const url = parsePeer(argv.peer);
     const peer: Peer = url.scheme === 'ssh'
       ? { ...url, identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts') }
       : { ...url, ...tlsFiles(argv) };
     const timeoutMs = argv.timeout ? parseDuration(argv.timeout, '--timeout') : 0;
+    const defaults = await loadBalloonDefaults(argv.config);
+    const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
+    const headroom = argv.balloonHeadroom !== undefined ? parseSize(argv.balloonHeadroom, '--balloon-headroom') : defaults.headroom;
+    const balloon = (argv.balloon ?? defaults.enabled) ? { floor, headroom } : undefined;
     const ac = new AbortController();
     const onInt = () => ac.abort(new Error('interrupted'));
     process.once('SIGINT', onInt);
@@ -106,6 +122,7 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'warning') process.stderr.write(`warning: ${e.message}\n`);
       else if (e.event === 'carrier') process.stderr.write(`link ${e.state}: ${e.why}\n`);
       else if (e.event === 'committed') process.stderr.write('source in postmigrate: commit sent\n');
+      else if (e.event === 'balloon') process.stderr.write(`balloon ${e.state}: ${e.why}${e.target !== null ? ` (target ${mib(e.target)}, was ${mib(e.figures.actual)})` : ''}\n`);
     };
     const qmp = resolve(argv.qmp);
     // `vmshift abort --qmp` reaches this process here; the outcome it hears is this run's own.
@@ -125,7 +142,7 @@ export const migrateMemoryCommand = {
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0,
-        holdMs: parseDuration(argv.holdTime, '--hold-time'),
+        holdMs: parseDuration(argv.holdTime, '--hold-time'), balloon,
         timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend',
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       });
@@ -133,7 +150,10 @@ export const migrateMemoryCommand = {
       run.catch(() => {});
       const done = await run;
       if (argv.json) printJson(done);
-      else process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      else {
+        if (done.balloon) process.stderr.write(`balloon: ${mib(done.balloon.original)} -> ${mib(done.balloon.actual)} before the move (${done.balloon.state} after ${done.balloon.steps} steps, ${(done.balloon.ms / 1000).toFixed(1)} s); ${done.balloon.restored && 'target' in done.balloon.restored ? `given back on the destination (target ${mib(done.balloon.restored.target)})` : `NOT given back on the destination: ${done.balloon.restored?.error ?? 'no answer'}`}\n`);
+        process.stderr.write(`done in ${(done.ms / 1000).toFixed(1)} s (downtime ${done.downtimeMs} ms, ${formatBytes(done.transferred)}; link: ${done.link.reconnects} reconnects, ${formatBytes(done.link.resentBytes)} resent, ${formatBytes(done.link.fromFileBytes)} from the shared file)\n`);
+      }
     } catch (e) {
       if (e instanceof MigrateError && e.inDoubt) {
         if (argv.json) printJson({ error: { code: e.code, message: e.message } });

@@ -107,6 +107,16 @@ export class Wire {
     return wire;
   }
 
+  /**
+   * The socket's file descriptor in direct mode (a plain socket the Wire owns the reads of),
+   * else -1: what a reply may be sent on without Node (Transmission's sendfile path).
+   */
+  get fd(): number {
+    if (!this.#scratch) return -1;
+    const fd = (this.stream as { _handle?: { fd?: unknown } | null })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? fd : -1;
+  }
+
   /** Whether received bytes sit in a reused buffer: take() must copy whatever outlives the call. */
   get reusesBuffers(): boolean {
     return this.#scratch !== null;

@@ -17,12 +17,17 @@ import type { Negotiated } from './server-handshake.ts';
 import type { Wire } from './server-io.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { ByteBudget } from './server-budget.ts';
+import { loadNative } from '../block/file.ts';
+import { SendfileReplies } from './server-sendfile.ts';
 
 export interface ServerCounters {
   bytesRead: number;
   bytesWritten: number;
   requests: number;
   errors: number;
+  /** READ payload bytes sent by sendfile from the page cache (server-sendfile.ts), and replies of those finished through the stream because the socket was full. */
+  sendfileBytes: number;
+  sendfileRest: number;
 }
 
 export interface TransmissionLimits {
@@ -103,6 +108,8 @@ export class Transmission {
   readonly done = new Promise<void>((resolve) => (this.resolveDone = resolve));
   private readonly dev;
   private readonly size: number;
+  /** READ replies by sendfile, where the socket and the device allow it (sendZeroCopy). */
+  private readonly zc: SendfileReplies | null = null;
 
   constructor(
     private wire: Wire,
@@ -115,12 +122,17 @@ export class Transmission {
   ) {
     this.dev = neg.export.device;
     this.size = this.dev.size;
+    const native = loadNative();
+    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && !process.env.VMSHIFT_NO_SENDFILE) {
+      this.zc = new SendfileReplies(wire.stream, wire.fd, native, pool, this.uncork);
+    }
   }
 
   start(): Promise<void> {
     this.wire.onReadable = () => this.pump();
     this.wire.onClose = () => {
       this.closed = true;
+      this.zc?.close();
       this.settle();
     };
     if (this.wire.closed) this.closed = true;
@@ -282,6 +294,7 @@ export class Transmission {
       const fua = (req.flags & CmdFlag.FUA) !== 0 && dev.caps.canFua;
       switch (req.type) {
         case Cmd.READ: {
+          if (req.length && this.zc?.enabled && (await this.sendZeroCopy(req))) return;
           let data: Buffer = Buffer.alloc(0);
           if (req.length) {
             req.pooled = this.pool.take(req.length);
@@ -431,6 +444,38 @@ export class Transmission {
     this.writeOut(b, data, req);
   }
 
+  /**
+   * A READ reply straight from the file's page cache (server-sendfile.ts), when the device
+   * can name the file. False when the reply is still to be made the usual way (the range
+   * has a hole or is not cached, the device is paused, the connection closed).
+   */
+  private async sendZeroCopy(req: Request): Promise<boolean> {
+    const zc = this.zc!;
+    const header = this.neg.structured ? structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + req.length, 8) : simpleHeader(req, 0);
+    if (this.neg.structured) {
+      header.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
+      header.writeUInt32BE(req.offset >>> 0, 24);
+    }
+    const sent = this.dev.sendRange?.(req.offset, req.length, (fd, position) => zc.send(fd, position, req.length, header));
+    const outcome = sent ? await sent : 'not-sent';
+    if (outcome === 'not-sent') return false;
+    if (outcome === 'failed' || outcome === 'lost') {
+      // Part of the reply is on the wire and the rest will never be: the stream is lost.
+      const what = { offset: req.offset, length: req.length };
+      if (outcome === 'failed') this.log.warn(what, 'nbd: device read failed in the middle of a READ reply; disconnecting');
+      else this.log.debug(what, 'nbd: socket failed in the middle of a READ reply');
+      this.stopping = true;
+      this.closed = true;
+      this.wire.destroy();
+    } else {
+      this.counters.bytesRead += req.length;
+      this.counters.sendfileBytes += req.length;
+      if (outcome === 'sent-rest') this.counters.sendfileRest++;
+    }
+    this.release(req);
+    return true;
+  }
+
   private sendBlockStatus(req: Request, extents: Extent[]): void {
     if (this.closed) return;
     const len = 4 + 8 * extents.length;
@@ -453,6 +498,7 @@ export class Transmission {
    * is the stream done with it (it may sit in the stream's queue or in a libuv write until then).
    */
   private writeOut(header: Buffer, payload?: Buffer, owner?: Request): void {
+    if (this.zc?.busy) return this.zc.output(() => this.writeOut(header, payload, owner));
     const s = this.wire.stream;
     if (!this.corked) {
       this.corked = true;
@@ -460,7 +506,7 @@ export class Transmission {
       setImmediate(this.uncork);
     }
     if (payload && payload.length) {
-      s.write(header);
+      if (header.length) s.write(header);
       s.write(payload, owner ? () => this.release(owner) : undefined);
     } else {
       s.write(header);

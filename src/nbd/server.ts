@@ -50,6 +50,10 @@ export interface NbdServerStats {
   requests: number;
   /** Requests answered with an error. */
   errors: number;
+  /** READ payload bytes sent by sendfile from the page cache (server-sendfile.ts). */
+  sendfileBytes: number;
+  /** Of those replies, the ones finished through the stream because the socket was full. */
+  sendfileRest: number;
   /** Connections closed on arrival because maxConnections were open. */
   refused: number;
   /** Payload bytes held now (see server-budget.ts). */
@@ -74,7 +78,7 @@ export class NbdServer {
   private readonly handshakeTimeoutMs: number;
   private readonly listeners: Array<{ server: Server; unixPath?: string }> = [];
   private readonly connections = new Set<Connection>();
-  private readonly counters: ServerCounters = { bytesRead: 0, bytesWritten: 0, requests: 0, errors: 0 };
+  private readonly counters: ServerCounters = { bytesRead: 0, bytesWritten: 0, requests: 0, errors: 0, sendfileBytes: 0, sendfileRest: 0 };
   private connectionsTotal = 0;
   private closing = false;
 

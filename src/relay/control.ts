@@ -8,11 +8,13 @@ export const CONTROL_STREAM = 'control';
 const MAX_LINE = 1024 * 1024;
 
 export type ControlMsg =
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; destQmp?: string }
+  // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
+  // destQmp: the destination QMP socket (a TLS listener serves many; an SSH agent checks it is its own).
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; destQmp?: string; balloon?: { restore: number } }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
   | { op: 'ready'; sharedDir?: string | null }
-  | { op: 'running' }
+  | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
   | { op: 'error'; message: string };
 

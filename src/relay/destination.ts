@@ -3,7 +3,8 @@
 // `-incoming defer -S`) and to the source host over the link's `control` stream:
 //   prepare -> set the same capabilities, `migrate-incoming unix:PATH`, answer `ready`
 //   memory stream -> relayed to PATH (src/relay/memory-relay.ts)
-//   commit  -> the source reached postmigrate: wait for the incoming side to complete, `cont`
+//   commit  -> the source reached postmigrate: wait for the incoming side to complete, `cont`,
+//              then give the guest back the memory the source's balloon policy took (if any)
 //   abort, or the link failing before a commit -> `quit` the destination QEMU
 // The one exception: if the link fails after this QEMU received the whole state but before
 // a commit arrived, the source may be in postmigrate (it sent the commit) or running (its
@@ -30,6 +31,7 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
   let ours = false;
   let committed = false;
   let quitting = false;
+  let restore: number | null = null;
 
   /** Quit the destination QEMU unless it runs the guest or is in doubt; false when in doubt. */
   const quitDest = async (why: string): Promise<boolean> => {
@@ -75,6 +77,7 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
           const st = await qmp.execute<{ status: string }>('query-status');
           if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
           ours = true;
+          restore = m.balloon?.restore ?? null;
           const caps = Object.entries(m.capabilities).map(([capability, state]) => ({ capability, state }));
           if (caps.length) await qmp.execute('migrate-set-capabilities', { capabilities: caps });
           if (Object.keys(m.parameters).length) await qmp.execute('migrate-set-parameters', m.parameters);
@@ -94,10 +97,13 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
           committed = true;
           await qmp.execute('cont');
           log('commit received: destination QEMU resumed');
+          const balloon = restore === null ? undefined : await qmp.execute('balloon', { value: restore }).then(
+            () => { log(`balloon target set back to ${restore} bytes`); return { target: restore! }; },
+            (e: Error) => { log(`cannot give the guest its memory back: ${e.message}`); return { error: e.message }; });
           // QEMU serves one QMP client per socket: let the operator (and libvirt) have it back.
           await qmp.close().catch(() => {});
           qmp = null;
-          ctl.send({ op: 'running' });
+          ctl.send({ op: 'running', ...(balloon ? { balloon } : {}) });
           ctl.end();
           return;
         } else if (m.op === 'abort') {

@@ -7,6 +7,9 @@
 // destination, which resumes the guest. Before the commit any failure rolls back: the
 // source runs on (resumed if it was paused), the destination QEMU is quit, relays stop.
 // After the commit the source never resumes: the destination owns the guest.
+// With `balloon` (src/balloon/): refused before anything starts unless the guest has a
+// balloon that reports statistics; shrunk once the destination is ready, watched during the
+// migration, given back by the destination after `cont` (by the source after a rollback).
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,6 +21,8 @@ import { tlsDialer } from '../link/tls-carrier.ts';
 import type { Duplex } from 'node:stream';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
+import type { BalloonDecision, BalloonSettings } from '../balloon/policy.ts';
 
 /** The peer and how to reach it: SSH (the agent is started there per migration) or TLS (a `vmshift link-agent --listen` runs there). */
 export type Peer =
@@ -41,6 +46,8 @@ export interface MemoryMigrateOptions {
   timeoutMs?: number;
   /** At the timeout: roll back (`abort`), or pause the guest so that the migration completes (`suspend`). */
   timeoutAction?: 'abort' | 'suspend';
+  /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
+  balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
   /** Aborts the migration (before the commit) when it fires. */
   signal?: AbortSignal;
@@ -51,8 +58,11 @@ export type MigrateEvent =
   | { event: 'progress'; status: string; pass: number; transferred: number; remaining: number; total: number; dirtyRate: number; etaS: number | null; mbps: number }
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
+  | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']> };
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary };
+
+export type BalloonSummary = ShrinkResult & { atSwitch: number; restored: { target: number } | { error: string } | null };
 
 export class MigrateError extends Error {
   constructor(readonly where: 'source' | 'destination' | 'link' | 'usage', message: string, readonly inDoubt = false) {
@@ -75,6 +85,16 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
   const mi0 = await src.execute<MigrateInfo>('query-migrate');
   if (mi0.status && ACTIVE.has(mi0.status)) { await src.close(); throw new MigrateError('source', `the source QEMU already has a migration "${mi0.status}"`); }
   const wasRunning = st0.status === 'running';
+  // Said before anything starts: no link, no destination touched.
+  let balloon: BalloonRun | null = null;
+  if (o.balloon) {
+    balloon = await probeBalloon(src, 'the source guest', o.balloon).catch(async (e: Error) => {
+      await src.close();
+      throw new MigrateError('source', `--balloon: ${e.message}`);
+    });
+  }
+  const onBalloon = (d: BalloonDecision) => o.onEvent({ event: 'balloon', ...d });
+  let shrunk: ShrinkResult | null = null;
 
   const id = randomBytes(6).toString('hex');
   const p = o.peer;
@@ -114,11 +134,15 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     // (QEMU's SHUT) before completing, as libvirt runs every non-tunnelled migration.
     const capabilities = { 'return-path': true };
     const parameters: Record<string, unknown> = { 'downtime-limit': o.maxDowntimeMs, ...(o.bandwidth ? { 'max-bandwidth': o.bandwidth } : {}) };
-    ctl.send({ op: 'prepare', capabilities, parameters: {}, destQmp: o.destQmp });
+    ctl.send({ op: 'prepare', capabilities, parameters: {}, destQmp: o.destQmp, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
     if ((r.sharedDir ?? undefined) !== o.sharedDir) {
       o.onEvent({ event: 'warning', message: `the peer's link uses ${r.sharedDir ? `shared directory ${r.sharedDir}` : 'no shared directory'}, this side ${o.sharedDir ?? 'none'}: the stream goes on only while the network is up` });
+    }
+    if (balloon) {
+      if (balloon.warning) o.onEvent({ event: 'warning', message: balloon.warning });
+      shrunk = await race(shrink(balloon, onBalloon));
     }
     await src.execute('migrate-set-capabilities', { capabilities: Object.entries(capabilities).map(([capability, state]) => ({ capability, state })) });
     await src.execute('migrate-set-parameters', parameters);
@@ -129,6 +153,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     let info: MigrateInfo;
     const startedAt = performance.now();
     let suspended = false;
+    let watched = 0;
     for (;;) {
       info = await race(src.execute<MigrateInfo>('query-migrate'));
       const ram = info.ram ?? {};
@@ -147,6 +172,10 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
         o.onEvent({ event: 'warning', message: `${after}; pausing the guest so that the migration completes` });
         await src.execute('stop');
         suspended = true;
+      }
+      if (balloon && performance.now() - watched >= 1000) {
+        watched = performance.now();
+        await race(watch(balloon, onBalloon)).catch((e: Error) => { if (e instanceof MigrateError) throw e; o.onEvent({ event: 'warning', message: `balloon: ${e.message}` }); });
       }
       await race(new Promise((res) => setTimeout(res, 200)));
     }
@@ -167,9 +196,17 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
     await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000))]);
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
-    return { event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats() };
+    const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
+    return {
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(),
+      ...(balloonSummary ? { balloon: balloonSummary } : {}),
+    };
   } catch (e) {
-    if (!committed) { await rollback(src, wasRunning, ctl, link); decided = true; }
+    if (!committed) {
+      await rollback(src, wasRunning, ctl, link);
+      decided = true;
+      if (balloon) await giveBack(balloon).catch((g: Error) => o.onEvent({ event: 'warning', message: `balloon: cannot give the guest its memory back: ${g.message}` }));
+    }
     throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
   } finally {
     // The shared-dir files are kept (renamed .failed) only while the outcome is in doubt:

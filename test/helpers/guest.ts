@@ -15,7 +15,7 @@ export const GUEST_INITRD = join(GUEST_DIR, 'initramfs.cpio.gz');
 export const GUEST_DISK_NODE = 'd0';
 export const GUEST_DISK_DEVICE = 'vd0';
 
-export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty';
+export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty' | 'fillfree';
 export type GuestDisk = { nbdSocket: string; exportName: string } | { file: string; format?: 'raw' | 'qcow2' };
 
 export interface GuestParams {
@@ -31,8 +31,10 @@ export interface GuestParams {
   count?: number;
   /** Writer or dirty: milliseconds between records or passes (default 0). */
   delay?: number;
-  /** Dirty: MiB of guest RAM rewritten each pass (default 32). */
+  /** Dirty: MiB of guest RAM rewritten each pass; fillfree: MiB filled and freed (default 32). */
   mib?: number;
+  /** 0: the guest does not load virtio_balloon (default 1). */
+  balloon?: number;
 }
 
 export interface BootOptions {
@@ -42,6 +44,8 @@ export interface BootOptions {
   qmpSocket?: string;
   memoryMiB?: number;
   extraArgs?: string[];
+  /** Keep QEMU's stdin open: `send` writes lines to the guest's serial console (fillfree's commands). */
+  console?: boolean;
 }
 
 export interface Guest {
@@ -58,6 +62,8 @@ export interface Guest {
   waitExit(timeoutMs?: number): Promise<number | null>;
   /** Stop QEMU (SIGTERM, then SIGKILL) unless it already exited. */
   stop(): Promise<void>;
+  /** Type a line on the guest's console (only when booted with `console: true`). */
+  send(line: string): void;
 }
 
 /** Whether scripts/build-guest.sh has produced a kernel and an initramfs. */
@@ -83,7 +89,9 @@ function diskArgs(disk: GuestDisk): string[] {
 
 /** The QEMU command line for a guest (exported for tests and tools that start QEMU themselves). */
 export function guestArgs(opts: BootOptions): string[] {
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', `mode=${opts.mode}`];
+  // no_timer_check: on a loaded host TCG can miss the kernel's early timer-IRQ check window,
+  // and the guest panics at boot ("IO-APIC + timer doesn't work!"; seen at load average 25).
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', 'no_timer_check', `mode=${opts.mode}`];
   for (const [k, v] of Object.entries(opts.params ?? {})) {
     if (v === undefined) continue;
     if (!Number.isSafeInteger(v) || v < 0) throw new Error(`guest param ${k}=${v}: must be a non-negative integer`);
@@ -103,7 +111,11 @@ export function guestArgs(opts: BootOptions): string[] {
 /** Start QEMU with the tiny guest; it is stopped by PID at cleanupAll like every daemon. */
 export function bootGuest(opts: BootOptions): Guest {
   if (!guestAvailable()) throw new Error(`guest not built: run scripts/build-guest.sh (expected ${GUEST_KERNEL})`);
-  const daemon = startDaemon('qemu-system-x86_64', guestArgs(opts));
+  const daemon = startDaemon('qemu-system-x86_64', guestArgs(opts), opts.console ? { stdio: ['pipe', 'pipe', 'pipe'] } : {});
+  const send = (line: string) => {
+    if (!daemon.proc.stdin) throw new Error('the guest was booted without console: true');
+    daemon.proc.stdin.write(`${line}\r`);
+  };
   const exited = () => daemon.proc.exitCode !== null || daemon.proc.signalCode !== null;
   const lines = () => {
     const all = daemon.output().split('\n');
@@ -145,7 +157,7 @@ export function bootGuest(opts: BootOptions): Guest {
     try { return await Promise.race([daemon.exited, timeout]); } finally { clearTimeout(timer); }
   };
 
-  return { pid: daemon.pid, daemon, waitFor, lines, lastSeq, waitExit, stop: () => daemon.stop() };
+  return { pid: daemon.pid, daemon, waitFor, lines, lastSeq, waitExit, stop: () => daemon.stop(), send };
 }
 
 // ---- Block contents (same bytes as guest/blocks.awk) ----

@@ -242,7 +242,8 @@ test('B\'s network down for 40 s, the shared directory full: the link rides it o
   const dest = await waitDestination(destination());
   const t0 = Date.now();
   let cutAt = 0;
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--hold-time', '60s', '--shared-dir', full], after(4 * 1024 * 1024, () => {
+  // --timeout: a quiet machine's guest dirties more than 16M/s, a loaded one's link carries less.
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--hold-time', '60s', '--shared-dir', full, '--timeout', '60s', '--timeout-action', 'suspend'], after(4 * 1024 * 1024, () => {
     cutAt = Date.now();
     void linkState(hosts.b, false).then(() => new Promise((res) => setTimeout(res, 40_000))).then(() => linkState(hosts.b, true));
   }), 120_000);

@@ -40,17 +40,19 @@ node -e '
 node -e '
   const fs = require("fs"), path = require("path");
   const seen = new Set();
-  const walk = (name, from) => {
+  const walk = (name, from, optional = false) => {
     for (let dir = from; ; dir = path.dirname(dir)) {
       const at = path.join(dir, "node_modules", name);
       if (fs.existsSync(path.join(at, "package.json"))) {
         if (seen.has(at)) return;
         seen.add(at);
         const p = JSON.parse(fs.readFileSync(path.join(at, "package.json"), "utf8"));
-        for (const d of Object.keys({ ...p.dependencies, ...p.optionalDependencies })) walk(d, at);
+        // Optional ones are per platform (the prebuilt lz4-napi binaries): take what npm installed.
+        for (const d of Object.keys(p.dependencies ?? {})) walk(d, at);
+        for (const d of Object.keys(p.optionalDependencies ?? {})) walk(d, at, true);
         return;
       }
-      if (dir === path.dirname(dir)) { if (!isOptional(name)) throw new Error("missing module " + name); return; }
+      if (dir === path.dirname(dir)) { if (!optional && !isOptional(name)) throw new Error("missing module " + name); return; }
     }
   };
   const isOptional = (n) => ["cpu-features", "nan"].includes(n);

@@ -1,12 +1,15 @@
-// `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] --dest-qmp PATH_ON_PEER`: move
-// a running guest's memory (and devices) to a destination QEMU on another host, over the
-// resumable link (src/relay/migrate.ts). The guest's disks must be reachable from both hosts,
-// or be moved first: `--disk SOCKET[=PATH]` (a source shim's NBD socket, and the new file on
-// the peer; `--to-dir DIR` names it DIR/<file name>) copies each to a new thin file on the
-// peer and holds a synchronized mirror until the memory phase ends (src/hostmove/disks.ts).
+// `vmshift migrate --qmp SRC_QMP --peer ssh://root@HOST[:PORT] | tls://HOST:PORT --dest-qmp
+// PATH_ON_PEER`: move a running guest's memory (and devices) to a destination QEMU on another
+// host, over the resumable link (src/relay/migrate.ts). The guest's disks must be reachable
+// from both hosts, or be moved first: `--disk SOCKET[=PATH]` (a source shim's NBD socket, and
+// the new file on the peer; `--to-dir DIR` names it DIR/<file name>) copies each to a new thin
+// file on the peer and holds a synchronized mirror until the memory phase ends
+// (src/hostmove/disks.ts). `vmshift migrate DOMAIN qemu+ssh://HOST/system` goes through
+// libvirt's own migration instead (src/cli/migrate-domain.ts).
 // Progress on stderr (a line per second on a terminal), JSON lines on stdout with --json.
-// Ctrl-C before the commit rolls back (the guest runs on here). Exit 0 when the guest runs on
-// the destination, 1 when it failed (and runs on here), 3 when in doubt (see the message).
+// Ctrl-C or `vmshift abort --qmp SRC_QMP` (through the migration's control socket,
+// src/relay/migration-socket.ts) before the commit rolls back (the guest runs on here). Exit 0
+// when the guest runs on the destination, 1 when it failed (and runs on here), 3 when in doubt.
 // --balloon shrinks the guest on its own memory statistics first (src/balloon/); its defaults
 // come from the `balloon` section of vmshiftd's config file (src/daemon/config.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
@@ -14,7 +17,9 @@ import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
-import { MigrateError, migrateMemory, type MigrateEvent } from '../relay/migrate.ts';
+import { MigrateError, migrateMemory, type MigrateEvent, type Peer } from '../relay/migrate.ts';
+import { listenMigration, type AbortOutcome } from '../relay/migration-socket.ts';
+import { runDir } from '../libvirt/shim-plan.ts';
 import { PeerDisks, planDisks, type DiskEvent } from '../hostmove/disks.ts';
 import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
 import { mib } from '../balloon/policy.ts';
@@ -40,6 +45,13 @@ interface Args {
   toDir?: string;
   destSocket?: string[];
   peerConfig?: string;
+  timeout?: string;
+  timeoutAction: string;
+  tlsDir?: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  runDir?: string;
   balloon?: boolean;
   balloonFloor?: string;
   balloonHeadroom?: string;
@@ -64,12 +76,27 @@ export function parseDiskSpecs(disks: string[], destSockets: string[] = []): Arr
   });
 }
 
-export function parsePeer(url: string): { host: string; port: number; user: string } {
-  const m = /^ssh:\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
-  if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT]`);
-  const port = m[3] ? Number(m[3]) : 22;
+export type PeerUrl = { scheme: 'ssh'; host: string; port: number; user: string } | { scheme: 'tls'; host: string; port: number };
+
+export function parsePeer(url: string): PeerUrl {
+  const m = /^(ssh|tls):\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
+  if (!m) throw new UsageError(`--peer ${url}: expected ssh://[USER@]HOST[:PORT] or tls://HOST:PORT`);
+  const host = m[3].replace(/^\[|\]$/g, '');
+  if (m[1] === 'tls') {
+    if (m[2]) throw new UsageError(`--peer ${url}: a tls:// peer has no user (the certificate says who we are)`);
+    if (!m[4]) throw new UsageError(`--peer ${url}: a tls:// peer needs the port its link-agent --listen uses`);
+  }
+  const port = m[4] ? Number(m[4]) : 22;
   if (port < 1 || port > 65535) throw new UsageError(`--peer ${url}: port ${port} is out of range`);
-  return { user: m[1] ?? 'root', host: m[2].replace(/^\[|\]$/g, ''), port };
+  return m[1] === 'tls' ? { scheme: 'tls', host, port } : { scheme: 'ssh', user: m[2] ?? 'root', host, port };
+}
+
+/** The TLS files: --tls-dir DIR (QEMU's names: ca-cert.pem, client-cert.pem, client-key.pem), each overridable. */
+export function tlsFiles(a: { tlsDir?: string; tlsCa?: string; tlsCert?: string; tlsKey?: string }): { ca: string; cert: string; key: string } {
+  const inDir = (f: string) => (a.tlsDir ? join(resolve(a.tlsDir), f) : undefined);
+  const ca = a.tlsCa ?? inDir('ca-cert.pem'), cert = a.tlsCert ?? inDir('client-cert.pem'), key = a.tlsKey ?? inDir('client-key.pem');
+  if (!ca || !cert || !key) throw new UsageError('--peer tls://... needs --tls-dir DIR, or --tls-ca, --tls-cert and --tls-key');
+  return { ca: resolve(ca), cert: resolve(cert), key: resolve(key) };
 }
 
 /** Exit 3 for a migration left in doubt (both forms of `migrate`); other errors go on to `fail`. */
@@ -90,11 +117,11 @@ export const migrateMemoryCommand = {
       .option('connect', { alias: 'c', type: 'string', default: 'qemu:///system', describe: "this host's libvirt (with DOMAIN)" })
       .option('persistent', { type: 'boolean', default: true, describe: 'define the domain on the destination (--no-persistent: transient there)' })
       .option('undefine-source', { type: 'boolean', default: true, describe: 'undefine it here once it runs there (--no-undefine-source keeps the definition)' })
-      .option('run-dir', { type: 'string', default: '/run/vmshift', describe: "vmshift's run directory, the same path on both hosts (with DOMAIN)" })
+      .option('run-dir', { type: 'string', describe: "vmshift's run directory (default $VMSHIFT_RUN_DIR or /run/vmshift): with DOMAIN the same path on both hosts; with --qmp where the migration's control socket goes, for vmshift abort" })
       .option('libvirt-via', { choices: ['link', 'direct'] as const, default: 'link' as const, describe: "libvirt's connection to the peer: over vmshift's link (a reset is hidden from it) or virsh's own (with DOMAIN)" })
       .option('connect-timeout', { type: 'string', default: '20s', describe: 'how long to try reaching the peer before giving up (with DOMAIN)' })
       .option('qmp', { type: 'string', describe: "the source guest's QMP socket (without DOMAIN)" })
-      .option('peer', { type: 'string', describe: 'the destination host: ssh://[USER@]HOST[:PORT] (with --qmp)' })
+      .option('peer', { type: 'string', describe: 'the destination host: ssh://[USER@]HOST[:PORT], or tls://HOST:PORT (a vmshift link-agent --listen there) (with --qmp)' })
       .option('dest-qmp', { type: 'string', describe: 'the QMP socket, on the peer, of a QEMU started with -incoming defer -S (with --qmp)' })
       .option('identity', { type: 'string', describe: 'SSH private key (default ~/.ssh/id_ed25519)' })
       .option('known-hosts', { type: 'string', describe: 'known_hosts file to verify the peer (default ~/.ssh/known_hosts)' })
@@ -111,6 +138,12 @@ export const migrateMemoryCommand = {
       .option('to-dir', { type: 'string', describe: "the peer's directory for the new files of --disk without =PATH" })
       .option('dest-socket', { type: 'string', array: true, describe: "SOURCE_SOCKET=PEER_SOCKET: where the peer serves the disk (default: the same path)" })
       .option('peer-config', { type: 'string', describe: "the peer's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json there)" })
+      .option('timeout', { type: 'string', describe: 'once the migration runs this long without completing (a guest dirtying faster than the link), do --timeout-action' })
+      .option('timeout-action', { choices: ['abort', 'suspend'], default: 'abort', describe: 'at --timeout: roll back, or pause the guest so that the migration completes' })
+      .option('tls-dir', { type: 'string', describe: 'tls:// peer: a directory with ca-cert.pem, client-cert.pem, client-key.pem' })
+      .option('tls-ca', { type: 'string', describe: 'tls:// peer: PEM CA bundle the peer\'s certificate must be signed by' })
+      .option('tls-cert', { type: 'string', describe: 'tls:// peer: PEM client certificate (chain) of this host' })
+      .option('tls-key', { type: 'string', describe: 'tls:// peer: PEM private key of --tls-cert' })
       .option('balloon', { type: 'boolean', describe: 'shrink the guest to its working set plus headroom first (its balloon statistics say how far); given back on the destination' })
       .option('balloon-floor', { type: 'string', describe: 'never shrink the guest below this (default: max(64M, a quarter of its memory))' })
       .option('balloon-headroom', { type: 'string', describe: 'memory left available to the guest on top of its working set (default: max(32M, 5%))' })
@@ -118,18 +151,23 @@ export const migrateMemoryCommand = {
   handler: async (argv: ArgumentsCamelCase<Args>) => {
     if (argv.domain) {
       if (argv.qmp || argv.peer || argv.destQmp) throw new UsageError('migrate DOMAIN URI takes no --qmp, --peer or --dest-qmp (those move a QEMU without libvirt)');
+      argv.runDir = runDir(argv.runDir);
       const { migrateDomainHandler } = await import('./migrate-domain.ts');
       await migrateDomainHandler(argv as unknown as Parameters<typeof migrateDomainHandler>[0]);
       return;
     }
     if (!argv.qmp || !argv.peer || !argv.destQmp) throw new UsageError('migrate: name a DOMAIN and a qemu+ssh:// URI, or give --qmp, --peer and --dest-qmp');
-    const peer = parsePeer(argv.peer);
+    const url = parsePeer(argv.peer);
+    const peer: Peer = url.scheme === 'ssh'
+      ? { ...url, identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts') }
+      : { ...url, ...tlsFiles(argv) };
+    const timeoutMs = argv.timeout ? parseDuration(argv.timeout, '--timeout') : 0;
     const defaults = await loadBalloonDefaults(argv.config);
     const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
     const headroom = argv.balloonHeadroom !== undefined ? parseSize(argv.balloonHeadroom, '--balloon-headroom') : defaults.headroom;
     const balloon = (argv.balloon ?? defaults.enabled) ? { floor, headroom } : undefined;
     const ac = new AbortController();
-    const onInt = () => ac.abort();
+    const onInt = () => ac.abort(new Error('interrupted'));
     process.once('SIGINT', onInt);
     let last = 0;
     /** Progress lines on a terminal: at most one a second (memory and disks share it). */
@@ -139,7 +177,11 @@ export const migrateMemoryCommand = {
       last = now;
       return true;
     };
+    let committed = false;
+    let phase = 'connecting';
     const onEvent = (e: MigrateEvent) => {
+      if (e.event === 'committed') committed = true;
+      if (e.event === 'progress') phase = e.status;
       if (argv.json) { printJson(e); return; }
       if (e.event === 'progress') {
         if (!due()) return;
@@ -159,14 +201,14 @@ export const migrateMemoryCommand = {
       else if (e.event === 'disks-synchronized') process.stderr.write('disks synchronized: every write reaches both hosts; moving memory\n');
       else if (e.event === 'carrier') process.stderr.write(`disk link ${e.state}: ${e.why}\n`);
     };
-    const identity = argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts = argv.knownHosts ?? join(homedir(), '.ssh/known_hosts');
     const holdMs = parseDuration(argv.holdTime, '--hold-time');
     const bandwidth = argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0;
     let disks: PeerDisks | null = null;
     if (argv.disk?.length) {
+      if (peer.scheme !== 'ssh') throw new UsageError('--disk moves disks over an ssh:// peer only (its link agent starts the peer\'s shims)');
       const plans = await planDisks(parseDiskSpecs(argv.disk, argv.destSocket), argv.toDir);
       disks = await PeerDisks.open({
-        ...peer, identity, knownHosts, peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, peerConfig: argv.peerConfig,
+        user: peer.user, host: peer.host, port: peer.port, identity: peer.identity, knownHosts: peer.knownHosts, peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, peerConfig: argv.peerConfig,
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined, holdMs,
       }, onDisk);
       try {
@@ -183,16 +225,28 @@ export const migrateMemoryCommand = {
         throw e;
       }
     }
+    const qmp = resolve(argv.qmp);
+    // `vmshift abort --qmp` reaches this process here; the outcome it hears is this run's own.
+    let outcome: Promise<unknown> = new Promise(() => {});
+    const control = await listenMigration(runDir(argv.runDir), qmp, {
+      status: () => ({ qmp, peer: argv.peer, phase, committed }),
+      abort: async (): Promise<AbortOutcome> => {
+        if (committed) return { aborted: false, message: 'too late: the commit was sent, the guest runs on the destination' };
+        ac.abort(new Error('aborted by vmshift abort'));
+        return outcome.then(() => ({ aborted: false, message: 'too late: the migration completed first; the guest runs on the destination' }),
+          (e: Error) => ({ aborted: !(e instanceof MigrateError && e.inDoubt), message: e.message }));
+      },
+    });
     try {
-      const done = await migrateMemory({
-        qmp: resolve(argv.qmp), peer, destQmp: argv.destQmp!,
-        identity, knownHosts,
+      const run = migrateMemory({
+        qmp, peer, destQmp: argv.destQmp,
         sharedDir: argv.sharedDir ? resolve(argv.sharedDir) : undefined,
         maxDowntimeMs: parseDuration(argv.maxDowntime, '--max-downtime'),
         bandwidth,
         compress: argv.compress, cacheSize: parseSize(argv.cacheSize, '--cache-size'),
         linkRate: argv.linkRate ? parseSize(argv.linkRate, '--link-rate') : undefined,
         holdMs, balloon,
+        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend',
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       }).catch(async (e) => {
         // In doubt the guest may run on the peer's disks: keep them there (never remove data
@@ -202,6 +256,9 @@ export const migrateMemoryCommand = {
         await disks?.close();
         throw e;
       });
+      outcome = run;
+      run.catch(() => {});
+      const done = await run;
       if (disks) {
         await disks.handover();
         const stats = disks.stats;
@@ -221,6 +278,13 @@ export const migrateMemoryCommand = {
       throw e;
     } finally {
       process.off('SIGINT', onInt);
+      // Give an abort that is waiting for the outcome a moment to send it.
+      await new Promise((r) => setTimeout(r, 100));
+      await control.close();
     }
+    // The guest runs on the destination and the link is over; a carrier dial still in flight
+    // towards a peer whose network is gone (seen: the CLI alive minutes after "done" when
+    // the network was cut until the end) must not keep this command from returning.
+    process.exit(0);
   },
 };

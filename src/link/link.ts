@@ -10,6 +10,7 @@
 // `holdMs`, the link fails: every stream is destroyed with an UNREACHABLE LinkError. A cut
 // shorter than that is invisible to the streams.
 import { EventEmitter } from 'node:events';
+import { rmSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError, isFatal, meaning } from './errors.ts';
 import { FLAG_FIN, Frame, FrameReader, encodeFrame, encodeHello, parseHello, type FrameIn, type Hello } from './frames.ts';
@@ -95,6 +96,7 @@ export class Link extends EventEmitter implements StreamHost {
   /** null while the link runs; else how it ended. */
   state: 'running' | 'finished' | 'failed' = 'running';
   failure: LinkError | null = null;
+  private keptFiles: string[] = [];
   private counters = { reconnects: 0, spilled: 0, resentGone: 0, dupGone: 0, fileGone: 0 };
 
   constructor(opts: LinkOptions) {
@@ -110,7 +112,9 @@ export class Link extends EventEmitter implements StreamHost {
     this.nextId = opts.role === 'a' ? 0 : 1;
     if (opts.sharedDir) {
       this.file = new SharedDir({ dir: opts.sharedDir, link: opts.link, migration: opts.migration, role: opts.role }, (m) => this.warn(m));
-      this.file.open();
+      // Not in the constructor itself: a directory that cannot be written warns, and whoever
+      // constructs the link attaches its 'warning' listener only after this returns.
+      queueMicrotask(() => { if (this.state === 'running') this.file?.open(); });
     }
     this.timers.push(setInterval(() => this.tick(), Math.min(this.opts.pingMs, this.opts.deadAfterMs / 3, 100)));
     if (this.file) this.timers.push(setInterval(() => this.fileTick(), this.opts.filePollMs));
@@ -395,7 +399,7 @@ export class Link extends EventEmitter implements StreamHost {
    */
   private spill(now: boolean): void {
     const f = this.file;
-    if (!f?.writable) return;
+    if (!f?.writable || this.state !== 'running') return; // after finish() no file may appear again
     // While the peer answers on the network, nothing goes to the file (the healthy path
     // stays at network speed); once it has been silent for spillAfterMs with bytes
     // unacknowledged, or there is no carrier, every unacknowledged byte goes.
@@ -553,6 +557,15 @@ export class Link extends EventEmitter implements StreamHost {
     this.stop();
   }
 
+  /**
+   * After a failure whose outcome the user has settled (a rollback, say), the files kept
+   * renamed `.failed` help no one: remove them. Without it they stay for a person to look at.
+   */
+  discardFiles(): void {
+    for (const p of this.keptFiles) rmSync(p, { force: true });
+    this.keptFiles = [];
+  }
+
   /** Give the link up on purpose; the peer's streams fail with ABORTED and this reason. */
   abort(reason: string): void {
     if (this.state !== 'running') return;
@@ -566,6 +579,7 @@ export class Link extends EventEmitter implements StreamHost {
     this.state = 'failed';
     this.failure = err;
     const kept = this.file?.keepFailed() ?? [];
+    this.keptFiles = kept;
     if (kept.length) this.warn(`link: kept ${kept.join(', ')} after the failure`);
     this.stop();
     for (const s of this.streams.values()) s.destroy(err);

@@ -5,7 +5,7 @@
 // and migration ids, so a record copied from another link's file fails it even where its
 // offsets fit. (This guards against stale and foreign files, not against someone who may
 // write the shared directory: they could as well write a whole valid file.)
-import { constants, openSync, closeSync, writevSync, fdatasyncSync, readSync, fstatSync } from 'node:fs';
+import { constants, openSync, closeSync, writevSync, fdatasyncSync, readSync, fstatSync, rmSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { checksum } from './checksum.ts';
 import { LinkError } from './errors.ts';
@@ -76,7 +76,9 @@ export class RecordWriter {
       fdatasyncSync(this.fd);
       this.size = h.length;
     } catch (e) {
+      // A full directory: the file we just created (O_EXCL: ours) would be left empty.
       closeSync(this.fd);
+      rmSync(path, { force: true });
       throw e;
     }
   }
@@ -133,10 +135,9 @@ function skipBytes(bufs: Buffer[], n: number): Buffer[] {
   return out;
 }
 
-/** Error code of a file whose header is not completely written yet (try again later). */
-export const HEADER_INCOMPLETE = 'HEADER_INCOMPLETE';
-function incomplete(path: string): Error {
-  return Object.assign(new Error(`link: ${path}: header not completely written yet`), { code: HEADER_INCOMPLETE });
+/** A file whose header is not (yet) all there: read again later, not refused. */
+export class IncompleteHeader extends LinkError {
+  constructor(message: string) { super('FILE', message); }
 }
 
 /**
@@ -157,16 +158,17 @@ export class RecordReader {
     this.fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
     try {
       // The writer creates the file, then writes its header: a reader that comes in between
-      // sees a short file. That is waited for (HEADER_INCOMPLETE, the caller tries again),
+      // sees a short file. That is waited for (IncompleteHeader: the caller tries again),
       // not refused: refusing it would turn the peer's own file away for good.
       const fixed = this.readAt(0, 16);
-      const magic = fixed.subarray(0, 8);
-      if (!magic.equals(FILE_MAGIC.subarray(0, magic.length))) throw new LinkError('MISMATCH', `link: ${path} is not a vmshift link file`);
-      if (fixed.length < 16) throw incomplete(path);
+      // The writer creates the file, then writes its header: a reader may come in between.
+      const magicSoFar = fixed.subarray(0, Math.min(fixed.length, 8));
+      if (fixed.length < 16 && magicSoFar.equals(FILE_MAGIC.subarray(0, magicSoFar.length))) throw new IncompleteHeader(`link: ${path} has no complete header yet`);
+      if (fixed.length < 16 || !fixed.subarray(0, 8).equals(FILE_MAGIC)) throw new LinkError('MISMATCH', `link: ${path} is not a vmshift link file`);
       const len = fixed.readUInt32BE(8);
       if (len > MAX_PAYLOAD) throw new LinkError('MISMATCH', `link: ${path} has a header of ${len} bytes`);
       const json = this.readAt(16, len);
-      if (json.length < len) throw incomplete(path);
+      if (json.length < len) throw new IncompleteHeader(`link: ${path} has a truncated header`);
       if (crc32(json, seed) !== fixed.readUInt32BE(12)) throw new LinkError('MISMATCH', `link: ${path} belongs to another link or migration (header checksum)`);
       const h = JSON.parse(json.toString('utf8')) as FileHeader;
       if (h.link !== expect.link || h.migration !== expect.migration || h.from !== expect.from) {

@@ -7,7 +7,7 @@
 import { readdirSync, renameSync, rmSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { LinkError } from './errors.ts';
-import { HEADER_INCOMPLETE, RecordReader, RecordWriter, linkSeed, type Record } from './record-file.ts';
+import { IncompleteHeader, RecordReader, RecordWriter, linkSeed, type Record } from './record-file.ts';
 
 export interface SharedDirIdentity {
   dir: string;
@@ -138,8 +138,7 @@ export class SharedDir {
       this.readers.set(path, r);
       return r;
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' || code === HEADER_INCOMPLETE) return null; // not there yet: the next poll looks again
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT' || e instanceof IncompleteHeader) return null;
       this.refused.add(path);
       this.warn(e instanceof LinkError ? `${e.message}: never read` : `link: cannot read ${path}: ${(e as Error).message}`);
       return null;

@@ -10,10 +10,11 @@ const MAX_LINE = 1024 * 1024;
 export type ControlMsg =
   // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
   // cache: the source runs the memory cache; the memory stream carries its frames.
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; balloon?: { restore: number }; cache?: boolean }
+  // destQmp: the destination QMP socket (a TLS listener serves many; an SSH agent checks it is its own).
+  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; destQmp?: string; balloon?: { restore: number }; cache?: boolean }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }
-  | { op: 'ready' }
+  | { op: 'ready'; sharedDir?: string | null }
   | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
   | { op: 'error'; message: string }

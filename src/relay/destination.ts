@@ -10,6 +10,7 @@
 // a commit arrived, the source may be in postmigrate (it sent the commit) or running (its
 // completion failed): this side cannot tell, so it neither runs nor quits its copy; it stays
 // paused and the log says so (docs/memory-migration.md, "who wins at a cut at the end").
+import { isAbsolute } from 'node:path';
 import { QmpClient } from '../qemu/qmp.ts';
 import type { Link } from '../link/link.ts';
 import type { LinkStream } from '../link/stream.ts';
@@ -18,7 +19,12 @@ import { MEMORY_STREAM, destRelay } from './memory-relay.ts';
 
 interface MigrateStatus { status?: string; 'error-desc'?: string }
 
-export function serveDestination(link: Link, destQmp: string, incomingPath: string, log: (m: string) => void): void {
+/**
+ * `fixedQmp`: the destination QMP socket this agent was started for (SSH: one agent per
+ * migration); undefined for a listener (TLS) that serves many: then `prepare` names it.
+ */
+export function serveDestination(link: Link, fixedQmp: string | undefined, incomingPath: string, log: (m: string) => void): void {
+  let destQmp = fixedQmp ?? '(not named yet)';
   let qmp: QmpClient | null = null;
   let prepared = false;
   /** The QEMU was waiting for an incoming migration: this migration's to quit on a rollback. */
@@ -29,13 +35,14 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
   let cache = false;
   let restore: number | null = null;
 
-  const quitDest = async (why: string) => {
-    if (committed || quitting) return;
+  /** Quit the destination QEMU unless it runs the guest or is in doubt; false when in doubt. */
+  const quitDest = async (why: string): Promise<boolean> => {
+    if (committed || quitting) return true;
     if (!ours) {
       log(`not quitting the QEMU at ${destQmp}: it was not waiting for this migration (${why})`);
       await qmp?.close().catch(() => {});
       qmp = null;
-      return;
+      return true;
     }
     quitting = true;
     try {
@@ -45,7 +52,7 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
         log(`IN DOUBT: ${why} after the destination QEMU received the whole state but before the commit; leaving it paused (resume it with QMP "cont" only if the source is in postmigrate, else "quit" it)`);
         await q.close().catch(() => {});
         qmp = null;
-        return;
+        return false;
       }
       log(`quitting the destination QEMU (${destQmp}): ${why}`);
       await q.execute('quit').catch(() => {});
@@ -54,6 +61,7 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
     } catch (e) {
       log(`cannot quit the destination QEMU at ${destQmp}: ${(e as Error).message}`);
     }
+    return true;
   };
 
   const onControl = async (ctl: Control) => {
@@ -62,6 +70,11 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
       try { m = await ctl.next(); } catch { return; }
       try {
         if (m.op === 'prepare') {
+          if (fixedQmp && m.destQmp && m.destQmp !== fixedQmp) throw new Error(`prepare names ${m.destQmp}, but this agent serves ${fixedQmp}`);
+          if (!fixedQmp) {
+            if (typeof m.destQmp !== 'string' || !isAbsolute(m.destQmp)) throw new Error('prepare must name the destination QMP socket as an absolute path');
+            destQmp = m.destQmp;
+          }
           qmp = await QmpClient.connect(destQmp, { connectTimeoutMs: 5000 });
           const st = await qmp.execute<{ status: string }>('query-status');
           if (st.status !== 'inmigrate') throw new Error(`the destination QEMU at ${destQmp} is "${st.status}", not waiting for a migration (start it with -incoming defer -S)`);
@@ -74,7 +87,7 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
           await qmp.execute('migrate-incoming', { uri: `unix:${incomingPath}` });
           prepared = true;
           log(`destination QEMU ${destQmp} waits on ${incomingPath}`);
-          ctl.send({ op: 'ready' });
+          ctl.send({ op: 'ready', sharedDir: link.opts.sharedDir ?? null });
         } else if (m.op === 'commit') {
           if (!qmp) throw new Error('commit before prepare');
           // The source is in postmigrate, so everything it sent was taken; the load may still be finishing.
@@ -120,5 +133,6 @@ export function serveDestination(link: Link, destQmp: string, incomingPath: stri
       );
     }
   });
-  link.once('failed', (e: Error) => void quitDest(`link failed: ${e.message}`));
+  // Files in the shared directory stay (renamed .failed) only while the outcome is in doubt.
+  link.once('failed', (e: Error) => void quitDest(`link failed: ${e.message}`).then((decided) => { if (decided) link.discardFiles(); }));
 }

@@ -17,6 +17,8 @@ import { join } from 'node:path';
 import { QmpClient } from '../qemu/qmp.ts';
 import { Link } from '../link/link.ts';
 import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { tlsDialer } from '../link/tls-carrier.ts';
+import type { Duplex } from 'node:stream';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
 import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
@@ -24,12 +26,15 @@ import type { CacheStats } from './cache/encoder.ts';
 import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
 import type { BalloonDecision, BalloonSettings } from '../balloon/policy.ts';
 
+/** The peer and how to reach it: SSH (the agent is started there per migration) or TLS (a `vmshift link-agent --listen` runs there). */
+export type Peer =
+  | { scheme: 'ssh'; host: string; port: number; user: string; identity: string; knownHosts: string }
+  | { scheme: 'tls'; host: string; port: number; ca: string; cert: string; key: string };
+
 export interface MemoryMigrateOptions {
   qmp: string;
-  peer: { host: string; port: number; user: string };
+  peer: Peer;
   destQmp: string;
-  identity: string;
-  knownHosts: string;
   sharedDir?: string;
   maxDowntimeMs: number;
   /** Bytes per second; 0 = QEMU's default. */
@@ -45,6 +50,10 @@ export interface MemoryMigrateOptions {
   /** Where the peer's agent puts its sockets (a 0700 directory is made). */
   peerSocketDir: string;
   holdMs?: number;
+  /** Once the migration has run this long without completing: 0 = never. */
+  timeoutMs?: number;
+  /** At the timeout: roll back (`abort`), or pause the guest so that the migration completes (`suspend`). */
+  timeoutAction?: 'abort' | 'suspend';
   /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
   balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
@@ -98,23 +107,32 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
   let shrunk: ShrinkResult | null = null;
 
   const id = randomBytes(6).toString('hex');
-  const peerName = `${o.peer.user}@${o.peer.host}:${o.peer.port}`;
-  const socket = `${o.peerSocketDir}/link-${id}.sock`;
-  const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `mem-${id}`, '--socket', socket, '--dest-qmp', o.destQmp,
-    ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
-  const link = new Link({
-    link: id, migration: `mem-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs,
-    dial: sshDialer({ ...o.peer, identity: o.identity, knownHosts: o.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
-  });
+  const p = o.peer;
+  const peerName = p.scheme === 'ssh' ? `${p.user}@${p.host}:${p.port}` : `tls://${p.host}:${p.port}`;
+  let dial: () => Promise<Duplex>;
+  if (p.scheme === 'ssh') {
+    const socket = `${o.peerSocketDir}/link-${id}.sock`;
+    const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `mem-${id}`, '--socket', socket, '--dest-qmp', o.destQmp,
+      ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
+    dial = sshDialer({ ...p, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 });
+  } else {
+    dial = tlsDialer(p);
+  }
+  const link = new Link({ link: id, migration: `mem-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs, dial });
   link.on('carrier', (state: string, why: string) => o.onEvent({ event: 'carrier', state, why }));
   link.on('warning', (m: string) => o.onEvent({ event: 'warning', message: m }));
   const dir = mkdtempSync(join(tmpdir(), 'vmshift-mem-'));
   let relay: SourceRelay | null = null;
   let committed = false;
+  /** Where the guest runs is settled (rolled back, or the destination answered `running`). */
+  let decided = false;
   let ctl: Control | null = null;
   const linkFailed = new Promise<never>((_, reject) => link.once('failed', (e: Error) => reject(new MigrateError('link', e.message))));
   linkFailed.catch(() => {});
-  const aborted = new Promise<never>((_, reject) => o.signal?.addEventListener('abort', () => reject(new MigrateError('source', 'interrupted: migration cancelled')), { once: true }));
+  const aborted = new Promise<never>((_, reject) => o.signal?.addEventListener('abort', () => {
+    const why = o.signal?.reason instanceof Error ? o.signal.reason.message : 'interrupted';
+    reject(new MigrateError('source', `${why}: migration cancelled`));
+  }, { once: true }));
   aborted.catch(() => {});
   const race = <T>(p: Promise<T>) => Promise.race([p, linkFailed, aborted]);
 
@@ -133,9 +151,12 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const parameters = choice.parameters;
     // The destination needs the stream's capabilities (xbzrle), not the source's pacing (auto-converge).
     const destCaps = Object.fromEntries(Object.entries(capabilities).filter(([k]) => k !== 'auto-converge'));
-    ctl.send({ op: 'prepare', capabilities: destCaps, parameters: {}, cache: compress === 'cache', ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
+    ctl.send({ op: 'prepare', capabilities: destCaps, parameters: {}, cache: compress === 'cache', destQmp: o.destQmp, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
+    if ((r.sharedDir ?? undefined) !== o.sharedDir) {
+      o.onEvent({ event: 'warning', message: `the peer's link uses ${r.sharedDir ? `shared directory ${r.sharedDir}` : 'no shared directory'}, this side ${o.sharedDir ?? 'none'}: the stream goes on only while the network is up` });
+    }
     if (balloon) {
       if (balloon.warning) o.onEvent({ event: 'warning', message: balloon.warning });
       shrunk = await race(shrink(balloon, onBalloon));
@@ -147,6 +168,8 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     await src.execute('migrate', { uri: `unix:${relay.path}` });
 
     let info: MigrateInfo;
+    const startedAt = performance.now();
+    let suspended = false;
     let watched = 0;
     for (;;) {
       info = await race(src.execute<MigrateInfo>('query-migrate'));
@@ -161,6 +184,14 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
       if (cs) { const { history: _h, ...rest } = cs; o.onEvent({ event: 'cache', stats: rest }); }
       if (info.status === 'completed') break;
       if (info.status === 'failed' || info.status === 'cancelled') throw new MigrateError('source', `the source QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+      if (o.timeoutMs && !suspended && performance.now() - startedAt > o.timeoutMs) {
+        const after = `not completed after ${o.timeoutMs / 1000} s (pass ${ram['dirty-sync-count'] ?? 0}, ${remaining} bytes left, the guest dirties ${(ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096)} bytes/s)`;
+        if (o.timeoutAction !== 'suspend') throw new MigrateError('source', `${after}; rolled back (--timeout-action suspend pauses the guest to finish instead)`);
+        // As virsh migrate --timeout-suspend: a paused guest dirties nothing, so the rest goes in one pass.
+        o.onEvent({ event: 'warning', message: `${after}; pausing the guest so that the migration completes` });
+        await src.execute('stop');
+        suspended = true;
+      }
       if (balloon && performance.now() - watched >= 1000) {
         watched = performance.now();
         await race(watch(balloon, onBalloon)).catch((e: Error) => { if (e instanceof MigrateError) throw e; o.onEvent({ event: 'warning', message: `balloon: ${e.message}` }); });
@@ -178,6 +209,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
       throw new MigrateError('link', `the commit was sent but the destination's answer never came (${e.message}); the source stays in postmigrate: check the destination QEMU (it resumes on the commit)`, true);
     });
     if (ans.op !== 'running') throw new MigrateError('destination', `after the commit the destination answered "${ans.op}"${ans.op === 'error' ? `: ${ans.message}` : ''}; the source stays in postmigrate`, true);
+    decided = true;
     ctl.end();
     // Both directions of the memory stream end once both QEMUs closed it; then the link.
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
@@ -193,10 +225,14 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
   } catch (e) {
     if (!committed) {
       await rollback(src, wasRunning, ctl, link);
+      decided = true;
       if (balloon) await giveBack(balloon).catch((g: Error) => o.onEvent({ event: 'warning', message: `balloon: cannot give the guest its memory back: ${g.message}` }));
     }
     throw e instanceof MigrateError ? e : new MigrateError('source', (e as Error).message);
   } finally {
+    // The shared-dir files are kept (renamed .failed) only while the outcome is in doubt:
+    // then the commit record in them may still be what the destination needs to read.
+    if (decided) link.discardFiles();
     relay?.close();
     rmSync(dir, { recursive: true, force: true });
     await src.close().catch(() => {});

@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync, rmSync, chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { HEADER_INCOMPLETE, RecordReader, RecordWriter, encodeRecord, linkSeed, Rec, REC_HEADER } from '../../src/link/record-file.ts';
+import { IncompleteHeader, RecordReader, RecordWriter, encodeRecord, linkSeed, Rec, REC_HEADER } from '../../src/link/record-file.ts';
 import { SharedDir } from '../../src/link/shared-dir.ts';
 import type { LinkStream } from '../../src/link/stream.ts';
 import { cleanupAll, tempDir } from '../helpers/proc.ts';
@@ -94,7 +94,7 @@ test('reader: a file whose header is still being written is waited for, not refu
   for (const cut of [0, 5, 8, 12, 16, 30]) {
     const p = join(dir, `partial${cut}.data`);
     writeFileSync(p, whole.subarray(0, cut));
-    assert.throws(() => new RecordReader(p, linkSeed(id.link, id.migration), id), (e: NodeJS.ErrnoException) => e.code === HEADER_INCOMPLETE, `header cut at ${cut}`);
+    assert.throws(() => new RecordReader(p, linkSeed(id.link, id.migration), id), (e: Error) => e instanceof IncompleteHeader, `header cut at ${cut}`);
   }
   // The race the migration benchmark hit: side b has created its ack file but not yet written
   // its header when side a first looks. Side a must read it later, with no warning.
@@ -109,6 +109,19 @@ test('reader: a file whose header is still being written is waited for, not refu
   b.appendAcks([encodeRecord(b.seed, Rec.BEAT, 0, 0, Buffer.alloc(0))]);
   assert.is(a.readPeer(() => 0).acks.length, 1, "b's heartbeat is read");
   assert.equal(warnings, []);
+});
+
+test('shared dir: a peer file whose header is still being written is read once it is complete, not refused', () => {
+  const dir = tempDir();
+  const shared = new SharedDir({ dir, link: id.link, migration: id.migration, role: 'b' }, (m) => { throw new Error(`warned: ${m}`); });
+  const f = makeFile(dir, 'tmp.data', 2);
+  const whole = readFileSync(f.path);
+  const path = join(dir, `vmshift-link-${id.link}.a.s0.data`);
+  writeFileSync(path, whole.subarray(0, 5)); // created, header not all there yet
+  assert.equal(shared.readPeer(() => 0).data, []);
+  writeFileSync(path, whole);
+  const got = shared.readPeer(() => 0).data;
+  assert.equal(got.flatMap((d) => d.records.map((r) => r.payload)), f.payloads);
 });
 
 test('writer: files are 0600, never follow a symlink, never reuse an existing file', () => {

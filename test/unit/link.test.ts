@@ -117,6 +117,24 @@ test('no carrier for the hold time: both ends fail with UNREACHABLE and keep the
   assert.is((await bFailed).code, 'UNREACHABLE', 'side b fails on its own too');
 });
 
+test('after a failure the files stay renamed .failed until the user, knowing the outcome, discards them', async () => {
+  const p = linkPair({ shared: true, holdMs: 400, deadAfterMs: 100, backoffMs: { first: 5, max: 20 } });
+  const bFailed = new Promise<void>((r) => p.b.once('failed', () => r()));
+  p.b.on('stream', (t: LinkStream) => t.on('error', () => {}));
+  const s = p.a.stream('x');
+  s.on('error', () => {});
+  s.write('hello');
+  await sleep(50);
+  p.network(false);
+  p.a.abort('rolled back');
+  await within(10_000, bFailed, 'side b failing');
+  const files = () => readdirSync(p.dir).filter((n) => n.startsWith('vmshift-link-'));
+  assert.ok(files().length > 0 && files().every((n) => n.endsWith('.failed')), `kept, renamed: ${files().join(', ')}`);
+  p.a.discardFiles();
+  p.b.discardFiles();
+  assert.equal(files(), [], 'nothing left once both sides discarded');
+});
+
 test('abort on one side fails the other with the reason', async () => {
   const p = linkPair();
   const rx = nextStream(p);

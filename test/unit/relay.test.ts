@@ -109,11 +109,12 @@ test('the source socket is never put over an existing path', async () => {
   assert.match(e.message, /already exists; refusing/);
 });
 
-test('--peer: ssh://[USER@]HOST[:PORT], nothing else', () => {
-  assert.equal(parsePeer('ssh://root@10.0.0.2:2222'), { user: 'root', host: '10.0.0.2', port: 2222 });
-  assert.equal(parsePeer('ssh://hostb'), { user: 'root', host: 'hostb', port: 22 });
-  assert.equal(parsePeer('ssh://admin@[fd00::2]:22'), { user: 'admin', host: 'fd00::2', port: 22 });
-  for (const bad of ['hostb', 'ssh://root@host;rm -rf /', 'ssh://host:99999', 'tcp://host:22', 'ssh://-oProxyCommand=x']) {
+test('--peer: ssh://[USER@]HOST[:PORT] or tls://HOST:PORT, nothing else', () => {
+  assert.equal(parsePeer('ssh://root@10.0.0.2:2222'), { scheme: 'ssh', user: 'root', host: '10.0.0.2', port: 2222 });
+  assert.equal(parsePeer('ssh://hostb'), { scheme: 'ssh', user: 'root', host: 'hostb', port: 22 });
+  assert.equal(parsePeer('ssh://admin@[fd00::2]:22'), { scheme: 'ssh', user: 'admin', host: 'fd00::2', port: 22 });
+  assert.equal(parsePeer('tls://hostb:7000'), { scheme: 'tls', host: 'hostb', port: 7000 });
+  for (const bad of ['hostb', 'ssh://root@host;rm -rf /', 'ssh://host:99999', 'tcp://host:22', 'ssh://-oProxyCommand=x', 'tls://hostb', 'tls://root@hostb:7000']) {
     assert.throws(() => parsePeer(bad), /--peer/, bad);
   }
 });

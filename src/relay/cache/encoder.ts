@@ -17,6 +17,13 @@ import { FRAME, hello, pageFrame, rawFrame } from './frames.ts';
 import { Slots } from './slots.ts';
 import { Governor } from './governor.ts';
 
+/** A page as `type` holding `compressed` when that saves bytes, else the page itself (raw, NEW). */
+function packed(type: number, slot: number, header: Buffer, compressed: Buffer, page: Buffer, crc: number): Buffer {
+  return compressed.length < PAGE_SIZE
+    ? pageFrame(type, slot, header, compressed, false, crc)
+    : pageFrame(FRAME.NEW, slot, header, page, true, crc);
+}
+
 
 export interface EncoderOptions {
   /** Memory for page copies, bytes (each side keeps this much at most). */
@@ -150,10 +157,7 @@ export class CacheEncoder {
     if (had !== undefined) {
       const copy = this.copies.get(had);
       xor(t.data, copy, this.scratch);
-      const c = compressSync(this.scratch);
-      const f = c.length < PAGE_SIZE
-        ? pageFrame(FRAME.DELTA, had, t.header, c, false, crc)
-        : pageFrame(FRAME.NEW, had, t.header, t.data, true, crc);
+      const f = packed(FRAME.DELTA, had, t.header, compressSync(this.scratch), t.data, crc);
       this.s.deltaBytes += f.length;
       this.out.push(f);
       t.data.copy(copy);
@@ -161,10 +165,7 @@ export class CacheEncoder {
       return;
     }
     const slot = this.allocSlot();
-    const c = compressSync(t.data);
-    const f = c.length < PAGE_SIZE
-      ? pageFrame(FRAME.NEW, slot, t.header, c, false, crc)
-      : pageFrame(FRAME.NEW, slot, t.header, t.data, true, crc);
+    const f = packed(FRAME.NEW, slot, t.header, compressSync(t.data), t.data, crc);
     this.s.newBytes += f.length;
     this.out.push(f);
     t.data.copy(this.copies.get(slot));

@@ -18,7 +18,7 @@
 // tracker marks every write.
 import type { BlockDevice, WriteOpts, ZeroOpts } from './device.ts';
 import { Layer } from './layer.ts';
-import { createDirtySet, HeatMap, DEFAULT_REGION_SIZE, type DirtySet, type HotRegion } from '../tracking/index.ts';
+import { createDirtySet, HeatMap, DEFAULT_GRANULARITY, DEFAULT_REGION_SIZE, type DirtySet, type HotRegion } from '../tracking/index.ts';
 
 export interface TrackerOptions {
   kind: 'bitmap' | 'bloom' | 'none';
@@ -74,7 +74,7 @@ export class Tracker extends Layer {
     super(inner);
     this.kind = opts.kind;
     this.#cursor = opts.cursor ?? TRACK_ALL;
-    this.granularity = opts.granularity ?? 64 * 1024;
+    this.granularity = opts.granularity ?? DEFAULT_GRANULARITY;
     const { granularity, expectedBlocks, falsePositiveRate } = opts;
     this.#newSet = opts.kind === 'none'
       ? () => null

@@ -24,6 +24,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { Link } from '../link/link.ts';
 import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { listenUnixPrivate } from '../util/unix-listen.ts';
 import { CONTROL_STREAM, Control } from '../relay/control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from '../relay/memory-relay.ts';
 import { LIBVIRT_STREAM_PREFIX } from '../relay/libvirt-destination.ts';
@@ -164,12 +165,12 @@ async function forwardLibvirt(path: string, link: Link): Promise<Server> {
     sock.pipe(s);
     s.pipe(sock);
   });
-  await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(path, () => resolve()); });
-  chmodSync(path, 0o600);
+  await listenUnixPrivate(server, path, 0o600);
   return server;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+// unref'd: a wait for the link to wind down must not hold the command after its result.
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms).unref());
 
 interface VirshLike { run(args: string[]): Promise<string> }
 

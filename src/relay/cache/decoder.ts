@@ -5,6 +5,7 @@
 // with an error after the last good byte.
 import { uncompressSync } from 'lz4-napi';
 import { crc32 } from 'node:zlib';
+import { checksum } from '../../link/checksum.ts';
 import { PAGE_SIZE } from '../../memstream/reader.ts';
 import { FRAME, HELLO_LEN, HELLO_MAGIC, MAX_SLOTS, NO_SLOT } from './frames.ts';
 import { Slots } from './slots.ts';
@@ -119,7 +120,7 @@ export class CacheDecoder {
       page = clen ? uncompressSync(data) : data;
       if (page.length !== PAGE_SIZE) throw new CacheStreamError(`a page of ${page.length} bytes`);
     }
-    if (crc32(page, crc32(header)) !== b.readUInt32BE(at + size - 4)) throw new CacheStreamError(`a page frame (slot ${slot}) failed its CRC`);
+    if (checksum(header, page) !== b.readUInt32BE(at + size - 4)) throw new CacheStreamError(`a page frame (slot ${slot}) failed its CRC`);
     if (slot !== NO_SLOT) { page.copy(this.copies.get(slot)); this.filled[slot] = 1; }
     out.push(header, page);
     return size;

@@ -10,7 +10,7 @@
 // while the link is the bottleneck (./governor.ts decides from the encoder's and the link's
 // measured speeds). While it is down, pages go on raw and leave the cache.
 import { compressSync } from 'lz4-napi';
-import { crc32 } from 'node:zlib';
+import { checksum } from '../../link/checksum.ts';
 import { PAGE_SIZE, StreamReader, type Token } from '../../memstream/reader.ts';
 import { FitoList, type FitoSample } from './fito.ts';
 import { FRAME, hello, pageFrame, rawFrame } from './frames.ts';
@@ -152,7 +152,7 @@ export class CacheEncoder {
       return;
     }
     this.flushRaw();
-    const crc = crc32(t.data, crc32(t.header));
+    const crc = checksum(t.header, t.data);
     const had = this.fito.touch(key);
     if (had !== undefined) {
       const copy = this.copies.get(had);

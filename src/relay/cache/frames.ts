@@ -31,11 +31,6 @@ export function hello(slots: number, pageSize: number): Buffer {
   return b;
 }
 
-export function crcOf(a: Buffer, b?: Buffer): number {
-  const h = a.length ? crc32(a) : 0;
-  return b && b.length ? crc32(b, h) : h;
-}
-
 export function rawFrame(parts: Buffer[]): Buffer {
   const len = parts.reduce((n, p) => n + p.length, 0);
   const f = Buffer.allocUnsafe(5 + len + 4);

@@ -18,13 +18,12 @@
 // cut of the carrier is then a stall to the NBD client, and the link resends what was lost,
 // so the copy goes on from where it was instead of from zero.
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { Link } from '../link/link.ts';
-import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { agentLink, peerName as sshPeerName } from '../link/agent-link.ts';
 import { Control } from '../relay/control.ts';
+import { forwardUnix, type UnixForward } from '../relay/unix-splice.ts';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { DISK_NAME_RE, DISKS_STREAM, nbdStreamName, type DisksMsg } from './protocol.ts';
@@ -99,26 +98,27 @@ export class PeerDisks {
   readonly peerName: string;
   #ctl: Control<DisksMsg> | null = null;
   #dir = mkdtempSync(join(tmpdir(), 'vmshift-disks-'));
-  #relays: Server[] = [];
-  #conns = new Set<Socket>();
+  #relays: UnixForward[] = [];
   #jobs = new Map<string, Promise<unknown>>();
   #plans: DiskPlan[] = [];
   #prepared = false;
   #failed: Promise<never>;
+  #ownsLink: boolean;
 
-  private constructor(readonly target: PeerTarget) {
-    const id = randomBytes(6).toString('hex');
-    this.peerName = `${target.user}@${target.host}:${target.port}`;
-    const socket = `${target.peerSocketDir}/disks-${id}.sock`;
-    const start = [target.peerVmshift, 'link-agent', '--start', '--disks', '--link', id, '--migration', `disks-${id}`, '--socket', socket,
-      ...(target.peerConfig ? ['--disks-config', target.peerConfig] : []), ...(target.sharedDir ? ['--shared-dir', target.sharedDir] : []),
-      ...(target.holdMs ? ['--hold-ms', String(target.holdMs)] : [])];
-    this.link = new Link({
-      link: id, migration: `disks-${id}`, role: 'a', peer: this.peerName, sharedDir: target.sharedDir, holdMs: target.holdMs,
-      dial: sshDialer({ host: target.host, port: target.port, user: target.user, identity: target.identity, knownHosts: target.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
-    });
+  /** `link`: an existing link whose agent also serves the disks (the libvirt path's), else one of its own. */
+  private constructor(readonly target: PeerTarget, link?: Link) {
+    this.peerName = sshPeerName(target);
+    this.#ownsLink = !link;
+    this.link = link ?? agentLink(target, 'disks', 'disks', ['--disks', ...(target.peerConfig ? ['--disks-config', target.peerConfig] : [])]);
     this.#failed = new Promise<never>((_, reject) => this.link.once('failed', (e: Error) => reject(new ControlError('link-failed', `the link to ${this.peerName} failed: ${e.message}`))));
     this.#failed.catch(() => {});
+  }
+
+  /** Over a link that is up already and whose agent runs with `--disks` (it stays the caller's to finish). */
+  static over(link: Link, target: PeerTarget): PeerDisks {
+    const p = new PeerDisks(target, link);
+    p.#ctl = new Control<DisksMsg>(link.stream(DISKS_STREAM), p.peerName);
+    return p;
   }
 
   static async open(target: PeerTarget, onEvent: (e: DiskEvent) => void): Promise<PeerDisks> {
@@ -142,9 +142,10 @@ export class PeerDisks {
   }
 
   /** The peer creates the thin files and serves each on its socket; nothing changes there if any fails. */
-  async prepare(plans: DiskPlan[], onEvent: (e: DiskEvent) => void): Promise<void> {
+  /** `domainXml`: the domain's XML as it will be on the peer; its shims are then started there as its libvirt hook starts them (through vmshiftd). */
+  async prepare(plans: DiskPlan[], onEvent: (e: DiskEvent) => void, domainXml?: string): Promise<void> {
     this.#plans = plans;
-    const r = await this.#ask({ op: 'prepare', disks: plans.map((p) => ({ name: p.name, size: p.size, allocated: p.allocated, path: p.destPath, socket: p.destSocket })) }, 'prepared');
+    const r = await this.#ask({ op: 'prepare', disks: plans.map((p) => ({ name: p.name, size: p.size, allocated: p.allocated, path: p.destPath, socket: p.destSocket })), ...(domainXml ? { domainXml } : {}) }, 'prepared');
     this.#prepared = true;
     if (r.op === 'prepared') onEvent({ event: 'disks-prepared', disks: r.disks });
   }
@@ -212,9 +213,8 @@ export class PeerDisks {
   /** End the link (BYE once both sides are done) and the local relays. */
   async close(): Promise<void> {
     this.#ctl?.end();
-    for (const c of this.#conns) c.destroy();
-    for (const s of this.#relays) s.close();
-    if (this.link.state === 'running') {
+    for (const r of this.#relays) r.close();
+    if (this.#ownsLink && this.link.state === 'running') {
       await Promise.race([this.link.finish().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
       if (this.link.state === 'running') this.link.abort('the disks moved');
     }
@@ -228,22 +228,7 @@ export class PeerDisks {
   /** A unix socket here whose every connection is a link stream to the peer's shim for `p`. */
   async #relay(p: DiskPlan): Promise<string> {
     const path = join(this.#dir, `${p.name}.nbd`);
-    let n = 0;
-    const server = createServer((c) => {
-      this.#conns.add(c);
-      const s = this.link.stream(nbdStreamName(p.name, n++));
-      s.on('error', () => c.destroy());
-      c.on('error', () => s.destroy());
-      c.on('close', () => { this.#conns.delete(c); s.end(); });
-      c.pipe(s).pipe(c);
-    });
-    const old = process.umask(0o077);
-    try {
-      await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(path, () => resolve()); });
-    } finally {
-      process.umask(old);
-    }
-    this.#relays.push(server);
+    this.#relays.push(await forwardUnix(path, (n) => this.link.stream(nbdStreamName(p.name, n))));
     return path;
   }
 }

@@ -36,6 +36,8 @@ export interface DiskPlan {
   /** The new file on the peer, and the socket its shim serves it on. */
   destPath: string;
   destSocket: string;
+  /** The NBD export name, the same on both shims ('disk', or the domain's, e.g. vda). */
+  exportName: string;
   size: number;
   allocated: number;
 }
@@ -61,7 +63,7 @@ export type DiskEvent =
   | { event: 'carrier'; state: string; why: string };
 
 /** `--disk SOCKET=PATH` or `--to-dir DIR` (then PATH is DIR/basename(backing)); the peer's socket defaults to the same path. */
-export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: string; destSocket?: string; name?: string }>, toDir?: string): Promise<DiskPlan[]> {
+export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: string; destSocket?: string; name?: string; exportName?: string }>, toDir?: string): Promise<DiskPlan[]> {
   const plans: DiskPlan[] = [];
   for (const [i, s] of specs.entries()) {
     const st = await controlCall<{ backing: string; size: number; job: string | null }>(`${s.sourceSocket}.ctl`, 'status', {}, { timeoutMs: 5000 });
@@ -70,16 +72,17 @@ export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: 
     if (!destPath) throw new ControlError('bad-request', `${s.sourceSocket}: where on the peer? give --disk SOCKET=PATH or --to-dir DIR`);
     const name = s.name ?? `disk${i}`;
     if (!DISK_NAME_RE.test(name)) throw new ControlError('bad-request', `disk name "${name}" must match ${DISK_NAME_RE}`);
-    const allocated = await allocatedBytes(s.sourceSocket).catch(() => st.size);
-    plans.push({ name, sourceSocket: s.sourceSocket, destPath, destSocket: s.destSocket ?? s.sourceSocket, size: st.size, allocated });
+    const exportName = s.exportName ?? 'disk';
+    const allocated = await allocatedBytes(s.sourceSocket, exportName).catch(() => st.size);
+    plans.push({ name, sourceSocket: s.sourceSocket, destPath, destSocket: s.destSocket ?? s.sourceSocket, exportName, size: st.size, allocated });
   }
   return plans;
 }
 
 /** What the shim reports as allocated (block status), or the size when it cannot tell. */
-async function allocatedBytes(socket: string): Promise<number> {
+async function allocatedBytes(socket: string, exportName: string): Promise<number> {
   const { openDevice } = await import('../block/open.ts');
-  const dev = await openDevice(`nbd+unix:///disk?socket=${socket}`, { readOnly: true, connections: 1 });
+  const dev = await openDevice(`nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`, { readOnly: true, connections: 1 });
   try {
     let n = 0;
     for (let off = 0; off < dev.size;) {
@@ -163,7 +166,7 @@ export class PeerDisks {
       const isSynced = new Promise<void>((r) => (resolveSynced = r));
       const job = controlCall(`${p.sourceSocket}.ctl`, 'migrate.start', {
         // The peer created the file (O_EXCL, truncated to size): it reads as zeroes, so holes cost nothing.
-        to: `nbd+unix:///disk?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
+        to: `nbd+unix:///${encodeURIComponent(p.exportName)}?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
         bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true,
       }, {
         onEvent: (event, data) => {

@@ -22,6 +22,8 @@ import type { Link } from '../link/link.ts';
 import { PeerDisks, planDisks, type DiskEvent, type DiskPlan, type PeerTarget } from '../hostmove/disks.ts';
 import { mapPaths } from './domain-xml.ts';
 import { planShims } from './shim-plan.ts';
+import { startedBy } from './shim-control.ts';
+import { callDaemon, daemonSocket } from '../cli/daemon-client.ts';
 import { HandoverError, type DiskHandover, type DomainDisk, type PeerProbe } from './disk-handover.ts';
 
 export interface LocalDisksOptions {
@@ -53,6 +55,8 @@ export class LocalDisksHandover implements DiskHandover {
   #peer: PeerDisks | null = null;
   #plans: DiskPlan[] = [];
   #flags: string[] = [];
+  /** This host's vmshiftd, which runs the source shims. */
+  #daemon = daemonSocket();
 
   constructor(private readonly ctx: LocalDisksContext, private readonly opts: LocalDisksOptions) {}
 
@@ -68,7 +72,7 @@ export class LocalDisksHandover implements DiskHandover {
       if (!plan.disks.some((d) => d.dev === dev)) throw new HandoverError(`--disk ${dev}=...: ${c.domain} has no disk ${dev} served by a shim (it has ${plan.disks.map((d) => d.dev).join(', ')})`);
     }
     try {
-      this.#plans = await planDisks(plan.disks.map((d) => ({ sourceSocket: d.socket, destPath: this.opts.paths[d.dev], destSocket: d.socket, name: d.dev })), this.opts.toDir);
+      this.#plans = await planDisks(plan.disks.map((d) => ({ sourceSocket: d.socket, destPath: this.opts.paths[d.dev], destSocket: d.socket, name: d.dev, exportName: d.export })), this.opts.toDir);
     } catch (e) {
       throw new HandoverError(`${c.domain}: ${(e as Error).message}`);
     }
@@ -105,12 +109,17 @@ export class LocalDisksHandover implements DiskHandover {
 
   async commit(): Promise<void> {
     const peer = this.#peer!;
-    await peer.handover().catch((e: Error) => {
-      // The release hook here stops the source shims as soon as the source QEMU is gone; a
-      // shim it stopped no longer serves the disk, which is what the handover is for.
-      this.ctx.onEvent({ event: 'warning', message: `${e.message} (stopped by this host's libvirt release hook: the guest runs on the peer with its disks there)` });
-    });
+    await peer.handover().catch((e: Error) => this.ctx.onEvent({ event: 'warning', message: e.message }));
     await peer.close();
+    // This host's `release` hook could not stop the source shims (vmshiftd refuses while a job
+    // runs, and the job ran until the handover just now): stop them here, as the hook would
+    // have. Each serves nothing any more (every request is refused: the disk moved).
+    const plan = planShims(this.ctx.xml)!;
+    for (const d of plan.disks) {
+      await callDaemon(this.#daemon, 'shim.stop', { name: d.name, startedBy: startedBy(plan) }, { timeoutMs: 30_000 }).catch((e: Error) => {
+        this.ctx.onEvent({ event: 'warning', message: `the source shim '${d.name}' (moved to the peer) could not be stopped through vmshiftd (${this.#daemon}): ${e.message}; stop it with vmshift shim-stop ${d.name}` });
+      });
+    }
   }
 
   async rollback(): Promise<void> {

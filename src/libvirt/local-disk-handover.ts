@@ -115,10 +115,13 @@ export class LocalDisksHandover implements DiskHandover {
     // runs, and the job ran until the handover just now): stop them here, as the hook would
     // have. Each serves nothing any more (every request is refused: the disk moved).
     const plan = planShims(this.ctx.xml)!;
+    // Its state file is dropped too: the disk left this host (a move back starts afresh).
     for (const d of plan.disks) {
-      await callDaemon(this.#daemon, 'shim.stop', { name: d.name, startedBy: startedBy(plan) }, { timeoutMs: 30_000 }).catch((e: Error) => {
-        this.ctx.onEvent({ event: 'warning', message: `the source shim '${d.name}' (moved to the peer) could not be stopped through vmshiftd (${this.#daemon}): ${e.message}; stop it with vmshift shim-stop ${d.name}` });
-      });
+      await callDaemon(this.#daemon, 'shim.stop', { name: d.name, startedBy: startedBy(plan) }, { timeoutMs: 30_000 })
+        .then(() => callDaemon(this.#daemon, 'shim.forget', { name: d.name }))
+        .catch((e: Error) => {
+          this.ctx.onEvent({ event: 'warning', message: `the source shim '${d.name}' (moved to the peer) could not be stopped through vmshiftd (${this.#daemon}): ${e.message}; stop it with vmshift shim-stop ${d.name}` });
+        });
     }
   }
 

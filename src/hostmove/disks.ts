@@ -21,7 +21,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { Link } from '../link/link.ts';
-import { agentLink, peerName as sshPeerName } from '../link/agent-link.ts';
+import { agentLink, peerName as sshPeerName, type SshPeer } from '../link/agent-link.ts';
 import { Control } from '../relay/control.ts';
 import { forwardUnix, type UnixForward } from '../relay/unix-splice.ts';
 import { controlCall } from '../control/client.ts';
@@ -42,18 +42,9 @@ export interface DiskPlan {
   allocated: number;
 }
 
-export interface PeerTarget {
-  host: string;
-  port: number;
-  user: string;
-  identity: string;
-  knownHosts: string;
-  peerVmshift: string;
-  peerSocketDir: string;
+export interface PeerTarget extends SshPeer {
   /** The peer's vmshiftd config (its datastores); default its /etc/vmshift/vmshiftd.json. */
   peerConfig?: string;
-  sharedDir?: string;
-  holdMs?: number;
 }
 
 export type DiskEvent =

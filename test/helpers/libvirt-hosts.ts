@@ -130,6 +130,29 @@ export async function domState(h: LibvirtTestHost, domain: string): Promise<stri
   return r.code === 0 ? r.stdout.trim() : null;
 }
 
+/** The shim records of the vmshiftd whose --state-dir is `stateDir` (none while it has no registry). */
+export function registryShims(stateDir: string): ShimRecord[] {
+  try {
+    const file = join(stateDir, 'vmshiftd.json');
+    return existsSync(file) ? JSON.parse(readFileSync(file, 'utf8')).shims : [];
+  } catch {
+    return [];
+  }
+}
+
+/** Shims outlive their vmshiftd by design: remember every PID the registry names, kill them at cleanup. */
+export function killShimsAtCleanup(shims: () => ShimRecord[]): void {
+  const seen = new Map<number, string>();
+  const remember = () => { for (const r of shims()) if (r.pid) seen.set(r.pid, r.socket); };
+  const timer = setInterval(remember, 200);
+  timer.unref();
+  onCleanup(async () => {
+    clearInterval(timer);
+    remember();
+    for (const [pid, socket] of seen) if (await isShimProcess(pid, socket)) process.kill(pid, 'SIGKILL');
+  });
+}
+
 export interface HostVmshiftd {
   daemon: Daemon;
   /** vmshiftd's config (its datastores): what the peer's agent checks new files against. */
@@ -151,18 +174,8 @@ export async function startVmshiftd(h: LibvirtTestHost, datastore: string): Prom
   const hookConfig = join(h.dir, 'hooks.json');
   writeFileSync(config, JSON.stringify({ datastores: [datastore] }), { mode: 0o600 });
   writeFileSync(hookConfig, JSON.stringify({ daemonSocket: '/run/vmshift/vmshiftd.sock', runDir: '/run/vmshift', group: null, libvirtUri: 'qemu:///system' }), { mode: 0o600 });
-  const shims = (): ShimRecord[] => {
-    try { return JSON.parse(readFileSync(join(stateDir, 'vmshiftd.json'), 'utf8')).shims; } catch { return []; }
-  };
-  const seen = new Map<number, string>();
-  const remember = () => { for (const r of shims()) if (r.pid) seen.set(r.pid, r.socket); };
-  const timer = setInterval(remember, 200);
-  timer.unref();
-  onCleanup(async () => {
-    clearInterval(timer);
-    remember();
-    for (const [pid, socket] of seen) if (await isShimProcess(pid, socket)) process.kill(pid, 'SIGKILL');
-  });
+  const shims = () => registryShims(stateDir);
+  killShimsAtCleanup(shims);
   const daemon = startDaemon(...h.argv(VMSHIFTD, ['--socket', '/run/vmshift/vmshiftd.sock', '--state-dir', stateDir, '--run-dir', '/run/vmshift', '--config', config]));
   await waitForSocket(join(h.dir, 'run/vmshift/vmshiftd.sock'), daemon, 60_000);
   return { daemon, config, hookConfig, shims };

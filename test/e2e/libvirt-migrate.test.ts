@@ -52,9 +52,13 @@ function migrate(from: LibvirtTestHost, domain: string, uri: string, extra: stri
   return jsonLinesInNs<Ev>(from, VMSHIFT, ['migrate', domain, uri, '--json', '--peer-vmshift', VMSHIFT, ...extra], { argv: from.argv, during, timeoutMs: 120_000 });
 }
 
-/** leftovers(h) once it is empty (an agent whose link was aborted or finished exits on its own), or what is left after 20 s. */
+/**
+ * leftovers(h) once it is empty, or what is left after 30 s: an agent whose link was aborted or
+ * finished exits on its own, at once when the source's ABORT or BYE reached it, else after its
+ * hold time (a CLI that exits at once may not flush its ABORT on a loaded machine).
+ */
 async function settledLeftovers(h: LibvirtTestHost): Promise<string[]> {
-  for (let i = 0; i < 200 && leftovers(h).length; i++) await new Promise((r) => setTimeout(r, 100));
+  for (let i = 0; i < 300 && leftovers(h).length; i++) await new Promise((r) => setTimeout(r, 100));
   return leftovers(h);
 }
 
@@ -193,10 +197,11 @@ test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --di
 
   const outside = join(hosts.shared, 'not-a-datastore');
   mkdirSync(outside, { mode: 0o700 });
-  const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', outside, '--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig]);
+  const refusing = ['--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig, '--hold-time', '10s'];
+  const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', outside, ...refusing]);
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.events.at(-1)?.error?.message ?? '', /disk vda: .*datastore.*nothing was changed/);
-  const unknown = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--disk', 'vdz=/x.raw', '--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig]);
+  const unknown = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--disk', 'vdz=/x.raw', ...refusing]);
   assert.equal(unknown.code, 1, unknown.stderr);
   assert.match(unknown.events.at(-1)?.error?.message ?? '', /--disk vdz=\.\.\.: lvloc has no disk vdz served by a shim .*nothing was changed/);
 

@@ -1,7 +1,8 @@
 // Moving a guest's local disks to the peer host, from the source host's side: the seam both
-// migration paths use (the QMP path, `vmshift migrate --qmp ... --disk`, here; the libvirt
-// path next). In order:
-//   PeerDisks.open     a link to the peer (SSH carrier, `vmshift link-agent --disks` there)
+// migration paths use (the QMP path, `vmshift migrate --qmp ... --disk`; the libvirt path,
+// src/libvirt/local-disk-handover.ts). In order:
+//   PeerDisks.open     a link to the peer (SSH carrier, `vmshift link-agent --disks` there),
+//   or PeerDisks.over  the migration's own link (its agent also runs with --disks)
 //   prepare(plans)     the peer creates a thin file per disk in its datastore and starts a
 //                      shim on it at the socket its QEMU will use (src/hostmove/peer.ts)
 //   copy(onEvent)      each source shim runs a storage-migration job (mode mirror, handover

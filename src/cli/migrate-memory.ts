@@ -47,6 +47,7 @@ interface Args {
   peerConfig?: string;
   timeout?: string;
   timeoutAction: string;
+  paused: boolean;
   tlsDir?: string;
   tlsCa?: string;
   tlsCert?: string;
@@ -141,6 +142,7 @@ export const migrateMemoryCommand = {
       .option('peer-hook-config', { type: 'string', describe: "with DOMAIN: the peer's libvirt hook config, naming its vmshiftd (default /etc/vmshift/hooks.json there)" })
       .option('timeout', { type: 'string', describe: 'once the migration runs this long without completing (a guest dirtying faster than the link), do --timeout-action' })
       .option('timeout-action', { choices: ['abort', 'suspend'], default: 'abort', describe: 'at --timeout: roll back, or pause the guest so that the migration completes' })
+      .option('paused', { type: 'boolean', default: false, describe: 'leave the guest paused on the destination (as virsh migrate --suspend): resume it there with QMP "cont"' })
       .option('tls-dir', { type: 'string', describe: 'tls:// peer: a directory with ca-cert.pem, client-cert.pem, client-key.pem' })
       .option('tls-ca', { type: 'string', describe: 'tls:// peer: PEM CA bundle the peer\'s certificate must be signed by' })
       .option('tls-cert', { type: 'string', describe: 'tls:// peer: PEM client certificate (chain) of this host' })
@@ -247,7 +249,7 @@ export const migrateMemoryCommand = {
         compress: argv.compress, cacheSize: parseSize(argv.cacheSize, '--cache-size'),
         linkRate: argv.linkRate ? parseSize(argv.linkRate, '--link-rate') : undefined,
         holdMs, balloon,
-        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend',
+        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend', paused: argv.paused,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       }).catch(async (e) => {
         // In doubt the guest may run on the peer's disks: keep them there (never remove data

@@ -53,6 +53,8 @@ export interface MemoryMigrateOptions {
   timeoutMs?: number;
   /** At the timeout: roll back (`abort`), or pause the guest so that the migration completes (`suspend`). */
   timeoutAction?: 'abort' | 'suspend';
+  /** Leave the guest paused on the destination after the move (virsh migrate --suspend). */
+  paused?: boolean;
   /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
   balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
@@ -204,7 +206,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
 
     // The point of no return: from here the destination owns the guest.
     committed = true;
-    ctl.send({ op: 'commit', ...(stream ? { stream } : {}) });
+    ctl.send({ op: 'commit', ...(stream ? { stream } : {}), ...(o.paused ? { paused: true } : {}) });
     o.onEvent({ event: 'committed' });
     const ans = await Promise.race([ctl.next(), linkFailed]).catch((e: Error) => {
       throw new MigrateError('link', `the commit was sent but the destination's answer never came (${e.message}); the source stays in postmigrate: check the destination QEMU (it resumes on the commit)`, true);

@@ -56,7 +56,7 @@ export async function main(args: string[]): Promise<void> {
   const hosts = await libvirtHosts();
   const disk = join(hosts.shared, 'disk.raw'), consolePath = join(hosts.shared, 'console.log');
   await run('qemu-img', ['create', '-f', 'raw', disk, '1M']);
-  await hosts.a.virsh.define(writerDomainXml(NAME, disk, consolePath, 64).replace("<memory unit='MiB'>256</memory>", "<memory unit='MiB'>128</memory>"));
+  await hosts.a.virsh.define(writerDomainXml(NAME, disk, consolePath, 64, 128));
   await hosts.a.virsh.start(NAME);
   for (let i = 0; seqOf(consolePath) < 20; i++) { if (i > 1200) throw new Error('the guest did not start writing'); await new Promise((r) => setTimeout(r, 100)); }
   // virsh's own qemu+ssh uses the OpenSSH client: a wrapper gives it the test's known_hosts.

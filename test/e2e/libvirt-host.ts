@@ -8,7 +8,7 @@ import { onCleanup, startDaemon, tempDir, waitForSocket, type Daemon } from '../
 import { killShimsAtCleanup, registryShims } from '../helpers/libvirt-hosts.ts';
 import type { ShimRecord } from '../../src/daemon/registry.ts';
 import { Virsh } from '../../src/libvirt/virsh.ts';
-import { GUEST_INITRD, GUEST_KERNEL } from '../helpers/guest.ts';
+import { GUEST_INITRD, GUEST_KERNEL, guestMemoryKiB } from '../helpers/guest.ts';
 import { randomUUID } from 'node:crypto';
 
 const root = new URL('../..', import.meta.url).pathname;
@@ -117,11 +117,12 @@ export function libvirtHost(vm: VmshiftHost): LibvirtHost {
 }
 
 /** A TCG domain running the tiny guest's sequence writer over `slots` blocks of one raw disk. */
-export function writerDomainXml(name: string, diskPath: string, consolePath: string, slots: number): string {
+export function writerDomainXml(name: string, diskPath: string, consolePath: string, slots: number, memoryMiB = 256): string {
+  // Not a whole number of MiB: see guestMemoryKiB (QEMU 7.2's TCG loses writes in migrations otherwise).
   return `<domain type='qemu'>
   <name>${name}</name>
   <uuid>${randomUUID()}</uuid>
-  <memory unit='MiB'>256</memory>
+  <memory unit='KiB'>${guestMemoryKiB(memoryMiB)}</memory>
   <features><acpi/></features>
   <os>
     <type arch='x86_64'>hvm</type>

@@ -78,7 +78,7 @@ test.before(async () => {
   console_ = join(hosts.shared, 'console.log');
   await run('qemu-img', ['create', '-f', 'raw', disk, '1M']);
   // 128 MiB of RAM: half the memory phase of the default, the same code paths.
-  await hosts.a.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS).replace("<memory unit='MiB'>256</memory>", "<memory unit='MiB'>128</memory>"));
+  await hosts.a.virsh.define(writerDomainXml(NAME, disk, console_, SLOTS, 128));
   await hosts.a.virsh.start(NAME);
   await waitSeq(5);
 });
@@ -189,7 +189,7 @@ test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --di
   // Thin: 64 MiB virtual, 32 MiB of data past the writer's slots, the rest holes: 2 s of copy at --bandwidth 16M.
   await run('qemu-img', ['create', '-q', '-f', 'raw', aDisk, String(64 * MiB)]);
   await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a ${8 * MiB} ${32 * MiB}`, aDisk]);
-  await a.virsh.define(writerDomainXml(LOCAL, aDisk, console2, SLOTS).replace("<memory unit='MiB'>256</memory>", "<memory unit='MiB'>128</memory>"));
+  await a.virsh.define(writerDomainXml(LOCAL, aDisk, console2, SLOTS, 128));
   await enableDomain(a.virsh, LOCAL, { disks: ['vda'], runDir: '/run/vmshift' });
   await a.virsh.start(LOCAL);
   await waitSeq(5, 120_000, console2);

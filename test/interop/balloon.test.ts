@@ -15,12 +15,14 @@ import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { existsSync, readdirSync } from 'node:fs';
 import { cleanupAll, run, waitForSocket } from '../helpers/proc.ts';
-import { bootGuest, ensureGuest, type BootOptions, type Guest } from '../helpers/guest.ts';
+import { bootGuest, ensureGuest, guestMemoryKiB, type BootOptions, type Guest } from '../helpers/guest.ts';
 import { jsonLinesInNs, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
 const MiB = 1024 * 1024;
+// The guest's whole memory: 256 MiB and 8 KiB (guestMemoryKiB).
+const GUEST_BYTES = guestMemoryKiB(256) * 1024;
 const BALLOON = ['-device', 'virtio-balloon-pci,id=balloon0'];
 const FILLFREE: BootOptions = { mode: 'fillfree', params: { mib: 150 }, console: true, extraArgs: BALLOON };
 let hosts: TwoHosts;
@@ -134,18 +136,18 @@ test('--balloon: at most half the bytes; the memory is given back on the destina
   mark(`moved: ${done.transferred} bytes with the policy, ${plainBytes} without (${ratio.toFixed(2)}x); guest ${done.balloon.original / MiB} -> ${done.balloon.actual / MiB} MiB (${done.balloon.state} in ${done.balloon.ms} ms)`);
   assert.ok(ratio <= 0.5, `with the policy ${done.transferred} bytes, without ${plainBytes}: ${ratio.toFixed(2)}x`);
   assert.ok(done.balloon.actual >= 64 * MiB, `never below the floor: ${done.balloon.actual}`);
-  assert.equal(done.balloon.restored, { target: 256 * MiB }, 'the destination set the target back');
+  assert.equal(done.balloon.restored, { target: GUEST_BYTES }, 'the destination set the target back');
   assert.is(await status(current.qmp), 'postmigrate');
   await current.guest.stop();
   current = dest;
 
   // Given back: the destination's balloon reaches the guest's whole memory.
   let actual = 0;
-  for (let i = 0; i < 100 && actual !== 256 * MiB; i++) {
+  for (let i = 0; i < 100 && actual !== GUEST_BYTES; i++) {
     actual = (await qmp<{ actual: number }>(current.qmp, 'query-balloon')).actual;
-    if (actual !== 256 * MiB) await new Promise((res) => setTimeout(res, 200));
+    if (actual !== GUEST_BYTES) await new Promise((res) => setTimeout(res, 200));
   }
-  assert.is(actual, 256 * MiB, 'the memory was given back on the destination');
+  assert.is(actual, GUEST_BYTES, 'the memory was given back on the destination');
   // The guest allocates its 150 MiB again: no OOM, no failed allocation in its kernel log.
   current.guest.send('fill');
   const filled = await current.guest.waitFor(/^VMSHIFT-FILL(ED|-FAILED) .*$/, 60_000);
@@ -174,18 +176,18 @@ test('--balloon backs off when the guest cannot give what it asks (balloon stuck
     // move went on, and the destination got everything back.
     assert.ok(done.balloon.atSwitch >= 16 * MiB, summary(r));
     let actual = 0;
-    for (let i = 0; i < 100 && actual !== 256 * MiB; i++) {
+    for (let i = 0; i < 100 && actual !== GUEST_BYTES; i++) {
       actual = (await qmp<{ actual: number }>(next.qmp, 'query-balloon')).actual;
-      if (actual !== 256 * MiB) await new Promise((res) => setTimeout(res, 200));
+      if (actual !== GUEST_BYTES) await new Promise((res) => setTimeout(res, 200));
     }
-    assert.is(actual, 256 * MiB, 'the memory was given back on the destination');
+    assert.is(actual, GUEST_BYTES, 'the memory was given back on the destination');
     mark('the balloon did not stick at this load (settled); back-off not exercised');
   } else {
     assert.ok(back, `backed off: ${summary(r)}`);
     assert.match(back!.why, /stopped above its target/);
-    assert.is(back!.target, 256 * MiB, 'everything given back');
+    assert.is(back!.target, GUEST_BYTES, 'everything given back');
     assert.is(done.balloon.state, 'backed-off');
-    assert.is(done.balloon.atSwitch, 256 * MiB, 'the guest had all its memory when QEMU switched over');
+    assert.is(done.balloon.atSwitch, GUEST_BYTES, 'the guest had all its memory when QEMU switched over');
     mark('backed off and moved');
   }
   assert.is(await status(next.qmp), 'running');
@@ -193,7 +195,7 @@ test('--balloon backs off when the guest cannot give what it asks (balloon stuck
   // What an operator sees of it: `vmshift balloon` (statistics switched on for the moment, then off again).
   const shown = JSON.parse((await run(join(root, 'bin/vmshift'), ['balloon', '--qmp', next.qmp, '--json'], { cwd: root })).stdout) as { device: string; memory: number; actual: number; stats: Record<string, number> };
   assert.is(shown.device, '/machine/peripheral/balloon0');
-  assert.equal([shown.memory, shown.actual], [256 * MiB, 256 * MiB]);
+  assert.equal([shown.memory, shown.actual], [GUEST_BYTES, GUEST_BYTES]);
   assert.ok(shown.stats['stat-available-memory'] > 100 * MiB && shown.stats['stat-total-memory'] > shown.stats['stat-available-memory'], JSON.stringify(shown));
   assert.is(await qmp<number>(next.qmp, 'qom-get', { path: '/machine/peripheral/balloon0', property: 'guest-stats-polling-interval' }), 0);
   const set = JSON.parse((await run(join(root, 'bin/vmshift'), ['balloon', '--qmp', next.qmp, '--set', '200M', '--json'], { cwd: root })).stdout) as { target: number };

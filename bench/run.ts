@@ -8,6 +8,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   host: () => import('./host.ts'),
   memory: () => import('./memory.ts'),
   startup: () => import('./startup.ts'),
+  'link-file': () => import('./link-file.ts'),
 };
 
 const [name, ...rest] = process.argv.slice(2);

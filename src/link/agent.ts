@@ -36,7 +36,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) roles.destination!.serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
   if (o.libvirtSocket) roles.libvirt!.serveLibvirtDestination(link, o.libvirtSocket, log);
-  if (o.disks) roles.disks!.serveDisks(link, { config: o.disksConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
+  if (o.disks) roles.disks!.serveDisks(link, { config: o.disksConfig, hookConfig: o.hookConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);

@@ -1,4 +1,4 @@
-// `npm run bench -- memory [--quick] [--rounds N] [--cut]`: the tiny guest's memory moved
+// `npm run bench -- memory [--quick] [--rounds N] [--cut] [--no-faults] [--only REGEX] [--compare DIR]`: the tiny guest's memory moved
 // between two hosts (network namespaces A and B, sshd in B, a directory both see), in one
 // interleaved run, by
 //   direct    QEMU's own stream over one TCP connection (socat in each namespace between
@@ -16,6 +16,8 @@
 // bytes, and ratios to direct. Then faults (dirty-low guest): the carrying connection reset
 // mid-stream (`ss -K` in A; direct fails, vmshift completes) and, with --cut, the network
 // down for 40 s with the shared file (vmshift completes without waiting for it).
+// `--only REGEX`: only the systems whose name matches (and direct, the baseline); `--compare
+// DIR`: every vmshift row also with DIR/bin/vmshift (another built checkout), interleaved.
 // Root only (namespaces, sshd); everything started is stopped by PID, namespaces removed.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -26,7 +28,7 @@ import { QmpClient } from '../src/qemu/qmp.ts';
 import { table } from './lib.ts';
 
 const root = new URL('..', import.meta.url).pathname;
-const vmshift = join(root, 'bin/vmshift');
+const defaultVmshift = join(root, 'bin/vmshift');
 const MiB = 1024 * 1024;
 const DOWNTIME_MS = 300;
 const BANDWIDTH = 1024 * MiB;
@@ -198,9 +200,9 @@ const openssh: System = {
 
 interface Event { event: string; [k: string]: unknown }
 
-function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean): System {
+function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaultVmshift, tag = ''): System {
   return {
-    name: `vmshift ${carrier}${shared ? ' + shared dir' : ''}`,
+    name: `vmshift ${carrier}${shared ? ' + shared dir' : ''}${tag}`,
     async migrate(ctx, src, dst, fault) {
       const { hosts, sshd } = ctx;
       let listener: ReturnType<typeof daemonInNs> | null = null;
@@ -265,13 +267,15 @@ async function ready(w: Workload, vm: Vm): Promise<void> {
 }
 
 function parseArgs(args: string[]) {
-  const o = { quick: false, rounds: 2, cut: false, faults: true };
+  const o = { quick: false, rounds: 2, cut: false, faults: true, compare: '', only: '' };
   for (let i = 0; i < args.length; i++) {
     if (args[i] === '--quick') { o.quick = true; o.rounds = 1; }
     else if (args[i] === '--rounds') o.rounds = Number(args[++i]);
     else if (args[i] === '--cut') o.cut = true;
     else if (args[i] === '--no-faults') o.faults = false;
-    else throw new Error(`bench memory: unknown option ${args[i]} (--quick, --rounds N, --cut, --no-faults)`);
+    else if (args[i] === '--compare') o.compare = args[++i];
+    else if (args[i] === '--only') o.only = args[++i];
+    else throw new Error(`bench memory: unknown option ${args[i]} (--quick, --rounds N, --cut, --no-faults, --compare DIR, --only REGEX)`);
   }
   return o;
 }
@@ -285,8 +289,10 @@ export async function main(argv: string[]): Promise<void> {
   console.log(`load before: ${await load()}`);
   // TLS rows only where `vmshift migrate --peer tls://` exists (another branch adds it).
   const hasTls = readFileSync(join(root, 'src/cli/migrate-memory.ts'), 'utf8').includes('tls://');
-  const systems: System[] = [direct, openssh, vmshiftSystem('ssh', false), vmshiftSystem('ssh', true),
-    ...(hasTls ? [vmshiftSystem('tls', false), vmshiftSystem('tls', true)] : [])];
+  const vmshifts: Array<[string, string]> = [[defaultVmshift, ''], ...(o.compare ? [[join(o.compare, 'bin/vmshift'), ' [other]'] as [string, string]] : [])];
+  const systems: System[] = [direct, openssh, ...vmshifts.flatMap(([bin, tag]) => [vmshiftSystem('ssh', false, bin, tag), vmshiftSystem('ssh', true, bin, tag),
+    ...(hasTls ? [vmshiftSystem('tls', false, bin, tag), vmshiftSystem('tls', true, bin, tag)] : [])])]
+    .filter((sys) => !o.only || sys === direct || new RegExp(o.only).test(sys.name));
   if (!hasTls) console.log('note: this branch has no `vmshift migrate --peer tls://`: the TLS rows are not measured');
   try {
     await ensureGuest();
@@ -304,6 +310,14 @@ export async function main(argv: string[]): Promise<void> {
       const r = await sys.migrate(ctx, cur, dst, fault);
       let gap: number | null = null;
       if (r.ok) { await settle(w, dst); gap = guestGap(cur, dst); }
+      if (r.ok && w.mode === 'dirty' && !dst.lines.length) {
+        // The move "completed" but the guest never ran on B (its kernel crashed: the memory
+        // arrived wrong). Counted as a failure; the source, in postmigrate, is resumed so
+        // the run goes on (a benchmark may; vmshift itself never does this).
+        r.ok = false;
+        r.error = `the destination guest never ran (${dst.guest.daemon.proc.exitCode === null ? 'no counter line in 30 s' : 'it exited'}): ${dst.guest.daemon.output().split('\n').filter((l) => /panic|BUG|Oops|RIP/.test(l)).slice(0, 2).join(' / ')}`;
+        await qmp(cur.qmp, (q) => q.execute('cont')).catch(() => {});
+      }
       const out: Outcome = { ...r, guestGapMs: gap };
       (results.get(key) ?? results.set(key, []).get(key)!).push(out);
       console.log(`${key}: ${r.ok ? 'ok' : `FAILED ${r.error}`} wall ${Math.round(r.wallMs)} ms, qemu ${r.qemuMs} ms, downtime ${r.downtimeMs} ms, guest gap ${gap === null ? '-' : Math.round(gap)} ms, ${r.bytes === null ? '-' : (r.bytes / MiB).toFixed(0)} MiB${r.link ? `, link ${JSON.stringify(r.link)}` : ''}`);

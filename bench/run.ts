@@ -7,6 +7,8 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   restart: () => import('./restart.ts'),
   host: () => import('./host.ts'),
   memory: () => import('./memory.ts'),
+  startup: () => import('./startup.ts'),
+  'link-file': () => import('./link-file.ts'),
 };
 
 const [name, ...rest] = process.argv.slice(2);

@@ -11,7 +11,7 @@ import { controlSocketFor } from '../shim/shim.ts';
 import { printJson, UsageError } from './output.ts';
 import type { JobResult } from '../migrate/job.ts';
 import { abortMigration } from '../relay/migration-socket.ts';
-import { runDir } from '../libvirt/shim-plan.ts';
+import { runDir } from '../daemon/defaults.ts';
 
 interface Args { socket?: string; qmp?: string; runDir?: string; json: boolean }
 

@@ -5,8 +5,7 @@
 // takes TLS links (src/link/listener.ts): what `vmshift migrate --peer tls://HOST:PORT` dials.
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { parseAgentArgs, runAgent, startAgent } from '../link/agent.ts';
-import { runListener } from '../link/listener.ts';
+import { parseAgentArgs, startAgent } from '../link/agent-start.ts';
 
 const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
 
@@ -24,6 +23,7 @@ async function listen(args: string[]): Promise<void> {
   if (!ca || !cert || !key) throw new Error('link-agent: --listen needs --tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-ca, --tls-cert and --tls-key');
   const holdMs = v['hold-ms'] ? Number(v['hold-ms']) : undefined;
   if (holdMs !== undefined && !(holdMs > 0)) throw new Error(`link-agent: --hold-ms ${v['hold-ms']}: expected milliseconds`);
+  const { runListener } = await import('../link/listener.ts');
   const l = await runListener({
     host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), ca, cert, key, socketDir: resolve(v['socket-dir']!),
     sharedDir: v['shared-dir'] ? resolve(v['shared-dir']) : undefined, holdMs, echo: v.echo,
@@ -42,5 +42,7 @@ export async function runLinkAgent(args: string[]): Promise<void> {
     process.stdout.write(`ready ${o.socket}\n`);
     return;
   }
+  // `--start` above loads none of this: it only spawns the agent (this code path) and waits.
+  const { runAgent } = await import('../link/agent.ts');
   process.exitCode = await runAgent(o, log);
 }

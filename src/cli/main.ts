@@ -1,8 +1,10 @@
 // The vmshift command: virsh-style verbs, human output on a terminal, --json for scripts.
 import { fail, EXIT_USAGE } from './output.ts';
+import { VERBS } from './verbs.ts';
 
 const argv = process.argv.slice(2);
 const json = argv.includes('--json');
+
 
 if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
   // `serve` is the long-lived process, one per disk: it loads only its own verb, without
@@ -19,18 +21,10 @@ if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
 }
 
 async function runYargs(): Promise<void> {
-  const { default: yargs } = await import('yargs');
-  const [serve, status, migrate, abort, attach, daemon, shims, libvirt, memory, balloon] = await Promise.all([
-    import('./serve.ts'), import('./status.ts'), import('./migrate-storage.ts'), import('./abort.ts'),
-    import('./attach.ts'), import('./vmshiftd.ts'), import('./shim-verbs.ts'), import('./libvirt-verbs.ts'),
-    import('./migrate-memory.ts'), import('./balloon.ts'),
-  ]);
-  const commands: object[] = [
-    serve.serveCommand, status.statusCommand, migrate.migrateStorageCommand, memory.migrateMemoryCommand, abort.abortCommand,
-    attach.attachCommand, attach.detachCommand, daemon.daemonCommand,
-    shims.shimStartCommand, shims.shimStopCommand, shims.restartCommand, shims.listCommand,
-    libvirt.enableCommand, libvirt.disableCommand, balloon.balloonCommand,
-  ];
+  const named = VERBS.filter(([name]) => name === argv[0]);
+  const chosen = named.length ? named : VERBS;
+  const [{ default: yargs }, ...modules] = await Promise.all([import('yargs'), ...chosen.map(([, load]) => load())]);
+  const commands = chosen.map(([, , key], i) => modules[i][key] as object);
   let cli = yargs(argv)
     .scriptName('vmshift')
     .option('json', { type: 'boolean', default: false, global: true, describe: 'machine-readable output' });

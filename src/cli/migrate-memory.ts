@@ -13,16 +13,17 @@
 // --balloon shrinks the guest on its own memory statistics first (src/balloon/); its defaults
 // come from the `balloon` section of vmshiftd's config file (src/daemon/config.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
+import { lstatSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { formatBytes, parseDuration, parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent, type Peer } from '../relay/migrate.ts';
 import { listenMigration, type AbortOutcome } from '../relay/migration-socket.ts';
-import { runDir } from '../libvirt/shim-plan.ts';
+import { DEFAULT_DAEMON_CONFIG, runDir } from '../daemon/defaults.ts';
 import { PeerDisks, planDisks, type DiskEvent } from '../hostmove/disks.ts';
-import { DEFAULT_DAEMON_CONFIG, loadBalloonDefaults } from '../daemon/config.ts';
 import { mib } from '../balloon/policy.ts';
+import type { BalloonDefaults } from '../daemon/config.ts';
 
 interface Args {
   domain?: string;
@@ -78,6 +79,15 @@ export function parseDiskSpecs(disks: string[], destSockets: string[] = []): Arr
 }
 
 export type PeerUrl = { scheme: 'ssh'; host: string; port: number; user: string } | { scheme: 'tls'; host: string; port: number };
+
+/**
+ * vmshiftd's balloon defaults. An absent file is the defaults (as loadConfigFile has it), so
+ * zod and the config schema load only when there is a file: every migrate starts sooner.
+ */
+async function balloonDefaults(path: string): Promise<BalloonDefaults> {
+  if (!lstatSync(path, { throwIfNoEntry: false })) return { enabled: false };
+  return (await import('../daemon/config.ts')).loadBalloonDefaults(path);
+}
 
 export function parsePeer(url: string): PeerUrl {
   const m = /^(ssh|tls):\/\/(?:([A-Za-z0-9_][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(\d{1,5}))?\/?$/.exec(url);
@@ -165,7 +175,7 @@ export const migrateMemoryCommand = {
       ? { ...url, identity: argv.identity ?? join(homedir(), '.ssh/id_ed25519'), knownHosts: argv.knownHosts ?? join(homedir(), '.ssh/known_hosts') }
       : { ...url, ...tlsFiles(argv) };
     const timeoutMs = argv.timeout ? parseDuration(argv.timeout, '--timeout') : 0;
-    const defaults = await loadBalloonDefaults(argv.config);
+    const defaults = await balloonDefaults(argv.config);
     const floor = argv.balloonFloor !== undefined ? parseSize(argv.balloonFloor, '--balloon-floor') : defaults.floor;
     const headroom = argv.balloonHeadroom !== undefined ? parseSize(argv.balloonHeadroom, '--balloon-headroom') : defaults.headroom;
     const balloon = (argv.balloon ?? defaults.enabled) ? { floor, headroom } : undefined;

@@ -11,7 +11,9 @@ import { loadConfigFile } from '../util/config-file.ts';
 import { parseSize } from '../util/size.ts';
 import { DEFAULT_DATASTORES, type SourcePolicy } from './datastores.ts';
 
-export const DEFAULT_DAEMON_CONFIG = '/etc/vmshift/vmshiftd.json';
+import { DEFAULT_DAEMON_CONFIG } from './defaults.ts';
+
+export { DEFAULT_DAEMON_CONFIG };
 
 const DaemonConfigSchema = z
   .object({

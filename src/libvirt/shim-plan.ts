@@ -4,7 +4,6 @@
 // Everything is derived from the XML alone, so a hook never has to ask libvirt.
 import { join } from 'node:path';
 import { create } from 'xmlbuilder2';
-import { DEFAULT_RUN_DIR } from '../daemon/defaults.ts';
 import { NAME_RE } from '../daemon/registry.ts';
 import { DomainXmlError, disableShim, isEnabled, listDisks, recordedReconnectDelay } from './domain-xml.ts';
 import { DEFAULT_RECONNECT_DELAY_S } from '../qemu/nbd-reconnect.ts';
@@ -32,9 +31,8 @@ export interface DomainShims {
 }
 
 /** The shims' run dir: --run-dir, else $VMSHIFT_RUN_DIR, else vmshiftd's default. */
-export function runDir(flag?: string): string {
-  return flag || process.env.VMSHIFT_RUN_DIR || DEFAULT_RUN_DIR;
-}
+// Here too for the libvirt code; the CLI's verbs take it from defaults.ts (without xmlbuilder2).
+export { runDir } from '../daemon/defaults.ts';
 
 /**
  * The shim of disk `dev` of a domain: `DOMAIN-DEV` when that is a valid shim name (readable

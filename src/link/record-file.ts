@@ -5,7 +5,7 @@
 // and migration ids, so a record copied from another link's file fails it even where its
 // offsets fit. (This guards against stale and foreign files, not against someone who may
 // write the shared directory: they could as well write a whole valid file.)
-import { constants, openSync, closeSync, writevSync, fdatasyncSync, readSync, fstatSync, rmSync } from 'node:fs';
+import { constants, openSync, closeSync, writevSync, fdatasync, fdatasyncSync, readSync, fstatSync, rmSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { checksum } from './checksum.ts';
 import { LinkError } from './errors.ts';
@@ -16,6 +16,12 @@ const REC_MAGIC = 0x56524543; // 'VREC'
 export const REC_HEADER = 24;
 const FILE_MAGIC = Buffer.from('VMSLNKF1');
 const MAX_PAYLOAD = 1024 * 1024;
+
+let syncs = 0;
+/** fdatasync calls made by every writer in this process (benchmarks and tests count them). */
+export function syncCount(): number {
+  return syncs;
+}
 
 export interface FileHeader {
   link: string;
@@ -67,6 +73,10 @@ export class RecordWriter {
   private fd: number;
   /** Where the next record starts (records are only ever appended). */
   size: number;
+  /** An fdatasync runs (syncSoon); `again`: records came after it started; `closing`: close() waits for it. */
+  private syncing = false;
+  private again = false;
+  private closing = false;
 
   constructor(readonly path: string, readonly seed: number, header: FileHeader) {
     this.fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW | constants.O_APPEND, 0o600);
@@ -74,6 +84,7 @@ export class RecordWriter {
       const h = encodeHeader(seed, header);
       writevSync(this.fd, [h]);
       fdatasyncSync(this.fd);
+      syncs++;
       this.size = h.length;
     } catch (e) {
       // A full directory: the file we just created (O_EXCL: ours) would be left empty.
@@ -83,7 +94,7 @@ export class RecordWriter {
     }
   }
 
-  /** Append records and sync them; returns the file position of each. Throws on ENOSPC and such. */
+  /** Append records (and with `sync`, fdatasync them now); returns the file position of each. Throws on ENOSPC and such. */
   append(records: Buffer[][], sync: boolean): number[] {
     const positions: number[] = [];
     const bufs: Buffer[] = [];
@@ -101,7 +112,7 @@ export class RecordWriter {
       written += n;
       if (written < total) rest = skipBytes(rest, n);
     }
-    if (sync) fdatasyncSync(this.fd);
+    if (sync) { fdatasyncSync(this.fd); syncs++; }
     this.size = at;
     return positions;
   }
@@ -119,7 +130,31 @@ export class RecordWriter {
     }
   }
 
+  /**
+   * Group commit: start an fdatasync of everything appended so far, in the thread pool (the
+   * event loop goes on relaying), unless one is running; records appended meanwhile are covered
+   * by one more sync when it ends. A lone record (a commit) is synced at once; a stream at
+   * full rate costs one sync in flight, not one per append. `onError` sees a failed sync (a
+   * full or gone NFS server reports it only here).
+   */
+  syncSoon(onError: (e: NodeJS.ErrnoException) => void): void {
+    if (this.fd < 0 || this.closing) return;
+    if (this.syncing) { this.again = true; return; }
+    this.syncing = true;
+    this.again = false;
+    fdatasync(this.fd, (err) => {
+      this.syncing = false;
+      syncs++;
+      if (this.closing) { this.close(); return; }
+      if (err) onError(err);
+      else if (this.again) this.syncSoon(onError);
+    });
+  }
+
   close(): void {
+    // A sync in flight uses the descriptor: it is closed when that sync ends.
+    if (this.syncing) { this.closing = true; return; }
+    this.closing = false;
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = -1;
   }

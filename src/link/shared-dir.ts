@@ -73,15 +73,19 @@ export class SharedDir {
   appendAcks(records: Buffer[][]): void {
     const w = this.ackWriter;
     if (!w || !this.writable || !records.length) return;
-    this.guard(() => w.append(records, true));
+    this.guard(() => { w.append(records, false); w.syncSoon(this.syncFailed); });
   }
 
-  /** Append records to a stream's file; false when the carrier is (now) off. */
+  /**
+   * Append records to a stream's file; false when the carrier is (now) off. The peer may read
+   * them at once; the sync that makes them durable (and, on NFS, visible) follows in the
+   * background, grouped (docs/architecture.md, "What the shared file syncs").
+   */
   append(stream: number, name: string, records: Buffer[][]): number[] | null {
     const w = this.writer(stream, name);
     if (!w) return null;
     let pos: number[] | null = null;
-    this.guard(() => { pos = w.append(records, true); });
+    this.guard(() => { pos = w.append(records, false); w.syncSoon(this.syncFailed); });
     return pos;
   }
 
@@ -90,10 +94,17 @@ export class SharedDir {
     try {
       fn();
     } catch (e) {
-      const err = e as NodeJS.ErrnoException;
-      this.writeOff = `${err.code ?? ''} ${err.message}`.trim();
-      this.warn(`link: shared directory ${this.id.dir} cannot be written (${this.writeOff}); going on over the network only`);
+      this.turnOff(e as NodeJS.ErrnoException);
     }
+  }
+
+  private syncFailed = (e: NodeJS.ErrnoException): void => {
+    if (this.writable) this.turnOff(e);
+  };
+
+  private turnOff(err: NodeJS.ErrnoException): void {
+    this.writeOff = `${err.code ?? ''} ${err.message}`.trim();
+    this.warn(`link: shared directory ${this.id.dir} cannot be written (${this.writeOff}); going on over the network only`);
   }
 
   /**

@@ -113,3 +113,35 @@ export async function waitForJob(socket: string, pred: (job: any) => boolean, ti
 }
 
 export { existsSync };
+
+/** Connections waiting in the backlog of the unix socket listening at `path` (ss's Recv-Q for a listener). */
+async function pendingConnections(path: string): Promise<number> {
+  const r = await runStatus('ss', ['-xlH', 'src', path]);
+  const cols = r.stdout.trim().split(/\s+/);
+  return r.code === 0 && cols.length > 2 ? Number(cols[2]) : 0;
+}
+
+/**
+ * `vmshift abort` that lands while the job is where the caller saw it, however fast the copy
+ * and however slow the CLI's start: the shim is stopped (SIGSTOP) the moment the caller's
+ * waitForJob returned, the CLI starts and connects to its control socket (the kernel queues
+ * the connection), and only then does the shim go on, with the abort first in its queue. The
+ * job moves at most a burst of its --bandwidth between the caller's status and the stop.
+ */
+export async function abortHeld(shim: ShimProc): Promise<CliResult> {
+  const ctl = `${shim.socket}.ctl`;
+  const before = await pendingConnections(ctl);
+  process.kill(shim.daemon.pid, 'SIGSTOP');
+  try {
+    const ab = vmshift(['abort', '--socket', shim.socket]);
+    const deadline = Date.now() + 60000;
+    while ((await pendingConnections(ctl)) <= before) {
+      if (Date.now() > deadline) throw new Error(`vmshift abort never connected to ${ctl}`);
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    process.kill(shim.daemon.pid, 'SIGCONT');
+    return await ab;
+  } finally {
+    process.kill(shim.daemon.pid, 'SIGCONT');
+  }
+}

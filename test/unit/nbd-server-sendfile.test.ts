@@ -20,8 +20,8 @@ const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const KiB256 = 256 * 1024;
 
-// Opt-in while the migrate-faults interaction is open (server-transmission.ts); read per connection.
-process.env.VMSHIFT_SENDFILE = '1';
+// On by default; VMSHIFT_SENDFILE=0 turns it off (read per connection).
+delete process.env.VMSHIFT_SENDFILE;
 test.after(cleanupAll);
 
 /** The server's stats once `done` holds of them (a reply can reach the client before the server sees its send complete), or the last seen. */
@@ -141,17 +141,17 @@ test('a client that reads nothing for a while fills the socket: the rest of the 
   assert.is(s.sendfileBytes, 32 * MiB);
 });
 
-test('without VMSHIFT_SENDFILE=1: the same READs the usual way (what sendfileBytes counts is sendfile)', async () => {
+test('with VMSHIFT_SENDFILE=0: the same READs the usual way (what sendfileBytes counts is sendfile)', async () => {
   const { path, data } = await file(3);
   const dev = await FileDevice.open(path);
   onCleanup(() => dev.close());
   const { server, sock } = await serve(dev);
-  delete process.env.VMSHIFT_SENDFILE;
+  process.env.VMSHIFT_SENDFILE = '0';
   let c: RawConn;
   try {
     c = await open(sock, true);
   } finally {
-    process.env.VMSHIFT_SENDFILE = '1';
+    delete process.env.VMSHIFT_SENDFILE;
   }
   c.request(Cmd.READ, 1n, MiB, KiB256);
   const r = await replyOf(c, new Map([[1n, KiB256]]));

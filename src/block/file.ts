@@ -43,6 +43,10 @@ export interface NativeFileOps {
    * whole (native/vmshift_native.c says why). Absent from addons built before it.
    */
   sendFileBatch?(sock: number, fd: number, headers: Buffer, items: Float64Array): Promise<SendFileResult>;
+  /** 0 when fd's range is all data and all in the page cache (sendFileBatch would send it), 2 when not, 3 when this kernel cannot tell (absent from addons built before it). */
+  sendable?(fd: number, offset: number, length: number): number;
+  /** Write each buffer at its offset in one worker-thread job (src/block/write-batches.ts); `done` written whole, then `errno` of the next (0: all). Absent from addons built before it. */
+  writeBatch?(fd: number, buffers: Buffer[], offsets: Float64Array): Promise<{ done: number; errno: number }>;
   /** A new descriptor (close-on-exec) of the same socket (absent from addons built before it). */
   dupSocket?(fd: number): number;
   /** SO_SNDBUF of a socket (absent from addons built before it). */
@@ -94,13 +98,28 @@ export function loadNative(): NativeFileOps | null {
     debug('native addon disabled by VMSHIFT_NO_NATIVE: no sparse files, zeroes are written');
     return (nativeOps = null);
   }
-  try {
-    nativeOps = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as NativeFileOps;
-  } catch (err) {
-    debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', String((err as Error).message).split('\n')[0]);
-    nativeOps = null;
-  }
+  nativeOps = loadAddon() as NativeFileOps | null;
+  if (!nativeOps) debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', addonError);
   return nativeOps;
+}
+
+let addon: Record<string, unknown> | null | undefined;
+let addonError = '';
+
+/**
+ * The addon module itself, loaded once for every user, or null when it is not built. Unlike
+ * loadNative it ignores VMSHIFT_NO_NATIVE, which turns off the file fast paths only: the
+ * disk lock (src/shim/disk-lock.ts) stays.
+ */
+export function loadAddon(): Record<string, unknown> | null {
+  if (addon !== undefined) return addon;
+  try {
+    addon = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as Record<string, unknown>;
+  } catch (err) {
+    addonError = String((err as Error).message).split('\n')[0]!;
+    addon = null;
+  }
+  return addon;
 }
 
 export interface FileOpenOptions {

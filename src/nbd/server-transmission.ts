@@ -447,10 +447,16 @@ export class Transmission {
       this.release(req);
       return this.writeOut(b);
     }
-    const b = structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + data.length, 8);
+    this.writeOut(this.dataHeader(req, data.length), data, req);
+  }
+
+  /** The header of a READ reply carrying `length` bytes of data: simple, or an OFFSET_DATA chunk's. */
+  private dataHeader(req: Request, length: number): Buffer {
+    if (!this.neg.structured) return simpleHeader(req, 0);
+    const b = structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + length, 8);
     b.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
     b.writeUInt32BE(req.offset >>> 0, 24);
-    this.writeOut(b, data, req);
+    return b;
   }
 
   /**
@@ -460,12 +466,7 @@ export class Transmission {
    */
   private async sendZeroCopy(req: Request): Promise<boolean> {
     const zc = this.zc!;
-    const header = this.neg.structured ? structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + req.length, 8) : simpleHeader(req, 0);
-    if (this.neg.structured) {
-      header.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
-      header.writeUInt32BE(req.offset >>> 0, 24);
-    }
-    const sent = this.dev.sendRange?.(req.offset, req.length, (fd, position) => zc.send(fd, position, req.length, header));
+    const sent = this.dev.sendRange?.(req.offset, req.length, (fd, position) => zc.send(fd, position, req.length, () => this.dataHeader(req, req.length)));
     const outcome = sent ? await sent : 'not-sent';
     if (outcome === 'not-sent') return false;
     if (outcome === 'failed' || outcome === 'lost') {

@@ -8,7 +8,10 @@ import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { FileDevice } from '../../src/block/file.ts';
+import { FileDevice, loadNative, type NativeFileOps } from '../../src/block/file.ts';
+import { SendfileReplies } from '../../src/nbd/server-sendfile.ts';
+import { BufferPool } from '../../src/nbd/buffer-pool.ts';
+import { connect, createServer, type Socket } from 'node:net';
 import { Gate } from '../../src/block/gate.ts';
 import { Layer } from '../../src/block/layer.ts';
 import type { BlockDevice } from '../../src/block/device.ts';
@@ -203,6 +206,37 @@ test('a layer that overrides read() is never bypassed by sendfile', async () => 
   const r = await replyOf(c, new Map());
   assert.ok(r.data?.equals(Buffer.from(data.subarray(0, KiB256).map((x) => ~x & 0xff))), 'the layer\'s bytes');
   assert.is(server.stats().sendfileBytes, 0);
+});
+
+test('a range with a hole is turned down on the event loop: no worker job, and a batch behind it goes at once', async () => {
+  const { path, data } = await file(7);
+  const native = loadNative()!;
+  let jobs = 0;
+  const counting: NativeFileOps = { ...native, sendFileBatch: (...a) => (jobs++, native.sendFileBatch!(...a)) };
+  const sockPath = join(tempDir('nbdsf-'), 'p');
+  const accepted = new Promise<Socket>((res) => {
+    const srv = createServer(res).listen(sockPath);
+    onCleanup(() => void srv.close());
+  });
+  const client = connect(sockPath);
+  onCleanup(() => void client.destroy());
+  const peer = await accepted;
+  onCleanup(() => void peer.destroy());
+  const fd = (peer as unknown as { _handle: { fd: number } })._handle.fd;
+  const zc = new SendfileReplies(peer, fd, counting, new BufferPool(), () => {});
+  onCleanup(() => zc.close());
+  const fh = openSync(path, 'r');
+  onCleanup(() => closeSync(fh));
+  const got: Buffer[] = [];
+  client.on('data', (b: Buffer) => got.push(b));
+  const hdr = Buffer.from('HDR!');
+  // [8 MiB, 9 MiB) is a hole: not sent, and asked without a job. The data range after it goes in one job.
+  const [hole, ok] = await Promise.all([zc.send(fh, 8 * MiB - KiB256 / 2, KiB256, () => hdr), zc.send(fh, 0, KiB256, () => hdr)]);
+  assert.is(hole, 'not-sent');
+  assert.is(ok, 'sent');
+  assert.is(jobs, 1, 'one worker job: the hole never reached one');
+  for (let i = 0; i < 100 && Buffer.concat(got).length < 4 + KiB256; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(Buffer.concat(got).equals(Buffer.concat([hdr, data.subarray(0, KiB256)])), 'the data reply, whole');
 });
 
 test.run();

@@ -19,15 +19,13 @@
  *                               NBD READ replies straight from the page cache (header, then
  *                               sendfile of the range) in a worker thread (below)
  *   sendable(fd, offset, len)   0 when sendFileBatch would send that range (all data, cached)
- *   writeBatch(fd, buffers, offsets) -> Promise<{ done, errno }>
- *                               NBD WRITE payloads written in one worker-thread job (below)
  *   dupSocket(fd) -> fd         a descriptor of a socket of its own, for sendFileBatch (below)
  *   setSendBuffer(sock, bytes)  setsockopt(SO_SNDBUF)
  *   lockDisk(fd, exclusive) -> bool
  *                               take vmshift's OFD lock on a disk (below); false when another
  *                               open file holds a conflicting one
  *
- * All calls but copyRanges, sendFileBatch and writeBatch are synchronous: each is one short syscall (writeInline: one
+ * All calls but copyRanges and sendFileBatch are synchronous: each is one short syscall (writeInline: one
  * pwrite that normally only copies into the page cache). Failures throw an Error whose `code`
  * is the errno name (EOPNOTSUPP, EINVAL, ...), as Node's own fs errors do, so callers map
  * them the same way.
@@ -680,138 +678,6 @@ static napi_value SendFileBatch(napi_env env, napi_callback_info info) {
 }
 
 /*
- * writeBatch(fd, buffers, offsets) -> Promise<{ done, errno }>: NBD WRITE payloads of one file
- * written in one worker-thread job (FileDevice batches the writes that queue up while its
- * pool slots are busy). One pool job per 256 KiB write cost the event loop a thread wake-up
- * (futex) to submit it and an eventfd wake-up plus a callback to complete it: under
- * nbdcopy's 4 x 64 writes the event loop, not the disk, set the pace (docs/performance.md).
- * Writes whose ranges follow each other go in one pwritev. `done` counts the buffers
- * written whole, in order; when `errno` is not 0 the next one failed with it (part of it
- * may be written) and the rest were not tried. The buffers stay referenced (through the
- * array) until the promise settles; the caller must not change them meanwhile.
- */
-#define WRITE_BATCH_MAX 1024
-#define WRITEV_MAX 64
-
-typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  napi_ref keep;
-  int fd;
-  size_t count;
-  struct iovec *iov;
-  int64_t *off;
-  int64_t done;
-  int err;
-} write_batch_req;
-
-/* pwrite all of one buffer from `from` on; 0 or an errno. */
-static int write_rest(int fd, const struct iovec *v, size_t from, int64_t off) {
-  for (size_t done = from; done < v->iov_len;) {
-    ssize_t n = pwrite(fd, (const char *)v->iov_base + done, v->iov_len - done, (off_t)(off + (int64_t)done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return errno;
-    if (n == 0) return EIO;
-    done += (size_t)n;
-  }
-  return 0;
-}
-
-static void write_batch_execute(napi_env env, void *data) {
-  (void)env;
-  write_batch_req *r = data;
-  for (size_t i = 0; i < r->count;) {
-    size_t j = i + 1;
-    while (j < r->count && j - i < WRITEV_MAX && r->off[j] == r->off[j - 1] + (int64_t)r->iov[j - 1].iov_len) j++;
-    ssize_t n;
-    do n = pwritev(r->fd, r->iov + i, (int)(j - i), (off_t)r->off[i]);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) { r->err = errno; return; }
-    /* Whole buffers written; a short write is finished one buffer at a time. */
-    size_t k = i, left = (size_t)n;
-    while (k < j && left >= r->iov[k].iov_len) left -= r->iov[k++].iov_len;
-    r->done = (int64_t)k;
-    for (; k < j; k++, left = 0) {
-      if ((r->err = write_rest(r->fd, &r->iov[k], left, r->off[k])) != 0) return;
-      r->done = (int64_t)k + 1;
-    }
-    i = j;
-  }
-}
-
-static void write_batch_complete(napi_env env, napi_status status, void *data) {
-  write_batch_req *r = data;
-  if (status != napi_ok && !r->err && r->done < (int64_t)r->count) r->err = ECANCELED;
-  napi_value obj;
-  napi_create_object(env, &obj);
-  set_num(env, obj, "done", r->done);
-  set_num(env, obj, "errno", r->err);
-  napi_resolve_deferred(env, r->deferred, obj);
-  napi_delete_reference(env, r->keep);
-  napi_delete_async_work(env, r->work);
-  free(r->iov);
-  free(r->off);
-  free(r);
-}
-
-static napi_value WriteBatch(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  size_t argc = 3;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
-  double fd_d;
-  bool is_array = false, is_typed = false;
-  uint32_t n = 0;
-  size_t m = 0;
-  void *raw = NULL;
-  napi_typedarray_type type;
-  if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || fd_d != (double)(int)fd_d || fd_d < 0 ||
-      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &n) != napi_ok ||
-      napi_is_typedarray(env, argv[2], &is_typed) != napi_ok || !is_typed ||
-      napi_get_typedarray_info(env, argv[2], &type, &m, &raw, NULL, NULL) != napi_ok ||
-      type != napi_float64_array || n == 0 || n > WRITE_BATCH_MAX || m != n) {
-    napi_throw_type_error(env, "EINVAL", "writeBatch: expected (fd, 1 to 1024 Buffers, a Float64Array of as many offsets)");
-    return NULL;
-  }
-  write_batch_req *r = calloc(1, sizeof *r);
-  if (r) r->iov = calloc(n, sizeof *r->iov);
-  if (r) r->off = calloc(n, sizeof *r->off);
-  if (!r || !r->iov || !r->off) {
-    if (r) { free(r->iov); free(r->off); }
-    free(r);
-    return throw_errno(env, "writeBatch", ENOMEM);
-  }
-  const double *offs = raw;
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value b;
-    bool is_buffer = false;
-    void *p = NULL;
-    size_t len = 0;
-    if (napi_get_element(env, argv[1], i, &b) != napi_ok || napi_is_buffer(env, b, &is_buffer) != napi_ok || !is_buffer ||
-        napi_get_buffer_info(env, b, &p, &len) != napi_ok || len == 0 ||
-        offs[i] != (double)(int64_t)offs[i] || offs[i] < 0 || offs[i] + (double)len > (double)MAX_SAFE) {
-      free(r->iov);
-      free(r->off);
-      free(r);
-      napi_throw_range_error(env, "EINVAL", "writeBatch: each item needs a non-empty Buffer and a safe non-negative offset");
-      return NULL;
-    }
-    r->iov[i].iov_base = p;
-    r->iov[i].iov_len = len;
-    r->off[i] = (int64_t)offs[i];
-  }
-  r->count = n;
-  r->fd = (int)fd_d;
-  /* The array keeps its Buffers, and so their memory, alive while the worker writes from them. */
-  napi_create_reference(env, argv[1], 1, &r->keep);
-  napi_value promise, name;
-  napi_create_promise(env, &r->deferred, &promise);
-  napi_create_string_utf8(env, "vmshift.writeBatch", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, write_batch_execute, write_batch_complete, r, &r->work);
-  napi_queue_async_work(env, r->work);
-  return promise;
-}
-
-/*
  * dupSocket(fd) -> fd: a second descriptor of the socket for sendFileBatch's worker thread.
  * Node closes its own descriptor whenever the connection is destroyed; a worker still
  * sending on that number could then write into whatever the number is reused for (another
@@ -904,7 +770,6 @@ static napi_value Init(napi_env env, napi_value exports) {
     { "copyRanges", NULL, CopyRanges, NULL, NULL, NULL, napi_enumerable, NULL },
     { "sendFileBatch", NULL, SendFileBatch, NULL, NULL, NULL, napi_enumerable, NULL },
     { "sendable", NULL, Sendable, NULL, NULL, NULL, napi_enumerable, NULL },
-    { "writeBatch", NULL, WriteBatch, NULL, NULL, NULL, napi_enumerable, NULL },
     { "dupSocket", NULL, DupSocket, NULL, NULL, NULL, napi_enumerable, NULL },
     { "setSendBuffer", NULL, SetSendBuffer, NULL, NULL, NULL, napi_enumerable, NULL },
     { "lockDisk", NULL, LockDisk, NULL, NULL, NULL, napi_enumerable, NULL },

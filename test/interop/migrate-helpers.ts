@@ -122,26 +122,33 @@ async function pendingConnections(path: string): Promise<number> {
 }
 
 /**
- * `vmshift abort` that lands while the job is where the caller saw it, however fast the copy
- * and however slow the CLI's start: the shim is stopped (SIGSTOP) the moment the caller's
- * waitForJob returned, the CLI starts and connects to its control socket (the kernel queues
- * the connection), and only then does the shim go on, with the abort first in its queue. The
- * job moves at most a burst of its --bandwidth between the caller's status and the stop.
+ * Run `vmshift ARGS` against a shim held still while the CLI starts, however slow that is
+ * (node and the bundle, or tsx when dist/ is stale, on a loaded machine: seconds): the shim
+ * is stopped (SIGSTOP) now, the CLI starts and connects to its control socket (the kernel
+ * queues the connection), and only then does the shim go on, with the CLI's request first
+ * in its queue. Resolves, once the shim runs again, to the CLI's pending result. What the
+ * shim was doing (a job, a guest's writes) is exactly where it was: a test that needs
+ * "the abort lands in this phase" or "the job starts while fio still writes" then holds at
+ * any copy speed.
  */
-export async function abortHeld(shim: ShimProc): Promise<CliResult> {
+export async function whileHeld(shim: ShimProc, args: string[]): Promise<{ result: Promise<CliResult> }> {
   const ctl = `${shim.socket}.ctl`;
   const before = await pendingConnections(ctl);
   process.kill(shim.daemon.pid, 'SIGSTOP');
   try {
-    const ab = vmshift(['abort', '--socket', shim.socket]);
+    const result = vmshift(args);
     const deadline = Date.now() + 60000;
     while ((await pendingConnections(ctl)) <= before) {
-      if (Date.now() > deadline) throw new Error(`vmshift abort never connected to ${ctl}`);
+      if (Date.now() > deadline) throw new Error(`vmshift ${args[0]} never connected to ${ctl}`);
       await new Promise((res) => setTimeout(res, 20));
     }
-    process.kill(shim.daemon.pid, 'SIGCONT');
-    return await ab;
+    return { result };
   } finally {
     process.kill(shim.daemon.pid, 'SIGCONT');
   }
+}
+
+/** `vmshift abort` that lands while the job is where the caller's waitForJob saw it (whileHeld; the job moves at most a burst of its --bandwidth in between). */
+export async function abortHeld(shim: ShimProc): Promise<CliResult> {
+  return (await whileHeld(shim, ['abort', '--socket', shim.socket])).result;
 }

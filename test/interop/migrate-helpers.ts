@@ -132,19 +132,23 @@ async function pendingConnections(path: string): Promise<number> {
  * any copy speed.
  */
 export async function whileHeld(shim: ShimProc, args: string[]): Promise<{ result: Promise<CliResult> }> {
-  const ctl = `${shim.socket}.ctl`;
+  return holdUntilConnected(shim.daemon.pid, `${shim.socket}.ctl`, () => ({ result: vmshift(args) }));
+}
+
+/** whileHeld's hold for any process `pid` listening on `ctl`: stopped while `start()` (a client) gets going, until something connects to `ctl`. */
+export async function holdUntilConnected<T>(pid: number, ctl: string, start: () => T): Promise<T> {
   const before = await pendingConnections(ctl);
-  process.kill(shim.daemon.pid, 'SIGSTOP');
+  process.kill(pid, 'SIGSTOP');
   try {
-    const result = vmshift(args);
+    const started = start();
     const deadline = Date.now() + 60000;
     while ((await pendingConnections(ctl)) <= before) {
-      if (Date.now() > deadline) throw new Error(`vmshift ${args[0]} never connected to ${ctl}`);
+      if (Date.now() > deadline) throw new Error(`nothing connected to ${ctl} while its process was held`);
       await new Promise((res) => setTimeout(res, 20));
     }
-    return { result };
+    return started;
   } finally {
-    process.kill(shim.daemon.pid, 'SIGCONT');
+    process.kill(pid, 'SIGCONT');
   }
 }
 

@@ -43,6 +43,8 @@ export interface NativeFileOps {
    * whole (native/vmshift_native.c says why). Absent from addons built before it.
    */
   sendFileBatch?(sock: number, fd: number, headers: Buffer, items: Float64Array): Promise<SendFileResult>;
+  /** 0 when fd's range is all data and all in the page cache (sendFileBatch would send it), 2 when not, 3 when this kernel cannot tell (absent from addons built before it). */
+  sendable?(fd: number, offset: number, length: number): number;
   /** A new descriptor (close-on-exec) of the same socket (absent from addons built before it). */
   dupSocket?(fd: number): number;
   /** SO_SNDBUF of a socket (absent from addons built before it). */
@@ -94,13 +96,28 @@ export function loadNative(): NativeFileOps | null {
     debug('native addon disabled by VMSHIFT_NO_NATIVE: no sparse files, zeroes are written');
     return (nativeOps = null);
   }
-  try {
-    nativeOps = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as NativeFileOps;
-  } catch (err) {
-    debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', String((err as Error).message).split('\n')[0]);
-    nativeOps = null;
-  }
+  nativeOps = loadAddon() as NativeFileOps | null;
+  if (!nativeOps) debug('native addon not loaded (%s): run scripts/build-native.sh; until then no sparse files, zeroes are written', addonError);
   return nativeOps;
+}
+
+let addon: Record<string, unknown> | null | undefined;
+let addonError = '';
+
+/**
+ * The addon module itself, loaded once for every user, or null when it is not built. Unlike
+ * loadNative it ignores VMSHIFT_NO_NATIVE, which turns off the file fast paths only: the
+ * disk lock (src/shim/disk-lock.ts) stays.
+ */
+export function loadAddon(): Record<string, unknown> | null {
+  if (addon !== undefined) return addon;
+  try {
+    addon = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as Record<string, unknown>;
+  } catch (err) {
+    addonError = String((err as Error).message).split('\n')[0]!;
+    addon = null;
+  }
+  return addon;
 }
 
 export interface FileOpenOptions {
@@ -118,6 +135,18 @@ export interface FileOpenOptions {
  * nbdcopy's 4 x 64 writes of 256 KiB) and wake them again.
  */
 const POOL_WRITES = 4;
+
+/**
+ * Writes up to this size are made on the event loop too (while the inline budget lasts), not
+ * only the guest's small ones: a bulk writer's 256 KiB requests (nbdcopy, QEMU's mirror, the
+ * NBD destination of a migration) arrive one at a time, each as its payload completes, so
+ * batching them into one pool job gathered ~1.0 write per job (measured), and the pool's
+ * round trip per write (a futex wake-up of a worker, its sleep, an eventfd wake-up back, and
+ * four workers contending for the file's inode lock) cost about as much CPU as the write's
+ * copy. Made inline, nbdcopy file -> export took ~half the shim's CPU (docs/performance.md).
+ * Reads stay at INLINE_MAX: larger cached ones go by sendfile, without a copy at all.
+ */
+const INLINE_WRITE_MAX = 256 * 1024;
 
 /** At most `limit` of the operations run() is given run at once; the others wait in order. */
 class Slots {
@@ -457,7 +486,7 @@ export class FileDevice implements BlockDevice {
    * (docs/storage-migration.md).
    */
   #writeAll(offset: number, data: Buffer): Promise<void> {
-    if (this.native && this.#inline.allows(data.length, performance.now())) {
+    if (this.native && this.#inline.allows(data.length, performance.now(), INLINE_WRITE_MAX)) {
       try {
         const blockedMs = this.native.writeInline(this.handle.fd, data, offset);
         this.#inline.spent(blockedMs, performance.now());

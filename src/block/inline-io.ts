@@ -30,9 +30,9 @@ export class InlineBudget {
   done = 0;
   blocked = 0;
 
-  /** Whether a request of `length` bytes may be made inline at time `now` (ms). */
-  allows(length: number, now: number): boolean {
-    return length <= INLINE_MAX && now >= this.#offUntil;
+  /** Whether a request of `length` bytes (at most `max`) may be made inline at time `now` (ms). */
+  allows(length: number, now: number, max = INLINE_MAX): boolean {
+    return length <= max && now >= this.#offUntil;
   }
 
   /** Account one inline request that ended at `now` and slept for `blockedMs` (0: did not). */

@@ -69,7 +69,8 @@ export class BufferPool {
   take(length: number): Buffer {
     const size = classOf(length);
     if (length <= 0 || size < this.minSize || size > this.maxSize) return Buffer.allocUnsafeSlow(length);
-    this.#lastTake = performance.now();
+    // Only a pending trim asks when the last take was (takes before it was scheduled are older than its delay).
+    if (this.#trimTimer) this.#lastTake = performance.now();
     let buf = this.#idle.get(size)?.pop();
     if (buf) {
       this.#idleBytes -= size;

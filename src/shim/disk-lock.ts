@@ -5,9 +5,7 @@
 // goes with the open file, so a shim that dies (even SIGKILL) releases it.
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
-import { createRequire } from 'node:module';
-import { join } from 'node:path';
-import { projectRoot } from '../util/paths.ts';
+import { loadAddon } from '../block/file.ts';
 
 interface LockOps {
   lockDisk(fd: number, exclusive: number): boolean;
@@ -17,16 +15,9 @@ export class DiskBusyError extends Error {
   override name = 'DiskBusyError';
 }
 
-let ops: LockOps | null | undefined;
 function lockOps(): LockOps | null {
-  if (ops !== undefined) return ops;
-  try {
-    const mod = createRequire(import.meta.url)(join(projectRoot, 'native/build/vmshift_native.node')) as Partial<LockOps>;
-    ops = typeof mod.lockDisk === 'function' ? (mod as LockOps) : null;
-  } catch {
-    ops = null;
-  }
-  return ops;
+  const mod = loadAddon();
+  return typeof mod?.lockDisk === 'function' ? (mod as unknown as LockOps) : null;
 }
 
 export interface DiskLock {

@@ -6,17 +6,18 @@ import { join } from 'node:path';
 import { statSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tempDir, cleanupAll, run, startDaemon } from '../helpers/proc.ts';
 import { holders } from '../../src/migrate/dest-in-use.ts';
-import { MiB, startShim, makeDisk, migrate, vmshift, status, sha256, waitForJob, existsSync } from './migrate-helpers.ts';
+import { MiB, startShim, makeDisk, migrate, abortHeld, vmshift, status, sha256, waitForJob, existsSync, type ShimProc } from './migrate-helpers.ts';
 
 test.after(cleanupAll);
 
-let dir: string, src: string, socket: string, before: string;
+let dir: string, src: string, socket: string, before: string, shim: ShimProc;
 
 test.before(async () => {
   dir = tempDir('vmsF-');
   src = join(dir, 'src.raw');
   await makeDisk(src, 32 * MiB);
-  socket = (await startShim(src, join(dir, 's'))).socket;
+  shim = await startShim(src, join(dir, 's'));
+  socket = shim.socket;
   before = sha256(src);
 });
 
@@ -66,7 +67,7 @@ test('an existing destination holding data: refused without --overwrite; one a p
   const started = await migrate(socket, full, ['--overwrite', '--bandwidth', '1M', '--detach']);
   assert.is(started.code, 0, started.stderr);
   await waitForJob(socket, (j) => j.phase === 'precopy');
-  assert.is((await vmshift(['abort', '--socket', socket])).code, 0);
+  assert.is((await abortHeld(shim)).code, 0);
   assert.ok(existsSync(full), 'a file the job did not create is never removed');
   rmSync(full);
 });
@@ -81,7 +82,7 @@ test('a second job on the same disk: refused while the first runs; abort frees i
   assert.match(second.error!.message, /a migrate-storage job is already running on this disk/);
   assert.not.ok(existsSync(join(dir, 'second.raw')), 'the refused job created nothing');
   await waitForJob(socket, (j) => j.phase === 'precopy');
-  const ab = await vmshift(['abort', '--socket', socket]);
+  const ab = await abortHeld(shim);
   assert.is(ab.code, 0, ab.stderr);
   assert.is(ab.result.error.code, 'aborted');
   assert.not.ok(existsSync(first), 'the aborted job removed the file it created');

@@ -113,3 +113,46 @@ export async function waitForJob(socket: string, pred: (job: any) => boolean, ti
 }
 
 export { existsSync };
+
+/** Connections waiting in the backlog of the unix socket listening at `path` (ss's Recv-Q for a listener). */
+async function pendingConnections(path: string): Promise<number> {
+  const r = await runStatus('ss', ['-xlH', 'src', path]);
+  const cols = r.stdout.trim().split(/\s+/);
+  return r.code === 0 && cols.length > 2 ? Number(cols[2]) : 0;
+}
+
+/**
+ * Run `vmshift ARGS` against a shim held still while the CLI starts, however slow that is
+ * (node and the bundle, or tsx when dist/ is stale, on a loaded machine: seconds): the shim
+ * is stopped (SIGSTOP) now, the CLI starts and connects to its control socket (the kernel
+ * queues the connection), and only then does the shim go on, with the CLI's request first
+ * in its queue. Resolves, once the shim runs again, to the CLI's pending result. What the
+ * shim was doing (a job, a guest's writes) is exactly where it was: a test that needs
+ * "the abort lands in this phase" or "the job starts while fio still writes" then holds at
+ * any copy speed.
+ */
+export async function whileHeld(shim: ShimProc, args: string[]): Promise<{ result: Promise<CliResult> }> {
+  return holdUntilConnected(shim.daemon.pid, `${shim.socket}.ctl`, () => ({ result: vmshift(args) }));
+}
+
+/** whileHeld's hold for any process `pid` listening on `ctl`: stopped while `start()` (a client) gets going, until something connects to `ctl`. */
+export async function holdUntilConnected<T>(pid: number, ctl: string, start: () => T): Promise<T> {
+  const before = await pendingConnections(ctl);
+  process.kill(pid, 'SIGSTOP');
+  try {
+    const started = start();
+    const deadline = Date.now() + 60000;
+    while ((await pendingConnections(ctl)) <= before) {
+      if (Date.now() > deadline) throw new Error(`nothing connected to ${ctl} while its process was held`);
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    return started;
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+}
+
+/** `vmshift abort` that lands while the job is where the caller's waitForJob saw it (whileHeld; the job moves at most a burst of its --bandwidth in between). */
+export async function abortHeld(shim: ShimProc): Promise<CliResult> {
+  return (await whileHeld(shim, ['abort', '--socket', shim.socket])).result;
+}

@@ -6,7 +6,7 @@ import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { tempDir, cleanupAll } from '../helpers/proc.ts';
 import { controlCall } from '../../src/control/client.ts';
-import { MiB, startShim, makeDisk, fioWrite, fioVerify, migrate, status, compareWithShim } from './migrate-helpers.ts';
+import { MiB, startShim, makeDisk, fioWrite, fioVerify, migrate, status, compareWithShim, whileHeld } from './migrate-helpers.ts';
 
 test.after(cleanupAll);
 
@@ -63,8 +63,9 @@ for (const c of cases) {
     const job = { uri: shim.uri, seed: 1234, ioSize: c.ioSize ?? '16M', rate: c.fioRate ?? '2m' };
     const writer = fioWrite(job);
     await writesSeen(shim.socket, 200);
-    // A limited copy rate keeps the migration running while fio writes.
-    const r = await migrate(shim.socket, dst, [...c.flags, '--bandwidth', '12M']);
+    // A limited copy rate keeps the migration running while fio writes; the shim is held
+    // while the CLI starts, so that fio has not finished before the job begins.
+    const r = await (await whileHeld(shim, ['migrate-storage', '--socket', shim.socket, '--to', dst, ...c.flags, '--bandwidth', '12M'])).result;
     assert.is(r.code, 0, `migrate-storage failed: ${JSON.stringify(r.error)} ${r.stderr}`);
     assert.ok(r.result.ok);
     assert.ok(r.events.some((e) => e.event === 'progress'), 'progress events streamed');

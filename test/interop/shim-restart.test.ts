@@ -20,6 +20,7 @@ import { controlCall } from '../../src/control/client.ts';
 import { isShimProcess, sleep } from '../../src/daemon/processes.ts';
 import type { ShimRecord } from '../../src/daemon/registry.ts';
 import type { RestartResult } from '../../src/daemon/supervisor.ts';
+import { holdUntilConnected } from './migrate-helpers.ts';
 
 const VMSHIFT = new URL('../../bin/vmshift', import.meta.url).pathname;
 const VMSHIFTD = new URL('../../bin/vmshiftd', import.meta.url).pathname;
@@ -174,7 +175,9 @@ test('during a migration: restart is refused; kill -9 -> the restarted shim serv
   const dst = join(dir, 'mid.raw');
   const job = controlCall(api, 'job.start', { name: SHIM, to: dst, bandwidth: 4 * MiB }, { timeoutMs: 0 }).then(() => null, (e: Error) => e);
   await jobUnderway();
-  const refused = await cli(['restart', SHIM]);
+  // The shim is held while each CLI starts (holdUntilConnected), so the job is still running
+  // when vmshiftd asks, however slow the CLI's start.
+  const refused = await (await heldCli(['restart', SHIM])).done;
   assert.is(refused.code, 1);
   assert.match(refused.stderr, /running a migrate-storage job: a restart would end it and throw its copy away\. Wait for it to finish, or restart with --abort-job/);
   assert.ok(existsSync(dst));
@@ -191,7 +194,7 @@ test('during a migration: restart is refused; kill -9 -> the restarted shim serv
   const dst2 = join(dir, 'mid2.raw');
   const job2 = controlCall(api, 'job.start', { name: SHIM, to: dst2, bandwidth: 4 * MiB }, { timeoutMs: 0 }).then(() => null, (e: Error) => e);
   await jobUnderway();
-  const r = await cli(['restart', SHIM, '--abort-job', '--json']);
+  const r = await (await heldCli(['restart', SHIM, '--abort-job', '--json'])).done;
   assert.is(r.code, 0, r.stderr);
   const res = JSON.parse(r.stdout) as RestartResult;
   remember();
@@ -202,6 +205,12 @@ test('during a migration: restart is refused; kill -9 -> the restarted shim serv
   await writesMore(30);
   assert.is(await backing(), src);
 });
+
+/** `vmshift ARGS` started while the shim is held, until vmshiftd connects to it (migrate-helpers.ts). */
+function heldCli(args: string[]) {
+  const s = shim();
+  return holdUntilConnected(s.pid!, `${s.socket}.ctl`, () => ({ done: cli(args) }));
+}
 
 async function jobUnderway(): Promise<void> {
   const deadline = Date.now() + 30_000;

@@ -8,7 +8,10 @@ import * as assert from 'uvu/assert';
 import { join } from 'node:path';
 import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { FileDevice } from '../../src/block/file.ts';
+import { FileDevice, loadNative, type NativeFileOps } from '../../src/block/file.ts';
+import { SendfileReplies } from '../../src/nbd/server-sendfile.ts';
+import { BufferPool } from '../../src/nbd/buffer-pool.ts';
+import { connect, createServer, type Socket } from 'node:net';
 import { Gate } from '../../src/block/gate.ts';
 import { Layer } from '../../src/block/layer.ts';
 import type { BlockDevice } from '../../src/block/device.ts';
@@ -20,8 +23,8 @@ const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const KiB256 = 256 * 1024;
 
-// Opt-in while the migrate-faults interaction is open (server-transmission.ts); read per connection.
-process.env.VMSHIFT_SENDFILE = '1';
+// On by default; VMSHIFT_SENDFILE=0 turns it off (read per connection).
+delete process.env.VMSHIFT_SENDFILE;
 test.after(cleanupAll);
 
 /** The server's stats once `done` holds of them (a reply can reach the client before the server sees its send complete), or the last seen. */
@@ -141,17 +144,17 @@ test('a client that reads nothing for a while fills the socket: the rest of the 
   assert.is(s.sendfileBytes, 32 * MiB);
 });
 
-test('without VMSHIFT_SENDFILE=1: the same READs the usual way (what sendfileBytes counts is sendfile)', async () => {
+test('with VMSHIFT_SENDFILE=0: the same READs the usual way (what sendfileBytes counts is sendfile)', async () => {
   const { path, data } = await file(3);
   const dev = await FileDevice.open(path);
   onCleanup(() => dev.close());
   const { server, sock } = await serve(dev);
-  delete process.env.VMSHIFT_SENDFILE;
+  process.env.VMSHIFT_SENDFILE = '0';
   let c: RawConn;
   try {
     c = await open(sock, true);
   } finally {
-    process.env.VMSHIFT_SENDFILE = '1';
+    delete process.env.VMSHIFT_SENDFILE;
   }
   c.request(Cmd.READ, 1n, MiB, KiB256);
   const r = await replyOf(c, new Map([[1n, KiB256]]));
@@ -203,6 +206,37 @@ test('a layer that overrides read() is never bypassed by sendfile', async () => 
   const r = await replyOf(c, new Map());
   assert.ok(r.data?.equals(Buffer.from(data.subarray(0, KiB256).map((x) => ~x & 0xff))), 'the layer\'s bytes');
   assert.is(server.stats().sendfileBytes, 0);
+});
+
+test('a range with a hole is turned down on the event loop: no worker job, and a batch behind it goes at once', async () => {
+  const { path, data } = await file(7);
+  const native = loadNative()!;
+  let jobs = 0;
+  const counting: NativeFileOps = { ...native, sendFileBatch: (...a) => (jobs++, native.sendFileBatch!(...a)) };
+  const sockPath = join(tempDir('nbdsf-'), 'p');
+  const accepted = new Promise<Socket>((res) => {
+    const srv = createServer(res).listen(sockPath);
+    onCleanup(() => void srv.close());
+  });
+  const client = connect(sockPath);
+  onCleanup(() => void client.destroy());
+  const peer = await accepted;
+  onCleanup(() => void peer.destroy());
+  const fd = (peer as unknown as { _handle: { fd: number } })._handle.fd;
+  const zc = new SendfileReplies(peer, fd, counting, new BufferPool(), () => {});
+  onCleanup(() => zc.close());
+  const fh = openSync(path, 'r');
+  onCleanup(() => closeSync(fh));
+  const got: Buffer[] = [];
+  client.on('data', (b: Buffer) => got.push(b));
+  const hdr = Buffer.from('HDR!');
+  // [8 MiB, 9 MiB) is a hole: not sent, and asked without a job. The data range after it goes in one job.
+  const [hole, ok] = await Promise.all([zc.send(fh, 8 * MiB - KiB256 / 2, KiB256, () => hdr), zc.send(fh, 0, KiB256, () => hdr)]);
+  assert.is(hole, 'not-sent');
+  assert.is(ok, 'sent');
+  assert.is(jobs, 1, 'one worker job: the hole never reached one');
+  for (let i = 0; i < 100 && Buffer.concat(got).length < 4 + KiB256; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(Buffer.concat(got).equals(Buffer.concat([hdr, data.subarray(0, KiB256)])), 'the data reply, whole');
 });
 
 test.run();

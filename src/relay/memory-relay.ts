@@ -9,6 +9,7 @@
 import { chmodSync, existsSync, lstatSync, rmSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import type { Duplex, Transform } from 'node:stream';
+import { crc32 } from 'node:zlib';
 import type { CacheEncoder } from './cache/encoder.ts';
 import { decoderStream, encoderStream } from './cache/streams.ts';
 
@@ -21,6 +22,11 @@ export interface RelayCounts {
   back: number;
   /** Forward bytes on the link (differs from `forward` with the cache). */
   link: number;
+  /**
+   * CRC-32 of the forward bytes on the QEMU side (what the source QEMU sent; what the
+   * destination QEMU got): the two hosts' figures match when the stream arrived as it left.
+   */
+  crc: number;
 }
 
 /**
@@ -32,15 +38,17 @@ function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: bo
     let ended = 0;
     const oneEnded = () => { if (++ended === 2) resolve(); };
     const [from, to] = fwdIsSock ? [sock, stream] : [stream, sock];
-    from.on('data', (b: Buffer) => { if (fwdIsSock) counts.forward += b.length; else counts.link += b.length; });
+    const qemuSide = (b: Buffer) => { counts.forward += b.length; counts.crc = crc32(b, counts.crc); };
+    const linkSide = (b: Buffer) => { counts.link += b.length; };
+    from.on('data', fwdIsSock ? qemuSide : linkSide);
     to.on('data', (b: Buffer) => { counts.back += b.length; });
     if (codec) {
-      codec.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else counts.forward += b.length; });
+      codec.on('data', fwdIsSock ? linkSide : qemuSide);
       from.pipe(codec).pipe(to);
       codec.once('error', (e) => { sock.destroy(); stream.destroy(e); reject(e); });
     } else {
       from.pipe(to);
-      from.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else counts.forward += b.length; });
+      from.on('data', fwdIsSock ? linkSide : qemuSide);
     }
     to.pipe(from);
     sock.once('end', oneEnded);
@@ -74,7 +82,7 @@ export interface SourceRelay {
  */
 export async function sourceRelay(path: string, open: () => Duplex, cache?: CacheOptions): Promise<SourceRelay> {
   if (existsSync(path)) throw new Error(`relay: ${path} already exists; refusing to replace it`);
-  const counts: RelayCounts = { forward: 0, back: 0, link: 0 };
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0, crc: 0 };
   const relay = { cache: null as CacheEncoder | null };
   let taken = false;
   let settle!: { resolve: () => void; reject: (e: Error) => void };
@@ -110,7 +118,7 @@ export async function destRelay(path: string, stream: Duplex, cache = false): Pr
     const s = connect({ path, allowHalfOpen: true }, () => { s.off('error', reject); resolve(s); });
     s.once('error', (e) => reject(new Error(`relay: cannot reach the destination QEMU's incoming socket ${path}: ${e.message}`)));
   });
-  const counts: RelayCounts = { forward: 0, back: 0, link: 0 };
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0, crc: 0 };
   const done = splice(sock, stream, counts, false, cache ? decoderStream().stream : undefined);
   done.catch(() => {});
   return { counts, done };

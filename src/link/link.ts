@@ -30,6 +30,12 @@ export interface LinkOptions {
   /** The shared-file carrier's directory; none = network only. */
   sharedDir?: string;
   holdMs?: number;
+  /**
+   * Before the first carrier was ever up, the link waits this long (or holdMs, if longer):
+   * the first dial starts the peer's agent (a process start-up, seconds on a loaded host),
+   * which a short hold time meant for cuts must not cut off.
+   */
+  firstContactMs?: number;
   pingMs?: number;
   /** A carrier with nothing heard for this long is dropped (and, on side 'a', redialled). */
   deadAfterMs?: number;
@@ -81,7 +87,8 @@ export class Link extends EventEmitter implements StreamHost {
   private nextId: number;
   private conn: Conn | null = null;
   private file: SharedDir | null = null;
-  private lastHeard = performance.now();
+  private readonly createdAt = performance.now();
+  private lastHeard = this.createdAt;
   private lastBeat = 0;
   private lastPing = 0;
   private timers: NodeJS.Timeout[] = [];
@@ -104,7 +111,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20,
+      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;
@@ -503,9 +510,13 @@ export class Link extends EventEmitter implements StreamHost {
       if (now - c.lastHeard > this.opts.deadAfterMs) this.dropConn(c, `nothing heard for ${this.opts.deadAfterMs} ms`);
       else if (now - this.lastPing >= Math.min(this.opts.pingMs, this.opts.deadAfterMs / 3)) { this.lastPing = now; this.write(c, encodeFrame(Frame.PING, 0, 0)); }
     }
-    if (now - this.lastHeard > this.opts.holdMs) {
+    const contacted = this.counters.reconnects > 0 || this.lastHeard > this.createdAt;
+    const hold = contacted ? this.opts.holdMs : Math.max(this.opts.holdMs, this.opts.firstContactMs);
+    if (now - this.lastHeard > hold) {
       const why = this.lastError ? ` (last error: ${this.lastError})` : '';
-      this.fail(new LinkError('UNREACHABLE', `link: nothing heard from ${this.opts.peer} for ${this.opts.holdMs / 1000} s over any carrier${why}`));
+      this.fail(new LinkError('UNREACHABLE', contacted
+        ? `link: nothing heard from ${this.opts.peer} for ${hold / 1000} s over any carrier${why}`
+        : `link: ${this.opts.peer} not reached within ${hold / 1000} s${why}`));
     }
   }
 

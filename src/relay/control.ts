@@ -1,7 +1,7 @@
 // The conversation between the two hosts of a memory migration: JSON lines on the link's
 // `control` stream (so it survives a cut like the memory stream does). Source to destination:
 // `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`,
-// `libvirt-prepare`. Destination to source: `ready`, `running`, `aborted`, `error`, `libvirt-ready`.
+// `libvirt-prepare`. Destination to source: `ready`, `running`, `refused`, `aborted`, `error`, `libvirt-ready`.
 import type { Duplex } from 'node:stream';
 
 export const CONTROL_STREAM = 'control';
@@ -14,11 +14,14 @@ export type ControlMsg =
   // capabilities: those the stream needs on the incoming side too (xbzrle, return-path); QEMU's
   // parameters are the source's alone (pacing, downtime, XBZRLE's cache size), so none are sent.
   | { op: 'prepare'; capabilities: Record<string, boolean>; destQmp?: string; balloon?: { restore: number }; cache?: boolean }
-  | { op: 'commit' }
+  // stream: what the source QEMU wrote (bytes, CRC-32): the destination runs the guest only
+  // if it gave its QEMU the same, else it answers `refused` and quits its QEMU.
+  | { op: 'commit'; stream?: { bytes: number; crc: number } }
   | { op: 'abort'; reason: string }
   | { op: 'ready'; sharedDir?: string | null }
   | { op: 'running'; balloon?: { target: number } | { error: string } }
   | { op: 'aborted' }
+  | { op: 'refused'; message: string }
   | { op: 'error'; message: string }
   // `vmshift migrate DOMAIN URI` (libvirt drives the QEMUs; src/libvirt/migrate-domain.ts):
   // the destination makes the directory of the migration socket and reads the probe files

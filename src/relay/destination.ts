@@ -15,9 +15,24 @@ import { QmpClient } from '../qemu/qmp.ts';
 import type { Link } from '../link/link.ts';
 import type { LinkStream } from '../link/stream.ts';
 import { CONTROL_STREAM, Control, type ControlMsg } from './control.ts';
-import { MEMORY_STREAM, destRelay } from './memory-relay.ts';
+import { MEMORY_STREAM, destRelay, type RelayCounts } from './memory-relay.ts';
 
 interface MigrateStatus { status?: string; 'error-desc'?: string }
+
+/** The QEMU at `path` waits for an incoming migration (`-incoming defer`, none started). */
+async function stillWaiting(path: string): Promise<boolean> {
+  const q = await QmpClient.connect(path, { connectTimeoutMs: 5000 }).catch(() => null);
+  if (!q) return false;
+  try {
+    const st = await q.execute<{ status: string }>('query-status');
+    const m = await q.execute<MigrateStatus>('query-migrate');
+    return st.status === 'inmigrate' && !m.status;
+  } catch {
+    return false;
+  } finally {
+    await q.close().catch(() => {});
+  }
+}
 
 /**
  * `fixedQmp`: the destination QMP socket this agent was started for (SSH: one agent per
@@ -34,10 +49,16 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
   /** The source runs the memory cache: the memory stream is its frames. */
   let cache = false;
   let restore: number | null = null;
+  /** What this side gave the destination QEMU (set once the memory stream arrives). */
+  let relayed: RelayCounts | null = null;
 
   /** Quit the destination QEMU unless it runs the guest or is in doubt; false when in doubt. */
   const quitDest = async (why: string): Promise<boolean> => {
     if (committed || quitting) return true;
+    // An SSH agent is started for one destination QEMU (fixedQmp): if the migration fails
+    // before its prepare arrived (the first contact took longer than the source waited), that
+    // QEMU still waits for it and nobody else will quit it. Only a QEMU still waiting is.
+    if (!ours && fixedQmp && !prepared) ours = await stillWaiting(fixedQmp);
     if (!ours) {
       log(`not quitting the QEMU at ${destQmp}: it was not waiting for this migration (${why})`);
       await qmp?.close().catch(() => {});
@@ -62,6 +83,17 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
       log(`cannot quit the destination QEMU at ${destQmp}: ${(e as Error).message}`);
     }
     return true;
+  };
+
+  /**
+   * Null when the destination QEMU was given exactly the bytes the source QEMU wrote; else
+   * why not. The last bytes may still be on their way to the socket: waited for, briefly.
+   */
+  const streamDiffers = async (want: { bytes: number; crc: number }): Promise<string | null> => {
+    for (let i = 0; i < 200 && (relayed?.forward ?? 0) < want.bytes; i++) await new Promise((r) => setTimeout(r, 50));
+    const got = relayed ?? { forward: 0, forwardCrc: 0 };
+    if (got.forward === want.bytes && got.forwardCrc === want.crc) return null;
+    return `the migration stream it received (${got.forward} bytes, crc32 ${got.forwardCrc.toString(16)}) differs from what the source QEMU sent (${want.bytes} bytes, crc32 ${want.crc.toString(16)})`;
   };
 
   const onControl = async (ctl: Control) => {
@@ -96,6 +128,16 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
             if (s.status === 'failed' || i > 600) throw new Error(`the destination's incoming migration is "${s.status}"${s['error-desc'] ? `: ${s['error-desc']}` : ''}`);
             await new Promise((r) => setTimeout(r, 50));
           }
+          if (m.stream) {
+            const why = await streamDiffers(m.stream);
+            if (why) {
+              log(`refusing to run the guest: ${why}`);
+              await quitDest(why);
+              ctl.send({ op: 'refused', message: `on the destination: ${why}; its QEMU was quit` });
+              ctl.end();
+              return;
+            }
+          }
           committed = true;
           await qmp.execute('cont');
           log('commit received: destination QEMU resumed');
@@ -127,7 +169,7 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
     if (s.streamName === CONTROL_STREAM) void onControl(new Control(s, 'the source host'));
     else if (s.streamName === MEMORY_STREAM) {
       destRelay(incomingPath, s, cache).then(
-        (r) => r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward})` : ''}, ${r.counts.back} bytes of return path out; crc32 of what QEMU got ${r.counts.crc.toString(16).padStart(8, '0')}`), (e: Error) => log(`memory relay: ${e.message}`)),
+        (r) => { relayed = r.counts; return r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward})` : ''}, ${r.counts.back} bytes of return path out; crc32 of what QEMU got ${r.counts.forwardCrc.toString(16).padStart(8, '0')}`), (e: Error) => log(`memory relay: ${e.message}`)); },
         (e: Error) => { log(e.message); s.destroy(e); },
       );
     }

@@ -8,8 +8,8 @@
 // the return path is never parsed.
 import { chmodSync, existsSync, lstatSync, rmSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
-import type { Duplex, Transform } from 'node:stream';
 import { crc32 } from 'node:zlib';
+import type { Duplex, Transform } from 'node:stream';
 import type { CacheEncoder } from './cache/encoder.ts';
 import { decoderStream, encoderStream } from './cache/streams.ts';
 
@@ -23,10 +23,16 @@ export interface RelayCounts {
   /** Forward bytes on the link (differs from `forward` with the cache). */
   link: number;
   /**
-   * CRC-32 of the forward bytes on the QEMU side (what the source QEMU sent; what the
-   * destination QEMU got): the two hosts' figures match when the stream arrived as it left.
+   * CRC-32 of the forward bytes as QEMU wrote them (source) or was given them (destination):
+   * the destination compares it with the source's before it runs the guest.
    */
-  crc: number;
+  forwardCrc: number;
+}
+
+/** The forward bytes on the QEMU side of a relay: count and running CRC. */
+function addForward(counts: RelayCounts, b: Buffer): void {
+  counts.forward += b.length;
+  if (b.length) counts.forwardCrc = crc32(b, counts.forwardCrc);
 }
 
 /**
@@ -38,17 +44,15 @@ function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: bo
     let ended = 0;
     const oneEnded = () => { if (++ended === 2) resolve(); };
     const [from, to] = fwdIsSock ? [sock, stream] : [stream, sock];
-    const qemuSide = (b: Buffer) => { counts.forward += b.length; counts.crc = crc32(b, counts.crc); };
-    const linkSide = (b: Buffer) => { counts.link += b.length; };
-    from.on('data', fwdIsSock ? qemuSide : linkSide);
+    from.on('data', (b: Buffer) => { if (fwdIsSock) addForward(counts, b); else counts.link += b.length; });
     to.on('data', (b: Buffer) => { counts.back += b.length; });
     if (codec) {
-      codec.on('data', fwdIsSock ? linkSide : qemuSide);
+      codec.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else addForward(counts, b); });
       from.pipe(codec).pipe(to);
       codec.once('error', (e) => { sock.destroy(); stream.destroy(e); reject(e); });
     } else {
       from.pipe(to);
-      from.on('data', fwdIsSock ? linkSide : qemuSide);
+      from.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else addForward(counts, b); });
     }
     to.pipe(from);
     sock.once('end', oneEnded);
@@ -73,6 +77,8 @@ export interface SourceRelay {
   cache: CacheEncoder | null;
   /** Resolves once the migration stream ran both ways to its end; rejects on a failure. */
   done: Promise<void>;
+  /** Resolves once the source QEMU closed its side of the stream: `counts.forward(Crc)` are final. */
+  forwardEnded: Promise<void>;
   close(): void;
 }
 
@@ -82,9 +88,11 @@ export interface SourceRelay {
  */
 export async function sourceRelay(path: string, open: () => Duplex, cache?: CacheOptions): Promise<SourceRelay> {
   if (existsSync(path)) throw new Error(`relay: ${path} already exists; refusing to replace it`);
-  const counts: RelayCounts = { forward: 0, back: 0, link: 0, crc: 0 };
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0, forwardCrc: 0 };
   const relay = { cache: null as CacheEncoder | null };
   let taken = false;
+  let forwardEnd!: () => void;
+  const forwardEnded = new Promise<void>((resolve) => { forwardEnd = resolve; });
   let settle!: { resolve: () => void; reject: (e: Error) => void };
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject }; });
   done.catch(() => {});
@@ -92,6 +100,7 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
     if (taken) { sock.destroy(); return; } // one migration, one connection
     taken = true;
     server.close();
+    sock.once('end', () => forwardEnd());
     const stream = open();
     let codec: Transform | undefined;
     if (cache) {
@@ -109,7 +118,7 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
     server.close();
     try { if (lstatSync(path).isSocket()) rmSync(path); } catch { /* gone already */ }
   };
-  return { path, counts, get cache() { return relay.cache; }, done, close };
+  return { path, counts, get cache() { return relay.cache; }, done, forwardEnded, close };
 }
 
 /** Connect `stream` (the link's memory stream, on the destination) to the destination QEMU's incoming socket. */
@@ -118,7 +127,7 @@ export async function destRelay(path: string, stream: Duplex, cache = false): Pr
     const s = connect({ path, allowHalfOpen: true }, () => { s.off('error', reject); resolve(s); });
     s.once('error', (e) => reject(new Error(`relay: cannot reach the destination QEMU's incoming socket ${path}: ${e.message}`)));
   });
-  const counts: RelayCounts = { forward: 0, back: 0, link: 0, crc: 0 };
+  const counts: RelayCounts = { forward: 0, back: 0, link: 0, forwardCrc: 0 };
   const done = splice(sock, stream, counts, false, cache ? decoderStream().stream : undefined);
   done.catch(() => {});
   return { counts, done };

@@ -70,7 +70,9 @@ export type MigrateEvent =
   | { event: 'cache'; stats: Omit<CacheStats, 'history'> }
   | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: RelayCounts; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats };
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: RelayCounts; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats;
+    /** The destination checked it received the stream the source QEMU sent (bytes and CRC-32) before running the guest. */
+    streamVerified: boolean };
 
 export type BalloonSummary = ShrinkResult & { atSwitch: number; restored: { target: number } | { error: string } | null };
 
@@ -201,13 +203,24 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const st = await src.execute<{ status: string }>('query-status');
     if (st.status !== 'postmigrate') throw new MigrateError('source', `the migration completed but the source guest is "${st.status}", not postmigrate; not committing`);
 
+    // The stream's count and CRC are final once the source QEMU closed its side (it does
+    // right after completing); the destination runs the guest only if it got the same bytes.
+    const ended = await Promise.race([relay.forwardEnded.then(() => true), new Promise<false>((res) => setTimeout(() => res(false), 10_000).unref())]);
+    if (!ended) o.onEvent({ event: 'warning', message: 'the source QEMU kept its migration socket open after completing: the destination cannot check the stream it received' });
+    const stream = ended ? { bytes: relay.counts.forward, crc: relay.counts.forwardCrc } : undefined;
+
     // The point of no return: from here the destination owns the guest.
     committed = true;
-    ctl.send({ op: 'commit' });
+    ctl.send({ op: 'commit', ...(stream ? { stream } : {}) });
     o.onEvent({ event: 'committed' });
     const ans = await Promise.race([ctl.next(), linkFailed]).catch((e: Error) => {
       throw new MigrateError('link', `the commit was sent but the destination's answer never came (${e.message}); the source stays in postmigrate: check the destination QEMU (it resumes on the commit)`, true);
     });
+    if (ans.op === 'refused') {
+      // The destination never ran its copy and has quit it: the guest is certainly here.
+      committed = false;
+      throw new MigrateError('destination', `${ans.message}; the guest runs on here`);
+    }
     if (ans.op !== 'running') throw new MigrateError('destination', `after the commit the destination answered "${ans.op}"${ans.op === 'error' ? `: ${ans.message}` : ''}; the source stays in postmigrate`, true);
     decided = true;
     ctl.end();
@@ -218,7 +231,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     if (link.state === 'running') link.abort('finished: the guest runs on the destination');
     const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
     return {
-      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(),
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined,
       ...(balloonSummary ? { balloon: balloonSummary } : {}),
       ...(relay.cache ? { cache: relay.cache.stats() } : {}),
     };

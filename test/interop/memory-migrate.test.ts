@@ -46,11 +46,16 @@ interface Event { event: string; [k: string]: unknown }
 const runDir = () => join(hosts.dir, 'run');
 
 /** `vmshift migrate --json` run inside A (over SSH unless `extra` names a --peer); `during` sees each event as it comes. */
-function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void, timeoutMs = 180_000) {
+async function migrate(srcQmp: string, destQmp: string, extra: string[] = [], during?: (e: Event) => void, timeoutMs = 180_000) {
   const peer = extra.includes('--peer') ? [] : ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
-  return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, ...peer,
+  const r = await jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', srcQmp, ...peer,
     '--dest-qmp', destQmp, '--peer-vmshift', join(root, 'bin/vmshift'), '--run-dir', runDir(),
     '--peer-socket-dir', join(hosts.dir, 'agent'), ...(extra.includes('--hold-time') ? [] : ['--hold-time', '20s']), ...extra], { cwd: root, during, timeoutMs });
+  // Every move that completes was checked by the destination: the bytes its QEMU got are the
+  // bytes the source QEMU sent (count and CRC-32), before the guest ran there.
+  const done = r.events.find((e) => e.event === 'done');
+  if (done) assert.is(done.streamVerified, true, `stream verified: ${JSON.stringify(done)}`);
+  return r;
 }
 
 async function qmpStatus(path: string): Promise<string> {

@@ -126,7 +126,7 @@ export async function main(argv: string[]): Promise<void> {
       const wireBytes = (await txBytes(hosts.a)) - tx0;
       const done = r.events.find((e) => e.event === 'done') as (Event & { downtimeMs: number; transferred: number; relayed: { link: number; forwardCrc: number }; link: { reconnects: number; resentBytes: number }; cache?: CacheFigures }) | undefined;
       // What the destination QEMU got, from this migration's agent log in B: the same bytes the source QEMU sent?
-      const agentLog = readdirSync(agentDir).filter((f) => f.endsWith('.log') && !logs0.has(f)).map((f) => readFileSync(join(agentDir, f), 'utf8')).join('');
+      const agentLog = (existsSync(agentDir) ? readdirSync(agentDir) : []).filter((f) => f.endsWith('.log') && !logs0.has(f)).map((f) => readFileSync(join(agentDir, f), 'utf8')).join('');
       const dstCrc = /crc32 of what QEMU got ([0-9a-f]{8})/.exec(agentLog)?.[1] ?? null;
       const same = done && dstCrc !== null ? parseInt(dstCrc, 16) === done.relayed.forwardCrc : null;
       if (same === false || process.env.BENCH_VERBOSE) console.log(`  agent log:\n${agentLog.slice(-1500)}`);

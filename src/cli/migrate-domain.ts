@@ -29,13 +29,31 @@ export interface DomainArgs {
   peerVmshift: string;
   peerSocketDir: string;
   libvirtVia: 'link' | 'direct';
+  disk?: string[];
+  toDir?: string;
+  peerConfig?: string;
+  peerHookConfig?: string;
   json: boolean;
+}
+
+/** `--disk DEV=PATH` (with DOMAIN): the new file on the peer of each disk target. */
+export function parseDomainDisks(specs: string[] = []): Record<string, string> {
+  const paths: Record<string, string> = {};
+  for (const d of specs) {
+    const m = /^([A-Za-z0-9_.-]{1,64})=(\/.+)$/.exec(d);
+    if (!m) throw new UsageError(`--disk ${d}: with a DOMAIN, expected DEV=/PATH/ON/PEER (e.g. vda=/srv/images/web.raw)`);
+    if (Object.hasOwn(paths, m[1]!)) throw new UsageError(`--disk ${m[1]}: given twice`);
+    paths[m[1]!] = m[2]!;
+  }
+  return paths;
 }
 
 export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
   if (!argv.desturi) throw new UsageError('migrate DOMAIN: name the destination, qemu+ssh://[USER@]HOST[:PORT]/system');
   let dest;
   try { dest = parseDestUri(argv.desturi); } catch (e) { if (e instanceof DestUriError) throw new UsageError(e.message); throw e; }
+  const paths = parseDomainDisks(argv.disk);
+  if (argv.toDir !== undefined && !argv.toDir.startsWith('/')) throw new UsageError(`--to-dir ${argv.toDir}: the directory on the peer must be absolute`);
   const ac = new AbortController();
   const onInt = () => ac.abort();
   process.once('SIGINT', onInt);
@@ -61,6 +79,9 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
     else if (e.event === 'prepared') say(`disks: ${e.handover} (${e.disks.join(', ') || 'none'}); libvirt migrates the memory`);
     else if (e.event === 'warning') say(`warning: ${e.message}`);
     else if (e.event === 'carrier') say(`link ${e.state}: ${e.why}`);
+    else if (e.event === 'disks-prepared') say(`disks on the peer: ${e.disks.map((d) => `${d.name} ${d.path}`).join(', ')}`);
+    else if (e.event === 'disks-synchronized') say('disks: synchronized mirror (every write on both hosts)');
+    else if (e.event === 'disk-progress') { if (Date.now() - last >= 1000) { last = Date.now(); say(`disk ${e.disk}: ${e.phase}, ${formatBytes(e.bytesCopied)} of ${formatBytes(e.dataBytes)} copied`); } }
     else if (e.event === 'committed') say(`gone from here; resumed on the destination (${e.commitMs} ms after the source stopped)`);
   };
   try {
@@ -75,6 +96,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
       connectTimeoutMs: parseDuration(argv.connectTimeout, '--connect-timeout'),
       persistent: argv.persistent, undefineSource: argv.undefineSource,
       runDir: resolve(argv.runDir), peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir,
+      localDisks: { paths, toDir: argv.toDir, bandwidth: argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0, peerConfig: argv.peerConfig, peerHookConfig: argv.peerHookConfig },
       onEvent, signal: ac.signal,
     });
     if (barOn) bar!.stop();

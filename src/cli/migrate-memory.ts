@@ -47,6 +47,7 @@ interface Args {
   peerConfig?: string;
   timeout?: string;
   timeoutAction: string;
+  paused: boolean;
   tlsDir?: string;
   tlsCa?: string;
   tlsCert?: string;
@@ -134,12 +135,14 @@ export const migrateMemoryCommand = {
       .option('hold-time', { type: 'string', default: '60s', describe: 'how long both carriers may be silent before the migration fails' })
       .option('peer-vmshift', { type: 'string', default: 'vmshift', describe: 'the vmshift command on the peer' })
       .option('peer-socket-dir', { type: 'string', default: '/run/vmshift/links', describe: "where the peer's link agent listens" })
-      .option('disk', { type: 'string', array: true, describe: "move this local disk first: a source shim's NBD socket, =PATH of the new file on the peer" })
-      .option('to-dir', { type: 'string', describe: "the peer's directory for the new files of --disk without =PATH" })
+      .option('disk', { type: 'string', array: true, describe: "move this local disk first: a source shim's NBD socket, =PATH of the new file on the peer (with DOMAIN: DEV=PATH, e.g. vda=/srv/images/web.raw)" })
+      .option('to-dir', { type: 'string', describe: "the peer's directory for the new files of local disks without a --disk =PATH" })
       .option('dest-socket', { type: 'string', array: true, describe: "SOURCE_SOCKET=PEER_SOCKET: where the peer serves the disk (default: the same path)" })
       .option('peer-config', { type: 'string', describe: "the peer's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json there)" })
+      .option('peer-hook-config', { type: 'string', describe: "with DOMAIN: the peer's libvirt hook config, naming its vmshiftd (default /etc/vmshift/hooks.json there)" })
       .option('timeout', { type: 'string', describe: 'once the migration runs this long without completing (a guest dirtying faster than the link), do --timeout-action' })
       .option('timeout-action', { choices: ['abort', 'suspend'], default: 'abort', describe: 'at --timeout: roll back, or pause the guest so that the migration completes' })
+      .option('paused', { type: 'boolean', default: false, describe: 'leave the guest paused on the destination (as virsh migrate --suspend): resume it there with QMP "cont"' })
       .option('tls-dir', { type: 'string', describe: 'tls:// peer: a directory with ca-cert.pem, client-cert.pem, client-key.pem' })
       .option('tls-ca', { type: 'string', describe: 'tls:// peer: PEM CA bundle the peer\'s certificate must be signed by' })
       .option('tls-cert', { type: 'string', describe: 'tls:// peer: PEM client certificate (chain) of this host' })
@@ -246,7 +249,7 @@ export const migrateMemoryCommand = {
         compress: argv.compress, cacheSize: parseSize(argv.cacheSize, '--cache-size'),
         linkRate: argv.linkRate ? parseSize(argv.linkRate, '--link-rate') : undefined,
         holdMs, balloon,
-        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend',
+        timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend', paused: argv.paused,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
       }).catch(async (e) => {
         // In doubt the guest may run on the peer's disks: keep them there (never remove data

@@ -1,7 +1,8 @@
 // Moving a guest's local disks to the peer host, from the source host's side: the seam both
-// migration paths use (the QMP path, `vmshift migrate --qmp ... --disk`, here; the libvirt
-// path next). In order:
-//   PeerDisks.open     a link to the peer (SSH carrier, `vmshift link-agent --disks` there)
+// migration paths use (the QMP path, `vmshift migrate --qmp ... --disk`; the libvirt path,
+// src/libvirt/local-disk-handover.ts). In order:
+//   PeerDisks.open     a link to the peer (SSH carrier, `vmshift link-agent --disks` there),
+//   or PeerDisks.over  the migration's own link (its agent also runs with --disks)
 //   prepare(plans)     the peer creates a thin file per disk in its datastore and starts a
 //                      shim on it at the socket its QEMU will use (src/hostmove/peer.ts)
 //   copy(onEvent)      each source shim runs a storage-migration job (mode mirror, handover
@@ -18,13 +19,12 @@
 // cut of the carrier is then a stall to the NBD client, and the link resends what was lost,
 // so the copy goes on from where it was instead of from zero.
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { Link } from '../link/link.ts';
-import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { agentLink, peerName as sshPeerName, type SshPeer } from '../link/agent-link.ts';
 import { Control } from '../relay/control.ts';
+import { forwardUnix, type UnixForward } from '../relay/unix-splice.ts';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { DISK_NAME_RE, DISKS_STREAM, nbdStreamName, type DisksMsg } from './protocol.ts';
@@ -37,22 +37,15 @@ export interface DiskPlan {
   /** The new file on the peer, and the socket its shim serves it on. */
   destPath: string;
   destSocket: string;
+  /** The NBD export name, the same on both shims ('disk', or the domain's, e.g. vda). */
+  exportName: string;
   size: number;
   allocated: number;
 }
 
-export interface PeerTarget {
-  host: string;
-  port: number;
-  user: string;
-  identity: string;
-  knownHosts: string;
-  peerVmshift: string;
-  peerSocketDir: string;
+export interface PeerTarget extends SshPeer {
   /** The peer's vmshiftd config (its datastores); default its /etc/vmshift/vmshiftd.json. */
   peerConfig?: string;
-  sharedDir?: string;
-  holdMs?: number;
 }
 
 export type DiskEvent =
@@ -62,7 +55,7 @@ export type DiskEvent =
   | { event: 'carrier'; state: string; why: string };
 
 /** `--disk SOCKET=PATH` or `--to-dir DIR` (then PATH is DIR/basename(backing)); the peer's socket defaults to the same path. */
-export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: string; destSocket?: string; name?: string }>, toDir?: string): Promise<DiskPlan[]> {
+export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: string; destSocket?: string; name?: string; exportName?: string }>, toDir?: string): Promise<DiskPlan[]> {
   const plans: DiskPlan[] = [];
   for (const [i, s] of specs.entries()) {
     const st = await controlCall<{ backing: string; size: number; job: string | null }>(`${s.sourceSocket}.ctl`, 'status', {}, { timeoutMs: 5000 });
@@ -71,16 +64,17 @@ export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: 
     if (!destPath) throw new ControlError('bad-request', `${s.sourceSocket}: where on the peer? give --disk SOCKET=PATH or --to-dir DIR`);
     const name = s.name ?? `disk${i}`;
     if (!DISK_NAME_RE.test(name)) throw new ControlError('bad-request', `disk name "${name}" must match ${DISK_NAME_RE}`);
-    const allocated = await allocatedBytes(s.sourceSocket).catch(() => st.size);
-    plans.push({ name, sourceSocket: s.sourceSocket, destPath, destSocket: s.destSocket ?? s.sourceSocket, size: st.size, allocated });
+    const exportName = s.exportName ?? 'disk';
+    const allocated = await allocatedBytes(s.sourceSocket, exportName).catch(() => st.size);
+    plans.push({ name, sourceSocket: s.sourceSocket, destPath, destSocket: s.destSocket ?? s.sourceSocket, exportName, size: st.size, allocated });
   }
   return plans;
 }
 
 /** What the shim reports as allocated (block status), or the size when it cannot tell. */
-async function allocatedBytes(socket: string): Promise<number> {
+async function allocatedBytes(socket: string, exportName: string): Promise<number> {
   const { openDevice } = await import('../block/open.ts');
-  const dev = await openDevice(`nbd+unix:///disk?socket=${socket}`, { readOnly: true, connections: 1 });
+  const dev = await openDevice(`nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`, { readOnly: true, connections: 1 });
   try {
     let n = 0;
     for (let off = 0; off < dev.size;) {
@@ -99,26 +93,27 @@ export class PeerDisks {
   readonly peerName: string;
   #ctl: Control<DisksMsg> | null = null;
   #dir = mkdtempSync(join(tmpdir(), 'vmshift-disks-'));
-  #relays: Server[] = [];
-  #conns = new Set<Socket>();
+  #relays: UnixForward[] = [];
   #jobs = new Map<string, Promise<unknown>>();
   #plans: DiskPlan[] = [];
   #prepared = false;
   #failed: Promise<never>;
+  #ownsLink: boolean;
 
-  private constructor(readonly target: PeerTarget) {
-    const id = randomBytes(6).toString('hex');
-    this.peerName = `${target.user}@${target.host}:${target.port}`;
-    const socket = `${target.peerSocketDir}/disks-${id}.sock`;
-    const start = [target.peerVmshift, 'link-agent', '--start', '--disks', '--link', id, '--migration', `disks-${id}`, '--socket', socket,
-      ...(target.peerConfig ? ['--disks-config', target.peerConfig] : []), ...(target.sharedDir ? ['--shared-dir', target.sharedDir] : []),
-      ...(target.holdMs ? ['--hold-ms', String(target.holdMs)] : [])];
-    this.link = new Link({
-      link: id, migration: `disks-${id}`, role: 'a', peer: this.peerName, sharedDir: target.sharedDir, holdMs: target.holdMs,
-      dial: sshDialer({ host: target.host, port: target.port, user: target.user, identity: target.identity, knownHosts: target.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
-    });
+  /** `link`: an existing link whose agent also serves the disks (the libvirt path's), else one of its own. */
+  private constructor(readonly target: PeerTarget, link?: Link) {
+    this.peerName = sshPeerName(target);
+    this.#ownsLink = !link;
+    this.link = link ?? agentLink(target, 'disks', 'disks', ['--disks', ...(target.peerConfig ? ['--disks-config', target.peerConfig] : [])]);
     this.#failed = new Promise<never>((_, reject) => this.link.once('failed', (e: Error) => reject(new ControlError('link-failed', `the link to ${this.peerName} failed: ${e.message}`))));
     this.#failed.catch(() => {});
+  }
+
+  /** Over a link that is up already and whose agent runs with `--disks` (it stays the caller's to finish). */
+  static over(link: Link, target: PeerTarget): PeerDisks {
+    const p = new PeerDisks(target, link);
+    p.#ctl = new Control<DisksMsg>(link.stream(DISKS_STREAM), p.peerName);
+    return p;
   }
 
   static async open(target: PeerTarget, onEvent: (e: DiskEvent) => void): Promise<PeerDisks> {
@@ -142,9 +137,10 @@ export class PeerDisks {
   }
 
   /** The peer creates the thin files and serves each on its socket; nothing changes there if any fails. */
-  async prepare(plans: DiskPlan[], onEvent: (e: DiskEvent) => void): Promise<void> {
+  /** `domainXml`: the domain's XML as it will be on the peer; its shims are then started there as its libvirt hook starts them (through vmshiftd). */
+  async prepare(plans: DiskPlan[], onEvent: (e: DiskEvent) => void, domainXml?: string): Promise<void> {
     this.#plans = plans;
-    const r = await this.#ask({ op: 'prepare', disks: plans.map((p) => ({ name: p.name, size: p.size, allocated: p.allocated, path: p.destPath, socket: p.destSocket })) }, 'prepared');
+    const r = await this.#ask({ op: 'prepare', disks: plans.map((p) => ({ name: p.name, size: p.size, allocated: p.allocated, path: p.destPath, socket: p.destSocket })), ...(domainXml ? { domainXml } : {}) }, 'prepared');
     this.#prepared = true;
     if (r.op === 'prepared') onEvent({ event: 'disks-prepared', disks: r.disks });
   }
@@ -162,7 +158,7 @@ export class PeerDisks {
       const isSynced = new Promise<void>((r) => (resolveSynced = r));
       const job = controlCall(`${p.sourceSocket}.ctl`, 'migrate.start', {
         // The peer created the file (O_EXCL, truncated to size): it reads as zeroes, so holes cost nothing.
-        to: `nbd+unix:///disk?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
+        to: `nbd+unix:///${encodeURIComponent(p.exportName)}?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
         bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true,
       }, {
         onEvent: (event, data) => {
@@ -212,9 +208,8 @@ export class PeerDisks {
   /** End the link (BYE once both sides are done) and the local relays. */
   async close(): Promise<void> {
     this.#ctl?.end();
-    for (const c of this.#conns) c.destroy();
-    for (const s of this.#relays) s.close();
-    if (this.link.state === 'running') {
+    for (const r of this.#relays) r.close();
+    if (this.#ownsLink && this.link.state === 'running') {
       await Promise.race([this.link.finish().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
       if (this.link.state === 'running') this.link.abort('the disks moved');
     }
@@ -228,22 +223,7 @@ export class PeerDisks {
   /** A unix socket here whose every connection is a link stream to the peer's shim for `p`. */
   async #relay(p: DiskPlan): Promise<string> {
     const path = join(this.#dir, `${p.name}.nbd`);
-    let n = 0;
-    const server = createServer((c) => {
-      this.#conns.add(c);
-      const s = this.link.stream(nbdStreamName(p.name, n++));
-      s.on('error', () => c.destroy());
-      c.on('error', () => s.destroy());
-      c.on('close', () => { this.#conns.delete(c); s.end(); });
-      c.pipe(s).pipe(c);
-    });
-    const old = process.umask(0o077);
-    try {
-      await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(path, () => resolve()); });
-    } finally {
-      process.umask(old);
-    }
-    this.#relays.push(server);
+    this.#relays.push(await forwardUnix(path, (n) => this.link.stream(nbdStreamName(p.name, n))));
     return path;
   }
 }

@@ -7,10 +7,20 @@
 // move's to undo: an `abort`, a failed prepare or the link failing (the hold time) stops the
 // shims and removes the files, so nothing is left on this host. After `commit` they are the
 // disks and are left running.
+// For a libvirt domain (`prepare` carries the domain's XML as it will be here) each shim is
+// started exactly as this host's libvirt hook starts it at `prepare` (startShims through
+// vmshiftd, the same name, owner and group): libvirt's Prepare then finds it serving, and
+// vmshiftd supervises it from the first byte (a shutdown's `release` stops it, a start serves
+// the new file again).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { open, rm, statfs, unlink } from 'node:fs/promises';
 import { connect } from 'node:net';
+import { spliceUnix } from '../relay/unix-splice.ts';
+import { callDaemon, daemonSocket } from '../cli/daemon-client.ts';
+import { loadHookConfig } from '../libvirt/hook-config.ts';
+import { planShims, type DomainShims } from '../libvirt/shim-plan.ts';
+import { defaultGroup, startShims, stopShims } from '../libvirt/shim-control.ts';
 import { dirname, isAbsolute } from 'node:path';
 import type { Link } from '../link/link.ts';
 import type { LinkStream } from '../link/stream.ts';
@@ -25,6 +35,8 @@ export interface PeerDisksOptions {
   config?: string;
   /** The command that runs vmshift here (the agent's own node and entry point). */
   self: string[];
+  /** This host's libvirt hook config (its vmshiftd socket, group, libvirt URI), for libvirt domains. */
+  hookConfig?: string;
   log: (m: string) => void;
 }
 
@@ -32,7 +44,8 @@ interface Served {
   name: string;
   path: string;
   socket: string;
-  child: ChildProcess;
+  /** A shim of our own (`vmshift serve`), or null when vmshiftd runs it. */
+  child: ChildProcess | null;
 }
 
 class PrepareError extends Error {
@@ -44,6 +57,8 @@ class PrepareError extends Error {
 export function serveDisks(link: Link, o: PeerDisksOptions): void {
   const served = new Map<string, Served>();
   let committed = false;
+  /** The libvirt domain's shims, started through vmshiftd (the hook's way). */
+  let viaDaemon: { plan: DomainShims; socket: string } | null = null;
 
   /** Stop the shims this move started and remove the files it created (before a commit only). */
   const undo = async (why: string) => {
@@ -51,6 +66,13 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
     o.log(`removing the disks prepared for this move: ${why}`);
     const all = [...served.values()];
     served.clear();
+    if (viaDaemon) {
+      const { plan, socket } = viaDaemon;
+      viaDaemon = null;
+      await stopShims(plan, socket).catch((e: Error) => o.log(`cannot stop the shims through vmshiftd: ${e.message}`));
+      // The stopped shims' state files name the files removed below.
+      for (const d of plan.disks) await callDaemon(socket, 'shim.forget', { name: d.name }).catch(() => {});
+    }
     await Promise.all(all.map((s) => stopShim(s)));
     for (const s of all) {
       await unlink(s.path).catch((e: NodeJS.ErrnoException) => { if (e.code !== 'ENOENT') o.log(`cannot remove ${s.path}: ${e.message}`); });
@@ -58,9 +80,20 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
     }
   };
 
-  const prepare = async (disks: DiskToPrepare[]) => {
+  const prepare = async (disks: DiskToPrepare[], domainXml?: string) => {
     if (served.size) throw new PrepareError('busy', 'this move already prepared its disks');
     const policy = await loadSourcePolicy(o.config);
+    let plan: DomainShims | null = null;
+    if (domainXml !== undefined) {
+      try { plan = planShims(domainXml); } catch (e) { throw new PrepareError('bad-request', `the domain's XML: ${(e as Error).message}`); }
+      if (!plan) throw new PrepareError('bad-request', 'the domain\'s XML does not enable vmshift');
+      const p = plan;
+      for (const d of disks) {
+        const s = p.disks.find((x) => x.dev === d.name);
+        if (!s || s.source !== d.path || s.socket !== d.socket) throw new PrepareError('bad-request', `disk ${d.name}: the domain's XML does not route it through a shim on ${d.socket} over ${d.path}`);
+      }
+      plan = { ...p, disks: p.disks.filter((x) => disks.some((d) => d.name === x.dev)) };
+    }
     for (const d of disks) {
       if (!DISK_NAME_RE.test(d.name)) throw new PrepareError('bad-request', `disk name "${d.name}" must match ${DISK_NAME_RE}`);
       if (!isAbsolute(d.path) || !isAbsolute(d.socket)) throw new PrepareError('bad-request', `disk ${d.name}: the path and the socket must be absolute`);
@@ -87,10 +120,24 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
         await fh.close();
       }
       served.set(d.name, entry);
+      if (plan) continue;
       entry.child = await startShim(o.self, d.path, d.socket);
       o.log(`disk ${d.name}: serving the new thin file ${d.path} on ${d.socket} (pid ${entry.child.pid})`);
     }
-    return [...served.values()].map((s) => ({ name: s.name, path: s.path, socket: s.socket, pid: s.child.pid ?? 0 }));
+    const pids = new Map<string, number>();
+    if (plan) {
+      const config = await loadHookConfig(o.hookConfig);
+      const socket = daemonSocket(config.daemonSocket);
+      viaDaemon = { plan, socket };
+      try {
+        for (const l of await startShims(plan, socket, await defaultGroup(config.group), config.libvirtUri ?? 'qemu:///system')) o.log(l);
+      } catch (e) {
+        throw new PrepareError('failed', `cannot start the shims through vmshiftd (${socket}): ${(e as Error).message}`);
+      }
+      const list = await callDaemon<{ shims: Array<{ name: string; pid: number | null }> }>(socket, 'shim.list').catch(() => ({ shims: [] }));
+      for (const d of plan.disks) pids.set(d.dev, list.shims.find((x) => x.name === d.name)?.pid ?? 0);
+    }
+    return [...served.values()].map((s) => ({ name: s.name, path: s.path, socket: s.socket, pid: s.child?.pid ?? pids.get(s.name) ?? 0 }));
   };
 
   const onControl = async (ctl: Control<DisksMsg>) => {
@@ -101,7 +148,7 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
       try {
         if (m.op === 'prepare') {
           try {
-            ctl.send({ op: 'prepared', disks: await prepare(m.disks) });
+            ctl.send({ op: 'prepared', disks: await prepare(m.disks, m.domainXml) });
           } catch (e) {
             await undo(`prepare failed: ${(e as Error).message}`);
             throw e;
@@ -111,7 +158,7 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
           ctl.send({ op: 'present', path: m.path });
         } else if (m.op === 'commit') {
           committed = true;
-          for (const s of served.values()) s.child.unref();
+          for (const s of served.values()) s.child?.unref();
           o.log(`commit: the disks ${[...served.keys()].join(', ')} are served here now`);
           ctl.send({ op: 'committed' });
         } else if (m.op === 'abort') {
@@ -132,10 +179,7 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
     if (!m) return;
     const disk = served.get(m[1]!);
     if (!disk) { s.destroy(new Error(`no disk ${m[1]} was prepared`)); return; }
-    const sock = connect(disk.socket);
-    sock.on('error', (e) => { o.log(`disk ${disk.name}: ${e.message}`); s.destroy(); });
-    s.on('error', () => sock.destroy());
-    s.pipe(sock).pipe(s);
+    spliceUnix(s, disk.socket, (e) => o.log(`disk ${disk.name}: ${e.message}`));
   });
   link.once('failed', (e: Error) => void undo(`link failed: ${e.message}`));
 }
@@ -156,9 +200,10 @@ async function startShim(self: string[], path: string, socket: string): Promise<
 }
 
 async function stopShim(s: Served): Promise<void> {
-  if (!s.child || s.child.exitCode !== null) return;
-  const exited = new Promise<void>((r) => s.child.once('exit', () => r()));
-  s.child.kill('SIGTERM');
+  const child = s.child;
+  if (!child || child.exitCode !== null) return;
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  child.kill('SIGTERM');
   await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
 }
 

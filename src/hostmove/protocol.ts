@@ -23,7 +23,8 @@ export interface DiskToPrepare {
 }
 
 export type DisksMsg =
-  | { op: 'prepare'; disks: DiskToPrepare[] }
+  /** domainXml (the libvirt path): the domain as it will be defined on the peer; each disk's shim is then the one its hook starts, through the peer's vmshiftd. */
+  | { op: 'prepare'; disks: DiskToPrepare[]; domainXml?: string }
   | { op: 'await-socket'; path: string; timeoutMs: number }
   | { op: 'commit' }
   | { op: 'abort'; reason: string }

@@ -9,9 +9,9 @@
 //   rollback  the guest stays here: undo whatever prepare/copy/sync made on the destination
 // Shared storage (this file) is the trivial case: both hosts reach the same file at the same
 // path, so nothing is copied; prepare proves the sharing by writing a random token beside
-// each disk here and reading it back on the peer. Local disks moved by vmshift ("reshape",
-// src/hostmove/) implement the same interface: shims on the peer backed by new files, a copy
-// over the link, a synchronized mirror, the peer's shim becoming primary.
+// each disk here and reading it back on the peer. A vmshift-enabled domain's local disks
+// (src/libvirt/local-disk-handover.ts) implement the same interface: shims on the peer backed
+// by new files, a copy over the link, a synchronized mirror, the peer's shim becoming primary.
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants as fsc, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -84,8 +84,8 @@ export class SharedStorageHandover implements DiskHandover {
     // A vmshift-enabled domain's disks are served by shims here, each holding its disk's
     // writer lock: the destination's `prepare` hook could not start a second shim on the
     // same shared file while the source still runs. Handing a disk over to the peer's shim
-    // is the local-disk handover's job ("reshape"), not this one's.
-    if (this.xml.includes(VMSHIFT_NS)) throw new HandoverError(`${this.domain} is enabled with vmshift (its disks are served by shims): moving it to another host needs the disk handover to the peer's shims, which this version does not have (it moves guests whose disks are files both hosts mount, or network disks)`);
+    // is the local-disk handover's job, not this one's.
+    if (this.xml.includes(VMSHIFT_NS)) throw new HandoverError(`${this.domain} is enabled with vmshift (its disks are served by shims): it moves with the local-disk handover (src/libvirt/local-disk-handover.ts), not on shared storage`);
     const files = this.disks.filter((d) => d.source !== '-' && (d.type === 'file' || d.type === 'block'));
     const block = files.find((d) => d.type === 'block');
     if (block) throw new HandoverError(`${this.domain}: disk ${block.target} is the block device ${block.source}: this version moves guests whose disks are files on storage both hosts mount (or network disks)`);

@@ -20,11 +20,10 @@
 // each cut point: docs/libvirt-migrate.md.
 import { randomBytes } from 'node:crypto';
 import { chmodSync, chownSync, closeSync, constants as fsc, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { Link } from '../link/link.ts';
-import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
-import { listenUnixPrivate } from '../util/unix-listen.ts';
+import type { Link } from '../link/link.ts';
+import { agentLink, peerName as sshPeerName } from '../link/agent-link.ts';
+import { forwardUnix, type UnixForward } from '../relay/unix-splice.ts';
 import { CONTROL_STREAM, Control } from '../relay/control.ts';
 import { MEMORY_STREAM, sourceRelay, type SourceRelay } from '../relay/memory-relay.ts';
 import { LIBVIRT_STREAM_PREFIX } from '../relay/libvirt-destination.ts';
@@ -32,7 +31,10 @@ import { MigrateError } from '../relay/migrate.ts';
 import { Virsh, VirshError } from './virsh.ts';
 import { VirshSession, watchLifecycle } from './virsh-session.ts';
 import type { DestUri } from './dest-uri.ts';
-import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover, type DomainDisk } from './disk-handover.ts';
+import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover } from './disk-handover.ts';
+import { LocalDisksHandover, type LocalDisksOptions } from './local-disk-handover.ts';
+import { isEnabled } from './domain-xml.ts';
+import type { DiskEvent } from '../hostmove/disks.ts';
 
 export interface DomainMigrateOptions {
   domain: string;
@@ -64,8 +66,12 @@ export interface DomainMigrateOptions {
   connectTimeoutMs: number;
   onEvent: (e: DomainMigrateEvent) => void;
   signal?: AbortSignal;
-  /** The disks' part (default: shared storage, proven by a probe file). */
-  handover?: (domain: string, disks: DomainDisk[], xml: string, peer: string) => DiskHandover;
+  /**
+   * Where a vmshift-enabled domain's local disks go on the peer (--to-dir, --disk DEV=PATH),
+   * the peer's vmshiftd config (its datastores) and libvirt hook config (its vmshiftd socket).
+   * A domain without vmshift moves on shared storage (proven by a probe file).
+   */
+  localDisks?: LocalDisksOptions & { peerConfig?: string; peerHookConfig?: string };
 }
 
 export interface JobInfo {
@@ -84,6 +90,7 @@ export type DomainMigrateEvent =
   | { event: 'carrier'; state: string; why: string }
   | { event: 'warning'; message: string }
   | { event: 'committed'; commitMs: number }
+  | Exclude<DiskEvent, { event: 'carrier' }>
   | DomainMigrateDone;
 
 export interface DomainMigrateDone {
@@ -154,21 +161,6 @@ function qemuGid(): number | null {
   }
 }
 
-/** A local unix socket whose every connection is a link stream to the peer's libvirtd. */
-async function forwardLibvirt(path: string, link: Link): Promise<Server> {
-  let n = 0;
-  const server = createServer({ allowHalfOpen: true }, (sock: Socket) => {
-    let s;
-    try { s = link.stream(`${LIBVIRT_STREAM_PREFIX}${n++}`); } catch { sock.destroy(); return; }
-    sock.once('error', () => s.destroy());
-    s.once('error', () => sock.destroy());
-    sock.pipe(s);
-    s.pipe(sock);
-  });
-  await listenUnixPrivate(server, path, 0o600);
-  return server;
-}
-
 // unref'd: a wait for the link to wind down must not hold the command after its result.
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms).unref());
 
@@ -186,7 +178,7 @@ async function stateOf(v: VirshLike, domain: string): Promise<string | null> {
 export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigrateDone> {
   const t0 = performance.now();
   const src = new Virsh({ uri: o.sourceUri, timeoutMs: 60_000 });
-  const peerName = `${o.dest.user}@${o.dest.host}:${o.dest.port}`;
+  const peerName = sshPeerName(o.dest);
   const state0 = await stateOf(src, o.domain).catch((e: Error) => { throw new MigrateError('source', `cannot ask libvirt (${o.sourceUri}) about '${o.domain}': ${e.message}`); });
   if (state0 === null) throw new MigrateError('usage', `domain '${o.domain}' is not defined on this host (${o.sourceUri}); nothing was changed`);
   if (state0 !== 'running' && state0 !== 'paused') throw new MigrateError('usage', `domain '${o.domain}' is ${state0}: only a running or paused guest migrates live; nothing was changed`);
@@ -196,7 +188,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
   const dir = join(o.runDir, 'migrate', id);
   let link: Link | null = null;
   let relay: SourceRelay | null = null;
-  let fwd: Server | null = null;
+  let fwd: UnixForward | null = null;
   let ctl: Control | null = null;
   let handover: DiskHandover | null = null;
   let committed = false;
@@ -208,14 +200,13 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const xml = await src.dumpxml(o.domain);
     const disks = parseDomblklist(await src.run(['domblklist', o.domain, '--details']));
 
-    // The link: the agent on the peer carries libvirt's connection and the migration stream.
-    const socket = `${o.peerSocketDir}/link-${id}.sock`;
-    const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `dom-${id}`, '--socket', socket, '--libvirt-socket', o.dest.socket,
-      ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
-    const l = new Link({
-      link: id, migration: `dom-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs,
-      dial: sshDialer({ host: o.dest.host, port: o.dest.port, user: o.dest.user, identity: o.identity, knownHosts: o.knownHosts, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 }),
-    });
+    // The link: the agent on the peer carries libvirt's connection and the migration stream,
+    // and for a vmshift-enabled domain its disks (src/hostmove/peer.ts) too.
+    const local = isEnabled(xml);
+    const ld = o.localDisks;
+    const target = { host: o.dest.host, port: o.dest.port, user: o.dest.user, identity: o.identity, knownHosts: o.knownHosts, peerVmshift: o.peerVmshift, peerSocketDir: o.peerSocketDir, sharedDir: o.sharedDir, holdMs: o.holdMs, peerConfig: ld?.peerConfig };
+    const l = agentLink(target, 'dom', 'link', ['--libvirt-socket', o.dest.socket,
+      ...(local ? ['--disks', ...(ld?.peerConfig ? ['--disks-config', ld.peerConfig] : []), ...(ld?.peerHookConfig ? ['--hook-config', ld.peerHookConfig] : [])] : [])]);
     link = l;
     l.on('carrier', (state: string, why: string) => o.onEvent({ event: 'carrier', state, why }));
     l.on('warning', (m: string) => o.onEvent({ event: 'warning', message: m }));
@@ -231,7 +222,8 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const migrateSocket = join(dir, 'mig.sock');
     const fwdPath = join(dir, 'libvirt.sock');
-    fwd = await forwardLibvirt(fwdPath, l);
+    // Every connection virsh makes to this socket is a link stream to the peer's libvirtd.
+    fwd = await forwardUnix(fwdPath, (n) => l.stream(`${LIBVIRT_STREAM_PREFIX}${n}`));
     const dst = new Virsh({ uri: o.libvirtVia === 'direct' && o.destUri ? o.destUri : `qemu+unix:///system?socket=${fwdPath}`, timeoutMs: 60_000 });
     const c = new Control(l.stream(CONTROL_STREAM), peerName);
     ctl = c;
@@ -250,7 +242,13 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const destState = await stateOf(session, o.domain).catch((e: Error) => { throw new MigrateError('destination', `cannot reach libvirt on ${peerName} (${o.dest.socket}): ${e.message}`); });
     if (destState === 'running' || destState === 'paused') throw new MigrateError('destination', `${peerName} already runs a domain named '${o.domain}' (${destState}); nothing was changed`);
     const definedOnDest = destState !== null;
-    handover = (o.handover ?? ((d, ds, x, p) => new SharedStorageHandover(d, ds, x, p)))(o.domain, disks, xml, peerName);
+    handover = local
+      ? new LocalDisksHandover({
+        domain: o.domain, disks, xml, persistent: o.persistent, link: l, target, workDir: dir, onEvent: o.onEvent,
+        migratableXml: await src.run(['dumpxml', '--migratable', '--domain', o.domain]),
+        inactiveXml: await src.run(['dumpxml', '--inactive', '--migratable', '--domain', o.domain]),
+      }, { paths: ld?.paths ?? {}, toDir: ld?.toDir, bandwidth: ld?.bandwidth })
+      : new SharedStorageHandover(o.domain, disks, xml, peerName);
     try {
       await handover.prepare({ readFiles: peerPrepare });
     } catch (e) {

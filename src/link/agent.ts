@@ -35,6 +35,8 @@ export interface AgentOptions {
   disks?: boolean;
   /** This host's vmshiftd config, for its datastores (default /etc/vmshift/vmshiftd.json). */
   disksConfig?: string;
+  /** This host's libvirt hook config (vmshiftd's socket ...), for a libvirt domain's disks. */
+  hookConfig?: string;
   tls?: { host: string; port: number; ca: string; cert: string; key: string };
 }
 
@@ -43,7 +45,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
     args, strict: true, options: {
       start: { type: 'boolean', default: false }, link: { type: 'string' }, migration: { type: 'string' },
       socket: { type: 'string' }, 'shared-dir': { type: 'string' }, 'hold-ms': { type: 'string' }, echo: { type: 'boolean', default: false }, sink: { type: 'boolean', default: false },
-      'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' }, disks: { type: 'boolean', default: false }, 'disks-config': { type: 'string' },
+      'dest-qmp': { type: 'string' }, 'libvirt-socket': { type: 'string' }, disks: { type: 'boolean', default: false }, 'disks-config': { type: 'string' }, 'hook-config': { type: 'string' },
       'tls-listen': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
     },
   });
@@ -57,7 +59,7 @@ export function parseAgentArgs(args: string[]): AgentOptions & { start: boolean 
   }
   return {
     start: v.start!, link: v.link, migration: v.migration, socket: v.socket, sharedDir: v['shared-dir'],
-    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, sink: v.sink, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], disks: v.disks, disksConfig: v['disks-config'], tls,
+    holdMs: v['hold-ms'] ? Number(v['hold-ms']) : undefined, echo: v.echo, sink: v.sink, destQmp: v['dest-qmp'], libvirtSocket: v['libvirt-socket'], disks: v.disks, disksConfig: v['disks-config'], hookConfig: v['hook-config'], tls,
   };
 }
 
@@ -100,7 +102,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
   if (o.libvirtSocket) serveLibvirtDestination(link, o.libvirtSocket, log);
-  if (o.disks) serveDisks(link, { config: o.disksConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
+  if (o.disks) serveDisks(link, { config: o.disksConfig, hookConfig: o.hookConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);

@@ -16,7 +16,8 @@ export type ControlMsg =
   | { op: 'prepare'; capabilities: Record<string, boolean>; destQmp?: string; balloon?: { restore: number }; cache?: boolean }
   // stream: what the source QEMU wrote (bytes, CRC-32): the destination runs the guest only
   // if it gave its QEMU the same, else it answers `refused` and quits its QEMU.
-  | { op: 'commit'; stream?: { bytes: number; crc: number } }
+  // paused: the destination does not `cont` (the operator resumes it; virsh migrate --suspend).
+  | { op: 'commit'; stream?: { bytes: number; crc: number }; paused?: boolean }
   | { op: 'abort'; reason: string }
   | { op: 'ready'; sharedDir?: string | null }
   | { op: 'running'; balloon?: { target: number } | { error: string } }

@@ -139,8 +139,11 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
             }
           }
           committed = true;
-          await qmp.execute('cont');
-          log('commit received: destination QEMU resumed');
+          if (m.paused) log('commit received: destination QEMU left paused, as asked (resume it with QMP "cont")');
+          else {
+            await qmp.execute('cont');
+            log('commit received: destination QEMU resumed');
+          }
           const balloon = restore === null ? undefined : await qmp.execute('balloon', { value: restore }).then(
             () => { log(`balloon target set back to ${restore} bytes`); return { target: restore! }; },
             (e: Error) => { log(`cannot give the guest its memory back: ${e.message}`); return { error: e.message }; });

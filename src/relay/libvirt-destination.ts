@@ -9,13 +9,12 @@
 //       talks to this libvirt through the link, so a reset of the network is hidden from it
 // Nothing here starts, resumes or stops a guest: libvirt does, on the source's word.
 import { existsSync, mkdirSync, openSync, readSync, closeSync, rmdirSync, constants as fsc } from 'node:fs';
-import { connect } from 'node:net';
 import { dirname } from 'node:path';
-import type { Duplex } from 'node:stream';
 import type { Link } from '../link/link.ts';
 import type { LinkStream } from '../link/stream.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, destRelay } from './memory-relay.ts';
+import { spliceUnix } from './unix-splice.ts';
 
 export const LIBVIRT_STREAM_PREFIX = 'libvirt-';
 /** A probe file holds a token of a few dozen bytes; read no more than this. */
@@ -35,15 +34,6 @@ function readProbe(path: string): string | null {
   } catch {
     return null;
   }
-}
-
-/** Splice a link stream and a unix socket both ways, each direction ending on its own. */
-export function spliceUnix(stream: Duplex, path: string, onError: (e: Error) => void): void {
-  const sock = connect({ path, allowHalfOpen: true });
-  sock.once('error', (e) => { onError(new Error(`cannot use ${path}: ${e.message}`)); stream.destroy(); });
-  stream.once('error', () => sock.destroy());
-  sock.pipe(stream);
-  stream.pipe(sock);
 }
 
 export function serveLibvirtDestination(link: Link, libvirtSocket: string, log: (m: string) => void): void {

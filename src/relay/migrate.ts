@@ -16,9 +16,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QmpClient } from '../qemu/qmp.ts';
 import { Link } from '../link/link.ts';
-import { sshDialer, shellLine } from '../link/ssh-carrier.ts';
+import { agentDialer, peerName as sshPeerName } from '../link/agent-link.ts';
 import { tlsDialer } from '../link/tls-carrier.ts';
-import type { Duplex } from 'node:stream';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
 import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
@@ -54,6 +53,8 @@ export interface MemoryMigrateOptions {
   timeoutMs?: number;
   /** At the timeout: roll back (`abort`), or pause the guest so that the migration completes (`suspend`). */
   timeoutAction?: 'abort' | 'suspend';
+  /** Leave the guest paused on the destination after the move (virsh migrate --suspend). */
+  paused?: boolean;
   /** Shrink the guest on its statistics before the move (src/balloon/); settings override the defaults. */
   balloon?: Partial<BalloonSettings>;
   onEvent: (e: MigrateEvent) => void;
@@ -110,16 +111,10 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
 
   const id = randomBytes(6).toString('hex');
   const p = o.peer;
-  const peerName = p.scheme === 'ssh' ? `${p.user}@${p.host}:${p.port}` : `tls://${p.host}:${p.port}`;
-  let dial: () => Promise<Duplex>;
-  if (p.scheme === 'ssh') {
-    const socket = `${o.peerSocketDir}/link-${id}.sock`;
-    const start = [o.peerVmshift, 'link-agent', '--start', '--link', id, '--migration', `mem-${id}`, '--socket', socket, '--dest-qmp', o.destQmp,
-      ...(o.sharedDir ? ['--shared-dir', o.sharedDir] : []), ...(o.holdMs ? ['--hold-ms', String(o.holdMs)] : [])];
-    dial = sshDialer({ ...p, remoteSocket: socket, startCommand: shellLine(start), connectTimeoutMs: 10_000 });
-  } else {
-    dial = tlsDialer(p);
-  }
+  const peerName = p.scheme === 'ssh' ? sshPeerName(p) : `tls://${p.host}:${p.port}`;
+  const dial = p.scheme === 'ssh'
+    ? agentDialer({ ...p, peerVmshift: o.peerVmshift, peerSocketDir: o.peerSocketDir, sharedDir: o.sharedDir, holdMs: o.holdMs }, id, `mem-${id}`, 'link', ['--dest-qmp', o.destQmp])
+    : tlsDialer(p);
   const link = new Link({ link: id, migration: `mem-${id}`, role: 'a', peer: peerName, sharedDir: o.sharedDir, holdMs: o.holdMs, dial });
   link.on('carrier', (state: string, why: string) => o.onEvent({ event: 'carrier', state, why }));
   link.on('warning', (m: string) => o.onEvent({ event: 'warning', message: m }));
@@ -211,7 +206,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
 
     // The point of no return: from here the destination owns the guest.
     committed = true;
-    ctl.send({ op: 'commit', ...(stream ? { stream } : {}) });
+    ctl.send({ op: 'commit', ...(stream ? { stream } : {}), ...(o.paused ? { paused: true } : {}) });
     o.onEvent({ event: 'committed' });
     const ans = await Promise.race([ctl.next(), linkFailed]).catch((e: Error) => {
       throw new MigrateError('link', `the commit was sent but the destination's answer never came (${e.message}); the source stays in postmigrate: check the destination QEMU (it resumes on the commit)`, true);

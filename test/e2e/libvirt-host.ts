@@ -5,7 +5,7 @@
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { onCleanup, startDaemon, tempDir, waitForSocket, type Daemon } from '../helpers/proc.ts';
-import { isShimProcess } from '../../src/daemon/processes.ts';
+import { killShimsAtCleanup, registryShims } from '../helpers/libvirt-hosts.ts';
 import type { ShimRecord } from '../../src/daemon/registry.ts';
 import { Virsh } from '../../src/libvirt/virsh.ts';
 import { GUEST_INITRD, GUEST_KERNEL } from '../helpers/guest.ts';
@@ -30,24 +30,8 @@ export interface VmshiftHost {
 export function vmshiftHost(prefix = 'vlh-'): VmshiftHost {
   const dir = tempDir(prefix);
   const api = join(dir, 'api.sock'), stateDir = join(dir, 'state'), runDir = join(dir, 'run');
-  const shims = (): ShimRecord[] => {
-    const file = join(stateDir, 'vmshiftd.json');
-    try {
-      return existsSync(file) ? JSON.parse(readFileSync(file, 'utf8')).shims : [];
-    } catch {
-      return [];
-    }
-  };
-  // Shims outlive the daemon by design: remember every PID the registry named, kill at cleanup.
-  const seen = new Map<number, string>();
-  const remember = () => { for (const r of shims()) if (r.pid) seen.set(r.pid, r.socket); };
-  const timer = setInterval(remember, 200);
-  timer.unref();
-  onCleanup(async () => {
-    clearInterval(timer);
-    remember();
-    for (const [pid, socket] of seen) if (await isShimProcess(pid, socket)) process.kill(pid, 'SIGKILL');
-  });
+  const shims = () => registryShims(stateDir);
+  killShimsAtCleanup(shims);
   return {
     dir, api, stateDir, runDir, shims,
     env: { ...process.env, VMSHIFT_SOCKET: api, VMSHIFT_RUN_DIR: runDir, VMSHIFT_HOOK_CONFIG: join(dir, 'no-hooks.json') },

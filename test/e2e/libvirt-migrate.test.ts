@@ -4,15 +4,21 @@
 // with the carrying connection reset mid-memory (and a second migration of the same guest
 // refused meanwhile), then the bad inputs are tried against it on A. The disk is one file in a
 // directory both hosts see at the same path (shared storage).
+// Then a second guest, enabled with vmshift (its disk a thin local raw file behind a shim of
+// A's vmshiftd), moves to B disk and all: refused first for a datastore B does not allow,
+// then moved with the carrying connection reset during the disk copy.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, run } from '../helpers/proc.ts';
 import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
 import { jsonLinesInNs, resetConnections, type JsonLinesRun } from '../helpers/hosts.ts';
-import { VMSHIFT, domState, libvirtHosts, type LibvirtHosts, type LibvirtTestHost } from '../helpers/libvirt-hosts.ts';
+import { VMSHIFT, domState, libvirtHosts, startVmshiftd, type HostVmshiftd, type LibvirtHosts, type LibvirtTestHost } from '../helpers/libvirt-hosts.ts';
+import { enableDomain } from '../../src/libvirt/enable.ts';
 import { writerDomainXml } from './libvirt-host.ts';
+import { controlCall } from '../../src/control/client.ts';
 
 const NAME = 'lvmig';
 const SLOTS = 64;
@@ -21,25 +27,39 @@ let disk: string, console_: string;
 
 interface Ev { event: string; error?: { code: string; message: string }; [k: string]: unknown }
 
-function seqs(): number[] {
-  const text = existsSync(console_) ? readFileSync(console_, 'latin1') : '';
+function seqs(file = console_, from = 0): number[] {
+  const text = existsSync(file) ? readFileSync(file, 'latin1').slice(from) : '';
   if (/VMSHIFT-ERROR/.test(text)) throw new Error(`guest error:\n${text.slice(-2000)}`);
   return [...text.matchAll(/^VMSHIFT-SEQ (\d+)\r?$/gm)].map((m) => Number(m[1]));
 }
-const lastSeq = () => Math.max(0, ...seqs());
+const lastSeq = (file = console_, from = 0) => Math.max(0, ...seqs(file, from));
 
-async function waitSeq(min: number, timeoutMs = 120_000): Promise<number> {
+async function waitSeq(min: number, timeoutMs = 120_000, file = console_, from = 0): Promise<number> {
   const deadline = Date.now() + timeoutMs;
-  while (lastSeq() < min) {
-    if (Date.now() > deadline) throw new Error(`writer did not reach record ${min} (at ${lastSeq()}); console:\n${existsSync(console_) ? readFileSync(console_, 'latin1').slice(-1500) : '(none)'}`);
+  while (lastSeq(file, from) < min) {
+    if (Date.now() > deadline) throw new Error(`writer did not reach record ${min} (at ${lastSeq(file, from)}); console:\n${existsSync(file) ? readFileSync(file, 'latin1').slice(-1500) : '(none)'}`);
     await new Promise((r) => setTimeout(r, 100));
   }
-  return lastSeq();
+  return lastSeq(file, from);
+}
+
+function assertUnbroken(s: number[]): void {
+  for (let i = 1; i < s.length; i++) assert.equal(s[i], s[i - 1] + 1, `the writer's sequence broke at ${s[i - 1]} -> ${s[i]}`);
 }
 
 /** `vmshift migrate` run inside host `from`, JSON lines parsed. */
 function migrate(from: LibvirtTestHost, domain: string, uri: string, extra: string[] = [], during?: (e: Ev) => void): Promise<JsonLinesRun<Ev>> {
   return jsonLinesInNs<Ev>(from, VMSHIFT, ['migrate', domain, uri, '--json', '--peer-vmshift', VMSHIFT, ...extra], { argv: from.argv, during, timeoutMs: 120_000 });
+}
+
+/**
+ * leftovers(h) once it is empty, or what is left after 30 s: an agent whose link was aborted or
+ * finished exits on its own, at once when the source's ABORT or BYE reached it, else after its
+ * hold time (a CLI that exits at once may not flush its ABORT on a loaded machine).
+ */
+async function settledLeftovers(h: LibvirtTestHost): Promise<string[]> {
+  for (let i = 0; i < 300 && leftovers(h).length; i++) await new Promise((r) => setTimeout(r, 100));
+  return leftovers(h);
 }
 
 function leftovers(h: LibvirtTestHost): string[] {
@@ -145,6 +165,110 @@ test('bad input: unknown domain, untrusted host key, unreachable peer: clear err
   assert.equal(leftovers(b), []);
   const at = lastSeq();
   await waitSeq(at + 3);
+});
+
+
+// ---- a vmshift-enabled domain with a local thin disk -------------------------------------
+
+const LOCAL = 'lvloc';
+const MiB = 1024 * 1024;
+const allocated = (path: string) => statSync(path).blocks * 512;
+const sha = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+let vmA: HostVmshiftd, vmB: HostVmshiftd;
+let aImages: string, bImages: string, aDisk: string, console2: string;
+
+test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --disk: clear errors, nothing changed on either host', async () => {
+  const { a, b } = hosts;
+  aImages = join(hosts.shared, 'a-images');
+  bImages = join(hosts.shared, 'b-images');
+  mkdirSync(aImages, { mode: 0o700 });
+  mkdirSync(bImages, { mode: 0o700 });
+  [vmA, vmB] = await Promise.all([startVmshiftd(a, aImages), startVmshiftd(b, bImages)]);
+  aDisk = join(aImages, 'loc.raw');
+  console2 = join(hosts.shared, 'console-loc.log');
+  // Thin: 64 MiB virtual, 32 MiB of data past the writer's slots, the rest holes: 2 s of copy at --bandwidth 16M.
+  await run('qemu-img', ['create', '-q', '-f', 'raw', aDisk, String(64 * MiB)]);
+  await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a ${8 * MiB} ${32 * MiB}`, aDisk]);
+  await a.virsh.define(writerDomainXml(LOCAL, aDisk, console2, SLOTS).replace("<memory unit='MiB'>256</memory>", "<memory unit='MiB'>128</memory>"));
+  await enableDomain(a.virsh, LOCAL, { disks: ['vda'], runDir: '/run/vmshift' });
+  await a.virsh.start(LOCAL);
+  await waitSeq(5, 120_000, console2);
+  assert.equal(vmA.shims().map((r) => r.source), [aDisk], 'A\'s vmshiftd serves the disk');
+
+  const outside = join(hosts.shared, 'not-a-datastore');
+  mkdirSync(outside, { mode: 0o700 });
+  const refusing = ['--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig, '--hold-time', '10s'];
+  const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', outside, ...refusing]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.events.at(-1)?.error?.message ?? '', /disk vda: .*datastore.*nothing was changed/);
+  const unknown = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--disk', 'vdz=/x.raw', ...refusing]);
+  assert.equal(unknown.code, 1, unknown.stderr);
+  assert.match(unknown.events.at(-1)?.error?.message ?? '', /--disk vdz=\.\.\.: lvloc has no disk vdz served by a shim .*nothing was changed/);
+
+  assert.equal(readdirSync(outside), []);
+  assert.equal(readdirSync(bImages), []);
+  assert.equal(vmB.shims(), []);
+  assert.equal(await domState(a, LOCAL), 'running');
+  assert.equal(await domState(b, LOCAL), null);
+  assert.equal(await settledLeftovers(a), []);
+  assert.equal(await settledLeftovers(b), []);
+  const st = await controlCall<{ job: string | null }>(`${vmA.shims()[0]!.socket.replace('/run/', `${a.dir}/run/`)}.ctl`, 'status');
+  assert.equal(st.job, null, 'no job left on A\'s shim');
+  await waitSeq(lastSeq(console2) + 3, 60_000, console2);
+});
+
+test('local disk: the domain moves to B with its disk (a reset mid-copy resumes without recopying): writer unbroken, every record on B\'s thin file, A\'s file untouched, virsh start on B uses B\'s file', async () => {
+  const { a, b } = hosts;
+  const bDisk = join(bImages, 'loc.raw');
+  let reset = false;
+  const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig, '--bandwidth', '16M'], (e) => {
+    if (!reset && e.event === 'disk-progress' && Number(e.bytesCopied) > 4 * MiB) {
+      reset = true;
+      void resetConnections(a, b);
+    }
+  });
+  const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
+  assert.equal(r.code, 0, summary);
+  assert.ok(reset, `the connection was reset during the disk copy: ${summary}`);
+  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number };
+  assert.ok(done.link.reconnects >= 1, `the link reconnected: ${JSON.stringify(done.link)}`);
+  const aHash = sha(aDisk);
+  assert.equal(await domState(b, LOCAL), 'running', summary);
+  assert.equal(await domState(a, LOCAL), null, 'still defined on A');
+  // B's definition names B's file; B's vmshiftd serves it, A's serves nothing any more.
+  const inactive = await b.virsh.dumpxml(LOCAL, { inactive: true });
+  assert.ok(inactive.includes(`file='${bDisk}'`) || inactive.includes(`file="${bDisk}"`), inactive);
+  assert.equal(vmB.shims().map((s) => s.source), [bDisk]);
+  // A's release hook stopped A's shim (Confirm killed the source QEMU).
+  for (let i = 0; i < 100 && vmA.shims().length; i++) await new Promise((res) => setTimeout(res, 100));
+  const aLog = () => { const f = join(a.dir, `log/qemu/${LOCAL}.log`); return existsSync(f) ? readFileSync(f, 'utf8').slice(-2000) : '(no log)'; };
+  assert.equal(vmA.shims(), [], `A's shim stopped; hooks on A: ${a.hookCalls().filter((l) => l.startsWith(LOCAL)).join(', ')}\nA's log: ${aLog()}`);
+  // Bytes: the copy of the allocated data once, the resend after the reset on top.
+  const progress = r.events.filter((e) => e.event === 'disk-progress');
+  const copied = Math.max(...progress.map((e) => Number(e.bytesCopied)));
+  const alloc = allocated(aDisk);
+  process.stderr.write(`  local disk: allocated ${alloc}, copied ${copied}, resent ${done.link.resentBytes}: ${((copied + done.link.resentBytes) / alloc).toFixed(3)}x\n`);
+  assert.ok(copied + done.link.resentBytes <= 1.05 * alloc, `bytes sent ${copied} + ${done.link.resentBytes} <= 1.05 x allocated ${alloc}`);
+  // The writer goes on on B without a gap; then every acknowledged record is on B's file.
+  await waitSeq(lastSeq(console2) + 10, 120_000, console2);
+  assertUnbroken(seqs(console2));
+  await b.virsh.run(['destroy', LOCAL]);
+  const last = lastSeq(console2);
+  assert.equal(verifyWriterLog(bDisk, last, SLOTS), [], 'every acknowledged record is on B\'s file');
+  assert.ok(allocated(bDisk) <= alloc + 4 * MiB, `B's file stayed thin: ${allocated(bDisk)} allocated, A has ${alloc}`);
+  assert.equal(sha(aDisk), aHash, 'A\'s file untouched after the move');
+  assert.equal(await settledLeftovers(a), []);
+  assert.equal(await settledLeftovers(b), []);
+  // After a shutdown, a start on B serves B's file: its hook had B's vmshiftd start the shim
+  // QEMU's disk connects to, on the path B's definition records.
+  for (let i = 0; i < 100 && vmB.shims().length; i++) await new Promise((res) => setTimeout(res, 100));
+  assert.equal(vmB.shims(), [], 'the shutdown stopped B\'s shim');
+  await b.virsh.start(LOCAL);
+  assert.equal(vmB.shims().map((s) => [s.source, s.desired]), [[bDisk, 'running']]);
+  assert.equal(await domState(b, LOCAL), 'running');
+  await b.virsh.run(['destroy', LOCAL]);
+  assert.equal(sha(aDisk), aHash, 'A\'s file untouched by the start on B');
+  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms)`);
 });
 
 test.run();

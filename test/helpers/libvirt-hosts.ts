@@ -13,9 +13,12 @@ import { join } from 'node:path';
 import { onCleanup, run, runStatus, startDaemon, tempDir, waitForSocket, type Daemon } from './proc.ts';
 import { startSshd, twoHosts, type Host, type Sshd } from './hosts.ts';
 import { Virsh } from '../../src/libvirt/virsh.ts';
+import { isShimProcess } from '../../src/daemon/processes.ts';
+import type { ShimRecord } from '../../src/daemon/registry.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
 export const VMSHIFT = join(root, 'bin/vmshift');
+const VMSHIFTD = join(root, 'bin/vmshiftd');
 const LIBVIRT_HOOK = join(root, 'hooks/libvirt-qemu');
 
 export interface LibvirtTestHost extends Host {
@@ -125,4 +128,55 @@ export async function libvirtHosts(): Promise<LibvirtHosts> {
 export async function domState(h: LibvirtTestHost, domain: string): Promise<string | null> {
   const r = await runStatus('virsh', ['-c', h.virsh.uri, 'domstate', domain]);
   return r.code === 0 ? r.stdout.trim() : null;
+}
+
+/** The shim records of the vmshiftd whose --state-dir is `stateDir` (none while it has no registry). */
+export function registryShims(stateDir: string): ShimRecord[] {
+  try {
+    const file = join(stateDir, 'vmshiftd.json');
+    return existsSync(file) ? JSON.parse(readFileSync(file, 'utf8')).shims : [];
+  } catch {
+    return [];
+  }
+}
+
+/** Shims outlive their vmshiftd by design: remember every PID the registry names, kill them at cleanup. */
+export function killShimsAtCleanup(shims: () => ShimRecord[]): void {
+  const seen = new Map<number, string>();
+  const remember = () => { for (const r of shims()) if (r.pid) seen.set(r.pid, r.socket); };
+  const timer = setInterval(remember, 200);
+  timer.unref();
+  onCleanup(async () => {
+    clearInterval(timer);
+    remember();
+    for (const [pid, socket] of seen) if (await isShimProcess(pid, socket)) process.kill(pid, 'SIGKILL');
+  });
+}
+
+export interface HostVmshiftd {
+  daemon: Daemon;
+  /** vmshiftd's config (its datastores): what the peer's agent checks new files against. */
+  config: string;
+  /** The libvirt hook's config on this host (it names this vmshiftd). */
+  hookConfig: string;
+  /** The registry's shim records. */
+  shims(): ShimRecord[];
+}
+
+/**
+ * A vmshiftd inside the host (its /run/vmshift, state in the host's tree, `datastore` its only
+ * datastore) and the hook config naming it, as on a host where vmshift is installed. Its
+ * detached shims are killed by PID at cleanup.
+ */
+export async function startVmshiftd(h: LibvirtTestHost, datastore: string): Promise<HostVmshiftd> {
+  const stateDir = join(h.dir, 'vmshiftd-state');
+  const config = join(h.dir, 'vmshiftd.json');
+  const hookConfig = join(h.dir, 'hooks.json');
+  writeFileSync(config, JSON.stringify({ datastores: [datastore] }), { mode: 0o600 });
+  writeFileSync(hookConfig, JSON.stringify({ daemonSocket: '/run/vmshift/vmshiftd.sock', runDir: '/run/vmshift', group: null, libvirtUri: 'qemu:///system' }), { mode: 0o600 });
+  const shims = () => registryShims(stateDir);
+  killShimsAtCleanup(shims);
+  const daemon = startDaemon(...h.argv(VMSHIFTD, ['--socket', '/run/vmshift/vmshiftd.sock', '--state-dir', stateDir, '--run-dir', '/run/vmshift', '--config', config]));
+  await waitForSocket(join(h.dir, 'run/vmshift/vmshiftd.sock'), daemon, 60_000);
+  return { daemon, config, hookConfig, shims };
 }

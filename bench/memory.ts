@@ -40,7 +40,7 @@ const WORKLOADS: Workload[] = [
   { name: 'dirty 32 MiB / 0 ms', mode: 'dirty', params: { mib: 32, delay: 0 } },
 ];
 
-interface Vm { guest: Guest; qmp: string; lines: Array<{ t: number; n: number }> }
+export interface Vm { guest: Guest; qmp: string; lines: Array<{ t: number; n: number }> }
 
 interface Outcome {
   ok: boolean;
@@ -64,7 +64,7 @@ interface System {
 }
 
 /** Record when each VMSHIFT-DIRTY line reaches the host (the guest's counter, timed). */
-function watch(guest: Guest, qmp: string): Vm {
+export function watch(guest: Guest, qmp: string): Vm {
   const vm: Vm = { guest, qmp, lines: [] };
   let buf = '';
   guest.daemon.proc.stdout!.on('data', (b: Buffer) => {
@@ -85,12 +85,12 @@ function boot(ctx: Ctx, w: Workload, incoming: boolean): Vm {
   return watch(guest, qmp);
 }
 
-async function qmp<T>(path: string, fn: (q: QmpClient) => Promise<T>): Promise<T> {
+export async function qmp<T>(path: string, fn: (q: QmpClient) => Promise<T>): Promise<T> {
   const q = await QmpClient.connect(path, { connectTimeoutMs: 5000 });
   try { return await fn(q); } finally { await q.close(); }
 }
 
-interface MigrateInfo { status?: string; 'total-time'?: number; downtime?: number; 'error-desc'?: string; ram?: { transferred?: number } }
+export interface MigrateInfo { status?: string; 'total-time'?: number; downtime?: number; 'error-desc'?: string; ram?: { transferred?: number } }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -247,7 +247,7 @@ function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaul
 }
 
 /** The guest's own view of the pause: last line on the source to first on the destination, minus its line interval. */
-function guestGap(src: Vm, dst: Vm): number | null {
+export function guestGap(src: Vm, dst: Vm): number | null {
   const before = src.lines, after = dst.lines;
   if (before.length < 3 || after.length < 1) return null;
   const last = before[before.length - 1];
@@ -280,7 +280,7 @@ function parseArgs(args: string[]) {
   return o;
 }
 
-const med = (v: number[]) => (v.length ? [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)] : NaN);
+export const med = (v: number[]) => (v.length ? [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)] : NaN);
 const num = (v: number | null | undefined) => (v === null || v === undefined ? NaN : v);
 
 export async function main(argv: string[]): Promise<void> {

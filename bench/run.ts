@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   restart: () => import('./restart.ts'),
   host: () => import('./host.ts'),
   memory: () => import('./memory.ts'),
+  'memory-cache': () => import('./memory-cache.ts'),
   startup: () => import('./startup.ts'),
   'link-file': () => import('./link-file.ts'),
 };

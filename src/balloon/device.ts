@@ -25,28 +25,21 @@ export class GuestBalloon {
 
   private constructor(readonly qmp: QmpTransport, readonly path: string, readonly peer: string) {}
 
-  /** The guest's balloon device; BalloonError('no-balloon') when it has none. */
-  static async find(qmp: QmpTransport, peer: string): Promise<GuestBalloon> {
-    try {
-      await qmp.execute('query-balloon');
-    } catch (e) {
-      if (e instanceof QmpError && e.errorClass === 'DeviceNotActive') {
-        throw new BalloonError('no-balloon', `${peer}: the guest has no balloon device (QEMU: -device virtio-balloon-pci,id=balloon0; libvirt: <memballoon model='virtio'/>)`);
-      }
-      throw e;
-    }
+  /** The guest's balloon device and its actual size when found; BalloonError('no-balloon') when it has none. */
+  static async find(qmp: QmpTransport, peer: string): Promise<{ balloon: GuestBalloon; actual: number }> {
+    const actual = await queryActual(qmp, peer);
     // Devices with an id sit under /machine/peripheral, the others under peripheral-anon.
     for (const dir of ['/machine/peripheral', '/machine/peripheral-anon']) {
       const entries = await qmp.execute<Array<{ name: string; type: string }>>('qom-list', { path: dir }).catch(() => []);
       const hit = entries.find((e) => /^child<virtio-balloon/.test(e.type));
-      if (hit) return new GuestBalloon(qmp, `${dir}/${hit.name}`, peer);
+      if (hit) return { balloon: new GuestBalloon(qmp, `${dir}/${hit.name}`, peer), actual };
     }
     throw new BalloonError('no-balloon', `${peer}: QEMU has a balloon, but no virtio-balloon device under /machine/peripheral*: cannot read its statistics`);
   }
 
   /** The balloon's actual size: the memory the guest has, in bytes. */
-  async actual(): Promise<number> {
-    return (await this.qmp.execute<{ actual: number }>('query-balloon')).actual;
+  actual(): Promise<number> {
+    return queryActual(this.qmp, this.peer);
   }
 
   async setTarget(bytes: number): Promise<void> {
@@ -101,6 +94,18 @@ export class GuestBalloon {
       }
       await new Promise((r) => setTimeout(r, 200));
     }
+  }
+}
+
+/** `query-balloon`'s actual size; BalloonError('no-balloon') when QEMU has no balloon device. */
+async function queryActual(qmp: QmpTransport, peer: string): Promise<number> {
+  try {
+    return (await qmp.execute<{ actual: number }>('query-balloon')).actual;
+  } catch (e) {
+    if (e instanceof QmpError && e.errorClass === 'DeviceNotActive') {
+      throw new BalloonError('no-balloon', `${peer}: the guest has no balloon device (QEMU: -device virtio-balloon-pci,id=balloon0; libvirt: <memballoon model='virtio'/>)`);
+    }
+    throw e;
   }
 }
 

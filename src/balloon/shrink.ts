@@ -37,7 +37,7 @@ export interface ShrinkResult {
 
 /** Refuse before a migration starts unless the guest can be ballooned on statistics. */
 export async function probeBalloon(qmp: QmpTransport, peer: string, o: Partial<BalloonSettings> = {}): Promise<BalloonRun> {
-  const balloon = await GuestBalloon.find(qmp, peer);
+  const { balloon, actual } = await GuestBalloon.find(qmp, peer);
   const st = await qmp.execute<{ status: string }>('query-status');
   if (st.status !== 'running') throw new BalloonError('not-running', `${peer}: the guest is "${st.status}": only a running guest reports statistics and gives memory back`);
   const memory = (await qmp.execute<{ 'base-memory': number; 'plugged-memory'?: number }>('query-memory-size-summary'));
@@ -53,7 +53,7 @@ export async function probeBalloon(qmp: QmpTransport, peer: string, o: Partial<B
   const settings = defaultSettings(memory['base-memory'] + (memory['plugged-memory'] ?? 0), o);
   const warning = (await balloon.deflatesOnOom()) ? null
     : `${peer}: the balloon device has deflate-on-oom off: a guest that allocates faster than the policy samples (each ${POLL_S} s) can run out of memory before it backs off (QEMU: virtio-balloon-pci,deflate-on-oom=on; libvirt: <memballoon model='virtio'><driver deflate_on_oom='on'/>)`;
-  return { balloon, policy: new BalloonPolicy(settings, await balloon.actual()), last, warning };
+  return { balloon, policy: new BalloonPolicy(settings, actual), last, warning };
 }
 
 /** Shrink the guest toward its working set plus headroom; `onStep` sees every decision. */

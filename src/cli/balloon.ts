@@ -21,7 +21,7 @@ export const balloonCommand = {
     const target = argv.set !== undefined ? parseSize(argv.set, '--set') : undefined;
     const qmp = await QmpClient.connect(resolve(argv.qmp), { connectTimeoutMs: 5000 });
     try {
-      const b = await GuestBalloon.find(qmp, `the guest at ${argv.qmp}`);
+      const { balloon: b } = await GuestBalloon.find(qmp, `the guest at ${argv.qmp}`);
       if (target !== undefined) await b.setTarget(target);
       const memory = (await qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
       await b.enableStats(1);

@@ -11,7 +11,9 @@ export type ControlMsg =
   // balloon.restore: after `cont`, set the guest's balloon back to this size (the source shrank it).
   // cache: the source runs the memory cache; the memory stream carries its frames.
   // destQmp: the destination QMP socket (a TLS listener serves many; an SSH agent checks it is its own).
-  | { op: 'prepare'; capabilities: Record<string, boolean>; parameters: Record<string, unknown>; destQmp?: string; balloon?: { restore: number }; cache?: boolean }
+  // capabilities: those the stream needs on the incoming side too (xbzrle, return-path); QEMU's
+  // parameters are the source's alone (pacing, downtime, XBZRLE's cache size), so none are sent.
+  | { op: 'prepare'; capabilities: Record<string, boolean>; destQmp?: string; balloon?: { restore: number }; cache?: boolean }
   // stream: what the source QEMU wrote (bytes, CRC-32): the destination runs the guest only
   // if it gave its QEMU the same, else it answers `refused` and quits its QEMU.
   // paused: the destination does not `cont` (the operator resumes it; virsh migrate --suspend).

@@ -19,7 +19,7 @@ import { Link } from '../link/link.ts';
 import { agentDialer, peerName as sshPeerName } from '../link/agent-link.ts';
 import { tlsDialer } from '../link/tls-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
-import { MEMORY_STREAM, sourceRelay, type SourceRelay } from './memory-relay.ts';
+import { MEMORY_STREAM, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
 import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
 import type { CacheStats } from './cache/encoder.ts';
 import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
@@ -71,7 +71,7 @@ export type MigrateEvent =
   | { event: 'cache'; stats: Omit<CacheStats, 'history'> }
   | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
-  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: { forward: number; back: number; link: number; forwardCrc: number }; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats;
+  | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: RelayCounts; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats;
     /** The destination checked it received the stream the source QEMU sent (bytes and CRC-32) before running the guest. */
     streamVerified: boolean };
 
@@ -148,7 +148,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const parameters = choice.parameters;
     // The destination needs the stream's capabilities (xbzrle), not the source's pacing (auto-converge).
     const destCaps = Object.fromEntries(Object.entries(capabilities).filter(([k]) => k !== 'auto-converge'));
-    ctl.send({ op: 'prepare', capabilities: destCaps, parameters: {}, cache: compress === 'cache', destQmp: o.destQmp, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
+    ctl.send({ op: 'prepare', capabilities: destCaps, cache: compress === 'cache', destQmp: o.destQmp, ...(balloon ? { balloon: { restore: balloon.policy.original } } : {}) });
     const r = await race(ctl.next());
     if (r.op !== 'ready') throw new MigrateError('destination', r.op === 'error' ? r.message : `unexpected answer "${r.op}" to prepare`);
     if ((r.sharedDir ?? undefined) !== o.sharedDir) {

@@ -42,4 +42,29 @@ test('raw on a link that became the bottleneck: compression back on when the enc
   assert.is(g.account(4 << 20, 4 << 20, 0), true, `link ${g.linkRate} B/s, encoder ${g.encoderRate} B/s`);
 });
 
+test('the first compressing window (JIT, first page faults) is not taken as the encoder\'s speed', async () => {
+  const g = new Governor(() => 0);
+  await sleep(520);
+  // 1 MiB in 400 ms: 2.6 MB/s, as a cold encoder on a loaded machine reads.
+  g.account(1 << 20, 1 << 18, 400);
+  assert.is(g.encoderRate, null);
+});
+
+test('a slow encoder figure that kept compression off is forgotten after the reprobe time: compression is tried again', async () => {
+  let backlog = BUSY * 2;
+  const g = new Governor(() => backlog, 1200);
+  const window = async (inB: number, outB: number, ms: number) => { await sleep(520); return g.account(inB, outB, ms); };
+  await window(1 << 20, 1 << 18, 400); // warm-up, not measured
+  backlog -= 4 << 20; // the link took ~4.25 MiB in the window (~8.6 MB/s)
+  assert.is(await window(1 << 20, 1 << 18, 400), true, 'link busy: compressing');
+  assert.ok(g.encoderRate! < 3e6 && g.linkRate !== null, `encoder ${g.encoderRate}, link ${g.linkRate}`);
+  backlog = 0;
+  assert.is(await window(1 << 20, 1 << 18, 400), false, 'the link waits for a slow encoder: raw');
+  backlog = BUSY * 2;
+  assert.is(await window(4 << 20, 4 << 20, 0), false, 'raw, link busy, encoder known slower: stays raw');
+  await sleep(800);
+  assert.is(await window(4 << 20, 4 << 20, 0), true, 'after the reprobe time: compress again to measure anew');
+  assert.is(g.encoderRate, null);
+});
+
 test.run();

@@ -86,4 +86,29 @@ test('never beyond the budget; evictions hand back the value', () => {
   assert.is(l.stats.ghostHits, 1, 'k2 was evicted recently: a ghost hit');
 });
 
+test('a cycle longer than the budget: the list says it is outgrown, and an owner that then keeps what it has hits where first-in-first-out hits nothing', () => {
+  const budget = 4096, cycle = 6500; // QEMU's passes over a working set larger than the cache
+  const run = (keep: boolean) => {
+    const fito = new FitoList<number, number>({ maxEntries: budget, minEntries: 256, adjustEvery: 1024 });
+    let hits = 0, last = 0;
+    for (let i = 0; i < cycle * 8; i++) {
+      const k = i % cycle;
+      const hit = fito.touch(k) !== undefined;
+      if (i >= cycle * 6) { if (hit) hits++; last++; }
+      if (hit || !keep || !fito.outgrown || !fito.full) fito.add(k, 0);
+    }
+    return { rate: hits / last, outgrown: fito.outgrown };
+  };
+  const fifo = run(false), kept = run(true);
+  assert.ok(fifo.outgrown && kept.outgrown, 'the reuse distance lies beyond the list');
+  assert.ok(fifo.rate < 0.01, `first-in-first-out on a long cycle: ${fifo.rate}`);
+  assert.ok(kept.rate > 0.5 * (budget / cycle), `keeping what it has: ${kept.rate} (at best ${(budget / cycle).toFixed(2)})`);
+});
+
+test('a cycle within the budget is not outgrown', () => {
+  const fito = new FitoList<number, number>({ maxEntries: 4096, adjustEvery: 1024 });
+  for (let i = 0; i < 3000 * 6; i++) { fito.touch(i % 3000); fito.add(i % 3000, 0); }
+  assert.is(fito.outgrown, false);
+});
+
 test.run();

@@ -92,6 +92,13 @@ export class FitoList<K, V> {
   private readonly quantile: number;
   private readonly window: number;
   target: number;
+  /**
+   * The budget is full and pages come back later than the oldest entry went in (the quantile
+   * age lies beyond it): evicting the oldest for each new page would evict every page just
+   * before it comes back (a cycle longer than the list: first-in-first-out then hits nothing).
+   * The owner should keep what it has and not cache new pages while this holds.
+   */
+  outgrown = false;
   readonly stats = { hits: 0, misses: 0, ghostHits: 0, evictions: 0 };
   /** The size over time: one sample per adjustment (the last 512 kept). */
   readonly history: FitoSample[] = [];
@@ -178,6 +185,7 @@ export class FitoList<K, V> {
         else break;
       }
       const size = this.entries.size;
+      this.outgrown = size >= this.max && q > oldestAge;
       let want: number;
       if (size > 0 && q > oldestAge && oldestAge > 0) want = Math.ceil(size * (q / oldestAge)); // touches beyond the list: grow
       else want = size - older;

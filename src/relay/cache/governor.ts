@@ -10,8 +10,15 @@
 // Compressing while the link waits for us -> raw instead if the link is known to be faster
 // than the encoder (or not known yet: probe it raw). Raw while the link is busy -> compress
 // again if the encoder is faster than the link (or not measured yet).
+//
+// The encoder's speed is a wall-clock figure, and on a loaded machine (or in its first window:
+// JIT, the first slots' page faults) it can read 10x low (14 MB/s, then 139 MB/s in the next
+// migration, seen in `npm run bench -- memory-cache` at load 14). So the first compressing
+// window is not measured, and a figure that kept compression off for REPROBE_MS while the link
+// was busy is forgotten: the next window compresses again and measures anew.
 export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
 const WINDOW_MS = 500;
+export const REPROBE_MS = 5000;
 
 export class Governor {
   compressing = true;
@@ -24,8 +31,10 @@ export class Governor {
   private written = 0;
   private encIn = 0;
   private encMs = 0;
+  private warm = false;
+  private rawSince = 0;
 
-  constructor(private readonly backlog: () => number) {
+  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS) {
     this.backlog0 = backlog();
   }
 
@@ -39,11 +48,19 @@ export class Governor {
     const b1 = this.backlog();
     const busy = this.backlog0 > BUSY && b1 > BUSY;
     if (busy) this.linkRate = Math.max(0, (this.written - (b1 - this.backlog0)) / (dt / 1000));
-    if (this.compressing && this.encMs > 50) this.encoderRate = this.encIn / (this.encMs / 1000);
+    if (this.compressing && this.encMs > 50) {
+      if (this.warm) this.encoderRate = this.encIn / (this.encMs / 1000);
+      this.warm = true;
+    }
+    if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) this.encoderRate = null;
     let want = this.compressing;
     if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
     else if (!this.compressing && busy) want = this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1;
-    if (want !== this.compressing) { this.compressing = want; this.changes++; }
+    if (want !== this.compressing) {
+      this.compressing = want;
+      this.changes++;
+      if (!want) this.rawSince = now;
+    }
     this.t0 = now;
     this.backlog0 = b1;
     this.written = 0;

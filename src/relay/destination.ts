@@ -19,18 +19,14 @@ import { MEMORY_STREAM, destRelay, type RelayCounts } from './memory-relay.ts';
 
 interface MigrateStatus { status?: string; 'error-desc'?: string }
 
-/** The QEMU at `path` waits for an incoming migration (`-incoming defer`, none started). */
-async function stillWaiting(path: string): Promise<boolean> {
-  const q = await QmpClient.connect(path, { connectTimeoutMs: 5000 }).catch(() => null);
-  if (!q) return false;
+/** The QEMU behind `q` waits for an incoming migration (`-incoming defer`, none started). */
+async function stillWaiting(q: QmpClient): Promise<boolean> {
   try {
     const st = await q.execute<{ status: string }>('query-status');
     const m = await q.execute<MigrateStatus>('query-migrate');
     return st.status === 'inmigrate' && !m.status;
   } catch {
     return false;
-  } finally {
-    await q.close().catch(() => {});
   }
 }
 
@@ -58,7 +54,12 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
     // An SSH agent is started for one destination QEMU (fixedQmp): if the migration fails
     // before its prepare arrived (the first contact took longer than the source waited), that
     // QEMU still waits for it and nobody else will quit it. Only a QEMU still waiting is.
-    if (!ours && fixedQmp && !prepared) ours = await stillWaiting(fixedQmp);
+    // The client prepare opened, if any: QEMU serves one QMP client per socket, a second
+    // connection would wait for this one.
+    if (!ours && fixedQmp && !prepared) {
+      qmp ??= await QmpClient.connect(fixedQmp, { connectTimeoutMs: 5000 }).catch(() => null);
+      if (qmp) ours = await stillWaiting(qmp);
+    }
     if (!ours) {
       log(`not quitting the QEMU at ${destQmp}: it was not waiting for this migration (${why})`);
       await qmp?.close().catch(() => {});

@@ -44,15 +44,19 @@ function splice(sock: Socket, stream: Duplex, counts: RelayCounts, fwdIsSock: bo
     let ended = 0;
     const oneEnded = () => { if (++ended === 2) resolve(); };
     const [from, to] = fwdIsSock ? [sock, stream] : [stream, sock];
-    from.on('data', (b: Buffer) => { if (fwdIsSock) addForward(counts, b); else counts.link += b.length; });
+    // The forward bytes are counted on the QEMU side (with their CRC) and on the link side;
+    // without a codec both are the same chunks.
+    const qemuSide = (b: Buffer) => addForward(counts, b);
+    const linkSide = (b: Buffer) => { counts.link += b.length; };
     to.on('data', (b: Buffer) => { counts.back += b.length; });
     if (codec) {
-      codec.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else addForward(counts, b); });
+      from.on('data', fwdIsSock ? qemuSide : linkSide);
+      codec.on('data', fwdIsSock ? linkSide : qemuSide);
       from.pipe(codec).pipe(to);
       codec.once('error', (e) => { sock.destroy(); stream.destroy(e); reject(e); });
     } else {
+      from.on('data', (b: Buffer) => { qemuSide(b); linkSide(b); });
       from.pipe(to);
-      from.on('data', (b: Buffer) => { if (fwdIsSock) counts.link += b.length; else addForward(counts, b); });
     }
     to.pipe(from);
     sock.once('end', oneEnded);

@@ -13,13 +13,13 @@ export const GUEST_INITRD = join(GUEST_DIR, 'initramfs.cpio.gz');
 
 /**
  * The guest's memory size in KiB for `mib` MiB: 8 KiB more. QEMU 7.2 under TCG loses guest
- * writes during a live migration: its fast path that syncs a RAM block's dirty bitmap 64 pages
- * at a time clears the bits without re-arming TCG's TLB dirty tracking, so later stores through
- * a cached TLB entry are never marked and their pages never sent again (the destination's RAM
- * differed from the source's, both frozen at the switch-over, in 3 of 31 plain QEMU-to-QEMU
- * migrations here, no vmshift involved; its guest kernel then panicked). A block whose size is
- * not a multiple of 64 pages takes the per-page path, which re-arms it: 0 of 20. KVM hosts
- * track dirty pages in the kernel and are not affected.
+ * writes during a live migration: the destination's RAM differed from the source's, both
+ * frozen at the switch-over, in 3 of 31 plain QEMU-to-QEMU migrations here (no vmshift
+ * involved; the guest kernel then panicked), and in 0 of 20 with this size. As we understand
+ * QEMU's code (not checked in 7.2's source), the dirty-bitmap sync of a RAM block that is a
+ * multiple of 64 pages clears the bits a word at a time without re-arming TCG's TLB dirty
+ * tracking, so stores through a cached TLB entry go unmarked; other sizes go page by page,
+ * which re-arms it. KVM tracks dirty pages in the kernel and is not affected.
  */
 export function guestMemoryKiB(mib: number): number {
   return mib * 1024 + 8;

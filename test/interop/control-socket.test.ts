@@ -69,9 +69,12 @@ test('an unprivileged client racing vmshiftd\'s start under umask 000 never gets
   const file = join(h.dir, 'd.raw');
   writeFileSync(file, Buffer.alloc(1024 * 1024));
   chmodSync(file, 0o600);
+  // The shim outlives vmshiftd by design: stop it by the PID the registry names, read at
+  // cleanup time, so that a failure anywhere after the start still leaves no shim behind.
+  const registry = () => JSON.parse(readFileSync(join(h.stateDir, 'vmshiftd.json'), 'utf8')).shims as Array<{ pid: number; socket: string }>;
+  onCleanup(() => { try { for (const r of registry()) process.kill(r.pid, 'SIGKILL'); } catch { /* none started, or gone */ } });
   await run(vmshift, ['shim-start', 'race', file], { env: { ...process.env, VMSHIFT_SOCKET: h.api } });
-  const rec = JSON.parse(readFileSync(join(h.stateDir, 'vmshiftd.json'), 'utf8')).shims[0];
-  onCleanup(() => { try { process.kill(rec.pid, 'SIGKILL'); } catch { /* gone */ } });
+  const rec = registry()[0];
   writeFileSync(stop, '');
   const { stdout } = await attacker;
   assert.not.match(stdout, /GOT IN/, stdout);

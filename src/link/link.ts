@@ -50,6 +50,8 @@ export interface LinkOptions {
   /** Once the peer has been silent this long with bytes unacknowledged, they go to the shared file too. */
   spillAfterMs?: number;
   filePollMs?: number;
+  /** After the link ends: how long the last carrier may take to close (the peer reading our ABORT or BYE). */
+  closeWaitMs?: number;
   backoffMs?: { first: number; max: number };
 }
 
@@ -104,6 +106,8 @@ export class Link extends EventEmitter implements StreamHost {
   state: 'running' | 'finished' | 'failed' = 'running';
   failure: LinkError | null = null;
   private keptFiles: string[] = [];
+  /** Resolves once the last network carrier closed (or was given up on) after the link ended. */
+  private carrierClosed: Promise<void> = Promise.resolve();
   private counters = { reconnects: 0, spilled: 0, resentGone: 0, dupGone: 0, fileGone: 0 };
 
   constructor(opts: LinkOptions) {
@@ -111,7 +115,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20,
+      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;
@@ -577,11 +581,18 @@ export class Link extends EventEmitter implements StreamHost {
     this.keptFiles = [];
   }
 
-  /** Give the link up on purpose; the peer's streams fail with ABORTED and this reason. */
-  abort(reason: string): void {
-    if (this.state !== 'running') return;
+  /**
+   * Give the link up on purpose; the peer's streams fail with ABORTED and this reason. The
+   * promise resolves once the peer has closed its end of the carrier (it does on reading the
+   * ABORT) or after `closeWaitMs`: a process that exits right after aborting (a refused
+   * `vmshift migrate`) had its ABORT lost in the SSH client's buffers, and the peer then
+   * waited out its hold time.
+   */
+  abort(reason: string): Promise<void> {
+    if (this.state !== 'running') return this.carrierClosed;
     if (this.conn?.ready) this.send(encodeFrame(Frame.ABORT, 0, 0, Buffer.from(reason.slice(0, 1000))));
     this.fail(new LinkError('ABORTED', `link: aborted: ${reason}`), false);
+    return this.carrierClosed;
   }
 
   private fail(err: LinkError, tell = true): void {
@@ -602,7 +613,19 @@ export class Link extends EventEmitter implements StreamHost {
     this.timers = [];
     if (this.redialTimer) clearTimeout(this.redialTimer);
     this.redialTimer = null;
-    if (this.conn) { const c = this.conn; this.conn = null; c.closed = true; c.sock.end(); setTimeout(() => c.sock.destroy(), 1000).unref(); }
+    if (this.conn) {
+      // Ended, not destroyed: what we wrote last (an ABORT, a BYE) must still reach the peer.
+      // Closed once the peer closed its end too, or after closeWaitMs.
+      const c = this.conn;
+      this.conn = null;
+      c.closed = true;
+      this.carrierClosed = new Promise((resolve) => {
+        const t = setTimeout(() => { c.sock.destroy(); resolve(); }, this.opts.closeWaitMs);
+        t.unref();
+        c.sock.once('close', () => { clearTimeout(t); resolve(); });
+        c.sock.end();
+      });
+    }
   }
 
   onStreamDestroyed(_s: LinkStream, _err: Error | null): void {

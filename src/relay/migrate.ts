@@ -223,7 +223,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const finish = Promise.all([relay.done.catch(() => {}), link.finish()]);
     // unref: the timer must not keep `vmshift migrate` alive; it held every run 10 s after its result.
     await Promise.race([finish, new Promise((res) => setTimeout(res, 10_000).unref())]);
-    if (link.state === 'running') link.abort('finished: the guest runs on the destination');
+    if (link.state === 'running') await link.abort('finished: the guest runs on the destination');
     const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
     return {
       event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined,
@@ -274,5 +274,6 @@ async function rollback(src: QmpClient, wasRunning: boolean, ctl: Control | null
     ctl.send({ op: 'abort', reason: 'the source rolled back' });
     await Promise.race([ctl.next().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
   }
-  if (link.state === 'running') link.abort('the migration was rolled back');
+  // Awaited (bounded): the CLI exits right after, and the agent must hear it, not wait out its hold time.
+  if (link.state === 'running') await link.abort('the migration was rolled back');
 }

@@ -120,6 +120,11 @@ test('a destination that is not waiting for a migration: refused, the source run
   assert.is(await qmpStatus(current.qmp), 'running');
   assert.is(await qmpStatus(other), 'prelaunch', 'a QEMU that was not ours to take is not quit');
   await current.guest.waitFor(new RegExp(`^VMSHIFT-DIRTY ${before + 1}$`), 30_000);
+  // The agent on B heard the source's ABORT before `vmshift migrate` exited: it ends on it,
+  // rather than after its hold time (20 s) with nothing heard.
+  const log = () => agentLogs().split(/\n(?=\S+\.log:\n)/).find((l) => l.includes('is "prelaunch", not waiting')) ?? '';
+  await until('the agent on B ends', () => /\bfailed: /.test(log()), 30_000);
+  assert.match(log(), /failed: link: peer .* aborted: the migration was rolled back/, log());
 });
 
 test('healthy: the guest moves to B, its counter continues there, the source is in postmigrate; a link file another migration wrote is never read', async () => {

@@ -6,10 +6,16 @@ import * as assert from 'uvu/assert';
 import { readdirSync } from 'node:fs';
 import type { LinkStream } from '../../src/link/stream.ts';
 import { LinkError } from '../../src/link/errors.ts';
-import { cleanupAll } from '../helpers/proc.ts';
+import { cleanupAll, onCleanup, tempDir } from '../helpers/proc.ts';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createServer, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { Link } from '../../src/link/link.ts';
 import { digest, linkPair, sleep, within, writeRandom, type Pair } from '../helpers/link-pair.ts';
 
 const MiB = 1024 * 1024;
+const root = new URL('../..', import.meta.url).pathname;
 
 /** The next stream the peer opens on side b, which only reads it (so it ends its own direction). */
 function nextStream(p: Pair): Promise<LinkStream> {
@@ -147,6 +153,33 @@ test('abort on one side fails the other with the reason', async () => {
   const err = await failed;
   assert.is(err.code, 'ABORTED');
   assert.match(err.message, /operator cancelled/);
+});
+
+
+test('abort() then exit at once (a refused migrate): the peer still gets the ABORT, behind the bytes queued before it', async () => {
+  // The peer reads nothing at first, so the ABORT waits in the exiting side's socket queue
+  // behind a blocked write; before abort() waited for the carrier to close, process.exit
+  // dropped it and the peer waited out its hold time.
+  const dir = tempDir('vmshift-link-abort-');
+  const sock = join(dir, 'b.sock');
+  const link = `l${randomBytes(4).toString('hex')}`;
+  const b = new Link({ link, migration: 'm1', role: 'b', peer: 'the exiting side', holdMs: 60_000 });
+  b.on('stream', (s: LinkStream) => s.on('error', () => {}));
+  let carrier: Socket | null = null;
+  let down = false;
+  b.on('carrier', (state: string) => { if (state === 'down') down = true; });
+  const server = createServer((c) => { carrier = c; b.attach(c); c.pause(); });
+  await new Promise<void>((r) => server.listen(sock, r));
+  onCleanup(() => { server.close(); if (b.state === 'running') b.abort('test over'); });
+  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-abort-exit.ts'), sock, link], { stdio: ['ignore', 'pipe', 'inherit'] });
+  onCleanup(() => { if (child.exitCode === null) child.kill(); });
+  const said = await new Promise<string>((r) => child.stdout.once('data', (d: Buffer) => r(d.toString().trim())));
+  assert.is(said, 'aborting', 'the exiting side had a blocked carrier when it aborted');
+  await sleep(300);
+  carrier!.resume();
+  await within(20_000, (async () => { while (b.state === 'running' && !down) await sleep(20); })(), 'the peer hearing the end of the carrier');
+  assert.is(b.failure?.code, 'ABORTED', `the peer heard the ABORT (state ${b.state}, carrier down ${down}, ${b.failure?.message})`);
+  assert.match(b.failure!.message, /refused by the test/);
 });
 
 test.run();

@@ -42,11 +42,11 @@ export interface LinkOptions {
   /** Unacknowledged bytes per stream kept in memory; writes wait beyond it unless the file holds them. */
   maxResident?: number;
   /**
-   * Bytes per stream sent on the network and not yet acknowledged. Small enough that the
-   * carrier's buffers stay short (acknowledgements, the return path and a silent peer are
-   * then seen quickly), large enough for the bandwidth-delay product of a migration network.
+   * The smallest send window per stream: bytes sent on the network and not yet acknowledged.
+   * Above it the window follows what the link measures (bandwidth x round trip, window.ts),
+   * up to `maxResident`: a writer is held to what the network carries, not to memory speed.
    */
-  netWindow?: number;
+  windowFloor?: number;
   /** Once the peer has been silent this long with bytes unacknowledged, they go to the shared file too. */
   spillAfterMs?: number;
   filePollMs?: number;
@@ -85,6 +85,7 @@ const ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 export class Link extends EventEmitter implements StreamHost {
   readonly opts: Required<Omit<LinkOptions, 'dial' | 'sharedDir'>> & Pick<LinkOptions, 'dial' | 'sharedDir'>;
   readonly maxResident: number;
+  readonly windowFloor: number;
   private streams = new Map<number, LinkStream>();
   private nextId: number;
   private conn: Conn | null = null;
@@ -115,10 +116,11 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, netWindow: 4 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
+      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, windowFloor: 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;
+    this.windowFloor = Math.min(this.opts.windowFloor, this.opts.maxResident);
     this.backoff = this.opts.backoffMs.first;
     this.nextId = opts.role === 'a' ? 0 : 1;
     if (opts.sharedDir) {
@@ -186,7 +188,9 @@ export class Link extends EventEmitter implements StreamHost {
         this.onConnError(conn, e as Error);
         return;
       }
-      this.flushAcks();
+      // Acknowledged once per turn of the event loop, after every socket read that was ready:
+      // an ACK per read (32-64 KiB) was an SSH packet, or a syscall, per read each way.
+      this.scheduleAcks();
       this.pump(); // acknowledgements open the window
     });
     sock.on('error', (e) => this.onConnError(conn, e));
@@ -297,6 +301,7 @@ export class Link extends EventEmitter implements StreamHost {
       if (at < s.acked) throw new LinkError('PROTOCOL', `link: peer ${this.opts.peer} resumes stream ${s.streamName} at ${at}, before ${s.acked} it acknowledged`);
       if (at > s.sendNext) throw new LinkError('PROTOCOL', `link: peer ${this.opts.peer} resumes stream ${s.streamName} at ${at}, beyond the ${s.sendNext} bytes sent`);
       s.onAck(at, r?.fin ?? false);
+      s.window.restart();
       s.netNext = at;
       s.finSentNet = false;
       if (!r && s.id % 2 === this.nextId % 2) this.write(conn, encodeFrame(Frame.OPEN, s.id, 0, Buffer.from(s.streamName)));
@@ -353,7 +358,7 @@ export class Link extends EventEmitter implements StreamHost {
         progress = false;
         for (const s of this.streams.values()) {
           if (conn.blocked) break;
-          if (s.netNext < s.sendNext && s.netNext - s.acked < this.opts.netWindow) {
+          if (s.netNext < s.sendNext && s.netNext - s.acked < s.window.bytes) {
             const c = s.chunkAt(s.netNext);
             if (!c) continue;
             const data = c.data ?? this.readBack(s, c);
@@ -361,7 +366,10 @@ export class Link extends EventEmitter implements StreamHost {
             if (s.netNext < s.netHigh) s.resentBytes += Math.min(part.length, s.netHigh - s.netNext);
             this.write(conn, encodeFrame(Frame.DATA, s.id, s.netNext, part));
             s.netNext += part.length;
-            if (s.netNext > s.netHigh) s.netHigh = s.netNext;
+            if (s.netNext > s.netHigh) {
+              s.netHigh = s.netNext;
+              s.window.onSend(s.netNext, performance.now());
+            }
             progress = true;
           } else if (s.finOffset !== null && !s.finSentNet && s.netNext === s.finOffset) {
             s.finSentNet = true;
@@ -382,7 +390,11 @@ export class Link extends EventEmitter implements StreamHost {
 
   ackSoon(s: LinkStream): void {
     this.ackQueued.add(s);
-    if (this.ackScheduled) return;
+    this.scheduleAcks();
+  }
+
+  private scheduleAcks(): void {
+    if (this.ackScheduled || !this.ackQueued.size) return;
     this.ackScheduled = true;
     setImmediate(() => { this.ackScheduled = false; this.flushAcks(); });
   }

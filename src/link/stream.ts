@@ -4,6 +4,7 @@
 // receiver's (how far it has delivered, duplicates); the Link moves the bytes.
 import { Duplex } from 'node:stream';
 import { MAX_DATA } from './frames.ts';
+import { SendWindow } from './window.ts';
 
 /** Bytes the sender still owes the peer: kept until acknowledged. */
 export interface Chunk {
@@ -18,6 +19,8 @@ export interface StreamHost {
   kick(): void;
   ackSoon(s: LinkStream): void;
   maxResident: number;
+  /** The smallest send window (bytes unacknowledged on the network, see window.ts). */
+  windowFloor: number;
   onStreamDestroyed(s: LinkStream, err: Error | null): void;
 }
 
@@ -42,6 +45,8 @@ export class LinkStream extends Duplex {
   fileEnd = 0;
   finInFile = false;
   resentBytes = 0;
+  /** How far the writer may run ahead of the peer's acknowledgements on the network (window.ts). */
+  readonly window: SendWindow;
   private waitingWrite: ((e?: Error | null) => void) | null = null;
 
   // -- receiving --
@@ -59,7 +64,19 @@ export class LinkStream extends Duplex {
   lastFromFile = -Infinity;
 
   constructor(readonly id: number, readonly streamName: string, private host: StreamHost) {
-    super({ allowHalfOpen: true, readableHighWaterMark: 1024 * 1024, writableHighWaterMark: 1024 * 1024 });
+    // The writable side buffers little: bytes waiting beyond the window are bytes the writer
+    // (QEMU, through the relay) believes sent; the window is where the stream's slack is.
+    super({ allowHalfOpen: true, readableHighWaterMark: 1024 * 1024, writableHighWaterMark: 256 * 1024 });
+    this.window = new SendWindow(host.windowFloor, host.maxResident);
+  }
+
+  /**
+   * Whether the writer may go on: what is unacknowledged and not yet in the shared file is
+   * within the window (during a cut the file takes the bytes, and the writer is not held
+   * back by a network that is not there), and what is in memory within the memory bound.
+   */
+  private admits(): boolean {
+    return this.sendNext - Math.max(this.acked, this.fileEnd) < this.window.bytes && this.resident < this.host.maxResident;
   }
 
   /** What we may acknowledge: what the user has read (bytes still in our readable buffer are not). */
@@ -84,7 +101,7 @@ export class LinkStream extends Duplex {
       this.resident += data.length;
     }
     this.host.kick();
-    if (this.resident < this.host.maxResident) cb();
+    if (this.admits()) cb();
     else this.waitingWrite = cb;
   }
 
@@ -107,10 +124,11 @@ export class LinkStream extends Duplex {
   }
 
   /** The peer has everything below `offset` (and the end, with `fin`). */
-  onAck(offset: number, fin: boolean): void {
+  onAck(offset: number, fin: boolean, now = performance.now()): void {
     if (offset > this.sendNext) return; // acks beyond what we wrote are ignored (the Link checks them)
     if (offset > this.acked) {
       this.acked = offset;
+      this.window.onAck(offset, now);
       let drop = 0;
       while (drop < this.queue.length && this.queue[drop].offset + this.queue[drop].length <= offset) {
         const c = this.queue[drop++];
@@ -123,9 +141,9 @@ export class LinkStream extends Duplex {
     this.release();
   }
 
-  /** Let a held write through once memory is below the bound again. */
+  /** Let a held write through once it is within the window and memory below its bound again. */
   release(): void {
-    if (this.waitingWrite && this.resident < this.host.maxResident) {
+    if (this.waitingWrite && this.admits()) {
       const w = this.waitingWrite;
       this.waitingWrite = null;
       w();

@@ -92,6 +92,20 @@ export function encodeFrame(type: FrameType, stream: number, offset: number, pay
   return payload.length ? [h, payload] : [h];
 }
 
+/** A DATA frame whose payload is `parts` (consecutive pieces of the stream), not joined: the carrier writes them as they are. */
+export function encodeData(stream: number, offset: number, parts: Buffer[]): Buffer[] {
+  let length = 0;
+  for (const p of parts) length += p.length;
+  const h = Buffer.allocUnsafe(HEADER);
+  h.writeUInt8(Frame.DATA, 0);
+  h.writeUInt8(0, 1);
+  h.writeUInt16BE(stream, 2);
+  h.writeUInt32BE(length, 4);
+  h.writeBigUInt64BE(BigInt(offset), 8);
+  h.writeUInt32BE(checksum(h.subarray(0, 16), EMPTY), 16);
+  return [h, ...parts];
+}
+
 export function encodeHello(h: Hello): Buffer[] {
   return encodeFrame(Frame.HELLO, 0, 0, Buffer.from(JSON.stringify(h)));
 }

@@ -13,7 +13,7 @@ import { EventEmitter } from 'node:events';
 import { rmSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError, isFatal, meaning } from './errors.ts';
-import { FLAG_FIN, Frame, FrameReader, encodeFrame, encodeHello, parseHello, type FrameIn, type Hello } from './frames.ts';
+import { FLAG_FIN, Frame, FrameReader, MAX_DATA, encodeData, encodeFrame, encodeHello, parseHello, type FrameIn, type Hello } from './frames.ts';
 import { SharedDir } from './shared-dir.ts';
 import { Rec, encodeRecord } from './record-file.ts';
 import { LinkStream, type StreamHost } from './stream.ts';
@@ -359,13 +359,25 @@ export class Link extends EventEmitter implements StreamHost {
         for (const s of this.streams.values()) {
           if (conn.blocked) break;
           if (s.netNext < s.sendNext && s.netNext - s.acked < s.window.bytes) {
-            const c = s.chunkAt(s.netNext);
-            if (!c) continue;
-            const data = c.data ?? this.readBack(s, c);
-            const part = data.subarray(s.netNext - c.offset);
-            if (s.netNext < s.netHigh) s.resentBytes += Math.min(part.length, s.netHigh - s.netNext);
-            this.write(conn, encodeFrame(Frame.DATA, s.id, s.netNext, part));
-            s.netNext += part.length;
+            // One frame of up to MAX_DATA from as many queued chunks as it takes (the relay
+            // writes QEMU's stream in 64 KiB socket reads): a quarter of the frames to
+            // encode, parse and hand on.
+            const parts: Buffer[] = [];
+            let at = s.netNext, n = 0;
+            while (at < s.sendNext && n < MAX_DATA && at - s.acked < s.window.bytes) {
+              const c = s.chunkAt(at);
+              if (!c) break;
+              const data = c.data ?? this.readBack(s, c);
+              const part = data.subarray(at - c.offset, at - c.offset + MAX_DATA - n);
+              parts.push(part);
+              n += part.length;
+              at += part.length;
+              if (!c.data) break; // read back from the shared file: one chunk at a time
+            }
+            if (!n) continue;
+            if (s.netNext < s.netHigh) s.resentBytes += Math.min(n, s.netHigh - s.netNext);
+            this.write(conn, encodeData(s.id, s.netNext, parts));
+            s.netNext = at;
             if (s.netNext > s.netHigh) {
               s.netHigh = s.netNext;
               s.window.onSend(s.netNext, performance.now());

@@ -14,7 +14,7 @@ const rounds = Number(process.argv[2] ?? 3);
 const MiB = 128;
 const ECHO_MIB = 32;
 
-async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number }> {
+async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number; cpuMs: number }> {
   const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)]);
   const r = await run(cmd, argv, { cwd: root });
   const done = r.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((e) => e.event === 'done');
@@ -34,14 +34,19 @@ try {
   for (let i = 0; i < rounds; i++) {
     for (const cipher of ['chacha20-poly1305@openssh.com', 'aes128-gcm@openssh.com']) {
       const t = performance.now();
-      await inNs(hosts.a, 'bash', ['-c', `head -c ${MiB}M /dev/zero | ssh -c ${cipher} ${base.join(' ')} 'cat > /dev/null'`]);
+      // bash's `time` of the pipeline: the ssh client's CPU (and head's, ~0.03 s per 128 MiB of zeros).
+      const o = await inNs(hosts.a, 'bash', ['-c', `TIMEFORMAT='%U %S'; { time (head -c ${MiB}M /dev/zero | ssh -c ${cipher} ${base.join(' ')} 'cat > /dev/null') ; } 2>&1`]);
       add(`openssh ${cipher}`, MiB / ((performance.now() - t) / 1000));
+      const [u, sy] = o.stdout.trim().split(/\s+/).slice(-2).map(Number);
+      add(`openssh ${cipher}: sending client's CPU s/GiB`, ((u + sy) * 1024) / MiB);
       const r = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(MiB), cipher], { cwd: root });
       add(`ssh2 ${cipher}`, JSON.parse(r.stdout).mibps);
+      add(`ssh2 ${cipher}: sending process's CPU s/GiB`, (JSON.parse(r.stdout).cpuMs * 1024) / 1000 / MiB);
     }
     const sshArgs = { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts: sshd.knownHosts, vmshift: join(root, 'bin/vmshift'), socketDir: join(hosts.dir, 'agent') };
     const sink = await client(hosts, { mib: MiB, oneWay: true, ssh: sshArgs });
     add(`link over ssh2, ${MiB} MiB one way`, MiB / (sink.ms / 1000));
+    add(`link over ssh2, one way: sending process's CPU s/GiB`, (sink.cpuMs * 1024) / 1000 / MiB);
     const echo = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(ECHO_MIB), 'aes128-gcm@openssh.com', 'echo'], { cwd: root });
     add(`ssh2 aes128-gcm, ${ECHO_MIB} MiB each way (cat)`, JSON.parse(echo.stdout).mibps);
     const ssh = await client(hosts, { mib: ECHO_MIB, ssh: sshArgs });
@@ -56,8 +61,9 @@ try {
     await agent.exited;
   }
   const med = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
-  console.log('| path | MiB/s (median) | runs |\n|---|---|---|');
-  for (const [k, v] of Object.entries(rows)) console.log(`| ${k} | ${Math.round(med(v))} | ${v.map(Math.round).join(', ')} |`);
+  console.log('| path | MiB/s, or CPU s/GiB (median) | runs |\n|---|---|---|');
+  const fmt = (x: number) => (x < 20 ? x.toFixed(2) : String(Math.round(x)));
+  for (const [k, v] of Object.entries(rows)) console.log(`| ${k} | ${fmt(med(v))} | ${v.map(fmt).join(', ')} |`);
   console.log(`load after: ${(await run('uptime', [])).stdout.trim()}`);
 } finally {
   await cleanupAll();

@@ -6,6 +6,7 @@
 import { Client, type ClientChannel } from 'ssh2';
 import { readFileSync } from 'node:fs';
 
+const cpuMs = (u: NodeJS.CpuUsage) => Math.round((u.user + u.system) / 1000);
 const [host, port, key, mib = '256', cipher, mode = 'sink'] = process.argv.slice(2);
 const total = Number(mib) * 1024 * 1024;
 const c = new Client();
@@ -13,6 +14,7 @@ c.on('ready', () => {
   c.exec(mode === 'echo' ? 'cat' : 'cat > /dev/null', (err, ch: ClientChannel) => {
     if (err) throw err;
     const t = performance.now();
+    const cpu0 = process.cpuUsage();
     const buf = Buffer.alloc(64 * 1024);
     let sent = 0, got = 0;
     const go = () => {
@@ -25,7 +27,7 @@ c.on('ready', () => {
     const report = () => {
       const ms = performance.now() - t;
       const moved = mode === 'echo' ? 2 * Number(mib) : Number(mib);
-      console.log(JSON.stringify({ carrier: 'ssh2', cipher: cipher ?? 'default', mode, mib: Number(mib), ms: Math.round(ms), mibps: Math.round(moved / (ms / 1000)) }));
+      console.log(JSON.stringify({ carrier: 'ssh2', cipher: cipher ?? 'default', mode, mib: Number(mib), ms: Math.round(ms), mibps: Math.round(moved / (ms / 1000)), cpuMs: cpuMs(process.cpuUsage(cpu0)) }));
       c.end();
     };
     if (mode === 'echo') ch.on('data', (b: Buffer) => { got += b.length; if (got === total) report(); });

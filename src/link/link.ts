@@ -67,6 +67,8 @@ export interface LinkStats {
   /** Bytes written to the shared file. */
   spilledBytes: number;
   sharedDir: 'off' | 'ok' | 'write-off';
+  /** The send window of the stream that sent the most (window.ts): its bound and what it was made of. */
+  window: ReturnType<LinkStream['window']['stats']> | null;
 }
 
 interface Conn {
@@ -377,10 +379,11 @@ export class Link extends EventEmitter implements StreamHost {
             if (!n) continue;
             if (s.netNext < s.netHigh) s.resentBytes += Math.min(n, s.netHigh - s.netNext);
             this.write(conn, encodeData(s.id, s.netNext, parts));
+            const before = s.netNext - s.acked;
             s.netNext = at;
             if (s.netNext > s.netHigh) {
               s.netHigh = s.netNext;
-              s.window.onSend(s.netNext, performance.now());
+              s.window.onSend(s.netNext, performance.now(), before);
             }
             progress = true;
           } else if (s.finOffset !== null && !s.finSentNet && s.netNext === s.finOffset) {
@@ -662,7 +665,11 @@ export class Link extends EventEmitter implements StreamHost {
 
   stats(): LinkStats {
     let resent = 0, dup = 0, fromFile = 0;
-    for (const s of this.streams.values()) { resent += s.resentBytes; dup += s.duplicateBytes; fromFile += s.fromFileBytes; }
+    let busiest: LinkStream | null = null;
+    for (const s of this.streams.values()) {
+      resent += s.resentBytes; dup += s.duplicateBytes; fromFile += s.fromFileBytes;
+      if (s.sendNext > (busiest?.sendNext ?? 0)) busiest = s;
+    }
     return {
       carrier: this.conn?.ready ? 'up' : 'down',
       reconnects: Math.max(0, this.counters.reconnects - 1),
@@ -671,6 +678,7 @@ export class Link extends EventEmitter implements StreamHost {
       fromFileBytes: fromFile,
       spilledBytes: this.counters.spilled,
       sharedDir: !this.file ? 'off' : this.file.writable ? 'ok' : 'write-off',
+      window: busiest ? busiest.window.stats() : null,
     };
   }
 }

@@ -1,5 +1,5 @@
 // How many bytes of one stream may be unacknowledged while the network carries it: the
-// link's own measure of its bandwidth x round-trip time, the way BBR sizes TCP's window.
+// link's own measure of its rate and round trip, the way TCP's autotuning and BBR size theirs.
 //
 // Why not a fixed bound: a large one (32 MiB) lets the writer run far ahead of the network,
 // so a QEMU writing its migration stream into the link sees its socket drain at memory
@@ -7,33 +7,43 @@
 // flight (downtime 2-8x its limit, docs/performance.md); a small one (2 MiB) cut the
 // downtime to the limit but throttled a loaded link whose round trip (two node processes and
 // sshd between the QEMUs) reached ~100 ms, and doubled the migration's time. This window is
-// GAIN x (the highest delivery rate of the last RATE_WINDOW_MS) x (the lowest round trip,
-// see RTT_VALID_MS), between a floor and the memory bound: enough to keep the pipe
-// full (while the writer is held by the window, the rate it measures is W / RTT, so W grows
-// by GAIN each round trip until the rate stops rising), and no more than GAIN round trips of
-// bytes in flight beyond that.
+// (the highest delivery rate of the last RATE_WINDOW_MS) x max(BUDGET_MS, GAIN x the lowest
+// round trip), between a floor and the memory bound. While the writer is held by the window
+// the rate it measures is W / round trip, so W grows each round trip until the rate stops
+// rising (as long as the round trip is below the budget); then it holds about BUDGET_MS of
+// bytes in flight: what QEMU's downtime may grow by. Why a time budget and not only
+// bandwidth x the lowest round trip (BBR): on this loaded 2-core machine the lowest round
+// trip was 1-2 ms and the median 20 ms (every hop a process waiting for a CPU), so a window
+// of twice the lowest one sat at its floor and throttled the link (measured:
+// docs/performance.md). The GAIN x lowest-round-trip term is for long paths (a WAN), where
+// that is more than the budget; it takes only round trips sampled with little in flight.
+/** Bytes in flight the window allows at least, as time at the measured rate. */
+const BUDGET_MS = 50;
 const GAIN = 2;
-/** Delivery-rate samples are taken over at least this long (acks come per socket read). */
-const RATE_SAMPLE_MS = 20;
+/**
+ * Delivery-rate samples are taken over at least this long: acks come in bursts (per event-loop
+ * turn, and a process that waited for a CPU acknowledges all it read at once), and 20 ms
+ * samples measured 125 MiB/s where the migration moved ~100 MiB in 3.6-7.7 s. QEMU too
+ * measures its bandwidth over 100 ms.
+ */
+const RATE_SAMPLE_MS = 100;
 const RATE_WINDOW_MS = 1000;
 /**
- * A round trip measured behind our own queue is longer than the path's, so the window keeps
- * the lowest one seen; once no sample came close to it for this long, it drains the queue
- * (the window at its floor for two round trips, BBR's ProbeRTT) and takes the lowest round
- * trip measured meanwhile. Without that, the lowest of recent samples, all taken behind a
- * full window, doubled the window every time the old minimum expired.
+ * A round trip is sampled only for a frame sent while little was in flight before it (at most
+ * half the floor): one measured behind our own queue is the queue's, and taking those fed
+ * the window back into itself (W = 2 x rate x round trip, the round trip W / rate: doubled
+ * every round trip, seen in the unit test of a slow reader).
  */
-const RTT_VALID_MS = 3000;
+const CLEAN_IN_FLIGHT = 0.5;
 
 export class SendWindow {
   /** The bound now, bytes. */
   bytes: number;
   private probe: { end: number; t: number } | null = null;
+  /** The lowest round trip sampled on this carrier, ms. */
   private minRtt = Infinity;
-  private minRttAt = 0;
-  private lastRtt = 0;
-  /** While draining: until when, and the lowest round trip seen meanwhile. */
-  private drain: { until: number; min: number } | null = null;
+  /** The last 64 round trips sampled, for stats. */
+  private recent: number[] = [];
   private rates: Array<{ perMs: number; t: number }> = [];
   private sampleFrom: { acked: number; t: number } | null = null;
 
@@ -41,57 +51,50 @@ export class SendWindow {
     this.bytes = Math.max(floor, Math.min(ceiling, 4 * floor));
   }
 
-  /** Bytes up to `end` went on the network for the first time. */
-  onSend(end: number, now: number): void {
-    if (!this.probe) this.probe = { end, t: now };
+  /** Bytes up to `end` went on the network for the first time, with `before` unacknowledged ahead of them. */
+  onSend(end: number, now: number, before: number): void {
+    if (!this.probe && before <= CLEAN_IN_FLIGHT * this.floor) this.probe = { end, t: now };
   }
 
   /** The peer acknowledged everything below `acked`. */
   onAck(acked: number, now: number): void {
-    if (this.probe && acked >= this.probe.end) this.rtt(now - this.probe.t, now);
+    if (this.probe && acked >= this.probe.end) {
+      const ms = now - this.probe.t;
+      this.probe = null;
+      this.minRtt = Math.min(this.minRtt, ms);
+      this.recent.push(ms);
+      if (this.recent.length > 64) this.recent.shift();
+    }
     if (!this.sampleFrom) { this.sampleFrom = { acked, t: now }; return; }
     const dt = now - this.sampleFrom.t;
     if (dt < RATE_SAMPLE_MS) return;
     this.rates.push({ perMs: (acked - this.sampleFrom.acked) / dt, t: now });
     this.sampleFrom = { acked, t: now };
     while (this.rates.length > 1 && now - this.rates[0].t > RATE_WINDOW_MS) this.rates.shift();
-    this.update(now);
+    const rate = this.rate();
+    const want = rate * Math.max(BUDGET_MS, Number.isFinite(this.minRtt) ? GAIN * this.minRtt : 0);
+    this.bytes = Math.round(Math.max(this.floor, Math.min(this.ceiling, want)));
   }
 
-  /** A new carrier: what was measured on the old one in flight says nothing (a cut stalls every ack). */
+  /** A new carrier (perhaps another path): what was measured in flight on the old one says nothing. */
   restart(): void {
     this.probe = null;
     this.sampleFrom = null;
+    this.minRtt = Infinity;
   }
 
-  /** Round trip (ms) and rate (bytes/ms) the bound is made of, for stats and tests. */
-  measured(): { rttMs: number | null; bytesPerMs: number | null } {
-    return { rttMs: Number.isFinite(this.minRtt) ? this.minRtt : null, bytesPerMs: this.rates.length ? Math.max(...this.rates.map((r) => r.perMs)) : null };
+  /** What the window is made of, for the link's stats: the bound, the lowest and the median round trip sampled, the rate. */
+  stats(): { bytes: number; minRttMs: number | null; medianRttMs: number | null; mibps: number | null } {
+    const sorted = [...this.recent].sort((a, b) => a - b);
+    return {
+      bytes: this.bytes, minRttMs: Number.isFinite(this.minRtt) ? this.minRtt : null, medianRttMs: sorted.length ? sorted[sorted.length >> 1] : null,
+      mibps: this.rates.length ? Math.round((this.rate() * 1000) / (1024 * 1024)) : null,
+    };
   }
 
-  private rtt(ms: number, now: number): void {
-    this.probe = null;
-    this.lastRtt = ms;
-    if (this.drain) this.drain.min = Math.min(this.drain.min, ms);
-    // A sample close to the minimum confirms it.
-    if (ms <= this.minRtt * 1.1) {
-      this.minRtt = Math.min(this.minRtt, ms);
-      this.minRttAt = now;
-    }
-  }
-
-  private update(now: number): void {
-    if (!this.drain && Number.isFinite(this.minRtt) && now - this.minRttAt > RTT_VALID_MS) {
-      this.drain = { until: now + 2 * this.lastRtt + RATE_SAMPLE_MS, min: Infinity };
-    } else if (this.drain && now >= this.drain.until && Number.isFinite(this.drain.min)) {
-      this.minRtt = this.drain.min;
-      this.minRttAt = now;
-      this.drain = null;
-    }
-    const { rttMs, bytesPerMs } = this.measured();
-    if (rttMs === null || bytesPerMs === null) return;
-    // A round trip below a millisecond is the timer's resolution, not the path's.
-    const want = this.drain ? this.floor : GAIN * bytesPerMs * Math.max(rttMs, 1);
-    this.bytes = Math.round(Math.max(this.floor, Math.min(this.ceiling, want)));
+  private rate(): number {
+    let best = 0;
+    for (const r of this.rates) best = Math.max(best, r.perMs);
+    return best;
   }
 }

@@ -23,26 +23,30 @@ function drive(w: SendWindow, perMs: number, rttMs: number, ms: number): void {
     while (acks.length && acks[0].at <= t) { const a = acks.shift()!; w.onAck(a.offset, t); }
     const acked = acks.length ? acks[0].offset - 64 * 1024 : sent;
     while (sent - acked < w.bytes) {
+      const before = sent - acked;
       sent += 64 * 1024;
-      w.onSend(sent, t);
+      w.onSend(sent, t, before);
       busyUntil = Math.max(t, busyUntil) + (64 * 1024) / perMs;
       acks.push({ at: busyUntil + rttMs, offset: sent });
     }
   }
 }
 
-test('the window settles at twice the measured bandwidth x round trip, between its floor and ceiling', () => {
+test('the window settles at the measured rate x max(50 ms, 2 x the round trip sampled with little in flight), between its floor and ceiling', () => {
   // 20 MiB/s, 50 ms: 1 MiB in flight fills the path; the window is twice that.
   const w = new SendWindow(256 * 1024, 32 * MiB);
   drive(w, (20 * MiB) / 1000, 50, 3000);
-  const { rttMs, bytesPerMs } = w.measured();
-  assert.ok(rttMs !== null && rttMs >= 50 && rttMs < 60, `round trip ${rttMs}`);
-  assert.ok(Math.abs(bytesPerMs! - (20 * MiB) / 1000) < 2000, `rate ${bytesPerMs}`);
+  const { minRttMs, mibps } = w.stats();
+  assert.ok(minRttMs !== null && minRttMs >= 50 && minRttMs < 60, `round trip ${minRttMs}`);
+  assert.is(mibps, 20);
   assert.ok(w.bytes > 1.8 * MiB && w.bytes < 2.6 * MiB, `window ${w.bytes}`);
-  // A fast path with a short round trip stays at the floor; a long fat one at the ceiling.
+  // A short round trip: the time budget (50 ms at the rate); a long fat path: the ceiling.
   const fast = new SendWindow(MiB, 32 * MiB);
   drive(fast, (100 * MiB) / 1000, 1, 2000);
-  assert.is(fast.bytes, MiB);
+  assert.ok(fast.bytes > 4.5 * MiB && fast.bytes < 5.5 * MiB, `window ${fast.bytes}`);
+  const slow = new SendWindow(MiB, 32 * MiB);
+  drive(slow, (2 * MiB) / 1000, 1, 2000);
+  assert.is(slow.bytes, MiB, 'at its floor');
   const fat = new SendWindow(MiB, 8 * MiB);
   drive(fat, (100 * MiB) / 1000, 200, 3000);
   assert.is(fat.bytes, 8 * MiB);

@@ -118,7 +118,7 @@ export class Link extends EventEmitter implements StreamHost {
     if (!ID_RE.test(opts.link) || !ID_RE.test(opts.migration)) throw new LinkError('MISMATCH', `link: ids must match ${ID_RE} (got link "${opts.link}", migration "${opts.migration}")`);
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
-      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, windowFloor: 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
+      holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, windowFloor: 2 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
       backoffMs: { first: 100, max: 2000 }, ...opts,
     };
     this.maxResident = this.opts.maxResident;

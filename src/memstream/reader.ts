@@ -23,7 +23,7 @@
 
 export const PAGE_SIZE = 4096;
 /** Held bytes are joined with this much of the next chunk first (a page record and more). */
-const BRIDGE = 16 * 1024;
+const BRIDGE = PAGE_SIZE + 1024;
 
 export const RAM_FLAG = {
   ZERO: 0x02, MEM_SIZE: 0x04, PAGE: 0x08, EOS: 0x10, CONTINUE: 0x20, XBZRLE: 0x40, COMPRESS_PAGE: 0x100,

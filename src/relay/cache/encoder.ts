@@ -92,6 +92,12 @@ export class CacheEncoder {
     if (o.compress === false) this.compressing = false;
   }
 
+  /** Turn compression on or off from the next page on (without a governor: benchmarks, tests). */
+  setCompressing(on: boolean): void {
+    if (on !== this.compressing) this.s.modeChanges++;
+    this.compressing = on;
+  }
+
   /** Frames for the next bytes of QEMU's stream (the hello first). */
   encode(chunk: Buffer): Buffer[] {
     this.s.bytesIn += chunk.length;
@@ -125,7 +131,7 @@ export class CacheEncoder {
 
   private flushRaw(): void {
     if (!this.raw.length) return;
-    this.out.push(rawFrame(this.raw));
+    for (const b of rawFrame(this.raw)) this.out.push(b);
     this.raw = [];
   }
 

@@ -11,14 +11,13 @@
 // in 64 KiB chunks (what QEMU's socket gives the relay), with the CPU time of this process
 // (user+sys) and the wall time, and checks the sha256 of what the decoder gave back.
 import { createHash } from 'node:crypto';
-import { readFileSync, existsSync, copyFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { bootGuest, ensureGuest } from '../test/helpers/guest.ts';
-import { cleanupAll, tempDir, waitForSocket } from '../test/helpers/proc.ts';
+import { cleanupAll, run, tempDir, waitForSocket } from '../test/helpers/proc.ts';
 import { recordStream } from '../test/helpers/mig-streams.ts';
 import { CacheEncoder } from '../src/relay/cache/encoder.ts';
 import { CacheDecoder } from '../src/relay/cache/decoder.ts';
-import { run } from '../test/helpers/proc.ts';
 import { table } from './lib.ts';
 
 const MiB = 1024 * 1024;
@@ -71,7 +70,8 @@ export async function main(argv: string[]): Promise<void> {
   const o = parseArgs(argv);
   const load = async () => (await run('uptime', [])).stdout.trim();
   try {
-    const file = o.file && existsSync(o.file) ? o.file : await record(o);
+    if (o.file && !existsSync(o.file)) throw new Error(`bench cache-codec: --file ${o.file}: no such file`);
+    const file = o.file ?? await record(o);
     const stream = readFileSync(file);
     const want = createHash('sha256').update(stream).digest('hex');
     console.log(`stream ${file}: ${(stream.length / MiB).toFixed(1)} MiB; budget ${o.budget} MiB; load before: ${await load()}`);

@@ -79,6 +79,11 @@ export class LinkStream extends Duplex {
     return this.sendNext - Math.max(this.acked, this.fileEnd) < this.window.bytes && this.resident < this.host.maxResident;
   }
 
+  /** The writer waits for the window (or the memory bound): the link, not the writer, is the bottleneck now. */
+  get held(): boolean {
+    return this.waitingWrite !== null;
+  }
+
   /** What we may acknowledge: what the user has read (bytes still in our readable buffer are not). */
   ackOffset(): number {
     return this.recvNext - this.readableLength;

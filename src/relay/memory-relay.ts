@@ -12,6 +12,7 @@ import { crc32 } from 'node:zlib';
 import type { Duplex, Transform } from 'node:stream';
 import type { CacheEncoder } from './cache/encoder.ts';
 import { decoderStream, encoderStream } from './cache/streams.ts';
+import { BUSY } from './cache/governor.ts';
 
 export const MEMORY_STREAM = 'memory';
 
@@ -122,8 +123,15 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
     const stream = open();
     let codec: Transform | undefined;
     if (cache) {
-      // What waits for the link: unacknowledged bytes the link stream keeps, and its write buffer.
-      const backlog = () => ((stream as { resident?: number }).resident ?? 0) + stream.writableLength;
+      // What waits for the link: unacknowledged bytes the link stream keeps, and its write
+      // buffer. The link's send window (src/link/window.ts) now holds the writer at a few MiB
+      // where it once let 32 MiB pile up, so a writer held by it (or bytes in its buffer) is
+      // the governor's "busy" too: counted as at least BUSY, the figure that meant it before.
+      const link = stream as Duplex & { resident?: number; held?: boolean };
+      const backlog = () => {
+        const b = (link.resident ?? 0) + stream.writableLength;
+        return link.held || stream.writableLength > 0 ? Math.max(b, BUSY + 1) : b;
+      };
       const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog });
       relay.cache = e.encoder;
       codec = e.stream;

@@ -81,14 +81,20 @@ function summed(type: number, payload: Buffer): Buffer {
   return type === Frame.DATA ? EMPTY : payload;
 }
 
-export function encodeFrame(type: FrameType, stream: number, offset: number, payload: Buffer = EMPTY, flags = 0): Buffer[] {
+/** The 20-byte header of a frame with `length` bytes of payload; the CRC covers it and `summedPayload`. */
+function header(type: FrameType, stream: number, offset: number, length: number, flags: number, summedPayload: Buffer): Buffer {
   const h = Buffer.allocUnsafe(HEADER);
   h.writeUInt8(type, 0);
   h.writeUInt8(flags, 1);
   h.writeUInt16BE(stream, 2);
-  h.writeUInt32BE(payload.length, 4);
+  h.writeUInt32BE(length, 4);
   h.writeBigUInt64BE(BigInt(offset), 8);
-  h.writeUInt32BE(checksum(h.subarray(0, 16), summed(type, payload)), 16);
+  h.writeUInt32BE(checksum(h.subarray(0, 16), summedPayload), 16);
+  return h;
+}
+
+export function encodeFrame(type: FrameType, stream: number, offset: number, payload: Buffer = EMPTY, flags = 0): Buffer[] {
+  const h = header(type, stream, offset, payload.length, flags, summed(type, payload));
   return payload.length ? [h, payload] : [h];
 }
 
@@ -96,14 +102,7 @@ export function encodeFrame(type: FrameType, stream: number, offset: number, pay
 export function encodeData(stream: number, offset: number, parts: Buffer[]): Buffer[] {
   let length = 0;
   for (const p of parts) length += p.length;
-  const h = Buffer.allocUnsafe(HEADER);
-  h.writeUInt8(Frame.DATA, 0);
-  h.writeUInt8(0, 1);
-  h.writeUInt16BE(stream, 2);
-  h.writeUInt32BE(length, 4);
-  h.writeBigUInt64BE(BigInt(offset), 8);
-  h.writeUInt32BE(checksum(h.subarray(0, 16), EMPTY), 16);
-  return [h, ...parts];
+  return [header(Frame.DATA, stream, offset, length, 0, EMPTY), ...parts];
 }
 
 export function encodeHello(h: Hello): Buffer[] {

@@ -45,7 +45,7 @@ export class SendWindow {
   private probe: { end: number; t: number } | null = null;
   /** The lowest round trip sampled on this carrier, ms. */
   private minRtt = Infinity;
-  /** The last 64 round trips sampled, for stats. */
+  /** The last 64 round trips sampled: their median is the typical one. */
   private recent: number[] = [];
   private rates: Array<{ perMs: number; t: number }> = [];
   private sampleFrom: { acked: number; t: number } | null = null;

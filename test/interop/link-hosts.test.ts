@@ -48,8 +48,11 @@ test('ssh: a connection reset mid-stream (ss -K in A) is invisible: same sha256,
   // Network only: with a shared dir the file may finish the stream before the redial does.
   // Large enough that the stream is still at full speed (bytes in flight both ways) when the
   // reset lands: the cut is seen through a 100 ms progress tick and a spawned `ss -K`, and a
-  // small stream could finish first on a quick machine, leaving nothing to resend.
-  const events = await client({ mib: 64, ssh: sshArgs({ agentSharedDir: undefined } as never) }, (e) => {
+  // small stream could finish first on a quick machine, leaving nothing to resend. A window of
+  // at least 4 MiB (the fixed network window the measured one replaced) keeps bytes in the
+  // sockets when the reset lands: with the 2 MiB floor at load 20 they had all arrived once
+  // (nothing to resend, 1 run in 3).
+  const events = await client({ mib: 64, windowFloor: 4 * 1024 * 1024, ssh: sshArgs({ agentSharedDir: undefined } as never) }, (e) => {
     if (!cut && e.event === 'progress' && (e.received as number) > 4 * 1024 * 1024) {
       cut = true;
       void resetConnections(hosts.a, hosts.b);

@@ -50,8 +50,8 @@ test('ssh: a connection reset mid-stream (ss -K in A) is invisible: same sha256,
   // reset lands: the cut is seen through a 100 ms progress tick and a spawned `ss -K`, and a
   // small stream could finish first on a quick machine, leaving nothing to resend. A window of
   // at least 4 MiB (the fixed network window the measured one replaced) keeps bytes in the
-  // sockets when the reset lands: with the 2 MiB floor at load 20 they had all arrived once
-  // (nothing to resend, 1 run in 3).
+  // sockets when the reset lands: with the 2 MiB floor, at load 20, they had all arrived once
+  // (nothing to resend).
   const events = await client({ mib: 64, windowFloor: 4 * 1024 * 1024, ssh: sshArgs({ agentSharedDir: undefined } as never) }, (e) => {
     if (!cut && e.event === 'progress' && (e.received as number) > 4 * 1024 * 1024) {
       cut = true;

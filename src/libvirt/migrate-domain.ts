@@ -244,7 +244,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const definedOnDest = destState !== null;
     handover = local
       ? new LocalDisksHandover({
-        domain: o.domain, disks, xml, persistent: o.persistent, link: l, target, workDir: dir, onEvent: o.onEvent,
+        domain: o.domain, disks, xml, persistent: o.persistent, link: l, target, workDir: dir, onEvent: o.onEvent, holdMs: o.holdMs,
         migratableXml: await src.run(['dumpxml', '--migratable', '--domain', o.domain]),
         inactiveXml: await src.run(['dumpxml', '--inactive', '--migratable', '--domain', o.domain]),
       }, { paths: ld?.paths ?? {}, toDir: ld?.toDir, bandwidth: ld?.bandwidth })
@@ -312,8 +312,13 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
       if (here === 'paused' && wasRunning && migrateError) await src.run(['resume', o.domain]).catch(() => {});
       throw new MigrateError('source', `libvirt's migration failed: ${why}; '${o.domain}' runs on here${here === 'unknown' ? ' (check it: this host\'s libvirt did not answer)' : ''}`);
     }
-    // This host's copy is gone: the destination's paused copy is the guest. Resume it.
+    // This host's copy is gone: the destination's paused copy is the guest. Resume it, once
+    // its disks hold every write the guest had acknowledged (after a cut of the link the
+    // source answered some alone: they are copied first).
     committed = true;
+    await handover.settle().catch((e: Error) => {
+      throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but its disks there may lack writes this host answered alone during a cut (${e.message}): the disks here are complete; do not resume it there`, true);
+    });
     await resumeDest(session, dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
       throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
     });

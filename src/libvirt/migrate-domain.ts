@@ -35,6 +35,7 @@ import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandove
 import { LocalDisksHandover, type LocalDisksOptions } from './local-disk-handover.ts';
 import { isEnabled } from './domain-xml.ts';
 import type { DiskEvent } from '../hostmove/disks.ts';
+import { listenMoveStatus, sourcePhase, type MoveStatus } from '../hostmove/move-status.ts';
 
 export interface DomainMigrateOptions {
   domain: string;
@@ -194,6 +195,17 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
   let committed = false;
   let session: VirshSession | null = null;
   let watcher: { close(): void } | null = null;
+  // `vmshift status` asks this process about the move (src/hostmove/move-status.ts): the phase
+  // and libvirt's figures follow the events; the link answers for itself.
+  const move: MoveStatus = { role: 'source', domain: o.domain, peer: peerName, phase: 'connecting', startedAt: new Date().toISOString(), link: null, memory: null, disks: [] };
+  const emit = o.onEvent;
+  o = { ...o, onEvent: (e) => {
+    move.phase = sourcePhase(move.phase, e.event);
+    if (e.event === 'progress') move.memory = { processed: e.processed, remaining: e.remaining, total: e.total, pct: e.pct };
+    if (e.event === 'disks-prepared') move.disks = e.disks.map((d) => ({ name: d.name, path: d.path, socket: d.socket }));
+    emit(e);
+  } };
+  const moveStatus = await listenMoveStatus(o.runDir, `out-${encodeURIComponent(o.domain)}`, () => ({ ...move, link: link?.stats() ?? null })).catch(() => null);
   try {
     const job0 = parseJobInfo(await src.run(['domjobinfo', o.domain]));
     if (job0.type && job0.type !== 'None') throw new MigrateError('usage', `libvirt already runs a job on '${o.domain}' (${job0.type}${job0.operation ? `, ${job0.operation}` : ''}); nothing was changed`);
@@ -356,6 +368,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
       link.abort(committed ? 'finished: the guest runs on the destination' : 'the migration was rolled back');
     }
     rmSync(dir, { recursive: true, force: true });
+    await moveStatus?.close().catch(() => {});
     unlock();
   }
 }

@@ -14,7 +14,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSy
 import { join } from 'node:path';
 import { cleanupAll, run } from '../helpers/proc.ts';
 import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
-import { jsonLinesInNs, resetConnections, type JsonLinesRun } from '../helpers/hosts.ts';
+import { jsonLinesInNs, linkState, resetConnections, type JsonLinesRun } from '../helpers/hosts.ts';
 import { VMSHIFT, domState, libvirtHosts, startVmshiftd, type HostVmshiftd, type LibvirtHosts, type LibvirtTestHost } from '../helpers/libvirt-hosts.ts';
 import { enableDomain } from '../../src/libvirt/enable.ts';
 import { writerDomainXml } from './libvirt-host.ts';
@@ -48,8 +48,8 @@ function assertUnbroken(s: number[]): void {
 }
 
 /** `vmshift migrate` run inside host `from`, JSON lines parsed. */
-function migrate(from: LibvirtTestHost, domain: string, uri: string, extra: string[] = [], during?: (e: Ev) => void): Promise<JsonLinesRun<Ev>> {
-  return jsonLinesInNs<Ev>(from, VMSHIFT, ['migrate', domain, uri, '--json', '--peer-vmshift', VMSHIFT, ...extra], { argv: from.argv, during, timeoutMs: 120_000 });
+function migrate(from: LibvirtTestHost, domain: string, uri: string, extra: string[] = [], during?: (e: Ev) => void, timeoutMs = 120_000): Promise<JsonLinesRun<Ev>> {
+  return jsonLinesInNs<Ev>(from, VMSHIFT, ['migrate', domain, uri, '--json', '--peer-vmshift', VMSHIFT, ...extra], { argv: from.argv, during, timeoutMs });
 }
 
 /**
@@ -62,9 +62,15 @@ async function settledLeftovers(h: LibvirtTestHost): Promise<string[]> {
   return leftovers(h);
 }
 
+/** The link agents' logs on a host (for a failure's message). */
+function agentLogs(h: LibvirtTestHost): string {
+  const p = join(h.dir, 'run/vmshift/links');
+  return existsSync(p) ? readdirSync(p).filter((f) => f.endsWith('.log')).map((f) => readFileSync(join(p, f), 'utf8').slice(-3000)).join('\n---\n') : '(none)';
+}
+
 function leftovers(h: LibvirtTestHost): string[] {
   const out: string[] = [];
-  for (const d of ['run/vmshift/links', 'run/vmshift/migrate']) {
+  for (const d of ['run/vmshift/links', 'run/vmshift/migrate', 'run/vmshift/moves']) {
     const p = join(h.dir, d);
     if (existsSync(p)) for (const f of readdirSync(p)) if (!f.endsWith('.log')) out.push(`${d}/${f}`);
   }
@@ -177,7 +183,7 @@ const sha = (path: string) => createHash('sha256').update(readFileSync(path)).di
 let vmA: HostVmshiftd, vmB: HostVmshiftd;
 let aImages: string, bImages: string, aDisk: string, console2: string;
 
-test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --disk: clear errors, nothing changed on either host', async () => {
+test.only('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --disk: clear errors, nothing changed on either host', async () => {
   const { a, b } = hosts;
   aImages = join(hosts.shared, 'a-images');
   bImages = join(hosts.shared, 'b-images');
@@ -186,9 +192,10 @@ test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --di
   [vmA, vmB] = await Promise.all([startVmshiftd(a, aImages), startVmshiftd(b, bImages)]);
   aDisk = join(aImages, 'loc.raw');
   console2 = join(hosts.shared, 'console-loc.log');
-  // Thin: 64 MiB virtual, 32 MiB of data past the writer's slots, the rest holes: 2 s of copy at --bandwidth 16M.
-  await run('qemu-img', ['create', '-q', '-f', 'raw', aDisk, String(64 * MiB)]);
-  await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a ${8 * MiB} ${32 * MiB}`, aDisk]);
+  // Thin: 128 MiB virtual, 64 MiB of data past the writer's slots, the rest holes: 4 s of copy
+  // at --bandwidth 16M (time to reset and cut the link during it; 5% of it is 3.2 MiB).
+  await run('qemu-img', ['create', '-q', '-f', 'raw', aDisk, String(128 * MiB)]);
+  await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a ${8 * MiB} ${64 * MiB}`, aDisk]);
   await a.virsh.define(writerDomainXml(LOCAL, aDisk, console2, SLOTS, 128));
   await enableDomain(a.virsh, LOCAL, { disks: ['vda'], runDir: '/run/vmshift' });
   await a.virsh.start(LOCAL);
@@ -217,19 +224,124 @@ test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --di
   await waitSeq(lastSeq(console2) + 3, 60_000, console2);
 });
 
-test('local disk: the domain moves to B with its disk (a reset mid-copy resumes without recopying): writer unbroken, every record on B\'s thin file, A\'s file untouched, virsh start on B uses B\'s file', async () => {
+test.only('local disk: a cut that never ends, during the copy: after the hold time the move aborts, the guest runs on A on A\'s file, nothing left on B, the error names B', async () => {
+  const { a, b } = hosts;
+  const aBacking = (await controlCall<{ backing: string }>(`${vmA.shims()[0]!.socket.replace('/run/', `${a.dir}/run/`)}.ctl`, 'status')).backing;
+  let cut = false, seqAtCut = 0;
+  const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig, '--bandwidth', '8M', '--hold-time', '5s'], (e) => {
+    if (!cut && e.event === 'disk-progress' && Number(e.bytesCopied) > 4 * MiB) {
+      cut = true;
+      seqAtCut = lastSeq(console2);
+      void linkState(b, false);
+    }
+  });
+  try {
+    const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
+    assert.ok(cut, `the link was cut during the copy: ${summary}`);
+    assert.equal(r.code, 1, summary);
+    assert.match(r.events.at(-1)?.error?.message ?? '', /root@10\.213\.7\.2:\d+/, summary);
+    assert.match(r.events.at(-1)?.error?.message ?? '', /for 5 s/, summary);
+    // The guest's writes went on during the cut (the source answered them alone).
+    assert.ok(lastSeq(console2) >= seqAtCut + 10, `the writer went on during the cut: ${seqAtCut} -> ${lastSeq(console2)}`);
+    // B's agent gives up after its own hold time (it cannot hear A's abort) and removes what it made.
+    for (let i = 0; i < 300 && (readdirSync(bImages).length || vmB.shims().length); i++) await new Promise((res) => setTimeout(res, 100));
+    assert.equal(readdirSync(bImages), [], 'no file left on B');
+    assert.equal(vmB.shims(), [], 'no shim left on B');
+    assert.equal(await settledLeftovers(b), [], 'no link files left on B');
+  } finally {
+    await linkState(b, true);
+  }
+  assert.equal(await domState(a, LOCAL), 'running');
+  assert.equal(await domState(b, LOCAL), null);
+  assert.equal(await settledLeftovers(a), []);
+  const st = await controlCall<{ job: string | null; backing: string }>(`${vmA.shims()[0]!.socket.replace('/run/', `${a.dir}/run/`)}.ctl`, 'status');
+  assert.equal(st.job, null, 'the job rolled back');
+  assert.equal(st.backing, aBacking, 'A serves A\'s file');
+  assertUnbroken(seqs(console2));
+  await waitSeq(lastSeq(console2) + 3, 60_000, console2);
+});
+
+interface Status {
+  shims: Array<{ source: string; job: { job: { phase: string; bytesCopied: number; rate: number } | null } | null }>;
+  moves: Array<{ role: string; domain: string | null; phase: string; link: { carrier: string; reconnects: number } | null; memory: { processed: number } | null; disks: Array<{ path?: string }> }>;
+}
+/** `vmshift status --json` inside each host. */
+async function statusOn(a: LibvirtTestHost, b: LibvirtTestHost): Promise<[Status, Status]> {
+  const one = async (h: LibvirtTestHost) => JSON.parse((await h.run(VMSHIFT, ['status', '--json'])).stdout) as Status;
+  return Promise.all([one(a), one(b)]);
+}
+
+/** A cut of B's network for `ms`, and how far the guest's writer got on A meanwhile. */
+interface Cut { ms: number; seqBefore: number; seqAfter: number; done: Promise<void> }
+function cutFor(b: LibvirtTestHost, ms: number): Cut {
+  const c: Cut = { ms, seqBefore: lastSeq(console2), seqAfter: 0, done: Promise.resolve() };
+  c.done = (async () => {
+    await linkState(b, false);
+    try {
+      await new Promise((res) => setTimeout(res, ms));
+      c.seqAfter = lastSeq(console2);
+    } finally {
+      await linkState(b, true);
+    }
+  })();
+  return c;
+}
+
+test.only('local disk: the domain moves to B with its disk (a reset and a 40 s cut mid-copy resume without recopying; a cut during the synchronized mirror: the guest\'s writes go on): writer unbroken, every record on B\'s thin file, A\'s file untouched, virsh start on B uses B\'s file', async () => {
   const { a, b } = hosts;
   const bDisk = join(bImages, 'loc.raw');
   let reset = false;
+  let copyCut: Cut | null = null, syncCut: Cut | null = null;
+  let copiedAtCut = 0;
+  let statusInCopy: Promise<[Status, Status]> | null = null, statusInMemory: Promise<[Status, Status]> | null = null;
   const r = await migrate(a, LOCAL, b.sshUri, ['--to-dir', bImages, '--peer-config', vmB.config, '--peer-hook-config', vmB.hookConfig, '--bandwidth', '16M'], (e) => {
     if (!reset && e.event === 'disk-progress' && Number(e.bytesCopied) > 4 * MiB) {
       reset = true;
       void resetConnections(a, b);
     }
-  });
-  const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
+    // The link's hold time is 60 s: a 40 s cut is a stall; the copy goes on from where it was.
+    if (!copyCut && e.event === 'disk-progress' && e.phase === 'mirror' && Number(e.bytesCopied) > 16 * MiB) {
+      copiedAtCut = Number(e.bytesCopied);
+      copyCut = cutFor(b, 40_000);
+      statusInCopy = statusOn(a, b);
+    }
+    // The disks are in sync and libvirt migrates the memory: a cut shorter than libvirt's
+    // keepalive (~30 s) is a stall to it.
+    if (!syncCut && e.event === 'progress' && Number(e.processed) > 2 * MiB) {
+      syncCut = cutFor(b, 8_000);
+      statusInMemory = statusOn(a, b);
+    }
+  }, 300_000);
+  await (copyCut as Cut | null)?.done;
+  await (syncCut as Cut | null)?.done;
+  const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}\nprogress: ${JSON.stringify(r.events.filter((e) => e.event === 'progress').slice(-2))}\nB's agent: ${agentLogs(b)}`;
   assert.equal(r.code, 0, summary);
   assert.ok(reset, `the connection was reset during the disk copy: ${summary}`);
+  assert.ok(copyCut && syncCut, `cut during the copy (${!!copyCut}) and once synchronized (${!!syncCut}): ${summary}`);
+  const cuts = [copyCut as unknown as Cut, syncCut as unknown as Cut];
+  // The source answered the guest's writes alone while B was cut off: the writer went on.
+  for (const c of cuts) assert.ok(c.seqAfter >= c.seqBefore + 10, `the writer went on during the ${c.ms / 1000} s cut: ${c.seqBefore} -> ${c.seqAfter}`);
+  const progress0 = r.events.filter((e) => e.event === 'disk-progress');
+  const afterCut = progress0.filter((e) => e.phase === 'mirror' && Number(e.bytesCopied) > copiedAtCut);
+  assert.ok(afterCut.length > 0 && Number(afterCut[0]!.bytesCopied) < copiedAtCut + 8 * MiB, `the copy went on from ${copiedAtCut}, not from zero`);
+  // `vmshift status` on each host during the move: the facts of the process that owns them.
+  const [aCopy, bCopy] = await statusInCopy!;
+  const mA = aCopy.moves.find((m) => m.domain === LOCAL);
+  assert.ok(mA && mA.role === 'source' && mA.phase === 'disk-copy' && mA.link && typeof mA.link.reconnects === 'number', `A's status in the copy: ${JSON.stringify(aCopy)}`);
+  const jA = aCopy.shims.find((x) => x.source === aDisk)?.job?.job;
+  assert.ok(jA && jA.phase === 'mirror' && jA.bytesCopied > 0 && typeof jA.rate === 'number', `A's shim job in the copy: ${JSON.stringify(aCopy.shims)}`);
+  const mB = bCopy.moves.find((m) => m.role === 'destination');
+  assert.ok(mB && mB.phase === 'prepared' && mB.disks.some((d) => d.path === bDisk), `B's status in the copy: ${JSON.stringify(bCopy)}`);
+  assert.ok(bCopy.shims.some((x) => x.source === bDisk), `B's vmshiftd serves B's file: ${JSON.stringify(bCopy.shims)}`);
+  const [aMem] = await statusInMemory!;
+  const mem = aMem.moves.find((m) => m.domain === LOCAL);
+  assert.ok(mem && mem.phase === 'memory' && mem.memory && mem.memory.processed > 0, `A's status in the memory phase: ${JSON.stringify(aMem.moves)}`);
+  assert.equal(aMem.shims.find((x) => x.source === aDisk)?.job?.job?.phase, 'synchronized');
+  const moved = r.events.find((e) => e.event === 'disks-moved') as Ev & { disks: Array<{ writes: { count: number; maxMs: number; p99Ms: number; degradedWrites: number } }> } | undefined;
+  assert.ok(moved, `disks-moved reports the guest's writes: ${summary}`);
+  const w = moved!.disks[0]!.writes;
+  assert.ok(w.count > 0 && w.degradedWrites > 0, `writes answered by A alone during the cuts: ${JSON.stringify(w)}`);
+  assert.ok(w.maxMs < 10_000, `no guest write waited for a cut: ${JSON.stringify(w)}`);
   const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number };
   assert.ok(done.link.reconnects >= 1, `the link reconnected: ${JSON.stringify(done.link)}`);
   const aHash = sha(aDisk);
@@ -247,7 +359,7 @@ test('local disk: the domain moves to B with its disk (a reset mid-copy resumes 
   const progress = r.events.filter((e) => e.event === 'disk-progress');
   const copied = Math.max(...progress.map((e) => Number(e.bytesCopied)));
   const alloc = allocated(aDisk);
-  process.stderr.write(`  local disk: allocated ${alloc}, copied ${copied}, resent ${done.link.resentBytes}: ${((copied + done.link.resentBytes) / alloc).toFixed(3)}x\n`);
+  process.stderr.write(`  local disk: allocated ${alloc}, copied ${copied}, resent ${done.link.resentBytes}: ${((copied + done.link.resentBytes) / alloc).toFixed(3)}x; guest writes during the move: ${w.count}, p99 ${w.p99Ms} ms, max ${w.maxMs} ms, ${w.degradedWrites} answered by A alone\n`);
   assert.ok(copied + done.link.resentBytes <= 1.05 * alloc, `bytes sent ${copied} + ${done.link.resentBytes} <= 1.05 x allocated ${alloc}`);
   // The writer goes on on B without a gap; then every acknowledged record is on B's file.
   await waitSeq(lastSeq(console2) + 10, 120_000, console2);

@@ -185,7 +185,7 @@ const sha = (path: string) => createHash('sha256').update(readFileSync(path)).di
 let vmA: HostVmshiftd, vmB: HostVmshiftd;
 let aImages: string, bImages: string, aDisk: string, console2: string;
 
-test.only('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --disk: clear errors, nothing changed on either host', async () => {
+test('local disk, bad input: a --to-dir outside B\'s datastores, an unknown --disk: clear errors, nothing changed on either host', async () => {
   const { a, b } = hosts;
   aImages = join(hosts.shared, 'a-images');
   bImages = join(hosts.shared, 'b-images');
@@ -226,7 +226,7 @@ test.only('local disk, bad input: a --to-dir outside B\'s datastores, an unknown
   await waitSeq(lastSeq(console2) + 3, 60_000, console2);
 });
 
-test.only('local disk: a cut that never ends, during the copy: after the hold time the move aborts, the guest runs on A on A\'s file, nothing left on B, the error names B; a second migration meanwhile is refused', async () => {
+test('local disk: a cut that never ends, during the copy: after the hold time the move aborts, the guest runs on A on A\'s file, nothing left on B, the error names B; a second migration meanwhile is refused', async () => {
   const { a, b } = hosts;
   const aBacking = (await controlCall<{ backing: string }>(`${vmA.shims()[0]!.socket.replace('/run/', `${a.dir}/run/`)}.ctl`, 'status')).backing;
   let cut = false, seqAtCut = 0;
@@ -301,7 +301,7 @@ async function mirroredWrites(a: LibvirtTestHost): Promise<number> {
   return st.job?.writes?.count ?? 0;
 }
 
-test.only('local disk: the domain moves to B with its disk (a reset and a 40 s cut mid-copy resume without recopying; a cut during the synchronized mirror: the guest\'s writes go on): writer unbroken, every record on B\'s thin file, A\'s file untouched, virsh start on B uses B\'s file', async () => {
+test('local disk: the domain moves to B with its disk (a reset and a 40 s cut mid-copy resume without recopying; a cut during the synchronized mirror: the guest\'s writes go on): writer unbroken, every record on B\'s thin file, A\'s file untouched, virsh start on B uses B\'s file', async () => {
   const { a, b } = hosts;
   const bDisk = join(bImages, 'loc.raw');
   let reset = false;
@@ -352,7 +352,8 @@ test.only('local disk: the domain moves to B with its disk (a reset and a 40 s c
   const [aMem] = await statusInMemory!;
   const mem = aMem.moves.find((m) => m.domain === LOCAL);
   assert.ok(mem && mem.phase === 'memory' && mem.memory && mem.memory.processed > 0, `A's status in the memory phase: ${JSON.stringify(aMem.moves)}`);
-  assert.equal(aMem.shims.find((x) => x.source === aDisk)?.job?.job?.phase, 'synchronized');
+  // In sync, or (asked once the cut had left a write unanswered for 2 s) waiting to catch up.
+  assert.ok(['synchronized', 'catching-up'].includes(aMem.shims.find((x) => x.source === aDisk)?.job?.job?.phase ?? ''), JSON.stringify(aMem.shims));
   const moved = r.events.find((e) => e.event === 'disks-moved') as Ev & { disks: Array<{ writes: { count: number; maxMs: number; p99Ms: number; degradedWrites: number } }> } | undefined;
   assert.ok(moved, `disks-moved reports the guest's writes: ${summary}`);
   const w = moved!.disks[0]!.writes;
@@ -399,7 +400,7 @@ test.only('local disk: the domain moves to B with its disk (a reset and a 40 s c
   assert.equal(await domState(b, LOCAL), 'running');
   await b.virsh.run(['destroy', LOCAL]);
   assert.equal(sha(aDisk), aHash, 'A\'s file untouched by the start on B');
-  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms)`);
+  console.log(`  local disk A->B with a reset and two cuts: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms)`);
 });
 
 test.run();

@@ -15,6 +15,7 @@ interface StatusArgs {
   socket?: string;
   daemonSocket?: string;
   runDir?: string;
+  agentSocketDir?: string;
   json: boolean;
 }
 
@@ -25,7 +26,8 @@ export const statusCommand = {
     y
       .option('socket', { type: 'string', describe: 'the NBD socket of one shim (asks the shim itself, no daemon needed)' })
       .option('daemon-socket', daemonSocketOption)
-      .option('run-dir', { type: 'string', describe: 'where host moves serve their status (default $VMSHIFT_RUN_DIR or /run/vmshift)' }),
+      .option('run-dir', { type: 'string', describe: 'where host moves serve their status (default $VMSHIFT_RUN_DIR or /run/vmshift)' })
+      .option('agent-socket-dir', { type: 'string', describe: 'where link agents listen here (the source\'s --peer-socket-dir; default RUN_DIR/links)' }),
   handler: async (argv: ArgumentsCamelCase<StatusArgs>) => {
     if (!argv.socket) return daemonStatus(argv);
     const ctl = controlSocketFor(argv.socket);
@@ -100,7 +102,7 @@ interface JobView {
 async function daemonStatus(argv: StatusArgs): Promise<void> {
   const [r, moves] = await Promise.all([
     callDaemon<{ shims: DaemonShim[] }>(daemonSocket(argv.daemonSocket), 'status', {}, { timeoutMs: 30_000 }),
-    listMoves(runDir(argv.runDir)),
+    listMoves(runDir(argv.runDir), argv.agentSocketDir ? [argv.agentSocketDir] : undefined),
   ]);
   if (argv.json) return printJson({ ...r, moves });
   const out: string[] = moves.map(moveLine);

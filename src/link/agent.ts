@@ -39,7 +39,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   if (o.libvirtSocket) roles.libvirt!.serveLibvirtDestination(link, o.libvirtSocket, log);
   const disks = o.disks ? roles.disks!.serveDisks(link, { config: o.disksConfig, hookConfig: o.hookConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log }) : null;
   // A move's destination end: `vmshift status` here asks this agent (src/hostmove/move-status.ts).
-  const moveStatus = disks ? await (await import('../hostmove/move-status.ts')).listenMoveStatus((await import('../daemon/defaults.ts')).runDir(), `in-${o.migration}`, () => {
+  const moveStatus = disks ? await (await import('../hostmove/move-status.ts')).listenAgentStatus(o.socket, () => {
     const d = disks.status();
     return { role: 'destination', domain: null, peer: 'the dialing host', phase: d.phase, startedAt, link: link.stats(), memory: null, disks: d.disks };
   }).catch((e: Error) => { log(`no status socket: ${e.message}`); return null; }) : null;

@@ -89,8 +89,11 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   const ino = statSync(disk).ino;
   const r = await migrate(a, NAME, b.sshUri);
   assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\n${JSON.stringify(r.events.slice(-3))}`);
-  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; pausedMs: number; relayed: { forward: number } };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; pausedMs: number; answeredMs: number | null; goneMs: number | null; relayed: { forward: number } };
   assert.ok(done, 'no done event');
+  // B was resumed on Finish's answer reaching virsh, not on Confirm killing A's QEMU.
+  assert.ok(done.answeredMs !== null && done.pausedMs !== null, `Finish's answer was seen: ${JSON.stringify(done)}`);
+  assert.ok(done.goneMs === null || done.pausedMs <= done.goneMs + 50, `resumed before (or about when) A's copy was killed: ${JSON.stringify(done)}`);
   assert.ok(r.events.some((e) => e.event === 'committed'));
   assert.ok(done.relayed.forward > 1024 * 1024, `only ${done.relayed.forward} bytes of memory relayed`);
   const onB = await domState(b, NAME);
@@ -111,7 +114,7 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   assert.ok(a.hookCalls().includes(`${NAME} stopped end`) && a.hookCalls().includes(`${NAME} release end`), a.hookCalls().join('\n'));
   assert.equal(leftovers(a), []);
   assert.equal(leftovers(b), []);
-  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms, commit ${done.commitMs} ms)`);
+  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms; Finish answered at ${done.answeredMs} ms, A stopped at ${done.goneMs} ms, commit ${done.commitMs} ms)`);
 });
 
 test('a connection reset during the memory phase is ridden out (libvirt\'s connection rides the link); a second migration meanwhile is refused', async () => {
@@ -230,7 +233,7 @@ test('local disk: the domain moves to B with its disk (a reset mid-copy resumes 
   const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
   assert.equal(r.code, 0, summary);
   assert.ok(reset, `the connection was reset during the disk copy: ${summary}`);
-  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number; answeredMs: number | null; goneMs: number | null; commitMs: number };
   assert.ok(done.link.reconnects >= 1, `the link reconnected: ${JSON.stringify(done.link)}`);
   const aHash = sha(aDisk);
   assert.equal(await domState(b, LOCAL), 'running', summary);
@@ -268,7 +271,7 @@ test('local disk: the domain moves to B with its disk (a reset mid-copy resumes 
   assert.equal(await domState(b, LOCAL), 'running');
   await b.virsh.run(['destroy', LOCAL]);
   assert.equal(sha(aDisk), aHash, 'A\'s file untouched by the start on B');
-  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms)`);
+  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms; Finish answered at ${done.answeredMs} ms, A stopped at ${done.goneMs} ms, commit ${done.commitMs} ms)`);
 });
 
 test.run();

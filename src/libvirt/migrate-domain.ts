@@ -31,6 +31,7 @@ import { MigrateError } from '../relay/migrate.ts';
 import { Virsh, VirshError } from './virsh.ts';
 import { VirshSession, watchLifecycle } from './virsh-session.ts';
 import { FinishAnswerWatch } from './finish-answer.ts';
+import { faultPoint } from '../util/fault-point.ts';
 import type { DestUri } from './dest-uri.ts';
 import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover } from './disk-handover.ts';
 import { LocalDisksHandover, type LocalDisksOptions } from './local-disk-handover.ts';
@@ -105,6 +106,8 @@ export interface DomainMigrateDone {
   pausedMs: number | null;
   /** From the source's pause to Finish's success answer delivered to virsh (null: not seen). */
   answeredMs: number | null;
+  /** How long the resume took on the peer (its own libvirtd; null: resumed from here). */
+  peerResumeMs: number | null;
   /** From the source's pause to its Stopped Migrated event (Confirm killed its QEMU; null: not seen by then). */
   goneMs: number | null;
   relayed: { forward: number; back: number };
@@ -332,9 +335,14 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
       if (here === 'paused' && wasRunning && migrateError) await src.run(['resume', o.domain]).catch(() => {});
       throw new MigrateError('source', `libvirt's migration failed: ${why}; '${o.domain}' runs on here${here === 'unknown' ? ' (check it: this host\'s libvirt did not answer)' : ''}`);
     }
-    // The destination's paused copy is the guest. Resume it.
+    if (early) await faultPoint('libvirt-finish-answered');
+    // The destination's paused copy is the guest: its disks stay there for good, then it runs.
     committed = true;
-    await resumeOnPeer(c, o.domain, (m) => o.onEvent({ event: 'warning', message: m })).then((ok) => (ok ? undefined : resumeDest(session!, dst, o.domain, l, o.holdMs ?? 60_000))).catch((e: Error) => {
+    await handover.keep().catch((e: Error) => {
+      throw new MigrateError('link', `'${o.domain}' will not run here again (libvirt's Finish succeeded) and is paused on ${peerName}, but its disks there could not be kept for good (${e.message}): check its disks there before resuming it (virsh resume ${o.domain})`, true);
+    });
+    let peerResumeMs: number | null = null;
+    await resumeOnPeer(c, o.domain, (m) => o.onEvent({ event: 'warning', message: m })).then((ms) => { peerResumeMs = ms; return ms !== null ? undefined : resumeDest(session!, dst, o.domain, l, o.holdMs ?? 60_000); }).catch((e: Error) => {
       throw new MigrateError('link', `'${o.domain}' will not run here again (libvirt's Finish succeeded) and is paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
     });
     const tResumed = performance.now();
@@ -355,7 +363,7 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     await Promise.race([Promise.all([relay.done.catch(() => {}), l.finish()]), sleep(10_000)]);
     return {
       event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, pausedMs,
-      answeredMs: sinceSuspended(tAnswered), goneMs: sinceSuspended(tGone), relayed: relay.counts, link: l.stats(),
+      answeredMs: sinceSuspended(tAnswered), goneMs: sinceSuspended(tGone), peerResumeMs, relayed: relay.counts, link: l.stats(),
       persistent: o.persistent, undefinedSource: o.undefineSource,
     };
   } catch (e) {
@@ -380,16 +388,16 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
 
 /**
  * The commit's fast path: the agent on the peer resumes the domain through its own libvirtd
- * (one message on the link, no virsh round trips over it). false: it could not (the caller
- * falls back to resuming it from here); the reason is warned.
+ * (one message on the link, no virsh round trips over it): how long its resume took there, or
+ * null: it could not (the caller falls back to resuming it from here; the reason is warned).
  */
-async function resumeOnPeer(c: Control, domain: string, warn: (m: string) => void): Promise<boolean> {
+async function resumeOnPeer(c: Control, domain: string, warn: (m: string) => void): Promise<number | null> {
   c.send({ op: 'libvirt-resume', domain });
   // An agent of an older vmshift ignores the message: it then gets resumed from here.
   const r = await c.next(5000).catch((e: Error) => ({ op: 'error' as const, message: e.message }));
-  if (r.op === 'libvirt-resumed') return true;
+  if (r.op === 'libvirt-resumed') return r.ms;
   warn(`the peer did not resume '${domain}' itself (${r.op === 'error' ? r.message : `answer ${r.op}`}): resuming it from here`);
-  return false;
+  return null;
 }
 
 /** Resume the paused destination, through the link; a reset in between is retried. */

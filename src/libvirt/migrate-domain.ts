@@ -15,9 +15,10 @@
 // its client gives up on Finish's answer when its connection to B breaks, then resumes the
 // source (Confirm cancelled): a lost answer would leave two running copies. So libvirt runs
 // the migration with --suspend (the destination stays paused after Finish), and the commit is
-// ours: only once virsh reported success and this host's copy is verifiably gone (Confirm
-// killed the source QEMU) does vmshift resume the destination, through the link. Who wins at
-// each cut point: docs/libvirt-migrate.md.
+// ours: once Finish's success answer sits whole in virsh's socket (finish-answer.ts), libvirt
+// will never resume the source copy, so B's disks are kept for good and B's agent resumes
+// the destination there, while Confirm kills the source. Who wins at each cut point, and the
+// argument from libvirt 9.0's source: docs/libvirt-migrate.md.
 import { randomBytes } from 'node:crypto';
 import { chmodSync, chownSync, closeSync, constants as fsc, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';

@@ -92,7 +92,11 @@ export async function main(args: string[]): Promise<void> {
             })();
           }, 100);
           const t0 = Date.now();
-          const r = await runIn(sys.argv(), () => {});
+          // vmshift's phases as its JSON lines arrive: disks synchronized, first memory progress.
+          const seen = new Map<string, number>();
+          const r = await runIn(sys.argv(), (out) => {
+            for (const ev of ['disks-synchronized', 'progress', 'committed']) if (!seen.has(ev) && out.includes(`"event":"${ev}"`)) seen.set(ev, (Date.now() - t0) / 1000);
+          });
           const s = (Date.now() - t0) / 1000;
           clearInterval(fault);
           const after = seqOf(consolePath);
@@ -106,7 +110,8 @@ export async function main(args: string[]): Promise<void> {
           const copied = Math.max(0, ...ev.filter((e) => e.event === 'disk-progress').map((e) => Number(e.bytesCopied)));
           const diskX = sys.enable && fin ? `${((copied + (fin.link?.resentBytes ?? 0)) / alloc).toFixed(3)}x` : '-';
           const err = (ev.find((e) => e.error) as { error?: { message: string } } | undefined)?.error?.message ?? r.err;
-          const note = r.code === 0 ? (fin?.link ? `${fin.link.reconnects} reconnect(s)` : '') : err.replace(/\s+/g, ' ').trim().slice(-160);
+          const phases = [...seen].map(([k, v]) => `${k} ${v.toFixed(1)} s`).join(', ');
+          const note = r.code === 0 ? (fin?.link ? `${fin.link.reconnects} reconnect(s); ${phases}` : '') : err.replace(/\s+/g, ' ').trim().slice(-160);
           rows.push({ system, reset, ok: r.code === 0 && moved, s, downtimeMs: job?.downtimeMs ?? null, pausedMs: fin?.pausedMs ?? null, gapMs: gap, p99Ms: pct(intervals, 99), netMiB: net, diskX, note });
           process.stderr.write(`${system}${reset ? ' (reset)' : ''}: ${r.code === 0 && moved ? 'moved' : 'FAILED'} in ${s.toFixed(1)} s, writer gap ${gap} ms, p99 ${pct(intervals, 99).toFixed(0)} ms${note ? `: ${note}` : ''}\n`);
           // Clean up for the next move: the guest goes wherever it is, B's file with it.

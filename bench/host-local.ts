@@ -92,10 +92,11 @@ export async function main(args: string[]): Promise<void> {
             })();
           }, 100);
           const t0 = Date.now();
-          // vmshift's phases as its JSON lines arrive: disks synchronized, first memory progress.
+          // vmshift's phases as its JSON lines arrive (link up, B's files made, the copy's first progress,
+          // disks synchronized, the memory phase's first progress, the commit).
           const seen = new Map<string, number>();
           const r = await runIn(sys.argv(), (out) => {
-            for (const ev of ['disks-synchronized', 'progress', 'committed']) if (!seen.has(ev) && out.includes(`"event":"${ev}"`)) seen.set(ev, (Date.now() - t0) / 1000);
+            for (const ev of ['connected', 'disks-prepared', 'disk-progress', 'disks-synchronized', 'progress', 'committed']) if (!seen.has(ev) && out.includes(`"event":"${ev}"`)) seen.set(ev, (Date.now() - t0) / 1000);
           });
           const s = (Date.now() - t0) / 1000;
           clearInterval(fault);

@@ -9,11 +9,19 @@
 //   - a write overlapping the window the copier holds waits for the copier to finish it.
 // Overlapping writes are serialised while mirroring, so both devices apply them in the same
 // order. Inactive, the layer passes everything through.
+// Degraded (only when the job allows it, `degradeAfterMs`: a peer host behind a link that may
+// be cut): a mirrored write the destination has not answered within that time is answered
+// once the source has it, and its range goes into `lagging`; from then on every write goes to
+// the source only and into `lagging`, so the guest never waits for a cut network. The job
+// copies `lagging` again once every destination write still out has settled (the link came
+// back: src/migrate/selective.ts catchUp), so a late write can never land after the copy
+// that replaces it.
 // The cursor is the job's (src/migrate/cursors.ts): the mirror only reads it, as QEMU's
 // mirror filter node reads its job's state through a small handle and never owns it.
 import type { BlockDevice, WriteOpts, ZeroOpts } from './device.ts';
 import { Layer } from './layer.ts';
 import type { DirtySet } from '../tracking/dirty-set.ts';
+import { DirtyBitmap } from '../tracking/bitmap.ts';
 
 interface Span {
   start: number;
@@ -45,6 +53,24 @@ export interface MirrorStats {
   /** Guest writes that waited for the copier's window. */
   waitedWrites: number;
   error: string | null;
+  /** Writes answered with the source alone (the destination was late) and bytes still to copy again. */
+  degraded: boolean;
+  degradedWrites: number;
+  laggingBytes: number;
+  /** Guest writes while active: how many, and how long the guest waited (ms). */
+  writes: number;
+  writeMaxMs: number;
+  writeP99Ms: number;
+}
+
+/** Latency samples kept for the p99 (the most recent ones). */
+const LATENCY_SAMPLES = 4096;
+
+export interface MirrorOptions {
+  /** Answer a mirrored write with the source alone once the destination took this long (null: never). */
+  degradeAfterMs?: number | null;
+  /** The grain of the lagging set. */
+  granularity?: number;
 }
 
 export class Mirror extends Layer {
@@ -58,10 +84,22 @@ export class Mirror extends Layer {
   #error: Error | null = null;
   #mirroredBytes = 0;
   #waitedWrites = 0;
+  readonly #degradeAfterMs: number | null;
+  /** Ranges the destination may lack: written while degraded, or late there. */
+  #lagging: DirtyBitmap | null = null;
+  #degradedWrites = 0;
+  /** Destination writes not yet settled (a late one may still land). */
+  #destInFlight = 0;
+  #latencies: number[] = [];
+  #latencyNext = 0;
+  #writes = 0;
+  #writeMaxMs = 0;
 
-  constructor(source: BlockDevice, readonly destination: BlockDevice, cursor: MirrorCursor) {
+  constructor(source: BlockDevice, readonly destination: BlockDevice, cursor: MirrorCursor, opts: MirrorOptions = {}) {
     super(source);
     this.#cursor = cursor;
+    this.#degradeAfterMs = opts.degradeAfterMs ?? null;
+    if (this.#degradeAfterMs !== null) this.#lagging = new DirtyBitmap(source.size, opts.granularity ?? 4096);
   }
 
   override get layerName(): string {
@@ -113,8 +151,47 @@ export class Mirror extends Layer {
     this.#wake();
   }
 
+  /** Some writes were answered by the source alone: the destination lacks `lagging` until the job copies it again. */
+  get degraded(): boolean {
+    return (this.#lagging?.dirtyBytes() ?? 0) > 0;
+  }
+
+  /** Degraded, and every destination write still out has settled: the destination answers again. */
+  get settled(): boolean {
+    return this.#destInFlight === 0;
+  }
+
+  /** Resolves once every destination write still out has settled (the link is back), or on abort. */
+  async untilSettled(signal?: AbortSignal): Promise<void> {
+    const wake = () => this.#wake();
+    signal?.addEventListener('abort', wake, { once: true });
+    try {
+      await this.#until(() => this.#destInFlight === 0 || signal?.aborted === true);
+    } finally {
+      signal?.removeEventListener('abort', wake);
+    }
+  }
+
+  /**
+   * The job starts copying the lagging ranges again (the gate is paused: no write in
+   * flight): they are the caller's now, and the mirror is no longer degraded.
+   */
+  takeLagging(): DirtyBitmap | null {
+    const l = this.#lagging;
+    if (!l || l.dirtyBytes() === 0) return null;
+    if (this.#destInFlight > 0) throw new Error(`${this.name}: lagging ranges taken while ${this.#destInFlight} destination writes are still out`);
+    this.#lagging = new DirtyBitmap(l.size, l.granularity);
+    return l;
+  }
+
   stats(): MirrorStats {
-    return { active: this.#active, cursor: this.cursor, mirroredBytes: this.#mirroredBytes, waitedWrites: this.#waitedWrites, error: this.#error?.message ?? null };
+    const sorted = [...this.#latencies].sort((a, b) => a - b);
+    const p99 = sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.99))]! : 0;
+    return {
+      active: this.#active, cursor: this.cursor, mirroredBytes: this.#mirroredBytes, waitedWrites: this.#waitedWrites, error: this.#error?.message ?? null,
+      degraded: this.degraded, degradedWrites: this.#degradedWrites, laggingBytes: this.#lagging?.dirtyBytes() ?? 0,
+      writes: this.#writes, writeMaxMs: round(this.#writeMaxMs), writeP99Ms: round(p99),
+    };
   }
 
   override write(offset: number, data: Buffer, opts?: WriteOpts): Promise<void> {
@@ -130,6 +207,15 @@ export class Mirror extends Layer {
 
   async #modify(offset: number, length: number, op: (dev: BlockDevice) => Promise<void>): Promise<void> {
     if (!this.#active) return op(this.inner);
+    const t0 = performance.now();
+    try {
+      await this.#modifyActive(offset, length, op);
+    } finally {
+      this.#noteLatency(performance.now() - t0);
+    }
+  }
+
+  async #modifyActive(offset: number, length: number, op: (dev: BlockDevice) => Promise<void>): Promise<void> {
     const end = offset + length;
     const blocked = () => (this.#window !== null && overlaps(this.#window, offset, end)) || [...this.#inFlight].some((w) => overlaps(w, offset, end));
     if (blocked()) {
@@ -140,12 +226,32 @@ export class Mirror extends Layer {
     this.#inFlight.add(span);
     try {
       // Decided after waiting: a write that waited for the window is behind the cursor now.
-      if (this.#active && offset < this.#cursor.mirroredBelow) {
+      if (this.#active && offset < this.#cursor.mirroredBelow && this.degraded) {
+        // Degraded: the destination lacks older writes anyway; this one joins them.
+        this.#lagging!.mark(offset, length);
+        this.#degradedWrites++;
+        await op(this.inner);
+      } else if (this.#active && offset < this.#cursor.mirroredBelow) {
+        this.#destInFlight++;
         const toDest = op(this.destination).then(
           () => void (this.#mirroredBytes += length),
           (e: Error) => this.#fail(e),
-        );
-        await Promise.all([op(this.inner), toDest]);
+        ).finally(() => { this.#destInFlight--; this.#wake(); });
+        const source = op(this.inner);
+        if (this.#degradeAfterMs === null) await Promise.all([source, toDest]);
+        else {
+          let timer: NodeJS.Timeout | undefined;
+          const late = new Promise<'late'>((r) => { timer = setTimeout(() => r('late'), this.#degradeAfterMs!); });
+          const first = await Promise.race([toDest.then(() => 'ok' as const), late]);
+          clearTimeout(timer);
+          if (first === 'late') {
+            // The guest's write is answered by the source alone; the destination may get it
+            // late or never: it is copied again once everything out there has settled.
+            this.#lagging!.mark(offset, length);
+            this.#degradedWrites++;
+          }
+          await source;
+        }
       } else {
         this.pending?.mark(offset, length);
         await op(this.inner);
@@ -154,6 +260,14 @@ export class Mirror extends Layer {
       this.#inFlight.delete(span);
       this.#wake();
     }
+  }
+
+  #noteLatency(ms: number): void {
+    this.#writes++;
+    if (ms > this.#writeMaxMs) this.#writeMaxMs = ms;
+    if (this.#latencies.length < LATENCY_SAMPLES) this.#latencies.push(ms);
+    else this.#latencies[this.#latencyNext] = ms;
+    this.#latencyNext = (this.#latencyNext + 1) % LATENCY_SAMPLES;
   }
 
   #fail(e: Error): void {
@@ -172,3 +286,5 @@ export class Mirror extends Layer {
     for (const r of w) r();
   }
 }
+
+const round = (ms: number) => Math.round(ms * 10) / 10;

@@ -82,6 +82,7 @@ export async function migrateDomainHandler(argv: DomainArgs): Promise<void> {
     else if (e.event === 'disks-prepared') say(`disks on the peer: ${e.disks.map((d) => `${d.name} ${d.path}`).join(', ')}`);
     else if (e.event === 'disks-synchronized') say('disks: synchronized mirror (every write on both hosts)');
     else if (e.event === 'disk-progress') { if (Date.now() - last >= 1000) { last = Date.now(); say(`disk ${e.disk}: ${e.phase}, ${formatBytes(e.bytesCopied)} of ${formatBytes(e.dataBytes)} copied`); } }
+    else if (e.event === 'disks-moved') say(`disks moved: ${e.disks.map((d) => `${d.name} ${formatBytes(d.bytesCopied)} copied, ${formatBytes(d.mirroredBytes)} mirrored${d.writes ? `, guest writes p99 ${d.writes.p99Ms} ms max ${d.writes.maxMs} ms${d.writes.degradedWrites ? ` (${d.writes.degradedWrites} answered here alone during a cut, copied after)` : ''}` : ''}`).join('; ')}`);
     else if (e.event === 'committed') say(`gone from here; resumed on the destination (${e.commitMs} ms after the source stopped)`);
   };
   try {

@@ -1,15 +1,21 @@
 // `vmshift status --socket PATH`: what a running shim is doing, from its control socket.
-// `vmshift status` (no --socket): every shim and job vmshiftd owns, asked of the daemon.
+// `vmshift status` (no --socket): every shim and job vmshiftd owns, asked of the daemon, and
+// every host move in progress here, asked of the process that runs its end (the source's
+// `vmshift migrate DOMAIN URI`, the destination's link agent: src/hostmove/move-status.ts).
 import type { Argv, ArgumentsCamelCase } from 'yargs';
 import { controlCall } from '../control/client.ts';
 import { controlSocketFor } from '../shim/shim.ts';
 import { formatBytes } from '../util/size.ts';
 import { printJson } from './output.ts';
 import { callDaemon, daemonSocket, daemonSocketOption } from './daemon-client.ts';
+import { listMoves, type MoveStatus } from '../hostmove/move-status.ts';
+import { runDir } from '../daemon/defaults.ts';
 
 interface StatusArgs {
   socket?: string;
   daemonSocket?: string;
+  runDir?: string;
+  agentSocketDir?: string;
   json: boolean;
 }
 
@@ -19,7 +25,9 @@ export const statusCommand = {
   builder: (y: Argv) =>
     y
       .option('socket', { type: 'string', describe: 'the NBD socket of one shim (asks the shim itself, no daemon needed)' })
-      .option('daemon-socket', daemonSocketOption),
+      .option('daemon-socket', daemonSocketOption)
+      .option('run-dir', { type: 'string', describe: 'where host moves serve their status (default $VMSHIFT_RUN_DIR or /run/vmshift)' })
+      .option('agent-socket-dir', { type: 'string', describe: 'where link agents listen here (the source\'s --peer-socket-dir; default RUN_DIR/links)' }),
   handler: async (argv: ArgumentsCamelCase<StatusArgs>) => {
     if (!argv.socket) return daemonStatus(argv);
     const ctl = controlSocketFor(argv.socket);
@@ -79,6 +87,8 @@ interface DaemonShim {
 }
 interface JobView {
   phase: string;
+  rate?: number;
+  writes?: { p99Ms: number; maxMs: number; degradedWrites: number; laggingBytes: number } | null;
   pass: number;
   passDone: number;
   passTotal: number;
@@ -90,10 +100,13 @@ interface JobView {
 }
 
 async function daemonStatus(argv: StatusArgs): Promise<void> {
-  const r = await callDaemon<{ shims: DaemonShim[] }>(daemonSocket(argv.daemonSocket), 'status', {}, { timeoutMs: 30_000 });
-  if (argv.json) return printJson(r);
-  if (!r.shims.length) return void process.stdout.write('vmshiftd owns no shims\n');
-  const out: string[] = [];
+  const [r, moves] = await Promise.all([
+    callDaemon<{ shims: DaemonShim[] }>(daemonSocket(argv.daemonSocket), 'status', {}, { timeoutMs: 30_000 }),
+    listMoves(runDir(argv.runDir), argv.agentSocketDir ? [argv.agentSocketDir] : undefined),
+  ]);
+  if (argv.json) return printJson({ ...r, moves });
+  const out: string[] = moves.map(moveLine);
+  if (!r.shims.length) out.push('vmshiftd owns no shims');
   for (const d of r.shims) {
     out.push(`${d.name}  ${d.state}  pid ${d.pid ?? '-'}${d.restarts ? ` (restarted ${d.restarts}x)` : ''}  ${d.socket}`);
     if (d.shim) {
@@ -104,10 +117,24 @@ async function daemonStatus(argv: StatusArgs): Promise<void> {
       out.push(`  ${d.error}`);
     }
     const j = d.job?.job;
-    if (j && d.job?.running) out.push(`  job:     -> ${j.to} ${j.phase} pass ${j.pass} ${bar(j.passDone, j.passTotal)} ${formatBytes(j.bytesCopied)} copied, dirty ${formatBytes(j.dirtyBytes)}`);
+    if (j && d.job?.running) {
+      out.push(`  job:     -> ${j.to} ${j.phase} pass ${j.pass} ${bar(j.passDone, j.passTotal)} ${formatBytes(j.bytesCopied)} copied${j.rate ? ` at ${formatBytes(j.rate)}/s` : ''}, dirty ${formatBytes(j.dirtyBytes)}`);
+      const w = j.writes;
+      if (w) out.push(`  writes:  p99 ${w.p99Ms} ms, max ${w.maxMs} ms${w.degradedWrites ? `; ${w.degradedWrites} answered here alone (peer unreachable), ${formatBytes(w.laggingBytes)} to copy again` : ''}`);
+    }
     else if (j) out.push(`  last job: -> ${j.to} ${j.ok ? 'done' : `failed: ${j.error?.message ?? j.phase}`}`);
   }
   process.stdout.write(out.join('\n') + '\n');
+}
+
+/** A host move, as the process running its end here tells it. */
+function moveLine(m: MoveStatus): string {
+  const l = m.link;
+  const link = l ? `link ${l.carrier}, ${l.reconnects} reconnects, ${formatBytes(l.resentBytes)} resent` : 'no link yet';
+  const mem = m.memory ? `; memory ${m.memory.pct}% (${formatBytes(m.memory.processed)} of ${formatBytes(m.memory.total)}, ${formatBytes(m.memory.remaining)} left)` : '';
+  const what = m.role === 'source' ? `move of ${m.domain} to ${m.peer}` : 'incoming move';
+  const disks = m.disks.length ? `\n  disks:   ${m.disks.map((d) => `${d.name} ${d.path ?? ''} on ${d.socket}`).join(', ')}` : '';
+  return `${what}: ${m.phase} since ${m.startedAt}; ${link}${mem}${disks}`;
 }
 
 /** A one-line progress bar for a job seen in a status snapshot. */

@@ -9,6 +9,8 @@
 //                      'peer') whose destination is the peer's shim, reached by NBD over a
 //                      link stream: resolves once every disk is a synchronized mirror (every
 //                      guest write is acknowledged once both hosts have it)
+//   inSync()           (with copy's degradeAfterMs) before the peer's guest may run: each job's
+//                      mirror holds every acknowledged write (a degraded one caught up)
 //   handover()         after the memory phase: each source job switches over (the source
 //                      shim stops serving: src/migrate/peer-handover.ts), then the peer keeps
 //                      its shims (commit)
@@ -50,9 +52,16 @@ export interface PeerTarget extends SshPeer {
 
 export type DiskEvent =
   | { event: 'disks-prepared'; disks: Array<{ name: string; path: string; socket: string; pid: number }> }
-  | { event: 'disk-progress'; disk: string; phase: string; bytesCopied: number; dataBytes: number; passDone: number; passTotal: number; mirroredBytes: number }
+  | { event: 'disk-progress'; disk: string; phase: string; bytesCopied: number; dataBytes: number; passDone: number; passTotal: number; mirroredBytes: number; rate: number; writes: DiskWrites | null }
   | { event: 'disks-synchronized' }
+  | { event: 'disks-moved'; disks: DiskMoved[] }
   | { event: 'carrier'; state: string; why: string };
+
+/** The guest's writes during a job's mirror (src/migrate/context.ts JobFigures.writes). */
+export interface DiskWrites { count: number; maxMs: number; p99Ms: number; degradedWrites: number; laggingBytes: number }
+
+/** What a disk's job reported at its handover. */
+export interface DiskMoved { name: string; bytesCopied: number; mirroredBytes: number; passes: number; writes: DiskWrites | null }
 
 /** `--disk SOCKET=PATH` or `--to-dir DIR` (then PATH is DIR/basename(backing)); the peer's socket defaults to the same path. */
 export async function planDisks(specs: Array<{ sourceSocket: string; destPath?: string; destSocket?: string; name?: string; exportName?: string }>, toDir?: string): Promise<DiskPlan[]> {
@@ -150,8 +159,13 @@ export class PeerDisks {
     await this.#ask({ op: 'await-socket', path, timeoutMs }, 'present');
   }
 
-  /** Start every disk's job; resolves when all are synchronized mirrors, rejects when one fails. */
-  async copy(onEvent: (e: DiskEvent) => void, opts: { bandwidth?: number } = {}): Promise<void> {
+  /**
+   * Start every disk's job; resolves when all are synchronized mirrors, rejects when one fails.
+   * `degradeAfterMs`: a mirrored guest write the peer leaves unanswered that long (a cut link)
+   * is answered by the source alone and copied again once the link is back; the caller must
+   * then wait for inSync() before the peer's guest runs.
+   */
+  async copy(onEvent: (e: DiskEvent) => void, opts: { bandwidth?: number; degradeAfterMs?: number } = {}): Promise<void> {
     const synced = this.#plans.map(async (p) => {
       const relay = await this.#relay(p);
       let resolveSynced!: () => void;
@@ -159,12 +173,12 @@ export class PeerDisks {
       const job = controlCall(`${p.sourceSocket}.ctl`, 'migrate.start', {
         // The peer created the file (O_EXCL, truncated to size): it reads as zeroes, so holes cost nothing.
         to: `nbd+unix:///${encodeURIComponent(p.exportName)}?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
-        bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true,
+        bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true, ...(opts.degradeAfterMs ? { degradeAfterMs: opts.degradeAfterMs } : {}),
       }, {
         onEvent: (event, data) => {
           const d = data as Record<string, unknown>;
           if (event === 'phase' && d.phase === 'synchronized') resolveSynced();
-          if (event === 'progress') onEvent({ event: 'disk-progress', disk: p.name, phase: String(d.phase), bytesCopied: Number(d.bytesCopied), dataBytes: Number(d.dataBytes), passDone: Number(d.passDone), passTotal: Number(d.passTotal), mirroredBytes: Number(d.mirroredBytes) });
+          if (event === 'progress') onEvent({ event: 'disk-progress', disk: p.name, phase: String(d.phase), bytesCopied: Number(d.bytesCopied), dataBytes: Number(d.dataBytes), passDone: Number(d.passDone), passTotal: Number(d.passTotal), mirroredBytes: Number(d.mirroredBytes), rate: Number(d.rate), writes: (d.writes as DiskWrites | null) ?? null });
         },
       });
       job.catch(() => {});
@@ -181,14 +195,22 @@ export class PeerDisks {
    * shim hands over and stops serving. A source that fails to hand over is reported, and its
    * guest on this host is stopped anyway (postmigrate).
    */
-  async handover(): Promise<void> {
+  async handover(): Promise<DiskMoved[]> {
     await this.#ask({ op: 'commit' }, 'committed');
     const failed: string[] = [];
+    const moved: DiskMoved[] = [];
     for (const p of this.#plans) {
-      await controlCall(`${p.sourceSocket}.ctl`, 'migrate.handover', {}, { timeoutMs: 60_000 }).catch((e: Error) => failed.push(`${p.name}: ${e.message}`));
+      await controlCall<{ bytesCopied: number; mirroredBytes: number; pass: number; writes: DiskWrites | null }>(`${p.sourceSocket}.ctl`, 'migrate.handover', {}, { timeoutMs: 60_000 })
+        .then((r) => moved.push({ name: p.name, bytesCopied: r.bytesCopied, mirroredBytes: r.mirroredBytes, passes: r.pass, writes: r.writes ?? null }), (e: Error) => failed.push(`${p.name}: ${e.message}`));
       await this.#jobs.get(p.name)?.catch(() => {});
     }
     if (failed.length) throw new ControlError('handover-failed', `the guest runs on ${this.peerName} with its disks there, but these source shims did not hand over: ${failed.join('; ')}`);
+    return moved;
+  }
+
+  /** Resolves once every disk's peer holds every acknowledged write (after a cut: caught up). */
+  async inSync(timeoutMs: number): Promise<void> {
+    await Promise.all(this.#plans.map((p) => this.#race(controlCall(`${p.sourceSocket}.ctl`, 'migrate.insync', { timeoutMs }, { timeoutMs: timeoutMs + 5000 }))));
   }
 
   /** In doubt whether the guest runs on the peer: the peer keeps its files and shims. */

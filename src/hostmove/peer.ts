@@ -54,7 +54,10 @@ class PrepareError extends Error {
   }
 }
 
-export function serveDisks(link: Link, o: PeerDisksOptions): void {
+/** What the agent tells `vmshift status` here about the move's disks. */
+export interface PeerDisksStatus { phase: 'waiting' | 'prepared' | 'committed'; disks: Array<{ name: string; path: string; socket: string }> }
+
+export function serveDisks(link: Link, o: PeerDisksOptions): { status(): PeerDisksStatus } {
   const served = new Map<string, Served>();
   let committed = false;
   /** The libvirt domain's shims, started through vmshiftd (the hook's way). */
@@ -182,6 +185,12 @@ export function serveDisks(link: Link, o: PeerDisksOptions): void {
     spliceUnix(s, disk.socket, (e) => o.log(`disk ${disk.name}: ${e.message}`));
   });
   link.once('failed', (e: Error) => void undo(`link failed: ${e.message}`));
+  return {
+    status: () => ({
+      phase: committed ? 'committed' : served.size ? 'prepared' : 'waiting',
+      disks: [...served.values()].map((d) => ({ name: d.name, path: d.path, socket: d.socket })),
+    }),
+  };
 }
 
 /** `vmshift serve FILE --socket S`, detached (it outlives the agent), ready once its control socket answers. */

@@ -5,6 +5,9 @@
 //   copy      bulk copy to the destination, before the memory phase
 //   sync      from then on keep the destination in step with every guest write, until the
 //             memory phase ends (the synchronized mirror)
+//   settle    this host's copy of the guest is gone, the destination's is paused: resolves once
+//             the destination holds every write the guest had acknowledged (after a cut of
+//             the link, the writes the source answered alone have been copied)
 //   commit    the guest runs on the destination: the destination's disks are the primary
 //   rollback  the guest stays here: undo whatever prepare/copy/sync made on the destination
 // Shared storage (this file) is the trivial case: both hosts reach the same file at the same
@@ -37,8 +40,15 @@ export interface DiskHandover {
   prepare(peer: PeerProbe): Promise<void>;
   copy(): Promise<void>;
   sync(): Promise<void>;
+  /** Before the destination's guest runs: it holds every acknowledged write. */
+  settle(): Promise<void>;
   /** Flags the handover needs on `virsh migrate` (shared storage proven here: `--unsafe`). */
   virshFlags(): string[];
+  /**
+   * The destination's disks are the guest's from now on, before it runs there (libvirt's
+   * Finish succeeded): nothing may remove them, not even a link that fails next.
+   */
+  keep(): Promise<void>;
   commit(): Promise<void>;
   rollback(): Promise<void>;
 }
@@ -124,11 +134,13 @@ export class SharedStorageHandover implements DiskHandover {
 
   async copy(): Promise<void> { /* both hosts reach the same file */ }
   async sync(): Promise<void> { /* every write lands in the one file */ }
+  async settle(): Promise<void> { /* the one file has every write */ }
 
   virshFlags(): string[] {
     return this.probed && this.disks.some((d) => d.type === 'file' && d.source !== '-') ? ['--unsafe'] : [];
   }
 
+  async keep(): Promise<void> { /* the destination made nothing */ }
   async commit(): Promise<void> { /* the destination QEMU opened the same files */ }
   async rollback(): Promise<void> { /* nothing was made on the destination */ }
 }

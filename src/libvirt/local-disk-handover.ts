@@ -10,6 +10,10 @@
 //   copy      each source shim's job copies its disk to the peer's shim (selective: holes and
 //             zeroes cost nothing) and then holds a synchronized mirror: every guest write is
 //             acknowledged once both hosts have it; resolves when every disk is synchronized
+//             (a mirrored write the peer leaves unanswered for DEGRADE_AFTER_MS, the link being
+//             cut, is answered by the source alone and copied again once the link is back)
+//   settle    the source QEMU is gone, the peer's paused: wait until each job's mirror holds
+//             every acknowledged write (a degraded one caught up) before the peer's guest runs
 //   commit    the guest runs on the peer: the peer keeps its shims; each source shim hands the
 //             disk over (refuses every request from then on) unless this host's libvirt
 //             `release` hook stopped it first (the guest is gone from here either way)
@@ -25,6 +29,16 @@ import { planShims } from './shim-plan.ts';
 import { startedBy } from './shim-control.ts';
 import { callDaemon, daemonSocket } from '../cli/daemon-client.ts';
 import { HandoverError, type DiskHandover, type DomainDisk, type PeerProbe } from './disk-handover.ts';
+
+/**
+ * A guest write the peer has not answered within this time is answered by the source alone
+ * (the link is cut, or the peer stalls): long enough that a healthy but loaded link never
+ * degrades (its writes take milliseconds; the link resends a reset within ~1 s), short enough
+ * that the guest's own I/O timeouts (30 s in Linux) are never near.
+ */
+export const DEGRADE_AFTER_MS = 2000;
+/** How long the peer may take to catch up once the source QEMU is gone (the hold time bounds a cut). */
+const SETTLE_TIMEOUT_MS = 120_000;
 
 export interface LocalDisksOptions {
   /** The peer's directory for the new files (named as the files here). */
@@ -48,6 +62,8 @@ export interface LocalDisksContext {
   /** A private directory of this migration (the XML files virsh reads). */
   workDir: string;
   onEvent: (e: DiskEvent | { event: 'warning'; message: string }) => void;
+  /** The link's hold time: a settle waits at most that plus the catch-up. */
+  holdMs?: number;
 }
 
 export class LocalDisksHandover implements DiskHandover {
@@ -97,7 +113,11 @@ export class LocalDisksHandover implements DiskHandover {
   }
 
   async copy(): Promise<void> {
-    await this.#peer!.copy(this.ctx.onEvent, { bandwidth: this.opts.bandwidth ?? 0 });
+    await this.#peer!.copy(this.ctx.onEvent, { bandwidth: this.opts.bandwidth ?? 0, degradeAfterMs: DEGRADE_AFTER_MS });
+  }
+
+  async settle(): Promise<void> {
+    await this.#peer!.inSync(Math.max(SETTLE_TIMEOUT_MS, (this.ctx.holdMs ?? 60_000) * 2));
   }
 
   /** The copy ends in a synchronized mirror already. */
@@ -107,9 +127,14 @@ export class LocalDisksHandover implements DiskHandover {
     return this.#flags;
   }
 
+  async keep(): Promise<void> {
+    await this.#peer!.keepPeer();
+  }
+
   async commit(): Promise<void> {
     const peer = this.#peer!;
-    await peer.handover().catch((e: Error) => this.ctx.onEvent({ event: 'warning', message: e.message }));
+    const moved = await peer.handover().catch((e: Error) => { this.ctx.onEvent({ event: 'warning', message: e.message }); return null; });
+    if (moved) this.ctx.onEvent({ event: 'disks-moved', disks: moved });
     await peer.close();
     // This host's `release` hook could not stop the source shims (vmshiftd refuses while a job
     // runs, and the job ran until the handover just now): stop them here, as the hook would

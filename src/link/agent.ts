@@ -25,6 +25,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
     libvirt: o.libvirtSocket ? await import('../relay/libvirt-destination.ts') : null,
     disks: o.disks ? await import('../hostmove/peer.ts') : null,
   };
+  const startedAt = new Date().toISOString();
   const link = new Link({ link: o.link, migration: o.migration, role: 'b', peer: 'the dialing host', sharedDir: o.sharedDir, holdMs: o.holdMs });
   link.on('warning', (m) => log(`warning: ${m}`));
   link.on('carrier', (state, why) => log(`carrier ${state}: ${why}`));
@@ -36,7 +37,12 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   // The incoming socket sits beside the agent's own, in its 0700 directory.
   if (o.destQmp) roles.destination!.serveDestination(link, o.destQmp, `${o.socket}.mig`, log);
   if (o.libvirtSocket) roles.libvirt!.serveLibvirtDestination(link, o.libvirtSocket, log);
-  if (o.disks) roles.disks!.serveDisks(link, { config: o.disksConfig, hookConfig: o.hookConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log });
+  const disks = o.disks ? roles.disks!.serveDisks(link, { config: o.disksConfig, hookConfig: o.hookConfig, self: [process.execPath, ...process.execArgv, process.argv[1]!], log }) : null;
+  // A move's destination end: `vmshift status` here asks this agent (src/hostmove/move-status.ts).
+  const moveStatus = disks ? await (await import('../hostmove/move-status.ts')).listenAgentStatus(o.socket, () => {
+    const d = disks.status();
+    return { role: 'destination', domain: null, peer: 'the dialing host', phase: d.phase, startedAt, link: link.stats(), memory: null, disks: d.disks };
+  }).catch((e: Error) => { log(`no status socket: ${e.message}`); return null; }) : null;
   const server = createServer((s) => link.attach(s as Duplex));
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(o.socket, () => resolve()); });
   chmodSync(o.socket, 0o600);
@@ -48,6 +54,7 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   });
   server.close();
   tls?.close();
+  await moveStatus?.close().catch(() => {});
   rmSync(o.socket, { force: true });
   if (o.destQmp) rmSync(`${o.socket}.mig`, { force: true });
   log(`link ${o.link} ${code === 0 ? 'finished' : 'failed'}: ${JSON.stringify(link.stats())}`);

@@ -11,7 +11,8 @@ import type { Destination } from './destination.ts';
 export type MigrateMode = 'auto' | 'precopy' | 'mirror';
 export type TrackerChoice = 'bitmap' | 'incremental' | 'bloom';
 /** `synchronized`: (handover 'peer' only) every guest write reaches both hosts; waiting for migrate.handover. */
-export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'synchronized' | 'switchover' | 'done' | 'failed' | 'aborted';
+/** `catching-up`: the mirror was degraded (the peer was unreachable) and copies again what it missed. */
+export type JobPhase = 'starting' | 'precopy' | 'mirror' | 'catching-up' | 'synchronized' | 'switchover' | 'done' | 'failed' | 'aborted';
 
 export interface MigrateOptions {
   /** Destination: absolute file path or NBD URI. */
@@ -46,6 +47,12 @@ export interface MigrateOptions {
    * creates knows it by itself).
    */
   destinationZero?: boolean;
+  /**
+   * Handover 'peer': a mirrored guest write the peer has not answered within this many ms is
+   * answered by the source alone and copied again once the link is back (a cut network must
+   * not stall the guest). Unset: the guest waits for both, as with a local destination.
+   */
+  degradeAfterMs?: number;
 }
 
 export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
@@ -79,6 +86,11 @@ export interface JobFigures {
   skippedBytes: number;
   /** Guest writes mirrored to the destination. */
   mirroredBytes: number;
+  /**
+   * Guest writes while the mirror was active: how many, how long the guest waited (ms), how
+   * many the source alone answered (the peer was cut off) and the bytes still to copy again.
+   */
+  writes: { count: number; maxMs: number; p99Ms: number; degradedWrites: number; laggingBytes: number } | null;
   /**
    * Data bytes the current pass has to copy, null while unknown: pass 1 the source's
    * allocated bytes (block status, measured beside the copy), later passes the dirty bytes.

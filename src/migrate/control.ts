@@ -7,6 +7,8 @@
 //                  with its result
 //   migrate.handover a job started with handover 'peer' that holds its synchronized
 //                  mirror: switch over (the peer's shim becomes the disk); answers with the result
+//   migrate.insync {timeoutMs?} handover 'peer': answers once the peer holds every
+//                  acknowledged write (after a cut, once the degraded mirror caught up)
 // A caller that disconnects stops watching; the job goes on (use migrate.abort to stop it),
 // unless it started the job with abortOnDisconnect (then the job rolls back if not committed).
 // On registration, a journal left by a job that died with the process is cleaned up.
@@ -35,6 +37,7 @@ const StartParams = z.object({
   handover: z.enum(['local', 'peer']).default(DEFAULT_OPTIONS.handover),
   peer: z.string().min(1).max(256).optional(),
   destinationZero: z.boolean().default(false),
+  degradeAfterMs: z.number().int().min(10).max(3_600_000).optional(),
   follow: z.boolean().default(false),
   /** Abort the job if this caller disconnects before the switch-over has committed. */
   abortOnDisconnect: z.boolean().default(false),
@@ -68,6 +71,7 @@ export async function registerMigrationMethods(disk: MovableDisk, control: Contr
       throw new ControlError('bad-request', 'migrate.start: handover "peer" needs mode "mirror" and an NBD destination (the peer\'s shim)');
     }
     if (opts.destinationZero && opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.start: destinationZero is only for handover "peer"');
+    if (opts.degradeAfterMs !== undefined && opts.handover !== 'peer') throw new ControlError('bad-request', 'migrate.start: degradeAfterMs is only for handover "peer"');
     if (!isNbdUri(opts.to)) await checkDestinationFree(opts.to, overwrite, disk.backing);
     const job = await MigrationJob.start(disk, opts as MigrateOptions);
     // The domain form's caller owns the job until the switch-over: a Ctrl-C'd, killed or
@@ -101,6 +105,15 @@ export async function registerMigrationMethods(disk: MovableDisk, control: Contr
     const result = await job.done;
     if (!result.ok) throw new ControlError(result.error?.code ?? 'failed', result.error?.message ?? 'handover failed');
     return result;
+  });
+
+  // Handover 'peer': answers once the peer holds every acknowledged write (a degraded mirror
+  // caught up); asked before the peer's guest may run.
+  control.on('migrate.insync', async (params) => {
+    const job = slot.job;
+    if (!job) throw none();
+    const t = (params as { timeoutMs?: unknown } | undefined)?.timeoutMs;
+    return job.untilInSync(typeof t === 'number' && t > 0 ? Math.min(t, 3_600_000) : 60_000);
   });
 
   control.on('migrate.abort', async () => {

@@ -19,7 +19,7 @@ import { RateLimiter } from './limiter.ts';
 import { openDestination, discard, type Destination } from './destination.ts';
 import { journalPath, writeJournal, removeJournal } from './journal.ts';
 import { precopy } from './precopy.ts';
-import { mirrorPass, startMirroring, stopMirroring } from './selective.ts';
+import { catchUp, mirrorPass, startMirroring, stopMirroring } from './selective.ts';
 import { switchOver, swapToLocalFile, CommittedError, type Handover } from './switchover.ts';
 import { JobCursors } from './cursors.ts';
 import { handOverToPeer } from './peer-handover.ts';
@@ -49,7 +49,7 @@ export class MigrationJob {
   readonly from: string;
   readonly figures: JobFigures = {
     phase: 'starting', pass: 0, passDone: 0, passTotal: 0, passDataBytes: null, passDataDone: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
-    mirroredBytes: 0, rate: 0, passRate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
+    mirroredBytes: 0, writes: null, rate: 0, passRate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
     savings: { incrementalSkippedWrites: 0, incrementalSkippedBytes: 0, heatDeferredBytes: 0, heatSavedBytes: 0, bloomBytes: null, bitmapBytes: null, bloomFalsePositiveRate: null },
   };
   readonly done: Promise<JobResult>;
@@ -63,6 +63,7 @@ export class MigrationJob {
   #samples: Array<[number, number]> = [];
   /** copier.stats.extentBytes when the current pass began. */
   #passBase = 0;
+  #mirror: Mirror | null = null;
 
   private constructor(
     private readonly disk: MovableDisk,
@@ -150,6 +151,11 @@ export class MigrationJob {
 
   #sync(): void {
     const s = this.#copier.stats, f = this.figures;
+    if (this.#mirror) {
+      const m = this.#mirror.stats();
+      f.mirroredBytes = m.mirroredBytes;
+      f.writes = { count: m.writes, maxMs: m.writeMaxMs, p99Ms: m.writeP99Ms, degradedWrites: m.degradedWrites, laggingBytes: m.laggingBytes };
+    }
     f.dataBytes = s.dataBytes;
     f.zeroBytes = s.zeroBytes;
     f.skippedBytes = s.skippedBytes;
@@ -174,7 +180,8 @@ export class MigrationJob {
     // read the job's cursors; only the phases move them.
     const cursors = new JobCursors();
     const granularity = jobGranularity(gate.size, disk.granularity);
-    const { tracker, mirror } = migratingStack(disk.bottom, dest.device, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat, cursors });
+    const { tracker, mirror } = migratingStack(disk.bottom, dest.device, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat, cursors, degradeAfterMs: opts.degradeAfterMs });
+    this.#mirror = mirror;
     let original: BlockDevice | null = null;
     let committed = false;
     const ctx: JobContext = {
@@ -197,7 +204,6 @@ export class MigrationJob {
         const now = Date.now();
         if (!force && now - this.#lastProgress < 200) return;
         this.#lastProgress = now;
-        this.figures.mirroredBytes = mirror.stats().mirroredBytes;
         this.#sync();
         this.#emit('progress', { ...this.figures, savings: undefined });
       },
@@ -216,6 +222,7 @@ export class MigrationJob {
       if (opts.mode === 'mirror') {
         await startMirroring(ctx, null);
         await mirrorPass(ctx, null);
+        await catchUp(ctx);
         if (opts.handover === 'peer') await this.#holdSynchronized(ctx);
         else await stopMirroring(ctx);
       } else {
@@ -252,26 +259,54 @@ export class MigrationJob {
   /**
    * Handover 'peer': the mirror stays on (every guest write is acknowledged once both hosts
    * have it) until the caller asks for the handover, typically once the memory phase ended.
+   * A degraded mirror (the peer was cut off) catches up first, whenever the link is back, and
+   * before the handover.
    */
   async #holdSynchronized(ctx: JobContext): Promise<void> {
-    ctx.setPhase('synchronized');
+    for (;;) {
+      await catchUp(ctx);
+      ctx.setPhase('synchronized');
+      const why = await this.#waitSynchronized(ctx);
+      if (why === 'handover' && !ctx.mirror.degraded) return;
+    }
+  }
+
+  /** Until the handover is asked for or the mirror degrades; an abort or a failed destination throws. */
+  async #waitSynchronized(ctx: JobContext): Promise<'handover' | 'degraded'> {
     let tick: NodeJS.Timeout | undefined;
     // An abort, or the destination failing a mirrored write, ends the wait: the job rolls back.
-    const failed = new Promise<never>((_, reject) => {
+    const ended = new Promise<'degraded'>((resolve, reject) => {
       const signal = this.#abort.signal;
       if (signal.aborted) reject(signal.reason);
       signal.addEventListener('abort', () => reject(signal.reason), { once: true });
       tick = setInterval(() => {
         if (ctx.mirror.error) reject(ctx.mirror.error);
+        else if (ctx.mirror.degraded) resolve('degraded');
         ctx.progress();
       }, 250);
     });
     try {
-      await Promise.race([this.#handoverRequest, failed]);
+      return await Promise.race([this.#handoverRequest.then(() => 'handover' as const), ended]);
     } finally {
       clearInterval(tick);
+      if (ctx.mirror.error) throw ctx.mirror.error;
     }
-    if (ctx.mirror.error) throw ctx.mirror.error;
+  }
+
+  /**
+   * Handover 'peer': resolves once the peer holds every acknowledged write (the job is
+   * synchronized and its mirror not degraded); rejects if the job ends or `timeoutMs` passes.
+   */
+  async untilInSync(timeoutMs: number): Promise<JobResult> {
+    const deadline = Date.now() + timeoutMs;
+    let ended: JobResult | null = null;
+    void this.done.then((r) => { ended = r; });
+    for (;;) {
+      if (ended) throw new ControlError((ended as JobResult).error?.code ?? 'failed', (ended as JobResult).error?.message ?? 'the job ended before it was in sync');
+      if (this.figures.phase === 'synchronized' && this.#mirror && !this.#mirror.degraded && this.#mirror.settled) return this.snapshot();
+      if (Date.now() > deadline) throw new ControlError('timeout', `${this.from}: not in sync with ${this.dest.spec} after ${Math.round(timeoutMs / 1000)} s (phase ${this.figures.phase}, ${this.figures.writes?.laggingBytes ?? 0} bytes lagging)`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
   }
 
   /** Put the shim's own stack back on the source and undo what the job created. */
@@ -311,7 +346,7 @@ export class MigrationJob {
 
   #phaseName(): string {
     const f = this.figures;
-    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase === 'synchronized' ? 'the synchronized mirror' : f.phase;
+    return f.phase === 'precopy' ? `pre-copy pass ${f.pass}` : f.phase === 'mirror' ? 'the mirror pass' : f.phase === 'catching-up' ? 'the catch-up after a cut' : f.phase === 'synchronized' ? 'the synchronized mirror' : f.phase;
   }
 
   #noteSet(set: DirtySet): void {

@@ -40,9 +40,9 @@ export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null):
 }
 
 /** The mirror pass: `carry` null copies everything, else only the carried sets and pending. */
-export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Promise<void> {
+export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null, phase: 'mirror' | 'catching-up' = 'mirror'): Promise<void> {
   const { mirror, copier, figures, size, cursors } = ctx;
-  ctx.setPhase('mirror');
+  ctx.setPhase(phase);
   const sets = carry ? [...carry, mirror.pending!] : null;
   ctx.startPass(figures.pass + 1, size, sets ? sets.reduce((n, set) => n + set.dirtyBytes(), 0) : null);
   // Copying everything: how much data that is (for the ETA), measured beside the copy.
@@ -93,6 +93,36 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null): Pro
   figures.passDone = size;
   figures.dirtyBytes = 0;
   ctx.progress(true);
+}
+
+/**
+ * The mirror was degraded (the peer left mirrored writes unanswered: a cut link, Mirror):
+ * once every destination write still out has settled (the link is back; a late write can no
+ * longer land after its replacement), copy the lagging ranges again with a mirror pass over
+ * them alone, the cursor from the start (writes behind it are mirrored again, ahead of it
+ * marked pending and copied when it gets there). Repeats if the pass degraded again.
+ */
+export async function catchUp(ctx: JobContext): Promise<void> {
+  const { mirror, gate, cursors } = ctx;
+  while (mirror.degraded) {
+    ctx.setPhase('catching-up');
+    await mirror.untilSettled(ctx.signal);
+    throwIfAborted(ctx.signal);
+    if (mirror.error) throw mirror.error;
+    let lagging: DirtySet | null;
+    // Paused: no write straddles taking the set and moving the cursor back.
+    await gate.pause();
+    try {
+      lagging = mirror.takeLagging();
+      if (lagging) {
+        cursors.mirrorFromStart();
+        mirror.start(new DirtyBitmap(ctx.size, ctx.granularity));
+      }
+    } finally {
+      gate.resume();
+    }
+    if (lagging) await mirrorPass(ctx, [lagging], 'catching-up');
+  }
 }
 
 /** The most a zero extent skipped by the mirror pass covers in one step. */

@@ -106,4 +106,76 @@ test('the cursor is the job\'s: it never moves back, and the mirror describes it
   assert.throws(() => cursors.mirroredUpTo(64 * 1024), /moved back/);
 });
 
+/** A destination whose writes hang while `cut` is set (a link that is down), and land when it is lifted. */
+function cuttable(size: number) {
+  const dev = new MemoryDevice(size, { name: 'peer' });
+  const held: Array<() => void> = [];
+  let cut = false, calls = 0;
+  const write = dev.write.bind(dev);
+  dev.write = (o, d, opts) => {
+    calls++;
+    if (!cut) return write(o, d, opts);
+    return new Promise<void>((r) => held.push(r)).then(() => write(o, d, opts));
+  };
+  return {
+    dev,
+    calls: () => calls,
+    cut: () => { cut = true; },
+    heal: () => { cut = false; for (const r of held.splice(0)) r(); },
+  };
+}
+
+test('degraded: a write the peer leaves unanswered is answered by the source alone, later ones skip the peer, all lagging until taken', async () => {
+  const src = new MemoryDevice(SIZE), peer = cuttable(SIZE);
+  const cursors = new JobCursors();
+  const m = new Mirror(src, peer.dev, cursors, { degradeAfterMs: 50, granularity: G });
+  m.start(new DirtyBitmap(SIZE, G));
+  cursors.mirroredUpTo(SIZE);
+  await m.write(0, fill(1));
+  assert.not.ok(m.degraded);
+  peer.cut();
+  const t0 = performance.now();
+  await m.write(G, fill(2));
+  const waited = performance.now() - t0;
+  assert.ok(waited >= 45 && waited < 1000, `answered after the grace time, not after the cut: ${waited} ms`);
+  assert.ok(m.degraded && !m.settled, 'degraded, a late write still out');
+  const before = peer.calls();
+  await m.write(4 * G, fill(3));
+  assert.is(peer.calls(), before, 'degraded: the peer is not asked any more');
+  assert.equal(await src.read(4 * G, G), fill(3), 'the source has it');
+  assert.throws(() => m.takeLagging(), /still out/, 'not taken while a late write may still land');
+  let settled = false;
+  const s = m.untilSettled().then(() => (settled = true));
+  await new Promise((r) => setTimeout(r, 20));
+  assert.not.ok(settled);
+  peer.heal();
+  await s;
+  assert.equal(await peer.dev.read(G, G), fill(2), 'the late write landed');
+  const lag = m.takeLagging()!;
+  assert.equal([...lag.ranges()], [{ offset: G, length: G }, { offset: 4 * G, length: G }]);
+  assert.not.ok(m.degraded, 'taken: the job copies them again');
+  const st = m.stats();
+  assert.is(st.degradedWrites, 2);
+  assert.is(st.writes, 3);
+  assert.ok(st.writeMaxMs >= 45 && st.writeMaxMs < 1000, JSON.stringify(st));
+  await m.write(8 * G, fill(4));
+  assert.equal(await peer.dev.read(8 * G, G), fill(4), 'mirrored again');
+});
+
+test('without degradeAfterMs a write waits for the peer, however long', async () => {
+  const src = new MemoryDevice(SIZE), peer = cuttable(SIZE);
+  const cursors = new JobCursors();
+  const m = new Mirror(src, peer.dev, cursors);
+  m.start(null);
+  cursors.mirroredUpTo(SIZE);
+  peer.cut();
+  let done = false;
+  const w = m.write(0, fill(5)).then(() => (done = true));
+  await new Promise((r) => setTimeout(r, 100));
+  assert.not.ok(done, 'the guest waits for both hosts');
+  peer.heal();
+  await w;
+  assert.not.ok(m.degraded);
+});
+
 test.run();

@@ -119,8 +119,10 @@ export class Link extends EventEmitter implements StreamHost {
     if (opts.role === 'a' && !opts.dial) throw new Error('link: side a needs dial()');
     this.opts = {
       holdMs: 60_000, firstContactMs: 30_000, pingMs: 1000, deadAfterMs: 5000, maxResident: 32 * 1024 * 1024, windowFloor: 2 * 1024 * 1024, spillAfterMs: 1000, filePollMs: 20, closeWaitMs: 2000,
-      backoffMs: { first: 100, max: 2000 }, ...opts,
-    };
+      // An option given as undefined keeps its default (a spread would put undefined over
+      // it: `holdMs: undefined` was a link that never gave up).
+      backoffMs: { first: 100, max: 2000 }, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)),
+    } as Required<LinkOptions>;
     this.maxResident = this.opts.maxResident;
     this.windowFloor = Math.min(this.opts.windowFloor, this.opts.maxResident);
     this.backoff = this.opts.backoffMs.first;

@@ -29,6 +29,13 @@ function echo(p: Pair): void {
 
 test.after.each(cleanupAll);
 
+test('an option given as undefined keeps its default (holdMs: undefined is not a link that never gives up)', () => {
+  const l = new Link({ link: 'defaults', migration: 'm1', role: 'b', peer: 'nobody', holdMs: undefined, windowFloor: undefined });
+  assert.is(l.opts.holdMs, 60_000);
+  assert.is(l.opts.windowFloor, 2 * 1024 * 1024);
+  assert.is(new Link({ link: 'given', migration: 'm1', role: 'b', peer: 'nobody', holdMs: 5000 }).opts.holdMs, 5000);
+});
+
 test('streams in both directions arrive byte for byte, and finish() removes every file', async () => {
   const p = linkPair({ shared: true });
   echo(p);

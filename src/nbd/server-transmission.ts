@@ -600,11 +600,14 @@ export class Transmission {
 
   private settle(): void {
     if ((this.stopping || this.closed) && this.pending) {
-      // Its payload will never be complete: nothing else holds its buffer.
+      // Its payload will never be complete. While it was being read straight into its buffer,
+      // the socket's next read may still land there (the Wire cannot take back the buffer it
+      // gave for that read): never lend that buffer again.
       const { req } = this.pending;
       this.pending = null;
+      if (this.filling) this.forget(req);
+      else this.release(req);
       this.filling = false;
-      this.release(req);
     }
     if (this.closed) this.budget.cancel(this.wake);
     if (this.inFlight > 0) return;

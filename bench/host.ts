@@ -1,4 +1,5 @@
 // `npm run bench -- host [--rounds 2] [--bandwidth 20] [--no-reset] [--cut S] [--systems a,b]`: a whole running guest
+// (with `--local-disks`: its thin local disk moved too, bench/host-local.ts)
 // moved between two libvirt hosts on this machine (test/helpers/libvirt-hosts.ts), by
 // libvirt alone (`virsh migrate --live` with its own qemu+ssh connection and TCP migration
 // stream) and by `vmshift migrate DOMAIN URI` (both through the link, and with
@@ -6,8 +7,7 @@
 // one run on one guest (the sequence writer, 128 MiB RAM) that goes back and forth. Per move:
 // total time, libvirt's downtime, the writer's longest gap (the pause the guest saw, sampled
 // every 10 ms from its console), bytes over the veth, and whether a connection reset
-// (`ss -K`, once 8 MiB went) was survived; with `--cut S`, a link-down of S seconds instead. The disk is shared (one file both hosts see):
-// the disk part (`--copy-storage-all` against vmshift's disk handover) comes with "reshape".
+// (`ss -K`, once 8 MiB went) was survived; with `--cut S`, a link-down of S seconds instead. The disk is shared (one file both hosts see).
 import { join } from 'node:path';
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
@@ -23,19 +23,19 @@ const NAME = 'benchhost';
 
 interface Row { system: string; reset: boolean; ok: boolean; s: number; downtimeMs: number | null; gapMs: number; netMiB: number; note: string }
 
-function seqOf(consolePath: string): number {
+export function seqOf(consolePath: string): number {
   if (!existsSync(consolePath)) return 0;
   const m = [...readFileSync(consolePath, 'latin1').matchAll(/^VMSHIFT-SEQ (\d+)\r?$/gm)];
   return m.length ? Number(m[m.length - 1]![1]) : 0;
 }
 
-async function txBytes(h: LibvirtTestHost): Promise<number> {
+export async function txBytes(h: LibvirtTestHost): Promise<number> {
   const r = await run('ip', ['-n', h.ns, '-s', '-j', 'link', 'show', 'dev', h.dev]);
   return (JSON.parse(r.stdout) as Array<{ stats64: { tx: { bytes: number } } }>)[0]!.stats64.tx.bytes;
 }
 
 /** Run argv (inside a host) to its end; `during` sees stdout as it comes. */
-function runIn(argv: [string, string[]], during: (out: string) => void): Promise<{ code: number | null; out: string; err: string }> {
+export function runIn(argv: [string, string[]], during: (out: string) => void): Promise<{ code: number | null; out: string; err: string }> {
   return new Promise((resolve) => {
     const p = spawn(argv[0], argv[1], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '', err = '';
@@ -45,7 +45,16 @@ function runIn(argv: [string, string[]], during: (out: string) => void): Promise
   });
 }
 
+/** virsh's own qemu+ssh URI for host h: the OpenSSH client, through a wrapper that gives it the test's known_hosts. */
+export function sshWrap(h: LibvirtTestHost): string {
+  const w = join(h.dir, 'ssh-wrapper');
+  writeFileSync(w, `#!/bin/sh\nexec ssh -o UserKnownHostsFile=${h.sshd.knownHosts} -o StrictHostKeyChecking=yes "$@"\n`);
+  chmodSync(w, 0o755);
+  return `qemu+ssh://root@${h.addr}:${h.sshd.port}/system?keyfile=${h.sshd.identity}&command=${w}&no_tty=1`;
+}
+
 export async function main(args: string[]): Promise<void> {
+  if (args.includes('--local-disks')) return (await import('./host-local.ts')).main(args);
   const opt = (n: string, d: string) => { const i = args.indexOf(n); return i >= 0 ? args[i + 1]! : d; };
   const rounds = Number(opt('--rounds', '2'));
   const bandwidth = Number(opt('--bandwidth', '20'));
@@ -59,13 +68,6 @@ export async function main(args: string[]): Promise<void> {
   await hosts.a.virsh.define(writerDomainXml(NAME, disk, consolePath, 64, 128));
   await hosts.a.virsh.start(NAME);
   for (let i = 0; seqOf(consolePath) < 20; i++) { if (i > 1200) throw new Error('the guest did not start writing'); await new Promise((r) => setTimeout(r, 100)); }
-  // virsh's own qemu+ssh uses the OpenSSH client: a wrapper gives it the test's known_hosts.
-  const sshWrap = (h: LibvirtTestHost) => {
-    const w = join(h.dir, 'ssh-wrapper');
-    writeFileSync(w, `#!/bin/sh\nexec ssh -o UserKnownHostsFile=${h.sshd.knownHosts} -o StrictHostKeyChecking=yes "$@"\n`);
-    chmodSync(w, 0o755);
-    return `qemu+ssh://root@${h.addr}:${h.sshd.port}/system?keyfile=${h.sshd.identity}&command=${w}&no_tty=1`;
-  };
   const systems: Record<string, (from: LibvirtTestHost, to: LibvirtTestHost) => [string, string[]]> = {
     libvirt: (from, to) => from.argv('virsh', ['migrate', '--live', '--unsafe', '--persistent', '--undefinesource', '--bandwidth', String(bandwidth), NAME, sshWrap(to), '--migrateuri', `tcp://${to.addr}`, '--listen-address', to.addr]),
     vmshift: (from, to) => from.argv(VMSHIFT, ['migrate', NAME, to.sshUri, '--json', '--bandwidth', `${bandwidth}M`, '--peer-vmshift', VMSHIFT]),

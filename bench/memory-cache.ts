@@ -53,7 +53,7 @@ const XBZRLE: System = { name: 'QEMU XBZRLE', args: (o) => ['--compress', 'xbzrl
 const CACHE: System = { name: 'vmshift cache', args: (o) => ['--compress', 'cache', '--cache-size', o.cacheSize] };
 const ALL: Record<string, System> = { plain: PLAIN, xbzrle: XBZRLE, cache: CACHE };
 
-interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number }
+interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number; encodeMs?: number; decodeMs?: number | null; windows?: Array<{ at: number; ms: number; compressing: boolean; in: number; out: number; encMs: number; backlog: number }> }
 
 interface Outcome {
   ok: boolean;
@@ -87,6 +87,12 @@ async function txBytes(h: Host): Promise<number> {
 }
 
 interface Event { event: string; [k: string]: unknown }
+
+/** The destination decoder's milliseconds, from the agent's log line (src/relay/destination.ts). */
+function decodeMs(agentLog: string): number | null {
+  const m = / in (\d+) ms of decoding/.exec(agentLog);
+  return m ? Number(m[1]) : null;
+}
 
 function lastPass(vm: Vm): number {
   return vm.lines.length ? vm.lines[vm.lines.length - 1]!.n : 0;
@@ -152,11 +158,13 @@ export async function main(argv: string[]): Promise<void> {
       const out: Outcome = {
         ok: true, broken, wallMs, qemuMs: info['total-time'] ?? NaN, downtimeMs: done.downtimeMs ?? NaN, guestGapMs: gap,
         qemuBytes: done.transferred, streamBytes: done.relayed.link, wireBytes, suspended: r.events.some((e) => e.event === 'warning' && String(e.message).includes('pausing the guest')),
-        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages } } : {}),
+        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog) } } : {}),
       };
       list.push(out);
       if (process.env.BENCH_VERBOSE) console.log(r.stderr.slice(-2000));
-      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify(out.cache)}` : ''}`);
+      // The governor's windows: QEMU MB/s in, link MB/s out, backlog, mode (C compressing, R raw).
+      if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
+      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
       if (broken) {
         console.log(`  BROKEN: ${broken}`);
         await Promise.all([cur.guest.stop(), dst.guest.stop()]);
@@ -198,7 +206,7 @@ export async function main(argv: string[]): Promise<void> {
         rows.push([link, sys.name, `${rs.length}/${all.length}${rs.some((r) => r.suspended) ? ' (suspended)' : ''}${rs.some((r) => r.broken) ? ` (${rs.filter((r) => r.broken).length} crashed after)` : ''}`, m(rs, (r) => r.wireBytes) / MiB, m(rs, (r) => r.streamBytes) / MiB, m(rs, (r) => r.qemuBytes) / MiB,
           m(rs, (r) => r.qemuMs) / 1000, m(rs, (r) => r.wallMs) / 1000, m(rs, (r) => r.downtimeMs), m(rs, (r) => r.guestGapMs),
           m(rs, (r) => r.wireBytes) / m(plain, (r) => r.wireBytes), m(rs, (r) => r.qemuMs) / m(plain, (r) => r.qemuMs),
-          c.length ? `hits ${med(c.map((x) => x.hits))}, ${med(c.map((x) => x.hits ? x.deltaBytes / x.hits : NaN)).toFixed(0)} B/delta, raw pages ${med(c.map((x) => x.bypassedPages))}, turned ${med(c.map((x) => x.modeChanges))}x` : ''] as (string | number)[]);
+          c.length ? `hits ${med(c.map((x) => x.hits))}, ${med(c.map((x) => x.hits ? x.deltaBytes / x.hits : NaN)).toFixed(0)} B/delta, raw pages ${med(c.map((x) => x.bypassedPages))}, turned ${med(c.map((x) => x.modeChanges))}x, encode ${med(c.map((x) => x.encodeMs ?? NaN)).toFixed(0)} ms, decode ${med(c.map((x) => x.decodeMs ?? NaN)).toFixed(0)} ms` : ''] as (string | number)[]);
       }
     }
     console.log(table(['link', 'system', 'ok', 'wire MiB', 'stream MiB', 'QEMU MiB', 'QEMU total s', 'wall s', 'downtime ms', 'guest gap ms', 'wire / plain', 'time / plain', 'cache'], rows));

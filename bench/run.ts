@@ -8,6 +8,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   host: () => import('./host.ts'),
   memory: () => import('./memory.ts'),
   'memory-cache': () => import('./memory-cache.ts'),
+  'cache-codec': () => import('./cache-codec.ts'),
   startup: () => import('./startup.ts'),
   'link-file': () => import('./link-file.ts'),
 };

@@ -3,15 +3,16 @@
 // file with a continuous writer, attaches a shim under its running disk, shows what the shim
 // tracks, moves the disk to a second datastore while the guest writes, detaches the shim
 // (the guest is left on the new file), and proves that every record the guest saw
-// acknowledged is on the destination. Act 2 (scripts/demo-memory.ts) moves a running guest's
-// memory between two hosts (network namespaces) with the network cut half-way for good: it
-// completes through the shared file. Everything it starts is stopped by PID at the end.
+// acknowledged is on the destination. Act 2 (scripts/demo-hostmove.ts) moves the whole running
+// guest, local disk and memory, between two hosts (network namespaces): a connection reset
+// during the disk copy, the network cut half-way through the memory for good; it completes
+// through the shared file and every acknowledged write is on the new host's disk. Everything it starts is stopped by PID at the end.
 import { join } from 'node:path';
 import { mkdirSync, statSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { bootGuest, ensureGuest, verifyWriterLog } from '../test/helpers/guest.ts';
 import { tempDir, startDaemon, waitForSocket, run, cleanupAll, onCleanup } from '../test/helpers/proc.ts';
-import { memoryAct } from './demo-memory.ts';
+import { hostMoveAct } from './demo-hostmove.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 const vmshift = join(root, 'bin/vmshift');
@@ -21,6 +22,7 @@ const say = (s: string) => process.stdout.write(`demo: ${s}\n`);
 
 async function main(): Promise<void> {
   await ensureGuest();
+  const t0 = performance.now();
   const dir = tempDir('vmshift-demo-');
   const dsA = join(dir, 'datastore-a');
   const dsB = join(dir, 'datastore-b');
@@ -82,7 +84,10 @@ async function main(): Promise<void> {
   say(`  (the old source misses ${verifyWriterLog(source, last, SLOTS).length} of them, as it should: writes after the switch-over went to the destination only)`);
   say(`  the destination has ${fmtMiB(statSync(dest).blocks * 512)} allocated of ${fmtMiB(statSync(dest).size)}: it stayed thin`);
   await daemon.stop();
-  await memoryAct(say);
+  say(`act 1 took ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const t1 = performance.now();
+  await hostMoveAct(say);
+  say(`act 2 took ${((performance.now() - t1) / 1000).toFixed(1)} s`);
   say('done');
 }
 

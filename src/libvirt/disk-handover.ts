@@ -39,6 +39,11 @@ export interface DiskHandover {
   sync(): Promise<void>;
   /** Flags the handover needs on `virsh migrate` (shared storage proven here: `--unsafe`). */
   virshFlags(): string[];
+  /**
+   * The destination's disks are the guest's from now on, before it runs there (libvirt's
+   * Finish succeeded): nothing may remove them, not even a link that fails next.
+   */
+  keep(): Promise<void>;
   commit(): Promise<void>;
   rollback(): Promise<void>;
 }
@@ -129,6 +134,7 @@ export class SharedStorageHandover implements DiskHandover {
     return this.probed && this.disks.some((d) => d.type === 'file' && d.source !== '-') ? ['--unsafe'] : [];
   }
 
+  async keep(): Promise<void> { /* the destination made nothing */ }
   async commit(): Promise<void> { /* the destination QEMU opened the same files */ }
   async rollback(): Promise<void> { /* nothing was made on the destination */ }
 }

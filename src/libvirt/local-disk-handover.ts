@@ -107,6 +107,10 @@ export class LocalDisksHandover implements DiskHandover {
     return this.#flags;
   }
 
+  async keep(): Promise<void> {
+    await this.#peer!.keepPeer();
+  }
+
   async commit(): Promise<void> {
     const peer = this.#peer!;
     await peer.handover().catch((e: Error) => this.ctx.onEvent({ event: 'warning', message: e.message }));

@@ -15,9 +15,10 @@
 // its client gives up on Finish's answer when its connection to B breaks, then resumes the
 // source (Confirm cancelled): a lost answer would leave two running copies. So libvirt runs
 // the migration with --suspend (the destination stays paused after Finish), and the commit is
-// ours: only once virsh reported success and this host's copy is verifiably gone (Confirm
-// killed the source QEMU) does vmshift resume the destination, through the link. Who wins at
-// each cut point: docs/libvirt-migrate.md.
+// ours: once Finish's success answer sits whole in virsh's socket (finish-answer.ts), libvirt
+// will never resume the source copy, so B's disks are kept for good and B's agent resumes
+// the destination there, while Confirm kills the source. Who wins at each cut point, and the
+// argument from libvirt 9.0's source: docs/libvirt-migrate.md.
 import { randomBytes } from 'node:crypto';
 import { chmodSync, chownSync, closeSync, constants as fsc, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
@@ -30,6 +31,8 @@ import { LIBVIRT_STREAM_PREFIX } from '../relay/libvirt-destination.ts';
 import { MigrateError } from '../relay/migrate.ts';
 import { Virsh, VirshError } from './virsh.ts';
 import { VirshSession, watchLifecycle } from './virsh-session.ts';
+import { FinishAnswerWatch } from './finish-answer.ts';
+import { faultPoint } from '../util/fault-point.ts';
 import type { DestUri } from './dest-uri.ts';
 import { HandoverError, SharedStorageHandover, parseDomblklist, type DiskHandover } from './disk-handover.ts';
 import { LocalDisksHandover, type LocalDisksOptions } from './local-disk-handover.ts';
@@ -98,10 +101,16 @@ export interface DomainMigrateDone {
   ms: number;
   /** libvirt's figure (the destination's completed job): until the destination had everything. */
   downtimeMs: number | null;
-  /** From learning the source is gone (its Stopped event, or virsh's success) to the destination running. */
+  /** From the word that the source copy will not run again (Finish's answer in virsh's socket, else its Stopped event or virsh's end) to the destination running. */
   commitMs: number;
   /** From the source's pause for the switch-over (its Suspended event) to the destination running: the guest's pause. */
   pausedMs: number | null;
+  /** From the source's pause to Finish's success answer delivered to virsh (null: not seen). */
+  answeredMs: number | null;
+  /** How long the resume took on the peer (its own libvirtd; null: resumed from here). */
+  peerResumeMs: number | null;
+  /** From the source's pause to its Stopped Migrated event (Confirm killed its QEMU; null: not seen by then). */
+  goneMs: number | null;
   relayed: { forward: number; back: number };
   link: ReturnType<Link['stats']>;
   persistent: boolean;
@@ -222,8 +231,17 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const migrateSocket = join(dir, 'mig.sock');
     const fwdPath = join(dir, 'libvirt.sock');
-    // Every connection virsh makes to this socket is a link stream to the peer's libvirtd.
-    fwd = await forwardUnix(fwdPath, (n) => l.stream(`${LIBVIRT_STREAM_PREFIX}${n}`));
+    // Every connection virsh makes to this socket is a link stream to the peer's libvirtd;
+    // what comes back is watched for Finish's success answer reaching virsh (finish-answer.ts).
+    let finishAnswered!: () => void;
+    const answered = new Promise<void>((r) => { finishAnswered = r; });
+    let tAnswered: number | null = null;
+    const watches = new Map<number, FinishAnswerWatch>();
+    fwd = await forwardUnix(fwdPath, (n) => l.stream(`${LIBVIRT_STREAM_PREFIX}${n}`), (n, chunk, delivered) => {
+      let w = watches.get(n);
+      if (!w) watches.set(n, w = new FinishAnswerWatch());
+      if (w.feed(chunk)) void delivered.then((ok) => { if (ok) { tAnswered ??= performance.now(); finishAnswered(); } });
+    });
     const dst = new Virsh({ uri: o.libvirtVia === 'direct' && o.destUri ? o.destUri : `qemu+unix:///system?socket=${fwdPath}`, timeoutMs: 60_000 });
     const c = new Control(l.stream(CONTROL_STREAM), peerName);
     ctl = c;
@@ -271,25 +289,27 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const args = ['migrate', '--live', '--suspend', ...(o.persistent ? ['--persistent'] : []), ...(o.undefineSource ? ['--undefinesource'] : []),
       ...handover.virshFlags(), ...(o.bandwidth ? ['--bandwidth', String(Math.max(1, Math.round(o.bandwidth / 1024 ** 2)))] : []),
       '--migrateuri', `unix://${migrateSocket}`, o.domain, dst.uri];
-    // Confirm on this host kills the source QEMU only after Finish on the destination
-    // succeeded: "Stopped Migrated" is the earliest word that the guest exists only there.
+    // The commit: at the earliest, virsh holds Finish's success answer (tAnswered, above): the
+    // source copy then never runs again. Without that word (--libvirt-via direct), Confirm
+    // killing the source QEMU ("Stopped Migrated") or virsh's end tells.
     let goneSeen = false;
+    let tGone: number | null = null;
     let sourceGone!: () => void;
     const gone = new Promise<void>((r) => { sourceGone = r; });
     // "Suspended Migrated": the source paused for the switch-over; the guest's pause runs from there.
     let tSuspended: number | null = null;
     watcher = watchLifecycle(o.sourceUri, o.domain, (line) => {
       if (/Suspended Migrated/i.test(line)) tSuspended ??= performance.now();
-      if (/Stopped Migrated/i.test(line)) { goneSeen = true; sourceGone(); }
+      if (/Stopped Migrated/i.test(line)) { goneSeen = true; tGone ??= performance.now(); sourceGone(); }
     });
     let migrateError: Error | null = null;
     let finished = false;
     const migrating = src.run(args, { timeoutMs: 24 * 3600_000 }).then(() => {}, (e: Error) => { migrateError = e; }).finally(() => { finished = true; });
     const onAbort = () => { if (!finished) void src.run(['domjobabort', o.domain]).catch(() => {}); };
     o.signal?.addEventListener('abort', onAbort, { once: true });
-    while (!finished && !goneSeen) {
-      await Promise.race([migrating, gone, sleep(1000)]);
-      if (finished || goneSeen) break;
+    while (!finished && !goneSeen && tAnswered === null) {
+      await Promise.race([migrating, gone, answered, sleep(1000)]);
+      if (finished || goneSeen || tAnswered !== null) break;
       const j = parseJobInfo(await src.run(['domjobinfo', o.domain]).catch(() => ''));
       if (j.type && j.type !== 'None') o.onEvent({ event: 'progress', processed: j.processed, remaining: j.remaining, total: j.total, pct: j.total ? Math.round((100 * (j.total - j.remaining)) / j.total) : 0, relayed: relay.counts.forward });
     }
@@ -297,9 +317,13 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     const tVirsh = performance.now();
 
     // Where the guest is now decides who wins (docs/libvirt-migrate.md, "Exactly one running copy").
-    const here = goneSeen ? 'shut off' : await stateOf(src, o.domain).catch(() => 'unknown');
+    const early = tAnswered !== null;
+    const here = goneSeen || early ? 'shut off' : await stateOf(src, o.domain).catch(() => 'unknown');
     const hereActive = here === 'running' || here === 'paused' || here === 'unknown';
-    if (!goneSeen && !hereActive && migrateError) {
+    if (early) {
+      // virsh has Finish's answer: it confirms the migration (the source QEMU is killed) or, if
+      // it or its connection here dies first, the source stays paused. B's copy is the guest.
+    } else if (!goneSeen && !hereActive && migrateError) {
       // virsh failed, but this host's copy is gone (the event was missed): the destination's
       // paused copy is all there is, so it must run; destroying it would lose the guest.
       const there = await stateOf(dst, o.domain).catch(() => null);
@@ -312,17 +336,24 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
       if (here === 'paused' && wasRunning && migrateError) await src.run(['resume', o.domain]).catch(() => {});
       throw new MigrateError('source', `libvirt's migration failed: ${why}; '${o.domain}' runs on here${here === 'unknown' ? ' (check it: this host\'s libvirt did not answer)' : ''}`);
     }
-    // This host's copy is gone: the destination's paused copy is the guest. Resume it.
+    if (early) await faultPoint('libvirt-finish-answered');
+    // The destination's paused copy is the guest: its disks stay there for good, then it runs.
     committed = true;
-    await resumeDest(session, dst, o.domain, l, o.holdMs ?? 60_000).catch((e: Error) => {
-      throw new MigrateError('link', `'${o.domain}' is gone from here and paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
+    await handover.keep().catch((e: Error) => {
+      throw new MigrateError('link', `'${o.domain}' will not run here again (libvirt's Finish succeeded) and is paused on ${peerName}, but its disks there could not be kept for good (${e.message}): check its disks there before resuming it (virsh resume ${o.domain})`, true);
+    });
+    let peerResumeMs: number | null = null;
+    await resumeOnPeer(c, o.domain, (m) => o.onEvent({ event: 'warning', message: m })).then((ms) => { peerResumeMs = ms; return ms !== null ? undefined : resumeDest(session!, dst, o.domain, l, o.holdMs ?? 60_000); }).catch((e: Error) => {
+      throw new MigrateError('link', `'${o.domain}' will not run here again (libvirt's Finish succeeded) and is paused on ${peerName}, but resuming it there failed (${e.message}): resume it there (virsh -c ${o.dest.host} resume ${o.domain})`, true);
     });
     const tResumed = performance.now();
     const commitMs = Math.round(tResumed - tVirsh);
-    const pausedMs = tSuspended !== null ? Math.round(tResumed - tSuspended) : null;
+    const sinceSuspended = (t: number | null) => (tSuspended !== null && t !== null ? Math.round(t - tSuspended) : null);
+    const pausedMs = sinceSuspended(tResumed);
     o.onEvent({ event: 'committed', commitMs });
     await migrating;
-    if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after the source had stopped: ${(migrateError as Error).message}` });
+    if (migrateError) o.onEvent({ event: 'warning', message: `virsh migrate reported, after Finish had succeeded: ${(migrateError as Error).message}` });
+    if (early && !goneSeen) await dropSourceCopy(src, o.domain, peerName, (m) => o.onEvent({ event: 'warning', message: m }));
     await handover.commit();
     const done = parseJobInfo(await session.run(['domjobinfo', '--completed', '--keep-completed', '--domain', o.domain]).catch(() => ''));
     // Every stream ends before the link can finish: libvirt's connections first.
@@ -332,7 +363,8 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
     fwd.close();
     await Promise.race([Promise.all([relay.done.catch(() => {}), l.finish()]), sleep(10_000)]);
     return {
-      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, pausedMs, relayed: relay.counts, link: l.stats(),
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: done.downtimeMs, commitMs, pausedMs,
+      answeredMs: sinceSuspended(tAnswered), goneMs: sinceSuspended(tGone), peerResumeMs, relayed: relay.counts, link: l.stats(),
       persistent: o.persistent, undefinedSource: o.undefineSource,
     };
   } catch (e) {
@@ -355,6 +387,20 @@ export async function migrateDomain(o: DomainMigrateOptions): Promise<DomainMigr
   }
 }
 
+/**
+ * The commit's fast path: the agent on the peer resumes the domain through its own libvirtd
+ * (one message on the link, no virsh round trips over it): how long its resume took there, or
+ * null: it could not (the caller falls back to resuming it from here; the reason is warned).
+ */
+async function resumeOnPeer(c: Control, domain: string, warn: (m: string) => void): Promise<number | null> {
+  c.send({ op: 'libvirt-resume', domain });
+  // An agent of an older vmshift ignores the message: it then gets resumed from here.
+  const r = await c.next(5000).catch((e: Error) => ({ op: 'error' as const, message: e.message }));
+  if (r.op === 'libvirt-resumed') return r.ms;
+  warn(`the peer did not resume '${domain}' itself (${r.op === 'error' ? r.message : `answer ${r.op}`}): resuming it from here`);
+  return null;
+}
+
 /** Resume the paused destination, through the link; a reset in between is retried. */
 async function resumeDest(session: VirshSession, dst: Virsh, domain: string, link: Link, holdMs: number): Promise<void> {
   const deadline = Date.now() + holdMs;
@@ -369,6 +415,26 @@ async function resumeDest(session: VirshSession, dst: Virsh, domain: string, lin
       if (link.state !== 'running' || Date.now() > deadline) throw e;
       await sleep(500);
     }
+  }
+}
+
+/**
+ * After a commit on Finish's answer, once virsh ended: Confirm should have killed this host's
+ * copy. If it is still here (Confirm failed, or virsh died before it), it is paused and stale:
+ * destroyed, as Confirm would have done. It can never be running (libvirt resumes it only on
+ * Confirm(cancelled), which virsh sends only without Finish's answer); if it is, both hosts run
+ * the guest: said loudly, nothing touched.
+ */
+async function dropSourceCopy(src: Virsh, domain: string, peerName: string, warn: (m: string) => void): Promise<void> {
+  const st = await stateOf(src, domain).catch(() => 'unknown');
+  if (st === 'paused') {
+    await src.run(['destroy', domain]).then(
+      () => warn(`libvirt's Confirm did not stop the copy of '${domain}' here (paused, stale: the guest runs on ${peerName}); destroyed it`),
+      (e: Error) => warn(`the stale paused copy of '${domain}' here (the guest runs on ${peerName}) could not be destroyed (${e.message}): destroy it, never resume it (virsh destroy ${domain})`));
+  } else if (st === 'running') {
+    throw new MigrateError('source', `'${domain}' RUNS here although libvirt's Finish succeeded and it runs on ${peerName}: stop one copy now`, true);
+  } else if (st === 'unknown') {
+    warn(`cannot ask libvirt here about '${domain}' after the migration: it must not run here (it runs on ${peerName}); if it is paused here, destroy it`);
   }
 }
 

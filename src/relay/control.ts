@@ -1,7 +1,8 @@
 // The conversation between the two hosts of a memory migration: JSON lines on the link's
 // `control` stream (so it survives a cut like the memory stream does). Source to destination:
 // `prepare`, `commit` (the source QEMU reached postmigrate: the destination may run), `abort`,
-// `libvirt-prepare`. Destination to source: `ready`, `running`, `refused`, `aborted`, `error`, `libvirt-ready`.
+// `libvirt-prepare`, `libvirt-resume`. Destination to source: `ready`, `running`, `refused`, `aborted`, `error`,
+// `libvirt-ready`, `libvirt-resumed`.
 import type { Duplex } from 'node:stream';
 
 export const CONTROL_STREAM = 'control';
@@ -28,7 +29,11 @@ export type ControlMsg =
   // the destination makes the directory of the migration socket and reads the probe files
   // the source wrote beside its disks (shared storage proven by seeing the same bytes).
   | { op: 'libvirt-prepare'; migrateSocket: string; probes: string[] }
-  | { op: 'libvirt-ready'; probes: Array<string | null> };
+  | { op: 'libvirt-ready'; probes: Array<string | null> }
+  // The commit: the destination resumes the paused domain through its own libvirtd (no link
+  // round trips inside the guest's pause), answering `libvirt-resumed` or `error`.
+  | { op: 'libvirt-resume'; domain: string }
+  | { op: 'libvirt-resumed'; ms: number };
 
 /** JSON lines of messages `M` on a stream (the memory migration's by default; src/hostmove has its own). */
 export class Control<M extends { op: string } = ControlMsg> {

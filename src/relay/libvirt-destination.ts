@@ -7,7 +7,10 @@
 //   stream `memory`    -> connected to the migration socket (src/relay/memory-relay.ts)
 //   streams `libvirt-N` -> each connected to this host's libvirtd socket: the source's virsh
 //       talks to this libvirt through the link, so a reset of the network is hidden from it
-// Nothing here starts, resumes or stops a guest: libvirt does, on the source's word.
+//   control `libvirt-resume` -> the commit (the source's virsh holds Finish's success answer):
+//       resume the paused domain through this host's libvirtd, with a virsh session opened at
+//       `libvirt-prepare`, so the guest's pause holds no link round trip but the source's word
+// Nothing here starts or stops a guest: libvirt does; the one resume is on the source's word.
 import { existsSync, mkdirSync, openSync, readSync, closeSync, rmdirSync, constants as fsc } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Link } from '../link/link.ts';
@@ -15,6 +18,7 @@ import type { LinkStream } from '../link/stream.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
 import { MEMORY_STREAM, destRelay } from './memory-relay.ts';
 import { spliceUnix } from './unix-splice.ts';
+import { VirshSession } from '../libvirt/virsh-session.ts';
 
 export const LIBVIRT_STREAM_PREFIX = 'libvirt-';
 /** A probe file holds a token of a few dozen bytes; read no more than this. */
@@ -39,6 +43,7 @@ function readProbe(path: string): string | null {
 export function serveLibvirtDestination(link: Link, libvirtSocket: string, log: (m: string) => void): void {
   let migrateSocket: string | null = null;
   let madeDir: string | null = null;
+  let session: VirshSession | null = null;
 
   const onControl = async (ctl: Control) => {
     for (;;) {
@@ -51,10 +56,23 @@ export function serveLibvirtDestination(link: Link, libvirtSocket: string, log: 
           const dir = dirname(m.migrateSocket);
           if (!existsSync(dir)) { mkdirSync(dir, { recursive: true, mode: 0o700 }); madeDir = dir; }
           migrateSocket = m.migrateSocket;
+          // Connected now: the resume at the commit must not wait for virsh to start.
+          session ??= new VirshSession(`qemu+unix:///system?socket=${libvirtSocket}`);
+          void session.run(['uri']).catch((e: Error) => log(`virsh session: ${e.message}`));
           ctl.send({ op: 'libvirt-ready', probes: m.probes.map(readProbe) });
           log(`prepared: migration socket ${migrateSocket}, ${m.probes.length} probe(s)`);
         } catch (e) {
           ctl.send({ op: 'error', message: `on the destination: ${(e as Error).message}` });
+        }
+      } else if (m.op === 'libvirt-resume') {
+        const t0 = performance.now();
+        try {
+          if (!session) throw new Error('libvirt-resume before libvirt-prepare');
+          await session.run(['resume', '--domain', m.domain], 30_000);
+          ctl.send({ op: 'libvirt-resumed', ms: Math.round(performance.now() - t0) });
+          log(`resumed ${m.domain} in ${Math.round(performance.now() - t0)} ms`);
+        } catch (e) {
+          ctl.send({ op: 'error', message: `on the destination: cannot resume ${m.domain}: ${(e as Error).message}` });
         }
       } else if (m.op === 'abort') {
         log(`the source ended the migration: ${m.reason}`);
@@ -64,6 +82,7 @@ export function serveLibvirtDestination(link: Link, libvirtSocket: string, log: 
       }
     }
     ctl.end();
+    session?.close();
     if (madeDir) try { rmdirSync(madeDir); } catch { /* not empty or gone: left as it is */ }
   };
 

@@ -26,8 +26,29 @@ export interface UnixForward {
   close(): void;
 }
 
-/** Listen on `path` (mode 0600 from creation); each connection is spliced to `open(n)`, n counting from 0. */
-export async function forwardUnix(path: string, open: (n: number) => Duplex): Promise<UnixForward> {
+/**
+ * Sees each chunk the peer sends back on connection n; `delivered` settles once the chunk is in
+ * the client's socket (true), so the client reads it even if this process dies next, or the
+ * client's connection failed first (false).
+ */
+export type PeerChunkTap = (n: number, chunk: Buffer, delivered: Promise<boolean>) => void;
+
+/** Peer to client, as pipe() does it, with each chunk's delivery reported to `tap`. */
+function pipeTapped(from: Duplex, to: Socket, tap: (chunk: Buffer, delivered: Promise<boolean>) => void): void {
+  from.on('data', (chunk: Buffer) => {
+    let more = true;
+    const delivered = new Promise<boolean>((r) => { more = to.write(chunk, (e) => r(!e)); });
+    tap(chunk, delivered);
+    if (!more) { from.pause(); to.once('drain', () => from.resume()); }
+  });
+  from.once('end', () => to.end());
+}
+
+/**
+ * Listen on `path` (mode 0600 from creation); each connection is spliced to `open(n)`, n
+ * counting from 0; `tap`, if given, sees what the peer sends back.
+ */
+export async function forwardUnix(path: string, open: (n: number) => Duplex, tap?: PeerChunkTap): Promise<UnixForward> {
   let n = 0;
   const conns = new Set<Socket>();
   const server = createServer({ allowHalfOpen: true }, (sock: Socket) => {
@@ -38,7 +59,11 @@ export async function forwardUnix(path: string, open: (n: number) => Duplex): Pr
     sock.once('close', () => { conns.delete(sock); if (!s.writableEnded) s.end(); });
     sock.once('error', () => s.destroy());
     s.once('error', () => sock.destroy());
-    pipeBoth(sock, s);
+    if (tap) {
+      const k = n - 1;
+      sock.pipe(s);
+      pipeTapped(s, sock, (chunk, delivered) => tap(k, chunk, delivered));
+    } else pipeBoth(sock, s);
   });
   await listenUnixPrivate(server, path, 0o600);
   return { server, close: () => { server.close(); for (const c of conns) c.destroy(); } };

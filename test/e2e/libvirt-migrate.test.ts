@@ -12,7 +12,8 @@ import * as assert from 'uvu/assert';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cleanupAll, run } from '../helpers/proc.ts';
+import { spawn } from 'node:child_process';
+import { cleanupAll, onCleanup, run } from '../helpers/proc.ts';
 import { ensureGuest, verifyWriterLog } from '../helpers/guest.ts';
 import { jsonLinesInNs, resetConnections, type JsonLinesRun } from '../helpers/hosts.ts';
 import { VMSHIFT, domState, libvirtHosts, startVmshiftd, type HostVmshiftd, type LibvirtHosts, type LibvirtTestHost } from '../helpers/libvirt-hosts.ts';
@@ -89,8 +90,11 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   const ino = statSync(disk).ino;
   const r = await migrate(a, NAME, b.sshUri);
   assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\n${JSON.stringify(r.events.slice(-3))}`);
-  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; pausedMs: number; relayed: { forward: number } };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { downtimeMs: number; commitMs: number; pausedMs: number; answeredMs: number | null; goneMs: number | null; peerResumeMs: number | null; relayed: { forward: number } };
   assert.ok(done, 'no done event');
+  // B was resumed on Finish's answer reaching virsh, not on Confirm killing A's QEMU.
+  assert.ok(done.answeredMs !== null && done.pausedMs !== null, `Finish's answer was seen: ${JSON.stringify(done)}`);
+  assert.ok(done.goneMs === null || done.pausedMs <= done.goneMs + 50, `resumed before (or about when) A's copy was killed: ${JSON.stringify(done)}`);
   assert.ok(r.events.some((e) => e.event === 'committed'));
   assert.ok(done.relayed.forward > 1024 * 1024, `only ${done.relayed.forward} bytes of memory relayed`);
   const onB = await domState(b, NAME);
@@ -111,7 +115,7 @@ test('migrate moves the running domain to B: the writer goes on there, defined o
   assert.ok(a.hookCalls().includes(`${NAME} stopped end`) && a.hookCalls().includes(`${NAME} release end`), a.hookCalls().join('\n'));
   assert.equal(leftovers(a), []);
   assert.equal(leftovers(b), []);
-  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms, commit ${done.commitMs} ms)`);
+  console.log(`  healthy A->B: ${(Number(done.ms) / 1000).toFixed(1)} s, paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms; Finish answered at ${done.answeredMs} ms, A stopped at ${done.goneMs} ms, commit ${done.commitMs} ms, of which B's own resume ${done.peerResumeMs} ms)`);
 });
 
 test('a connection reset during the memory phase is ridden out (libvirt\'s connection rides the link); a second migration meanwhile is refused', async () => {
@@ -230,7 +234,7 @@ test('local disk: the domain moves to B with its disk (a reset mid-copy resumes 
   const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
   assert.equal(r.code, 0, summary);
   assert.ok(reset, `the connection was reset during the disk copy: ${summary}`);
-  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number };
+  const done = r.events.find((e) => e.event === 'done') as Ev & { link: { reconnects: number; resentBytes: number }; pausedMs: number; downtimeMs: number; answeredMs: number | null; goneMs: number | null; peerResumeMs: number | null; commitMs: number };
   assert.ok(done.link.reconnects >= 1, `the link reconnected: ${JSON.stringify(done.link)}`);
   const aHash = sha(aDisk);
   assert.equal(await domState(b, LOCAL), 'running', summary);
@@ -268,7 +272,42 @@ test('local disk: the domain moves to B with its disk (a reset mid-copy resumes 
   assert.equal(await domState(b, LOCAL), 'running');
   await b.virsh.run(['destroy', LOCAL]);
   assert.equal(sha(aDisk), aHash, 'A\'s file untouched by the start on B');
-  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms)`);
+  console.log(`  local disk A->B with a reset: ${(Number(done.ms) / 1000).toFixed(1)} s, ${done.link.reconnects} reconnect(s), paused ${done.pausedMs} ms (libvirt's downtime ${done.downtimeMs} ms; Finish answered at ${done.answeredMs} ms, A stopped at ${done.goneMs} ms, commit ${done.commitMs} ms, of which B's own resume ${done.peerResumeMs} ms)`);
+});
+
+test('vmshift migrate killed -9 once Finish\'s answer reached virsh, before it resumed B: A\'s copy never runs again (libvirt confirms or leaves it paused), B holds it paused; resumed by hand, the writer goes on unbroken', async () => {
+  const { a, b } = hosts;
+  const fault = join(hosts.shared, 'fault-point');
+  writeFileSync(fault, 'libvirt-finish-answered');
+  const [cmd, argv] = a.argv(VMSHIFT, ['migrate', NAME, b.sshUri, '--json', '--peer-vmshift', VMSHIFT, '--hold-time', '5s']);
+  const p = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, VMSHIFT_FAULT_FILE: fault } });
+  onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });
+  let err = '';
+  p.stdout!.resume();
+  const reached = new Promise<void>((resolve, reject) => {
+    p.stderr!.on('data', (d: Buffer) => { err += d; if (err.includes('fault point libvirt-finish-answered reached')) resolve(); });
+    p.once('close', (code) => reject(new Error(`vmshift migrate exited (${code}) before the fault point: ${err}`)));
+  });
+  const t = setTimeout(() => p.kill('SIGKILL'), 120_000);
+  await reached.finally(() => clearTimeout(t));
+  p.kill('SIGKILL');
+  // virsh goes on without vmshift: its Confirm kills A's copy. A must never run again meanwhile.
+  let onA: string | null = 'paused';
+  for (let i = 0; i < 600 && onA !== null && onA !== 'shut off'; i++) {
+    onA = await domState(a, NAME);
+    assert.ok(onA !== 'running', 'the guest runs on A again after Finish had succeeded');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.ok(onA === null || onA === 'shut off', `A's copy is gone: ${onA}`);
+  assert.equal(await domState(b, NAME), 'paused', 'B holds the guest, paused (nobody resumed it)');
+  const at = lastSeq();
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.equal(lastSeq(), at, 'no copy writes while B is paused and A is gone');
+  await b.virsh.run(['resume', NAME]);
+  await waitSeq(at + 10);
+  assertUnbroken(seqs());
+  assert.equal(verifyWriterLog(disk, lastSeq(), SLOTS), []);
+  assert.equal(await domState(a, NAME), null, 'undefined on A (--undefinesource)');
 });
 
 test.run();

@@ -14,6 +14,7 @@ import { recordStream } from '../helpers/mig-streams.ts';
 import { StreamReader } from '../../src/memstream/reader.ts';
 import { CacheEncoder } from '../../src/relay/cache/encoder.ts';
 import { CacheDecoder } from '../../src/relay/cache/decoder.ts';
+import { decoderStream, encoderStream } from '../../src/relay/cache/streams.ts';
 
 const streams: Record<'idle' | 'dirty' | 'xbzrle', Buffer> = {} as never;
 
@@ -102,6 +103,49 @@ for (const name of ['idle', 'dirty', 'xbzrle'] as const) {
     if (name === 'dirty') assert.ok(st.hits > 500, `re-sent pages were cache hits: ${st.hits}`);
   });
 }
+
+test('compression turned off and on every 1, 3 and 17 chunks (the governor\'s switch): the same sha256', () => {
+  for (const name of ['dirty', 'xbzrle'] as const) {
+    const input = streams[name];
+    for (const every of [1, 3, 17]) {
+      const enc = new CacheEncoder({ budget: 64 << 20 });
+      const out: Buffer[] = [];
+      let n = 0;
+      for (const c of chunks(input, 65536, every)) {
+        if (++n % every === 0) enc.setCompressing(n % (2 * every) !== 0);
+        out.push(...enc.encode(c));
+      }
+      out.push(...enc.finish());
+      const { out: back, error } = decode(Buffer.concat(out), 50_000, every);
+      assert.is(error, null);
+      assert.ok(back.equals(input), `${name}, switched every ${every} chunks`);
+      const st = enc.stats();
+      assert.ok(st.bypassedPages > 100 && st.pages - st.bypassedPages > 100 && st.modeChanges > 4, `both modes ran: ${JSON.stringify({ ...st, history: undefined, windows: undefined })}`);
+      if (name === 'dirty') assert.ok(st.hits > 20, `hits across switches: ${st.hits}`);
+    }
+  }
+});
+
+test('through the relays\' streams (QEMU\'s bytes passed on as views, small frames joined): the same sha256', async () => {
+  const input = streams.dirty;
+  const e = encoderStream({ budget: 64 << 20 });
+  const d = decoderStream();
+  const got: Buffer[] = [];
+  d.stream.on('data', (b: Buffer) => got.push(b));
+  const ended = new Promise<void>((resolve, reject) => { d.stream.on('end', resolve); d.stream.on('error', reject); e.stream.on('error', reject); });
+  e.stream.pipe(d.stream);
+  let n = 0;
+  for (const c of chunks(input, 65536, 9)) {
+    // Raw for a while, then compressing: both kinds of frames go through the streams.
+    if (++n % 40 === 0) e.encoder.setCompressing(n % 80 !== 0);
+    if (!e.stream.write(Buffer.from(c))) await new Promise((r) => e.stream.once('drain', r));
+  }
+  e.stream.end();
+  await ended;
+  const back = Buffer.concat(got);
+  assert.ok(back.equals(input), `${back.length} of ${input.length} bytes, the same`);
+  assert.ok(e.encoder.stats().bypassedPages > 100 && e.encoder.stats().hits > 20, JSON.stringify({ ...e.encoder.stats(), history: undefined }));
+});
 
 test('any chunking of the input and of the link gives the same bytes', () => {
   const input = streams.dirty;

@@ -67,4 +67,24 @@ test('a slow encoder figure that kept compression off is forgotten after the rep
   assert.is(g.encoderRate, null);
 });
 
+test('compressing carries less of QEMU\'s stream than raw did while the link was busy (the destination or the CPU is the limit): raw, and it stays raw', async () => {
+  const backlog = BUSY * 2;
+  const g = new Governor(() => backlog, 60_000);
+  g.compressing = false;
+  const window = async (inB: number, outB: number, ms: number) => { await sleep(520); return g.account(inB, outB, ms); };
+  // Raw, the link busy: ~40 MB/s of QEMU's stream carried; the encoder not measured yet -> try compressing.
+  assert.is(await window(20 << 20, 20 << 20, 0), true);
+  assert.ok(g.carried.raw! > 30e6, `raw carried ${g.carried.raw}`);
+  // The first compressing window: the raw backlog drains (not counted).
+  assert.is(await window(5 << 20, 1 << 20, 20), true);
+  assert.is(g.carried.compressing, null);
+  // Compressing carries ~10 MB/s, though the encoder is fast and the link busy: raw.
+  assert.is(await window(5 << 20, 1 << 20, 20), false, `carried ${JSON.stringify(g.carried)}`);
+  // Raw, link busy, the encoder never measured slow: it stays raw on the outcome.
+  assert.is(await window(20 << 20, 20 << 20, 0), false);
+  assert.is(await window(20 << 20, 20 << 20, 0), false);
+  assert.is(g.changes, 2);
+  assert.ok(g.windows.length === 5 && g.windows[2]!.compressing && !g.windows[2]!.next, JSON.stringify(g.windows));
+});
+
 test.run();

@@ -15,7 +15,7 @@ import { PAGE_SIZE, StreamReader, type Token } from '../../memstream/reader.ts';
 import { FitoList, type FitoSample } from './fito.ts';
 import { FRAME, NO_SLOT, hello, pageFrame, rawFrame } from './frames.ts';
 import { Slots } from './slots.ts';
-import { Governor } from './governor.ts';
+import { Governor, type GovernorWindow } from './governor.ts';
 
 /** A page as `type` holding `compressed` when that saves bytes, else the page itself (raw, NEW). */
 function packed(type: number, slot: number, header: Buffer, compressed: Buffer, page: Buffer, crc: number): Buffer {
@@ -32,6 +32,8 @@ export interface EncoderOptions {
   backlog?: () => number;
   /** FITO tuning (tests). */
   adjustEvery?: number;
+  /** Start compressing (default) or passing pages through raw (benchmarks, tests of the switch). */
+  compress?: boolean;
 }
 
 export interface CacheStats {
@@ -59,6 +61,10 @@ export interface CacheStats {
   history: FitoSample[];
   passThrough: string | null;
   reader: StreamReader['seen'];
+  /** Milliseconds the relay spent in the encoder. */
+  encodeMs: number;
+  /** The governor's windows: what it saw and chose (the last ones). */
+  windows: GovernorWindow[];
 }
 
 export class CacheEncoder {
@@ -75,12 +81,21 @@ export class CacheEncoder {
   private compressing = true;
   private governor: Governor | null;
   private started = false;
+  /** Milliseconds spent encoding (and joining the output), counted by the relay's stream. */
+  ms = 0;
   private readonly s = { bytesIn: 0, bytesOut: 0, pages: 0, deltaBytes: 0, newBytes: 0, bypassedPages: 0, modeChanges: 0, notKept: 0 };
 
   constructor(o: EncoderOptions) {
     this.slots = Math.max(1, Math.floor(o.budget / PAGE_SIZE));
     this.fito = new FitoList<number, number>({ maxEntries: this.slots, adjustEvery: o.adjustEvery }, (_k, slot) => this.free.push(slot));
     this.governor = o.backlog ? new Governor(o.backlog) : null;
+    if (o.compress === false) this.compressing = false;
+  }
+
+  /** Turn compression on or off from the next page on (without a governor: benchmarks, tests). */
+  setCompressing(on: boolean): void {
+    if (on !== this.compressing) this.s.modeChanges++;
+    this.compressing = on;
   }
 
   /** Frames for the next bytes of QEMU's stream (the hello first). */
@@ -116,7 +131,7 @@ export class CacheEncoder {
 
   private flushRaw(): void {
     if (!this.raw.length) return;
-    this.out.push(rawFrame(this.raw));
+    for (const b of rawFrame(this.raw)) this.out.push(b);
     this.raw = [];
   }
 
@@ -187,6 +202,7 @@ export class CacheEncoder {
       ...this.s, saved: this.s.bytesIn - this.s.bytesOut, hits: st.hits, misses: st.misses,
       hitRate: lookups ? st.hits / lookups : 0, entries: this.fito.size, target: this.fito.target, budgetEntries: this.slots,
       encoderRate: this.governor?.encoderRate ?? null, linkRate: this.governor?.linkRate ?? null,
+      encodeMs: Math.round(this.ms), windows: this.governor?.windows.slice() ?? [],
       history: this.fito.history.slice(), passThrough: this.reader.passThroughReason, reader: { ...this.reader.seen },
     };
   }

@@ -16,19 +16,51 @@
 // migration, seen in `npm run bench -- memory-cache` at load 14). So the first compressing
 // window is not measured, and a figure that kept compression off for REPROBE_MS while the link
 // was busy is forgotten: the next window compresses again and measures anew.
+//
+// The encoder and link figures can both say "compress" while compressing still moves QEMU's
+// stream slower: the limit may be the destination (its decoder costs more CPU than passing
+// through) or a CPU both ends share with the guest. So it also measures the outcome: how much of
+// QEMU's stream each mode carried per second in the windows the link was busy (C and R; the
+// first window of each mode is left out: the other mode's backlog still drains in it, or at the
+// start the encoder is cold).
+// When compressing carried less than 0.9 x what raw did, it goes raw and stays raw until the
+// figures are forgotten (REPROBE_MS, as above). Seen: compressing carried 19 MB/s of QEMU's
+// stream where the plain relay carried 33 (docs/performance.md, 2026-12-01 16:05).
 export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
 const WINDOW_MS = 500;
 export const REPROBE_MS = 5000;
 
+/** One window as the governor saw it: for the log, and to judge its choices afterwards. */
+export interface GovernorWindow {
+  /** Milliseconds since the governor started; the window's length. */
+  at: number;
+  ms: number;
+  /** Compressing during the window; QEMU bytes in, link bytes out, encoding time, backlog at its end. */
+  compressing: boolean;
+  in: number;
+  out: number;
+  encMs: number;
+  backlog: number;
+  /** What it chose for the next window. */
+  next: boolean;
+}
+const MAX_WINDOWS = 600; // 5 minutes of windows
+
 export class Governor {
+  readonly windows: GovernorWindow[] = [];
+  private readonly start = performance.now();
   compressing = true;
   changes = 0;
   /** Bytes per second; null until measured. */
   encoderRate: number | null = null;
   linkRate: number | null = null;
+  /** QEMU bytes per second carried while the link was busy, compressing and raw; null until measured. */
+  carried: { compressing: number | null; raw: number | null } = { compressing: null, raw: null };
+  private sinceSwitch = 0;
   private t0 = performance.now();
   private backlog0: number;
   private written = 0;
+  private qemuIn = 0;
   private encIn = 0;
   private encMs = 0;
   private warm = false;
@@ -41,6 +73,7 @@ export class Governor {
   /** Account one encode call: QEMU bytes in, link bytes out, time spent; returns whether to compress next. */
   account(bytesIn: number, bytesOut: number, ms: number): boolean {
     this.written += bytesOut;
+    this.qemuIn += bytesIn;
     if (this.compressing) { this.encIn += bytesIn; this.encMs += ms; }
     const now = performance.now();
     const dt = now - this.t0;
@@ -52,17 +85,33 @@ export class Governor {
       if (this.warm) this.encoderRate = this.encIn / (this.encMs / 1000);
       this.warm = true;
     }
-    if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) this.encoderRate = null;
+    this.sinceSwitch++;
+    // Not the first window of a mode (the other mode's backlog drains; at the start, the encoder is cold).
+    if (busy && (this.sinceSwitch > 1 || (this.changes === 0 && !this.compressing))) {
+      const rate = this.qemuIn / (dt / 1000);
+      const k = this.compressing ? 'compressing' : 'raw';
+      const old = this.carried[k];
+      this.carried[k] = old === null ? rate : (old + rate) / 2;
+    }
+    if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) { this.encoderRate = null; this.carried.compressing = null; }
+    const { compressing: c, raw: r } = this.carried;
+    const carriesLess = c !== null && r !== null && c < r * 0.9;
+    const was = this.compressing;
     let want = this.compressing;
     if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
-    else if (!this.compressing && busy) want = this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1;
+    else if (this.compressing && busy) want = !carriesLess;
+    else if (!this.compressing && busy) want = !carriesLess && (this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1);
     if (want !== this.compressing) {
       this.compressing = want;
       this.changes++;
+      this.sinceSwitch = 0;
       if (!want) this.rawSince = now;
     }
+    if (this.windows.length === MAX_WINDOWS) this.windows.shift();
+    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
     this.t0 = now;
     this.backlog0 = b1;
+    this.qemuIn = 0;
     this.written = 0;
     this.encIn = 0;
     this.encMs = 0;

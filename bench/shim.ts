@@ -5,6 +5,8 @@
 // Condition: "warm": the file is fully written first and stays resident; each system gets
 // the same workloads in the same run, and vmshift is reported as a ratio to the others.
 // vmshift's peak RSS is taken per workload (VmHWM, reset before each through clear_refs).
+// BENCH_BASE=/path/to/other/bin/vmshift adds that build as a fourth system ("vmshift-base",
+// in the JSON only): an A/B of two versions of the shim interleaved in one run.
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,6 +23,8 @@ const systems: Array<{ name: string; command(file: string, sock: string): [strin
   { name: 'nbdkit', command: (f, s) => ['nbdkit', ['-U', s, '--foreground', '--exit-with-parent', 'file', f]] },
   { name: 'vmshift', command: (f, s) => [join(root, 'bin/vmshift'), ['serve', f, '--socket', s, '--track', 'bitmap', '--state', `${s}.state.json`]] },
 ];
+// An A/B of the code before against this one (see the file comment).
+if (process.env.BENCH_BASE) systems.push({ name: 'vmshift-base', command: (f, s) => [process.env.BENCH_BASE!, ['serve', f, '--socket', s, '--track', 'bitmap', '--state', `${s}.state.json`]] });
 
 interface Ctx { uri: string; size: number; seconds: number; copies: number; source: string }
 /** One cell: the figure (`unit`), higher is better unless `lowerIsBetter`. */

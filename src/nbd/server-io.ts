@@ -148,7 +148,8 @@ export class Wire {
     if (this.discarding) return;
     const sink = this.#sink;
     if (sink) {
-      sink.filled += n;
+      if (buf.buffer === sink.buf.buffer && buf.byteOffset === sink.buf.byteOffset + sink.filled) sink.filled += n;
+      else this.#intoSink(sink, n, buf);
       if (sink.filled < sink.buf.length) return;
       this.#sink = null;
       this.#headerOnly = true;
@@ -158,6 +159,22 @@ export class Wire {
     this.#headerOnly = false;
     this.received(Buffer.from(buf.buffer, buf.byteOffset, n));
     this.#ownQueued();
+  }
+
+  /**
+   * A read that went to the buffer chosen before the sink began: Node asks for the next read's
+   * buffer right after each read, so a sink begun outside a read (the transmission took up a
+   * WRITE when its connection resumed after a pause) starts with the read after next. Its
+   * bytes are copied into the sink, and what is beyond the payload is queued.
+   */
+  #intoSink(sink: { buf: Buffer; filled: number }, n: number, buf: Uint8Array): void {
+    const m = Math.min(n, sink.buf.length - sink.filled);
+    sink.buf.set(buf.subarray(0, m), sink.filled);
+    sink.filled += m;
+    if (m < n) {
+      this.chunks.push(Buffer.from(buf.subarray(m, n)));
+      this.available += n - m;
+    }
   }
 
   /** Copy the queued bytes that still lie in the scratch buffer: the next read overwrites it. */

@@ -17,9 +17,10 @@ test.after(cleanupAll);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function serve(dev: MemoryDevice, opts: { maxBytes?: number; maxInFlightBytes?: number } = {}): Promise<{ server: NbdServer; sock: string }> {
+async function serve(dev: MemoryDevice, opts: { maxBytes?: number; maxInFlightBytes?: number; maxInFlight?: number } = {}): Promise<{ server: NbdServer; sock: string }> {
   const sock = join(tempDir('nbdb-'), 's');
-  const server = new NbdServer({ exports: [{ name: 'disk', device: dev }], maxBytes: opts.maxBytes, limits: opts.maxInFlightBytes ? { maxInFlightBytes: opts.maxInFlightBytes } : undefined });
+  const limits = { ...(opts.maxInFlightBytes && { maxInFlightBytes: opts.maxInFlightBytes }), ...(opts.maxInFlight && { maxInFlight: opts.maxInFlight }) };
+  const server = new NbdServer({ exports: [{ name: 'disk', device: dev }], maxBytes: opts.maxBytes, limits });
   await server.listenUnix(sock);
   onCleanup(() => server.close());
   return { server, sock };
@@ -76,6 +77,35 @@ test('WRITEs of every size, sent cut at random places (mid-header, mid-payload),
   assert.is(cookies.size, sizes.length);
   const got = await dev.read(0, size);
   assert.ok(got.equals(expected), 'the device holds exactly what was written');
+});
+
+test('a WRITE taken up after the connection paused (its header already read) lands byte-exact', async () => {
+  // One request at a time and a first write the device holds: the server reads the first
+  // WRITE, the second's header and the start of its payload in one socket read, pauses, and
+  // takes the second up only when the first completes, outside any socket read. The bytes of
+  // the next read must still land in the second's buffer (they once went to the buffer chosen
+  // for that read before the pause, and the payload kept stale bytes there).
+  let release!: () => void;
+  const hold = new Promise<void>((r) => (release = r));
+  let writes = 0;
+  class HeldDevice extends MemoryDevice {
+    override async write(offset: number, data: Buffer): Promise<void> {
+      if (writes++ === 0) await hold;
+      return super.write(offset, data);
+    }
+  }
+  const dev = new HeldDevice(4 * MiB);
+  const { sock } = await serve(dev, { maxInFlight: 1 });
+  const c = await client(sock);
+  const small = pattern(4096, 1);
+  const big = pattern(MiB, 2);
+  c.write(Buffer.concat([header(Cmd.WRITE, 1, 0, small.length), small, header(Cmd.WRITE, 2, MiB, big.length), big]));
+  for (let i = 0; i < 500 && writes === 0; i++) await sleep(10);
+  assert.is(writes, 1, 'the first write reached the device; the second waits');
+  release();
+  for (const cookie of [1n, 2n]) assert.equal(await c.reply(), { kind: 'simple', error: 0, cookie });
+  assert.ok((await dev.read(0, small.length)).equals(small), 'the first write landed');
+  assert.ok((await dev.read(MiB, big.length)).equals(big), 'the second write landed byte-exact');
 });
 
 test('clients that never read replies hold at most their own and the server\'s byte budget; another client is served', async () => {

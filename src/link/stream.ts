@@ -120,6 +120,20 @@ export class LinkStream extends Duplex {
     this.host.ackSoon(this);
   }
 
+  /**
+   * Every read that takes bytes out of the buffer may acknowledge them. _read() alone is not
+   * enough: Node calls it again only after a push, so a consumer that drained its buffer
+   * after the last DATA (an echo held by its own send window, then the peer's FIN) left the
+   * last acknowledgement unsent, and the sender waited for it for ever (seen in
+   * link-hosts.test.ts once the send window held the echo).
+   */
+  override read(size?: number): any {
+    const before = this.readableLength;
+    const chunk = super.read(size);
+    if (this.readableLength < before) this.host.ackSoon(this);
+    return chunk;
+  }
+
   override _destroy(err: Error | null, cb: (e?: Error | null) => void): void {
     this.host.onStreamDestroyed(this, err);
     const w = this.waitingWrite;

@@ -73,11 +73,6 @@ interface Request {
  */
 const SENDFILE_MIN = INLINE_MAX;
 
-/** Most replies held back for a client that keeps sending requests (Transmission.flushLater). */
-const REPLY_BATCH = 8;
-/** READ and WRITE bytes taken in one loop turn from which replies may be held (flushLater). */
-const HOLD_MIN_BYTES = 128 * 1024;
-
 /** A WRITE payload shorter than this left to arrive is awaited in received chunks, not read on its own. */
 const SINK_MIN = 16 * 1024;
 
@@ -285,7 +280,6 @@ export class Transmission {
   }
 
   private dispatch(req: Request): void {
-    if (req.type === Cmd.WRITE || req.type === Cmd.READ) this.tookBytes += req.length;
     this.counters.requests++;
     this.inFlight++;
     this.execute(req).then(() => this.finished(), (err) => {
@@ -519,12 +513,8 @@ export class Transmission {
     if (!this.corked) {
       this.corked = true;
       s.cork();
-      if (!this.flushScheduled) {
-        this.flushScheduled = true;
-        setImmediate(this.flushLater);
-      }
+      setImmediate(this.uncork);
     }
-    this.repliesCorked++;
     if (payload && payload.length) {
       if (header.length) s.write(header);
       s.write(payload, owner ? () => this.release(owner) : undefined);
@@ -546,36 +536,9 @@ export class Transmission {
   }
 
   private corked = false;
-  private flushScheduled = false;
-  /** Replies corked since the last flush, and the READ and WRITE bytes taken since the last loop turn. */
-  private repliesCorked = 0;
-  private tookBytes = 0;
-
-  /**
-   * Corked replies go out at the end of the loop turn, or one turn later while the client
-   * keeps streaming bulk requests (HOLD_MIN_BYTES in the turn: nbdcopy keeps 64 of 256 KiB in
-   * flight per connection): it gets up to REPLY_BATCH replies in one write and is woken once
-   * for them, not once per reply (a wake-up of the client's thread made each reply's socket
-   * write cost the shim ~25 us here). A client waiting for its replies sends nothing, so they
-   * go at the next turn; small requests (a guest's 4 KiB at any depth) are never held.
-   */
-  private readonly flushLater = () => {
-    this.flushScheduled = false;
-    if (!this.corked) return;
-    const streaming = this.tookBytes >= HOLD_MIN_BYTES;
-    this.tookBytes = 0;
-    if (streaming && this.repliesCorked < REPLY_BATCH && !this.closed && !this.stopping && !this.outputBlocked) {
-      this.flushScheduled = true;
-      setImmediate(this.flushLater);
-      return;
-    }
-    this.uncork();
-  };
-
   /** Send what is corked now. */
   private readonly uncork = () => {
     this.corked = false;
-    this.repliesCorked = 0;
     this.wire.stream.uncork();
   };
 

@@ -12,6 +12,12 @@ if (argv[0] === 'serve' && !argv.includes('--help') && !argv.includes('-h')) {
   // their packages, or yargs's help formatting in its memory.
   const { runServe } = await import('./serve.ts');
   await runServe(argv.slice(1)).catch((e) => fail(e, json));
+} else if (argv[0] === '--version' || argv[0] === 'version') {
+  // What an operator checks first after an upgrade; the package's version (build-deb.sh writes it).
+  const { projectRoot } = await import('../util/paths.ts');
+  const { readFileSync } = await import('node:fs');
+  const version = (JSON.parse(readFileSync(`${projectRoot}/package.json`, 'utf8')) as { version: string }).version;
+  process.stdout.write(json ? JSON.stringify({ version }) + '\n' : `vmshift ${version}\n`);
 } else if (argv[0] === 'link-agent') {
   // The peer end of a host-to-host link, started over SSH: no yargs either (src/link/agent.ts).
   const { runLinkAgent } = await import('./link-agent.ts');

@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError } from './errors.ts';
 import { verifyHostKey } from './known-hosts.ts';
+import { opensshChannel } from './openssh-carrier.ts';
 
 export interface SshTarget {
   host: string;
@@ -23,6 +24,18 @@ export interface SshTarget {
   /** Command that starts the agent on the peer (idempotent); run once, on the first dial. */
   startCommand: string;
   connectTimeoutMs?: number;
+  /** Which client carries the link's data (default: $VMSHIFT_SSH_CLIENT, else DEFAULT_SSH_CLIENT). */
+  client?: SshClientKind;
+}
+
+export type SshClientKind = 'ssh2' | 'openssh';
+export const DEFAULT_SSH_CLIENT: SshClientKind = 'ssh2';
+
+/** The client a dialer uses when none is given: $VMSHIFT_SSH_CLIENT (benches and tests pick one), else the default. */
+export function sshClient(given?: string): SshClientKind {
+  const v = given ?? process.env.VMSHIFT_SSH_CLIENT ?? DEFAULT_SSH_CLIENT;
+  if (v !== 'ssh2' && v !== 'openssh') throw new Error(`ssh client must be ssh2 or openssh (got "${v}")`);
+  return v;
 }
 
 function quote(s: string): string {
@@ -87,15 +100,37 @@ function exec(c: Client, cmd: string): Promise<{ code: number; out: string }> {
   });
 }
 
-/** A dial function for `Link`: each call is one SSH connection carrying one channel. */
+async function startAgentOver(c: Client, t: SshTarget): Promise<void> {
+  const r = await exec(c, t.startCommand);
+  if (r.code !== 0) throw new LinkError('ABORTED', `ssh: starting the link agent on ${t.host} failed (exit ${r.code}): ${r.out.trim().slice(-2000)}`);
+}
+
+/**
+ * A dial function for `Link`: each call is one SSH connection carrying one channel. With the
+ * OpenSSH client the first call still logs in with ssh2 (our host key check and its clear
+ * refusal, and the agent's start), then every call is an `ssh -W` process (openssh-carrier.ts).
+ */
 export function sshDialer(t: SshTarget): () => Promise<Duplex> {
   let started = false;
+  if (sshClient(t.client) === 'openssh') {
+    return async () => {
+      if (!started) {
+        const c = await connectClient(t);
+        try {
+          await startAgentOver(c, t);
+        } finally {
+          c.end();
+        }
+        started = true;
+      }
+      return opensshChannel(t);
+    };
+  }
   return async () => {
     const c = await connectClient(t);
     try {
       if (!started) {
-        const r = await exec(c, t.startCommand);
-        if (r.code !== 0) throw new LinkError('ABORTED', `ssh: starting the link agent on ${t.host} failed (exit ${r.code}): ${r.out.trim().slice(-2000)}`);
+        await startAgentOver(c, t);
         started = true;
       }
       const ch = await new Promise<ClientChannel>((resolve, reject) => {

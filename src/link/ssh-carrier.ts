@@ -33,7 +33,7 @@ export const DEFAULT_SSH_CLIENT: SshClientKind = 'ssh2';
 
 /** The client a dialer uses when none is given: $VMSHIFT_SSH_CLIENT (benches and tests pick one), else the default. */
 export function sshClient(given?: string): SshClientKind {
-  const v = given ?? process.env.VMSHIFT_SSH_CLIENT ?? DEFAULT_SSH_CLIENT;
+  const v = given ?? (process.env.VMSHIFT_SSH_CLIENT || DEFAULT_SSH_CLIENT);
   if (v !== 'ssh2' && v !== 'openssh') throw new Error(`ssh client must be ssh2 or openssh (got "${v}")`);
   return v;
 }

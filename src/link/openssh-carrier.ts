@@ -54,17 +54,30 @@ function refusal(t: OpensshTarget, code: number | null, stderr: string): Error {
     const fp = /(SHA256:[A-Za-z0-9+/]+)/.exec(stderr)?.[1];
     return new LinkError('HOST_KEY', `ssh: host key of ${where} refused by OpenSSH against ${t.knownHosts}${fp ? ` (it offers ${fp})` : ''}: ${said}`);
   }
+  if (code === 127 || /ENOENT|failed to execute/.test(stderr)) {
+    return new LinkError('ABORTED', `ssh: cannot run the OpenSSH client (ssh, under setpriv): ${said}; install openssh-client, or use VMSHIFT_SSH_CLIENT=ssh2`);
+  }
   if (/Permission denied/i.test(stderr)) return new LinkError('AUTH', `ssh: ${where} refused the key ${t.identity} (${said})`);
-  return new Error(`ssh: ${where}: OpenSSH client exited (${code}) before the link agent answered: ${said || 'no message'}`);
+  return new Error(`ssh: ${where}: the OpenSSH client${code === null ? '' : ` exited (${code})`} before the link agent answered: ${said || 'no message'}`);
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** A started OpenSSH client: `channel()` is its carrier, `kill()` gives it up. */
+export interface OpensshForward {
+  /**
+   * Resolves once the first byte came from the peer (the agent speaks first: its HELLO), so
+   * that a refused login or key, or an agent that does not answer, rejects here.
+   */
+  channel(): Promise<Socket>;
+  kill(): void;
+}
+
 /**
- * Open a carrier through a new OpenSSH client. Resolves once the first byte came from the
- * peer (the agent speaks first: its HELLO), so that a refused login or key rejects here.
+ * Start a new OpenSSH client now (its login then runs while the caller does other things:
+ * the first dial starts the peer's agent meanwhile); connect with `channel()`.
  */
-export async function opensshChannel(t: OpensshTarget): Promise<Socket> {
+export function opensshForward(t: OpensshTarget): OpensshForward {
   const timeoutMs = t.connectTimeoutMs ?? 10_000;
   const where = `${t.user}@${t.host}:${t.port}`;
   const dir = mkdtempSync(join(tmpdir(), 'vmshift-ssh-'));
@@ -78,40 +91,49 @@ export async function opensshChannel(t: OpensshTarget): Promise<Socket> {
   const running = () => exited === undefined;
   // The link drops a carrier by destroying it (a cut, a silent peer, the end): the process goes with it.
   const kill = () => {
+    rmSync(dir, { recursive: true, force: true });
     if (!running()) return;
     child.kill('SIGTERM');
     setTimeout(() => { if (running()) child.kill('SIGKILL'); }, 2000).unref();
   };
-  try {
-    // ssh makes the local socket once it logged in; bounded by its own ConnectTimeout and ours.
-    const deadline = performance.now() + timeoutMs + 2000;
-    while (!existsSync(local)) {
-      if (!running()) throw refusal(t, exited ?? null, stderr);
-      if (performance.now() > deadline) throw new Error(`ssh: ${where}: no forward within ${timeoutMs} ms`);
-      await sleep(10);
-    }
-    const sock = connect(local);
-    await new Promise<void>((resolve, reject) => { sock.once('connect', resolve); sock.once('error', reject); });
-    rmSync(dir, { recursive: true, force: true }); // connected: nobody else may
-    sock.once('close', kill); // when ssh exits, the socket reads what it delivered, then EOF
-    return await new Promise<Socket>((resolve, reject) => {
-      const timer = setTimeout(() => { sock.destroy(); reject(new Error(`ssh: ${where}: no answer from the link agent within ${timeoutMs} ms`)); }, timeoutMs);
-      const early = () => { clearTimeout(timer); sock.destroy(); setTimeout(() => reject(running() ? new Error(`ssh: ${where}: cannot reach the link agent at ${t.remoteSocket}`) : refusal(t, exited ?? null, stderr)), 50); };
-      sock.once('close', early);
-      sock.once('data', (first: Buffer) => {
-        clearTimeout(timer);
-        sock.off('close', early);
-        sock.pause();
-        sock.unshift(first);
-        // The link attaches its 'data' listener when this resolves; a paused socket would not start by itself.
-        setImmediate(() => sock.resume());
-        resolve(sock);
+  const channel = async (): Promise<Socket> => {
+    try {
+      // ssh makes the local socket once it logged in; bounded by its own ConnectTimeout and ours.
+      const deadline = performance.now() + timeoutMs + 2000;
+      while (!existsSync(local)) {
+        if (!running()) throw refusal(t, exited ?? null, stderr);
+        if (performance.now() > deadline) throw new Error(`ssh: ${where}: no forward within ${timeoutMs} ms`);
+        await sleep(10);
+      }
+      const sock = connect(local);
+      await new Promise<void>((resolve, reject) => { sock.once('connect', resolve); sock.once('error', reject); });
+      rmSync(dir, { recursive: true, force: true }); // connected: nobody else may
+      sock.once('close', kill); // when ssh exits, the socket reads what it delivered, then EOF
+      return await new Promise<Socket>((resolve, reject) => {
+        const timer = setTimeout(() => { sock.destroy(); reject(new Error(`ssh: ${where}: no answer from the link agent within ${timeoutMs} ms`)); }, timeoutMs);
+        const early = () => { clearTimeout(timer); sock.destroy(); setTimeout(() => reject(stderr.trim() ? refusal(t, exited ?? null, stderr) : new Error(`ssh: ${where}: cannot reach the link agent at ${t.remoteSocket}`)), 50); };
+        sock.once('close', early);
+        sock.once('data', (first: Buffer) => {
+          clearTimeout(timer);
+          sock.off('close', early);
+          sock.pause();
+          sock.unshift(first);
+          // The link attaches its 'data' listener when this resolves; a paused socket would not start by itself.
+          setImmediate(() => sock.resume());
+          resolve(sock);
+        });
       });
-    });
-  } catch (e) {
-    kill();
-    throw e;
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+    } catch (e) {
+      kill();
+      throw e;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  return { channel, kill };
+}
+
+/** Open a carrier through a new OpenSSH client (see OpensshForward.channel). */
+export function opensshChannel(t: OpensshTarget): Promise<Socket> {
+  return opensshForward(t).channel();
 }

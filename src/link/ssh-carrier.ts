@@ -1,16 +1,18 @@
-// The SSH network carrier (ssh2, in process: it measured faster here than the OpenSSH client
-// for one bulk stream, see docs/performance.md, and needs no helper process per connection).
-// The first dial runs `vmshift link-agent --start ...` on the peer, which starts the link's
-// agent there (detached, listening on a unix socket) unless it already runs; every dial then
-// opens a streamlocal channel to that socket, which becomes the link's carrier. A host key
-// that is not in known_hosts, or differs from it, refuses with the host and fingerprint;
-// a refused key refuses with the identity file: neither is retried.
+// The SSH network carrier. The first dial logs in with ssh2 (in process): it verifies the
+// host key against known_hosts itself (a host key that is not there, or differs, refuses with
+// the host and fingerprint; a refused key refuses with the identity file: neither is retried)
+// and runs `vmshift link-agent --start ...` on the peer, which starts the link's agent there
+// (detached, listening on a unix socket) unless it already runs. The link's bytes then go
+// through one of two clients, each dial a new connection to that socket:
+// - openssh (the default): a spawned `ssh -N -L` per carrier (openssh-carrier.ts), whose
+//   crypto runs beside the link on the other core: it measured faster (docs/performance.md);
+// - ssh2: a streamlocal channel of an ssh2 connection, in this process.
 import { Client, type ClientChannel } from 'ssh2';
 import { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError } from './errors.ts';
 import { verifyHostKey } from './known-hosts.ts';
-import { opensshChannel } from './openssh-carrier.ts';
+import { opensshChannel, opensshForward } from './openssh-carrier.ts';
 
 export interface SshTarget {
   host: string;
@@ -29,7 +31,8 @@ export interface SshTarget {
 }
 
 export type SshClientKind = 'ssh2' | 'openssh';
-export const DEFAULT_SSH_CLIENT: SshClientKind = 'ssh2';
+// OpenSSH: the memory bench moved the guest in 0.67x the time with it (docs/performance.md).
+export const DEFAULT_SSH_CLIENT: SshClientKind = 'openssh';
 
 /** The client a dialer uses when none is given: $VMSHIFT_SSH_CLIENT (benches and tests pick one), else the default. */
 export function sshClient(given?: string): SshClientKind {
@@ -114,16 +117,23 @@ export function sshDialer(t: SshTarget): () => Promise<Duplex> {
   let started = false;
   if (sshClient(t.client) === 'openssh') {
     return async () => {
-      if (!started) {
+      if (started) return opensshChannel(t);
+      // Both logins at once: ssh's is ready by the time the agent answers. Nothing goes
+      // through ssh before ssh2 has checked the host key and started the agent.
+      const fwd = opensshForward(t);
+      try {
         const c = await connectClient(t);
         try {
           await startAgentOver(c, t);
         } finally {
           c.end();
         }
-        started = true;
+      } catch (e) {
+        fwd.kill();
+        throw e;
       }
-      return opensshChannel(t);
+      started = true;
+      return fwd.channel();
     };
   }
   return async () => {

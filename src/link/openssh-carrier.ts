@@ -19,12 +19,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { LinkError } from './errors.ts';
 
+/** Where an SSH carrier goes (also src/link/ssh-carrier.ts's target). */
 export interface OpensshTarget {
   host: string;
   port: number;
   user: string;
+  /** Private key file (OpenSSH format). */
   identity: string;
   knownHosts: string;
+  /** The agent's socket on the peer. */
   remoteSocket: string;
   connectTimeoutMs?: number;
   /** The client binary (default `ssh` on PATH). */

@@ -12,20 +12,11 @@ import { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError } from './errors.ts';
 import { verifyHostKey } from './known-hosts.ts';
-import { opensshChannel, opensshForward } from './openssh-carrier.ts';
+import { opensshChannel, opensshForward, type OpensshTarget } from './openssh-carrier.ts';
 
-export interface SshTarget {
-  host: string;
-  port: number;
-  user: string;
-  /** Private key file (OpenSSH format). */
-  identity: string;
-  knownHosts: string;
-  /** The agent's socket on the peer. */
-  remoteSocket: string;
+export interface SshTarget extends OpensshTarget {
   /** Command that starts the agent on the peer (idempotent); run once, on the first dial. */
   startCommand: string;
-  connectTimeoutMs?: number;
   /** Which client carries the link's data (default: $VMSHIFT_SSH_CLIENT, else DEFAULT_SSH_CLIENT). */
   client?: SshClientKind;
 }

@@ -22,7 +22,7 @@ export interface SshTarget extends OpensshTarget {
 }
 
 export type SshClientKind = 'ssh2' | 'openssh';
-// OpenSSH: the memory bench moved the guest in 0.67x the time with it (docs/performance.md).
+// OpenSSH: the memory bench moved the dirty guest in ~0.66x the QEMU time with it (median of 14 interleaved rounds) (docs/performance.md).
 export const DEFAULT_SSH_CLIENT: SshClientKind = 'openssh';
 
 /** The client a dialer uses when none is given: $VMSHIFT_SSH_CLIENT (benches and tests pick one), else the default. */

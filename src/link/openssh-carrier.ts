@@ -85,6 +85,10 @@ export function opensshForward(t: OpensshTarget): OpensshForward {
   const where = `${t.user}@${t.host}:${t.port}`;
   const dir = mkdtempSync(join(tmpdir(), 'vmshift-ssh-'));
   const local = join(dir, 'link.sock');
+  // Removed once connected, or given up; and if this process exits with a dial pending (a
+  // migration failing or aborted meanwhile), on its way out.
+  const removeDir = () => { rmSync(dir, { recursive: true, force: true }); process.off('exit', removeDir); };
+  process.on('exit', removeDir);
   const child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', t.ssh ?? 'ssh', ...opensshArgs(t, local)], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (b: Buffer) => { if (stderr.length < 16_384) stderr += b; });
@@ -94,7 +98,7 @@ export function opensshForward(t: OpensshTarget): OpensshForward {
   const running = () => exited === undefined;
   // The link drops a carrier by destroying it (a cut, a silent peer, the end): the process goes with it.
   const kill = () => {
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
     if (!running()) return;
     child.kill('SIGTERM');
     setTimeout(() => { if (running()) child.kill('SIGKILL'); }, 2000).unref();
@@ -110,7 +114,7 @@ export function opensshForward(t: OpensshTarget): OpensshForward {
       }
       const sock = connect(local);
       await new Promise<void>((resolve, reject) => { sock.once('connect', resolve); sock.once('error', reject); });
-      rmSync(dir, { recursive: true, force: true }); // connected: nobody else may
+      removeDir(); // connected: nobody else may
       sock.once('close', kill); // when ssh exits, the socket reads what it delivered, then EOF
       return await new Promise<Socket>((resolve, reject) => {
         const timer = setTimeout(() => { sock.destroy(); reject(new Error(`ssh: ${where}: no answer from the link agent within ${timeoutMs} ms`)); }, timeoutMs);
@@ -130,7 +134,7 @@ export function opensshForward(t: OpensshTarget): OpensshForward {
       kill();
       throw e;
     } finally {
-      rmSync(dir, { recursive: true, force: true });
+      removeDir();
     }
   };
   return { channel, kill };

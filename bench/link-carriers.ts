@@ -14,7 +14,7 @@ const rounds = Number(process.argv[2] ?? 3);
 const MiB = 128;
 const ECHO_MIB = 32;
 
-async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number; cpuMs: number }> {
+async function client(hosts: Awaited<ReturnType<typeof twoHosts>>, args: object): Promise<{ ms: number; cpuMs: number; childCpuMs: number }> {
   const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify(args)]);
   const r = await run(cmd, argv, { cwd: root });
   const done = r.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((e) => e.event === 'done');
@@ -44,13 +44,19 @@ try {
       add(`ssh2 ${cipher}: sending process's CPU s/GiB`, (JSON.parse(r.stdout).cpuMs * 1024) / 1000 / MiB);
     }
     const sshArgs = { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts: sshd.knownHosts, vmshift: join(root, 'bin/vmshift'), socketDir: join(hosts.dir, 'agent') };
-    const sink = await client(hosts, { mib: MiB, oneWay: true, ssh: sshArgs });
-    add(`link over ssh2, ${MiB} MiB one way`, MiB / (sink.ms / 1000));
-    add(`link over ssh2, one way: sending process's CPU s/GiB`, (sink.cpuMs * 1024) / 1000 / MiB);
+    // The link over each SSH client (src/link/ssh-carrier.ts, VMSHIFT_SSH_CLIENT), interleaved.
+    for (const ssh of ['ssh2', 'openssh']) {
+      process.env.VMSHIFT_SSH_CLIENT = ssh;
+      const sink = await client(hosts, { mib: MiB, oneWay: true, ssh: sshArgs });
+      add(`link over ${ssh}, ${MiB} MiB one way`, MiB / (sink.ms / 1000));
+      add(`link over ${ssh}, one way: sending end CPU s/GiB (node + ssh)`, ((sink.cpuMs + sink.childCpuMs) * 1024) / 1000 / MiB);
+      add(`link over ${ssh}, one way: of it, the ssh client's`, (sink.childCpuMs * 1024) / 1000 / MiB);
+      const echo = await client(hosts, { mib: ECHO_MIB, ssh: sshArgs });
+      add(`link over ${ssh}, ${ECHO_MIB} MiB each way (echo)`, (2 * ECHO_MIB) / (echo.ms / 1000));
+    }
+    delete process.env.VMSHIFT_SSH_CLIENT;
     const echo = await inNs(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'bench/ssh2-sink.ts'), hosts.b.addr, String(sshd.port), sshd.identity, String(ECHO_MIB), 'aes128-gcm@openssh.com', 'echo'], { cwd: root });
     add(`ssh2 aes128-gcm, ${ECHO_MIB} MiB each way (cat)`, JSON.parse(echo.stdout).mibps);
-    const ssh = await client(hosts, { mib: ECHO_MIB, ssh: sshArgs });
-    add(`link over ssh2, ${ECHO_MIB} MiB each way (echo)`, (2 * ECHO_MIB) / (ssh.ms / 1000));
     const port = 30000 + Math.floor(Math.random() * 20000);
     const link = `bench${i}`;
     const agent = daemonInNs(hosts.b, join(root, 'bin/vmshift'), ['link-agent', '--echo', '--link', link, '--migration', 'm1', '--socket', join(hosts.dir, `agent/${link}.sock`),

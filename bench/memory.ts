@@ -19,7 +19,7 @@
 // `--only REGEX`: only the systems whose name matches (and direct, the baseline); `--compare
 // DIR`: every vmshift row also with DIR/bin/vmshift (another built checkout), interleaved.
 // Root only (namespaces, sshd); everything started is stopped by PID, namespaces removed.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { bootGuest, ensureGuest, type Guest, type GuestParams } from '../test/helpers/guest.ts';
 import { cleanupAll, run, waitForSocket } from '../test/helpers/proc.ts';
@@ -52,6 +52,8 @@ interface Outcome {
   /** Guest-seen gap across the switch minus its line interval (dirty guests only). */
   guestGapMs: number | null;
   link?: { reconnects: number; resentBytes: number; fromFileBytes: number; spilledBytes: number };
+  /** vmshift: CPU ms of the CLI with its children (ssh) and of the peer's agent. */
+  cpuMs?: { cli: number | null; agent: number | null };
 }
 
 interface Ctx { hosts: TwoHosts; sshd: Sshd; certs: string | null; n: number }
@@ -200,9 +202,22 @@ const openssh: System = {
 
 interface Event { event: string; [k: string]: unknown }
 
-function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaultVmshift, tag = ''): System {
+/** The CPU the newest agent in `dir` logged when it finished (src/link/agent.ts), in ms. */
+async function agentCpuMs(dir: string): Promise<number | null> {
+  if (!existsSync(dir)) return null;
+  const logs = readdirSync(dir).filter((f) => f.endsWith('.log')).map((f) => join(dir, f)).sort((x, y) => statSync(y).mtimeMs - statSync(x).mtimeMs);
+  for (let i = 0; i < 40 && logs.length; i++) {
+    const m = /cpu: (\d+) ms/.exec(readFileSync(logs[0], 'utf8'));
+    if (m) return Number(m[1]);
+    await sleep(50);
+  }
+  return null;
+}
+
+/** `client`: the SSH client that carries the link (VMSHIFT_SSH_CLIENT); none = the default. */
+function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaultVmshift, tag = '', client?: 'ssh2' | 'openssh'): System {
   return {
-    name: `vmshift ${carrier}${shared ? ' + shared dir' : ''}${tag}`,
+    name: `vmshift ${carrier}${client ? ` (${client})` : ''}${shared ? ' + shared dir' : ''}${tag}`,
     async migrate(ctx, src, dst, fault) {
       const { hosts, sshd } = ctx;
       let listener: ReturnType<typeof daemonInNs> | null = null;
@@ -219,7 +234,8 @@ function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaul
       const t0 = performance.now();
       let faulted = false;
       const when: Record<string, number> = {};
-      const r = await jsonLinesInNs<Event>(hosts.a, vmshift, ['migrate', '--json', '--qmp', src.qmp, ...peer, '--dest-qmp', dst.qmp,
+      // bash's `time`: the CLI's CPU and its children's (an OpenSSH carrier's ssh processes).
+      const r = await jsonLinesInNs<Event>(hosts.a, 'env', [`VMSHIFT_SSH_CLIENT=${client ?? ''}`, 'bash', '-c', 'TIMEFORMAT="VMSHIFT-CPU %U %S"; time "$@"', 'bash', vmshift, 'migrate', '--json', '--qmp', src.qmp, ...peer, '--dest-qmp', dst.qmp,
         '--peer-vmshift', vmshift, '--peer-socket-dir', join(hosts.dir, 'agent'), '--max-downtime', `${DOWNTIME_MS}ms`, '--bandwidth', String(BANDWIDTH),
         ...(shared ? ['--shared-dir', hosts.shared] : [])], {
         cwd: root, timeoutMs: 180_000,
@@ -241,7 +257,9 @@ function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaul
       }
       const info = await qmp(src.qmp, (q) => q.execute<MigrateInfo>('query-migrate'));
       if (process.env.BENCH_VERBOSE) console.log(`  events at ms: ${JSON.stringify(when)}`);
-      return { ok: true, wallMs, qemuMs: info['total-time'] ?? null, downtimeMs: info.downtime ?? null, bytes: info.ram?.transferred ?? null, link: done.link };
+      const t = /VMSHIFT-CPU ([\d.]+) ([\d.]+)/.exec(r.stderr);
+      const cpuMs = { cli: t ? Math.round((Number(t[1]) + Number(t[2])) * 1000) : null, agent: carrier === 'ssh' ? await agentCpuMs(join(hosts.dir, 'agent')) : null };
+      return { ok: true, wallMs, qemuMs: info['total-time'] ?? null, downtimeMs: info.downtime ?? null, bytes: info.ram?.transferred ?? null, link: done.link, cpuMs };
     },
   };
 }
@@ -280,6 +298,7 @@ function parseArgs(args: string[]) {
   return o;
 }
 
+const cpuPerGiB = (ms: number | null, bytes: number) => (ms === null ? '-' : ((ms / 1000) * (1024 * MiB) / bytes).toFixed(2));
 export const med = (v: number[]) => (v.length ? [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)] : NaN);
 const num = (v: number | null | undefined) => (v === null || v === undefined ? NaN : v);
 
@@ -290,7 +309,9 @@ export async function main(argv: string[]): Promise<void> {
   // TLS rows only where `vmshift migrate --peer tls://` exists (another branch adds it).
   const hasTls = readFileSync(join(root, 'src/cli/migrate-memory.ts'), 'utf8').includes('tls://');
   const vmshifts: Array<[string, string]> = [[defaultVmshift, ''], ...(o.compare ? [[join(o.compare, 'bin/vmshift'), ' [other]'] as [string, string]] : [])];
-  const systems: System[] = [direct, openssh, ...vmshifts.flatMap(([bin, tag]) => [vmshiftSystem('ssh', false, bin, tag), vmshiftSystem('ssh', true, bin, tag),
+  const systems: System[] = [direct, openssh, ...vmshifts.flatMap(([bin, tag]) => [
+    // Both SSH clients, interleaved: the default is whichever measures better (docs/link.md).
+    vmshiftSystem('ssh', false, bin, tag, 'ssh2'), vmshiftSystem('ssh', false, bin, tag, 'openssh'), vmshiftSystem('ssh', true, bin, tag),
     ...(hasTls ? [vmshiftSystem('tls', false, bin, tag), vmshiftSystem('tls', true, bin, tag)] : [])])]
     .filter((sys) => !o.only || sys === direct || new RegExp(o.only).test(sys.name));
   if (!hasTls) console.log('note: this branch has no `vmshift migrate --peer tls://`: the TLS rows are not measured');
@@ -320,7 +341,7 @@ export async function main(argv: string[]): Promise<void> {
       }
       const out: Outcome = { ...r, guestGapMs: gap };
       (results.get(key) ?? results.set(key, []).get(key)!).push(out);
-      console.log(`${key}: ${r.ok ? 'ok' : `FAILED ${r.error}`} wall ${Math.round(r.wallMs)} ms, qemu ${r.qemuMs} ms, downtime ${r.downtimeMs} ms, guest gap ${gap === null ? '-' : Math.round(gap)} ms, ${r.bytes === null ? '-' : (r.bytes / MiB).toFixed(0)} MiB${r.link ? `, link ${JSON.stringify(r.link)}` : ''}`);
+      console.log(`${key}: ${r.ok ? 'ok' : `FAILED ${r.error}`} wall ${Math.round(r.wallMs)} ms, qemu ${r.qemuMs} ms, downtime ${r.downtimeMs} ms, guest gap ${gap === null ? '-' : Math.round(gap)} ms, ${r.bytes === null ? '-' : (r.bytes / MiB).toFixed(0)} MiB${r.link ? `, link ${JSON.stringify(r.link)}` : ''}${r.cpuMs && r.bytes ? `, CPU s/GiB: cli ${cpuPerGiB(r.cpuMs.cli, r.bytes)} agent ${cpuPerGiB(r.cpuMs.agent, r.bytes)}` : ''}`);
       if (!r.ok) {
         // The source runs on; the destination QEMU exited or is quit.
         await dst.guest.stop();

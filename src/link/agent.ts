@@ -57,6 +57,9 @@ export async function runAgent(o: AgentOptions, log: (msg: string) => void = (m)
   await moveStatus?.close().catch(() => {});
   rmSync(o.socket, { force: true });
   if (o.destQmp) rmSync(`${o.socket}.mig`, { force: true });
+  // Benchmarks read this (bench/memory.ts): the far end's CPU for the bytes it carried.
+  const cpu = process.cpuUsage();
+  log(`cpu: ${Math.round((cpu.user + cpu.system) / 1000)} ms user+system`);
   log(`link ${o.link} ${code === 0 ? 'finished' : 'failed'}: ${JSON.stringify(link.stats())}`);
   return code;
 }

@@ -1,28 +1,35 @@
-// The SSH network carrier (ssh2, in process: it measured faster here than the OpenSSH client
-// for one bulk stream, see docs/performance.md, and needs no helper process per connection).
-// The first dial runs `vmshift link-agent --start ...` on the peer, which starts the link's
-// agent there (detached, listening on a unix socket) unless it already runs; every dial then
-// opens a streamlocal channel to that socket, which becomes the link's carrier. A host key
-// that is not in known_hosts, or differs from it, refuses with the host and fingerprint;
-// a refused key refuses with the identity file: neither is retried.
+// The SSH network carrier. The first dial logs in with ssh2 (in process): it verifies the
+// host key against known_hosts itself (a host key that is not there, or differs, refuses with
+// the host and fingerprint; a refused key refuses with the identity file: neither is retried)
+// and runs `vmshift link-agent --start ...` on the peer, which starts the link's agent there
+// (detached, listening on a unix socket) unless it already runs. The link's bytes then go
+// through one of two clients, each dial a new connection to that socket:
+// - openssh (the default): a spawned `ssh -N -L` per carrier (openssh-carrier.ts), whose
+//   crypto runs beside the link on the other core: it measured faster (docs/performance.md);
+// - ssh2: a streamlocal channel of an ssh2 connection, in this process.
 import { Client, type ClientChannel } from 'ssh2';
 import { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { LinkError } from './errors.ts';
 import { verifyHostKey } from './known-hosts.ts';
+import { opensshChannel, opensshForward, type OpensshTarget } from './openssh-carrier.ts';
 
-export interface SshTarget {
-  host: string;
-  port: number;
-  user: string;
-  /** Private key file (OpenSSH format). */
-  identity: string;
-  knownHosts: string;
-  /** The agent's socket on the peer. */
-  remoteSocket: string;
+export interface SshTarget extends OpensshTarget {
   /** Command that starts the agent on the peer (idempotent); run once, on the first dial. */
   startCommand: string;
-  connectTimeoutMs?: number;
+  /** Which client carries the link's data (default: $VMSHIFT_SSH_CLIENT, else DEFAULT_SSH_CLIENT). */
+  client?: SshClientKind;
+}
+
+export type SshClientKind = 'ssh2' | 'openssh';
+// OpenSSH: the memory bench moved the dirty guest in ~0.66x the QEMU time with it (median of 14 interleaved rounds) (docs/performance.md).
+export const DEFAULT_SSH_CLIENT: SshClientKind = 'openssh';
+
+/** The client a dialer uses when none is given: $VMSHIFT_SSH_CLIENT (benches and tests pick one), else the default. */
+export function sshClient(given?: string): SshClientKind {
+  const v = given ?? (process.env.VMSHIFT_SSH_CLIENT || DEFAULT_SSH_CLIENT);
+  if (v !== 'ssh2' && v !== 'openssh') throw new Error(`ssh client must be ssh2 or openssh (got "${v}")`);
+  return v;
 }
 
 function quote(s: string): string {
@@ -87,15 +94,44 @@ function exec(c: Client, cmd: string): Promise<{ code: number; out: string }> {
   });
 }
 
-/** A dial function for `Link`: each call is one SSH connection carrying one channel. */
+async function startAgentOver(c: Client, t: SshTarget): Promise<void> {
+  const r = await exec(c, t.startCommand);
+  if (r.code !== 0) throw new LinkError('ABORTED', `ssh: starting the link agent on ${t.host} failed (exit ${r.code}): ${r.out.trim().slice(-2000)}`);
+}
+
+/**
+ * A dial function for `Link`: each call is one SSH connection carrying one channel. With the
+ * OpenSSH client the first call still logs in with ssh2 (our host key check and its clear
+ * refusal, and the agent's start), then every call is an `ssh -W` process (openssh-carrier.ts).
+ */
 export function sshDialer(t: SshTarget): () => Promise<Duplex> {
   let started = false;
+  if (sshClient(t.client) === 'openssh') {
+    return async () => {
+      if (started) return opensshChannel(t);
+      // Both logins at once: ssh's is ready by the time the agent answers. Nothing goes
+      // through ssh before ssh2 has checked the host key and started the agent.
+      const fwd = opensshForward(t);
+      try {
+        const c = await connectClient(t);
+        try {
+          await startAgentOver(c, t);
+        } finally {
+          c.end();
+        }
+      } catch (e) {
+        fwd.kill();
+        throw e;
+      }
+      started = true;
+      return fwd.channel();
+    };
+  }
   return async () => {
     const c = await connectClient(t);
     try {
       if (!started) {
-        const r = await exec(c, t.startCommand);
-        if (r.code !== 0) throw new LinkError('ABORTED', `ssh: starting the link agent on ${t.host} failed (exit ${r.code}): ${r.out.trim().slice(-2000)}`);
+        await startAgentOver(c, t);
         started = true;
       }
       const ch = await new Promise<ClientChannel>((resolve, reject) => {

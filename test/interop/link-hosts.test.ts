@@ -5,9 +5,10 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { cleanupAll } from '../helpers/proc.ts';
-import { daemonInNs, jsonLinesInNs, linkState, makeCerts, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
+import { daemonInNs, jsonLinesInNs, linkState, makeCerts, nsArgv, resetConnections, startSshd, twoHosts, type Sshd, type TwoHosts } from '../helpers/hosts.ts';
 
 const root = new URL('../..', import.meta.url).pathname;
 let hosts: TwoHosts;
@@ -108,6 +109,46 @@ test('ssh: a wrong host key and an unknown host refuse, naming host and fingerpr
   assert.is(unknown.code, 'HOST_KEY');
   assert.match(unknown.message as string, `host [${hosts.b.addr}]:${sshd.port} is unknown`);
   assert.match(unknown.message as string, sshd.fingerprint);
+});
+
+test('openssh: a host key that changed after the ssh2 login, or an unknown host, is refused by OpenSSH too, naming the host', async () => {
+  const wrong = join(hosts.dir, 'wrong_known_hosts');
+  const empty = join(hosts.dir, 'empty_known_hosts');
+  const dial = async (knownHosts: string) => {
+    const t = { host: hosts.b.addr, port: sshd.port, user: 'root', identity: sshd.identity, knownHosts, remoteSocket: join(hosts.dir, 'agent/none.sock'), connectTimeoutMs: 5000 };
+    const r = await jsonLinesInNs<Event>(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/openssh-dial.ts'), JSON.stringify(t)], { cwd: root, timeoutMs: 20_000 });
+    return r.events[0] ?? { event: 'none', stderr: r.stderr };
+  };
+  for (const file of [wrong, empty]) {
+    const r = await dial(file);
+    assert.is(r.event, 'failed', JSON.stringify(r));
+    assert.is(r.code, 'HOST_KEY', JSON.stringify(r));
+    assert.match(r.message as string, `host key of root@${hosts.b.addr}:${sshd.port} refused by OpenSSH against ${file}`);
+  }
+});
+
+test('openssh: the ssh processes die with the client, also when it is SIGKILLed mid-stream', async () => {
+  const link = `kill${Date.now() % 100000}`;
+  const [cmd, argv] = nsArgv(hosts.a, process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/link-echo-client.ts'), JSON.stringify({ link, mib: 1024, holdMs: 5000, ssh: sshArgs({ agentSharedDir: undefined } as never) })]);
+  const p = spawn(cmd, argv, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, VMSHIFT_SSH_CLIENT: 'openssh' } });
+  try {
+    let out = '';
+    p.stdout!.on('data', (b) => { out += b; });
+    // Our ssh clients: their argv names the agent's socket of this link.
+    const sshPids = () => readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((d) => {
+      try { const c = readFileSync(`/proc/${d}/cmdline`, 'utf8'); return c.startsWith('ssh\0') && c.includes(`link-${link}.sock`); } catch { return false; }
+    });
+    for (let i = 0; i < 400 && !/"received":[1-9]\d{6,}/.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.match(out, /"received":[1-9]\d{6,}/, 'the stream got going');
+    const before = sshPids();
+    assert.is(before.length, 1, 'one ssh process carries the link');
+    p.kill('SIGKILL');
+    let left = before;
+    for (let i = 0; i < 60 && left.length; i++) { await new Promise((r) => setTimeout(r, 50)); left = sshPids(); }
+    assert.equal(left, [], 'no ssh process outlived the client');
+  } finally {
+    p.kill('SIGKILL');
+  }
 });
 
 test('tls: echo through a reset; a client or server certificate from another CA is refused', async () => {

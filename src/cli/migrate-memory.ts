@@ -213,6 +213,8 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'disks-prepared') process.stderr.write(`peer serves ${e.disks.map((d) => `${d.name} (${d.path} on ${d.socket})`).join(', ')}\n`);
       else if (e.event === 'disks-synchronized') process.stderr.write('disks synchronized: every write reaches both hosts; moving memory\n');
       else if (e.event === 'carrier') process.stderr.write(`disk link ${e.state}: ${e.why}\n`);
+      else if (e.event === 'disk-shim-lost') process.stderr.write(`disk ${e.disk}: the source shim went away (${e.why}); waiting for it to be restarted\n`);
+      else if (e.event === 'disk-resumed') process.stderr.write(`disk ${e.disk}: resumed ${e.copiedEverything ? `from zero (${e.note ?? 'nothing proven on the peer'})` : `from ${formatBytes(e.resumedFrom)}`}, at most ${formatBytes(e.recopyBound)} copied again\n`);
     };
     const holdMs = parseDuration(argv.holdTime, '--hold-time');
     const bandwidth = argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0;
@@ -229,7 +231,7 @@ export const migrateMemoryCommand = {
         aborted.catch(() => {});
         await Promise.race([(async () => {
           await disks!.prepare(plans, onDisk);
-          await disks!.copy(onDisk, { bandwidth });
+          await disks!.copy(onDisk, { bandwidth, holdMs });
           await disks!.awaitPeerSocket(argv.destQmp!);
         })(), aborted]);
       } catch (e) {

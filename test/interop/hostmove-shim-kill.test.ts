@@ -48,8 +48,8 @@ test('the source shim killed mid-copy and restarted: the move resumes from its p
   const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
   assert.ok(restarted, `the shim was killed during the copy: ${summary}`);
   await restarted;
-  assert.ok(persistedAtKill, 'the job had persisted its state before the kill');
   assert.is(r.code, 0, summary);
+  assert.ok(persistedAtKill, 'the job had persisted its state before the kill');
   const lost = r.events.find((e) => e.event === 'disk-shim-lost') as Event & { lastBytesCopied: number; lastCursor: number } | undefined;
   const resumed = r.events.find((e) => e.event === 'disk-resumed') as Event & { resumedFrom: number; copiedEverything: boolean; dataBytesBefore: number; restartBytes: number; recopyBound: number } | undefined;
   assert.ok(lost && resumed, `the mover saw the shim go and resumed the job: ${summary}`);

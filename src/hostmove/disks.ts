@@ -39,6 +39,17 @@ import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { DISK_NAME_RE, DISKS_STREAM, nbdStreamName, type DisksMsg } from './protocol.ts';
 
+/**
+ * A guest write the peer has not answered within this time is answered by the source alone
+ * (the link is cut, or the peer stalls): long enough that a healthy but loaded link never
+ * degrades (its writes take milliseconds; the link resends a reset within ~1 s), short enough
+ * that the guest's own I/O timeouts (30 s in Linux) are never near. Both paths use it.
+ */
+export const DEGRADE_AFTER_MS = 2000;
+
+/** How long the peer may take to catch up once the source guest stopped (the hold time bounds a cut). */
+export const settleTimeoutMs = (holdMs = 60_000) => Math.max(120_000, holdMs * 2);
+
 /** Restarts of one disk's source shim a move rides out. */
 const MAX_RESUMES = 5;
 

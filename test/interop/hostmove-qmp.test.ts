@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { cleanupAll, onCleanup } from '../helpers/proc.ts';
 import { bootGuest, verifyWriterLog, type Guest } from '../helpers/guest.ts';
-import { resetConnections } from '../helpers/hosts.ts';
+import { linkState, resetConnections } from '../helpers/hosts.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { allocated, migrate as migrateTo, MiB, qmpStatus, setupHostMove, sha, WRITER, type Event, type HostMove } from './hostmove-helpers.ts';
 
@@ -38,10 +38,13 @@ test('a disk the peer may not create (outside its datastores): refused, nothing 
   assert.is(st.backing, m.srcDisk);
 });
 
-test('disk and memory move to B; a reset mid-copy resumes without recopying; every acknowledged record is on B\'s thin file; A\'s file untouched after', async () => {
+test('disk and memory move to B; a reset mid-copy resumes without recopying; a 5 s cut of B during the synchronized mirror does not stall the guest; every acknowledged record is on B\'s thin file; A\'s file untouched after', async () => {
   const destPath = join(m.hosts.dir, 'b-images', 'vm.raw'), destSock = join(m.hosts.dir, 'b-images', 'vm.sock');
   let dest: Guest | null = null;
   let cut = false;
+  // B's network down for 5 s once the disk is a synchronized mirror: the guest's writes are
+  // answered by A alone after 2 s (the mirror degrades), and B catches up before the commit.
+  let down: Promise<{ before: number; after: number }> | null = null;
   const r = await migrate(['--disk', `${m.shim.socket}=${destPath}`, '--dest-socket', `${m.shim.socket}=${destSock}`, '--bandwidth', '8M'], (e) => {
     if (e.event === 'disks-prepared') {
       for (const d of e.disks as Array<{ pid: number }>) onCleanup(() => { try { process.kill(d.pid, 'SIGTERM'); } catch { /* gone */ } });
@@ -51,10 +54,26 @@ test('disk and memory move to B; a reset mid-copy resumes without recopying; eve
       cut = true;
       void resetConnections(m.hosts.a, m.hosts.b);
     }
+    if (!down && e.event === 'disks-synchronized') {
+      down = (async () => {
+        const before = m.srcGuest.lastSeq();
+        await linkState(m.hosts.b, false);
+        try {
+          await new Promise((res) => setTimeout(res, 5000));
+          return { before, after: m.srcGuest.lastSeq() };
+        } finally {
+          await linkState(m.hosts.b, true);
+        }
+      })();
+    }
   });
+  const during = await (down as Promise<{ before: number; after: number }> | null);
   const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
   assert.ok(cut, `the connection was reset during the copy: ${summary}`);
   assert.is(r.code, 0, summary);
+  assert.ok(during, `B was cut during the synchronized mirror: ${summary}`);
+  // The writer writes a record every 20 ms; waiting for the whole cut it would write one.
+  assert.ok(during!.after - during!.before >= 20, `the guest kept writing while B was cut: records ${during!.before} -> ${during!.after}`);
   assert.ok(dest, 'the destination QEMU was started');
   const b = dest as unknown as Guest;
   assert.is(await qmpStatus(m.qmpA), 'postmigrate');
@@ -62,13 +81,14 @@ test('disk and memory move to B; a reset mid-copy resumes without recopying; eve
   // The source shim no longer serves the disk; the job reports what it sent.
   const st = await controlCall<{ stack: string[]; backing: string }>(`${m.shim.socket}.ctl`, 'status');
   assert.match(st.stack.at(-1)!, /^moved to root@/);
-  const job = (await controlCall<{ job: { ok: boolean; bytesCopied: number; mirroredBytes: number } }>(`${m.shim.socket}.ctl`, 'migrate.status')).job;
+  const job = (await controlCall<{ job: { ok: boolean; bytesCopied: number; mirroredBytes: number; writes: { degradedWrites: number; p99Ms: number; maxMs: number } | null } }>(`${m.shim.socket}.ctl`, 'migrate.status')).job;
   assert.ok(job.ok, JSON.stringify(job));
+  assert.ok((job.writes?.degradedWrites ?? 0) > 0, `writes answered by A alone during the cut: ${JSON.stringify(job.writes)}`);
   const moved = r.events.find((e) => e.event === 'disks-moved') as Event & { link: { reconnects: number; resentBytes: number } };
   assert.ok(moved.link.reconnects >= 1, `the disk link reconnected: ${JSON.stringify(moved.link)}`);
   const alloc = allocated(m.srcDisk);
   const sent = job.bytesCopied + moved.link.resentBytes;
-  process.stderr.write(`hostmove: allocated ${alloc}, copied ${job.bytesCopied}, resent ${moved.link.resentBytes}, mirrored ${job.mirroredBytes}: ${(sent / alloc).toFixed(3)}x\n`);
+  process.stderr.write(`hostmove: allocated ${alloc}, copied ${job.bytesCopied}, resent ${moved.link.resentBytes}, mirrored ${job.mirroredBytes}: ${(sent / alloc).toFixed(3)}x; guest writes p99 ${job.writes?.p99Ms} ms, max ${job.writes?.maxMs} ms, ${job.writes?.degradedWrites} answered by A alone; records during the 5 s cut ${during!.after - during!.before}\n`);
   assert.ok(sent <= 1.05 * alloc, `bytes sent ${sent} <= 1.05 x allocated ${alloc}`);
   const aHash = sha(m.srcDisk);
   // The writer goes on on B.

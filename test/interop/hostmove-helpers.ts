@@ -43,12 +43,12 @@ export async function setupHostMove(opts: { reconnectDelay?: number } = {}): Pro
   return { hosts, sshd, shim, srcGuest, srcDisk, qmpA };
 }
 
-/** `vmshift migrate --json --qmp ...` to B, run inside A; `during` sees each JSON line. */
-export function migrate(m: HostMove, extra: string[], during?: (e: Event) => void) {
+/** `vmshift migrate --json --qmp ...` to B, run inside A; `during` sees each JSON line, `onSpawn` gets the CLI's pid (ip netns exec and bin/vmshift exec it). */
+export function migrate(m: HostMove, extra: string[], during?: (e: Event) => void, onSpawn?: (pid: number) => void) {
   const { hosts, sshd } = m;
   return jsonLinesInNs<Event>(hosts.a, join(root, 'bin/vmshift'), ['migrate', '--json', '--qmp', m.qmpA, '--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`,
     '--dest-qmp', join(hosts.dir, 'qb.qmp'), '--identity', sshd.identity, '--known-hosts', sshd.knownHosts, '--peer-vmshift', join(root, 'bin/vmshift'),
-    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', '--peer-config', join(hosts.dir, 'b-config.json'), ...extra], { cwd: root, during, timeoutMs: 240_000 });
+    '--peer-socket-dir', join(hosts.dir, 'agent'), '--hold-time', '20s', '--peer-config', join(hosts.dir, 'b-config.json'), ...extra], { cwd: root, during, onSpawn, timeoutMs: 240_000 });
 }
 
 export const allocated = (path: string) => statSync(path).blocks * 512;

@@ -4,11 +4,14 @@
 // shim went away and came back and has it resume the job from the state it persisted, against
 // the peer's shim that kept running on B: the move completes, every acknowledged record is on
 // B's disk, and what was copied again is at most what the last persist interval held.
+// The mover is held (SIGSTOP) from the kill until the guest has written through the restarted
+// shim, and the test writes a block of its own there too: writes served between the restart
+// and the resume reach B only through the restarted shim's own tracker.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { join } from 'node:path';
-import { existsSync, writeFileSync } from 'node:fs';
-import { cleanupAll, onCleanup } from '../helpers/proc.ts';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { cleanupAll, onCleanup, run } from '../helpers/proc.ts';
 import { bootGuest, verifyWriterLog, type Guest } from '../helpers/guest.ts';
 import { controlCall } from '../../src/control/client.ts';
 import { startShim } from './migrate-helpers.ts';
@@ -29,6 +32,8 @@ test('the source shim killed mid-copy and restarted: the move resumes from its p
   let dest: Guest | null = null;
   let restarted: Promise<unknown> | null = null;
   let persistedAtKill = false;
+  let cli = 0;
+  const MARK = { offset: 4 * MiB, length: 64 * 1024, byte: 0xa5 };
   const r = await migrate(m, ['--disk', `${m.shim.socket}=${destPath}`, '--dest-socket', `${m.shim.socket}=${destSock}`, '--bandwidth', String(BANDWIDTH)], (e: Event) => {
     if (e.event === 'disks-prepared') {
       for (const d of e.disks as Array<{ pid: number }>) onCleanup(() => { try { process.kill(d.pid, 'SIGTERM'); } catch { /* gone */ } });
@@ -37,14 +42,25 @@ test('the source shim killed mid-copy and restarted: the move resumes from its p
     if (!restarted && e.event === 'disk-progress' && e.phase === 'mirror' && (e.dataBytes as number) > 8 * MiB) {
       persistedAtKill = existsSync(resumeFile);
       restarted = (async () => {
-        process.kill(m.shim.daemon.pid, 'SIGKILL');
-        await m.shim.daemon.exited;
-        // As vmshiftd would: the same command again, a moment later.
-        await new Promise((res) => setTimeout(res, 500));
-        return startShim(m.srcDisk, m.shim.socket);
+        process.kill(cli, 'SIGSTOP');
+        try {
+          process.kill(m.shim.daemon.pid, 'SIGKILL');
+          await m.shim.daemon.exited;
+          // As vmshiftd would: the same command again, a moment later.
+          await new Promise((res) => setTimeout(res, 500));
+          const s = await startShim(m.srcDisk, m.shim.socket);
+          // Writes before the resume: the guest's (it reconnects within its delay) and ours,
+          // in a hole below where the job will resume.
+          const seq = m.srcGuest.lastSeq();
+          await m.srcGuest.waitFor(new RegExp(`^VMSHIFT-SEQ ${seq + 5}$`), 60_000);
+          await run('qemu-io', ['-f', 'raw', '-c', `write -P ${MARK.byte} ${MARK.offset} ${MARK.length}`, `nbd+unix:///disk?socket=${m.shim.socket}`]);
+          return s;
+        } finally {
+          process.kill(cli, 'SIGCONT');
+        }
       })();
     }
-  });
+  }, (pid) => { cli = pid; });
   const summary = `${JSON.stringify(r.events.filter((e) => e.event !== 'progress' && e.event !== 'disk-progress'))}\n${r.stderr}`;
   assert.ok(restarted, `the shim was killed during the copy: ${summary}`);
   await restarted;
@@ -54,7 +70,8 @@ test('the source shim killed mid-copy and restarted: the move resumes from its p
   const resumed = r.events.find((e) => e.event === 'disk-resumed') as Event & { resumedFrom: number; copiedEverything: boolean; dataBytesBefore: number; restartBytes: number; recopyBound: number } | undefined;
   assert.ok(lost && resumed, `the mover saw the shim go and resumed the job: ${summary}`);
   assert.is(resumed!.copiedEverything, false, summary);
-  assert.ok(resumed!.resumedFrom > 0 && resumed!.resumedFrom <= lost!.lastCursor, `resumed from ${resumed!.resumedFrom}, the old job had reached ${lost!.lastCursor}`);
+  assert.ok(resumed!.restartBytes >= MARK.length, `the writes served before the resume were copied again: ${resumed!.restartBytes} bytes`);
+  assert.ok(resumed!.resumedFrom > MARK.offset && resumed!.resumedFrom <= lost!.lastCursor, `resumed from ${resumed!.resumedFrom}, the old job had reached ${lost!.lastCursor}`);
   assert.ok(resumed!.recopyBound <= 3 * BANDWIDTH, `copied again at most what ~1 s of copying holds: ${resumed!.recopyBound}`);
   assert.is(await qmpStatus(m.qmpA), 'postmigrate');
   const b = dest as unknown as Guest;
@@ -77,6 +94,8 @@ test('the source shim killed mid-copy and restarted: the move resumes from its p
   await b.waitFor(new RegExp(`^VMSHIFT-SEQ ${atSwitch + 30}$`), 120_000);
   await b.stop();
   assert.equal(verifyWriterLog(destPath, b.lastSeq(), WRITER.blocks, { start: WRITER.start }), [], 'every acknowledged record is on B');
+  const onB = readFileSync(destPath).subarray(MARK.offset, MARK.offset + MARK.length);
+  assert.ok(onB.every((x) => x === MARK.byte), 'the block written between the restart and the resume is on B');
   assert.ok(allocated(destPath) <= alloc + 4 * MiB, `B's file stayed thin: ${allocated(destPath)} allocated, A has ${alloc}`);
   assert.is(sha(m.srcDisk), aHash, "A's file untouched after the move");
 });

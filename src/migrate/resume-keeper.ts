@@ -33,7 +33,14 @@ export interface ResumeFigures {
 
 export class ResumeKeeper {
   readonly writer: ResumeWriter;
-  #degraded: boolean;
+  /** This job's own degradation, as the state says it (not the old job's). */
+  #degraded = false;
+  /**
+   * Nothing the old job did can be trusted: copy the whole disk again, as a fresh job does
+   * (only holes below touchedBelow are written as zeroes). Such a pass is as good as a fresh
+   * one, so its own cursor is what the state says from then on.
+   */
+  #copyAll: boolean;
   #touchedBelow: number;
   /** A resume whose writes since the restart are not yet on the peer (only our tracker has them). */
   #restartPending: boolean;
@@ -48,11 +55,11 @@ export class ResumeKeeper {
   /** `start` null: a fresh job (the peer's file reads as zeroes). */
   constructor(path: string, readonly identity: ResumeIdentity, private readonly cursor: () => number, private readonly dataBytes: () => number, start: ResumeStart | null) {
     const s = start?.state ?? null;
-    this.#degraded = start !== null && (s === null || s.degraded || s.restartedBy !== RESTART_TOKEN);
-    this.#from = s && !this.#degraded ? s.copiedBelow : 0;
+    this.#copyAll = start !== null && (s === null || s.degraded || s.restartedBy !== RESTART_TOKEN);
+    this.#from = s && !this.#copyAll ? s.copiedBelow : 0;
     this.#touchedBelow = start === null ? 0 : s ? s.touchedBelow : identity.size;
-    this.#restartPending = s !== null && !this.#degraded;
-    this.#dataBefore = s && !this.#degraded ? s.dataBytes : 0;
+    this.#restartPending = s !== null && !this.#copyAll;
+    this.#dataBefore = s && !this.#copyAll ? s.dataBytes : 0;
     this.writer = new ResumeWriter(path, () => this.#state());
   }
 
@@ -61,7 +68,7 @@ export class ResumeKeeper {
     return this.#from;
   }
   get copiesEverything(): boolean {
-    return this.#degraded;
+    return this.#copyAll;
   }
   get zeroFrom(): number {
     return this.#touchedBelow;
@@ -69,7 +76,7 @@ export class ResumeKeeper {
 
   /** Before the job starts: nothing below resumedFrom can be proven on the peer after all. */
   copyEverything(why: string): void {
-    this.#degraded = true;
+    this.#copyAll = true;
     this.#from = 0;
     this.#restartPending = false;
     this.#touchedBelow = this.identity.size;
@@ -78,7 +85,7 @@ export class ResumeKeeper {
   }
 
   figures(restartBytes: number, note: string | null): ResumeFigures {
-    return { resumedFrom: this.#from, copiedEverything: this.#degraded, dataBytesBefore: this.#dataBefore, restartBytes, note };
+    return { resumedFrom: this.#from, copiedEverything: this.#copyAll, dataBytesBefore: this.#dataBefore, restartBytes, note };
   }
 
   #state(): ResumeState {

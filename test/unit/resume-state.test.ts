@@ -60,6 +60,19 @@ test('keeper: resumes from the cursor only when this process marked it and it is
   assert.is(new ResumeKeeper(path(), id, () => 0, () => 0, { state: null, note: null }).zeroFrom, id.size, 'no state: nothing on the peer is known to be zero');
 });
 
+test('keeper: a copy of everything after a degraded state is as good as a fresh one: its own cursor counts, the old touched range stays', async () => {
+  const p = path();
+  let cursor = 0;
+  const k = new ResumeKeeper(p, id, () => cursor, () => cursor, { state: state({ degraded: true, restartedBy: RESTART_TOKEN }), note: null });
+  await k.start(() => {});
+  assert.equal([read(p).degraded, read(p).copiedBelow, read(p).touchedBelow, read(p).restartedBy], [false, 0, 24 * MiB, null]);
+  k.fullPass(true);
+  cursor = 8 * MiB;
+  await k.writer.persist();
+  assert.is(read(p).copiedBelow, 8 * MiB);
+  await k.end();
+});
+
 test('keeper: the peer\'s touched range moves ahead durably; degraded is durable before onDegrade resolves and cleared only after a catch-up past the first copy', async () => {
   const p = path();
   let cursor = 0;

@@ -15,7 +15,9 @@
 // the source only and into `lagging`, so the guest never waits for a cut network. The job
 // copies `lagging` again once every destination write still out has settled (the link came
 // back: src/migrate/selective.ts catchUp), so a late write can never land after the copy
-// that replaces it.
+// that replaces it. With `onDegrade` (the job persists the fact: src/migrate/resume-state.ts),
+// no write is answered by the source alone before that promise resolved: a shim killed after
+// it acknowledged such a write restarts knowing the peer may lack something.
 // The cursor is the job's (src/migrate/cursors.ts): the mirror only reads it, as QEMU's
 // mirror filter node reads its job's state through a small handle and never owns it.
 import type { BlockDevice, WriteOpts, ZeroOpts } from './device.ts';
@@ -71,6 +73,12 @@ export interface MirrorOptions {
   degradeAfterMs?: number | null;
   /** The grain of the lagging set. */
   granularity?: number;
+  /**
+   * Called when the mirror is about to answer its first write with the source alone (again
+   * after each takeLagging); such writes are acknowledged only once it resolved. If it
+   * rejects, they wait for the destination as if the mirror could not degrade.
+   */
+  onDegrade?: () => Promise<void>;
 }
 
 export class Mirror extends Layer {
@@ -94,11 +102,15 @@ export class Mirror extends Layer {
   #latencyNext = 0;
   #writes = 0;
   #writeMaxMs = 0;
+  readonly #onDegrade: (() => Promise<void>) | null;
+  /** Resolves true once the degradation is recorded (onDegrade), false if that failed. */
+  #recorded: Promise<boolean> | null = null;
 
   constructor(source: BlockDevice, readonly destination: BlockDevice, cursor: MirrorCursor, opts: MirrorOptions = {}) {
     super(source);
     this.#cursor = cursor;
     this.#degradeAfterMs = opts.degradeAfterMs ?? null;
+    this.#onDegrade = opts.onDegrade ?? null;
     if (this.#degradeAfterMs !== null) this.#lagging = new DirtyBitmap(source.size, opts.granularity ?? 4096);
   }
 
@@ -181,6 +193,7 @@ export class Mirror extends Layer {
     if (!l || l.dirtyBytes() === 0) return null;
     if (this.#destInFlight > 0) throw new Error(`${this.name}: lagging ranges taken while ${this.#destInFlight} destination writes are still out`);
     this.#lagging = new DirtyBitmap(l.size, l.granularity);
+    this.#recorded = null;
     return l;
   }
 
@@ -230,13 +243,11 @@ export class Mirror extends Layer {
         // Degraded: the destination lacks older writes anyway; this one joins them.
         this.#lagging!.mark(offset, length);
         this.#degradedWrites++;
-        await op(this.inner);
+        const source = op(this.inner);
+        if (await this.#degradeRecorded()) await source;
+        else await Promise.all([source, this.#toDestination(op, length)]);
       } else if (this.#active && offset < this.#cursor.mirroredBelow) {
-        this.#destInFlight++;
-        const toDest = op(this.destination).then(
-          () => void (this.#mirroredBytes += length),
-          (e: Error) => this.#fail(e),
-        ).finally(() => { this.#destInFlight--; this.#wake(); });
+        const toDest = this.#toDestination(op, length);
         const source = op(this.inner);
         if (this.#degradeAfterMs === null) await Promise.all([source, toDest]);
         else {
@@ -249,6 +260,7 @@ export class Mirror extends Layer {
             // late or never: it is copied again once everything out there has settled.
             this.#lagging!.mark(offset, length);
             this.#degradedWrites++;
+            if (!(await this.#degradeRecorded())) await toDest;
           }
           await source;
         }
@@ -260,6 +272,24 @@ export class Mirror extends Layer {
       this.#inFlight.delete(span);
       this.#wake();
     }
+  }
+
+  /** The guest's write to the destination; a failure is the job's, never the guest's. */
+  #toDestination(op: (dev: BlockDevice) => Promise<void>, length: number): Promise<void> {
+    this.#destInFlight++;
+    return op(this.destination).then(
+      () => void (this.#mirroredBytes += length),
+      (e: Error) => this.#fail(e),
+    ).finally(() => { this.#destInFlight--; this.#wake(); });
+  }
+
+  /** Once per degradation: true when the job recorded it (or asked for no record). */
+  #degradeRecorded(): Promise<boolean> {
+    if (!this.#onDegrade) return Promise.resolve(true);
+    const r = (this.#recorded ??= this.#onDegrade().then(() => true, () => false));
+    // A failed record is tried again by the next write that would degrade.
+    void r.then((ok) => { if (!ok && this.#recorded === r) this.#recorded = null; });
+    return r;
   }
 
   #noteLatency(ms: number): void {

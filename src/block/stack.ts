@@ -38,11 +38,13 @@ export interface MigratingRecipe {
   cursors: TrackingCursor & MirrorCursor;
   /** A peer behind a link: mirrored writes the destination leaves unanswered this long are answered by the source alone (Mirror). */
   degradeAfterMs?: number | null;
+  /** Recorded durably before the first write is answered by the source alone (Mirror). */
+  onDegrade?: () => Promise<void>;
 }
 
 /** What a migration job puts under the gate: its tracker over an (inactive) mirror over the source. */
 export function migratingStack(source: BlockDevice, destination: BlockDevice, recipe: MigratingRecipe): { tracker: Tracker; mirror: Mirror } {
-  const mirror = new Mirror(source, destination, recipe.cursors, { degradeAfterMs: recipe.degradeAfterMs ?? null, granularity: recipe.granularity });
+  const mirror = new Mirror(source, destination, recipe.cursors, { degradeAfterMs: recipe.degradeAfterMs ?? null, granularity: recipe.granularity, onDegrade: recipe.onDegrade });
   const tracker = new Tracker(mirror, { kind: recipe.kind, granularity: recipe.granularity, heat: recipe.heat, cursor: recipe.cursors });
   return { tracker, mirror };
 }

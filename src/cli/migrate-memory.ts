@@ -21,7 +21,7 @@ import { printJson, UsageError } from './output.ts';
 import { MigrateError, migrateMemory, type MigrateEvent, type Peer } from '../relay/migrate.ts';
 import { listenMigration, type AbortOutcome } from '../relay/migration-socket.ts';
 import { DEFAULT_DAEMON_CONFIG, runDir } from '../daemon/defaults.ts';
-import { PeerDisks, planDisks, type DiskEvent } from '../hostmove/disks.ts';
+import { DEGRADE_AFTER_MS, PeerDisks, planDisks, settleTimeoutMs, type DiskEvent } from '../hostmove/disks.ts';
 import { mib } from '../balloon/policy.ts';
 import type { BalloonDefaults } from '../daemon/config.ts';
 
@@ -213,6 +213,8 @@ export const migrateMemoryCommand = {
       } else if (e.event === 'disks-prepared') process.stderr.write(`peer serves ${e.disks.map((d) => `${d.name} (${d.path} on ${d.socket})`).join(', ')}\n`);
       else if (e.event === 'disks-synchronized') process.stderr.write('disks synchronized: every write reaches both hosts; moving memory\n');
       else if (e.event === 'carrier') process.stderr.write(`disk link ${e.state}: ${e.why}\n`);
+      else if (e.event === 'disk-shim-lost') process.stderr.write(`disk ${e.disk}: the source shim went away (${e.why}); waiting for it to be restarted\n`);
+      else if (e.event === 'disk-resumed') process.stderr.write(`disk ${e.disk}: resumed ${e.copiedEverything ? `from zero (${e.note ?? 'nothing proven on the peer'})` : `from ${formatBytes(e.resumedFrom)}`}, at most ${formatBytes(e.recopyBound)} copied again\n`);
     };
     const holdMs = parseDuration(argv.holdTime, '--hold-time');
     const bandwidth = argv.bandwidth ? parseSize(argv.bandwidth, '--bandwidth') : 0;
@@ -229,7 +231,9 @@ export const migrateMemoryCommand = {
         aborted.catch(() => {});
         await Promise.race([(async () => {
           await disks!.prepare(plans, onDisk);
-          await disks!.copy(onDisk, { bandwidth });
+          // A cut must not stall the guest: its writes are answered by the source alone after
+          // DEGRADE_AFTER_MS, and the peer catches up before the commit (beforeCommit below).
+          await disks!.copy(onDisk, { bandwidth, holdMs, degradeAfterMs: DEGRADE_AFTER_MS });
           await disks!.awaitPeerSocket(argv.destQmp!);
         })(), aborted]);
       } catch (e) {
@@ -261,6 +265,8 @@ export const migrateMemoryCommand = {
         holdMs, balloon,
         timeoutMs, timeoutAction: argv.timeoutAction as 'abort' | 'suspend', paused: argv.paused,
         peerVmshift: argv.peerVmshift, peerSocketDir: argv.peerSocketDir, onEvent, signal: ac.signal,
+        // The guest is stopped on the source: every disk's peer must hold every acknowledged write before it resumes on the peer.
+        ...(disks ? { beforeCommit: () => disks!.inSync(settleTimeoutMs(holdMs)) } : {}),
       }).catch(async (e) => {
         // In doubt the guest may run on the peer's disks: keep them there (never remove data
         // a guest may be using); the source jobs roll back when this process exits.

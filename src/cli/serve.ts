@@ -8,7 +8,7 @@ import type { Argv } from 'yargs';
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Shim, controlSocketFor, type TrackKind } from '../shim/shim.ts';
-import { registerMigrationMethods } from '../migrate/control.ts';
+import { noteShimRestart, registerMigrationMethods } from '../migrate/control.ts';
 import { parseSize } from '../util/size.ts';
 import { printJson, UsageError } from './output.ts';
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS } from '../nbd/server.ts';
@@ -168,6 +168,7 @@ async function serve(argv: ServeArgs): Promise<void> {
     statePath: argv.state,
     socketMode: parseInt(argv.socketMode, 8),
     nbdLimits: { maxConnections, maxBytes, maxConnectionBytes },
+    beforeServe: (statePath) => noteShimRestart(statePath),
     extend: (s) => registerMigrationMethods(s, s.control),
   });
   const info = { serving: shim.backing, origin: shim.origin, socket: argv.socket, control: controlSocketFor(argv.socket), export: argv.export, size: shim.gate.size, pid: process.pid };

@@ -89,6 +89,8 @@ interface JobView {
   phase: string;
   rate?: number;
   writes?: { p99Ms: number; maxMs: number; degradedWrites: number; laggingBytes: number } | null;
+  /** A job resumed after its shim was restarted (src/migrate/resume-keeper.ts ResumeFigures). */
+  resume?: { resumedFrom: number; copiedEverything: boolean; restartBytes: number; note: string | null } | null;
   pass: number;
   passDone: number;
   passTotal: number;
@@ -121,6 +123,8 @@ async function daemonStatus(argv: StatusArgs): Promise<void> {
       out.push(`  job:     -> ${j.to} ${j.phase} pass ${j.pass} ${bar(j.passDone, j.passTotal)} ${formatBytes(j.bytesCopied)} copied${j.rate ? ` at ${formatBytes(j.rate)}/s` : ''}, dirty ${formatBytes(j.dirtyBytes)}`);
       const w = j.writes;
       if (w) out.push(`  writes:  p99 ${w.p99Ms} ms, max ${w.maxMs} ms${w.degradedWrites ? `; ${w.degradedWrites} answered here alone (peer unreachable), ${formatBytes(w.laggingBytes)} to copy again` : ''}`);
+      const rs = j.resume;
+      if (rs) out.push(`  resumed: after a shim restart, ${rs.copiedEverything ? `copying everything again (${rs.note ?? 'nothing proven on the peer'})` : `from ${formatBytes(rs.resumedFrom)}, ${formatBytes(rs.restartBytes)} written since the restart copied again`}`);
     }
     else if (j) out.push(`  last job: -> ${j.to} ${j.ok ? 'done' : `failed: ${j.error?.message ?? j.phase}`}`);
   }

@@ -20,7 +20,15 @@
 // listens on (in a 0700 directory), and every connection becomes a link stream; a reset or a
 // cut of the carrier is then a stall to the NBD client, and the link resends what was lost,
 // so the copy goes on from where it was instead of from zero.
+// A source shim killed mid-job (SIGKILL) and restarted (by vmshiftd, or whoever runs it): the
+// job's control call ends with `closed`; this process waits for the shim's control socket to
+// answer again (at most `holdMs`), for the dead shim's NBD streams to the peer to have ended
+// (a late write of the dead process can then no longer land after the new one's), and asks the
+// new shim to resume the job (migrate.resume) from the state it persisted, against the same
+// peer shim (which kept running on the peer), reporting a `disk-resumed` event.
 import { mkdtempSync, rmSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import type { Duplex } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { Link } from '../link/link.ts';
@@ -30,6 +38,20 @@ import { forwardUnix, type UnixForward } from '../relay/unix-splice.ts';
 import { controlCall } from '../control/client.ts';
 import { ControlError } from '../control/protocol.ts';
 import { DISK_NAME_RE, DISKS_STREAM, nbdStreamName, type DisksMsg } from './protocol.ts';
+
+/**
+ * A guest write the peer has not answered within this time is answered by the source alone
+ * (the link is cut, or the peer stalls): long enough that a healthy but loaded link never
+ * degrades (its writes take milliseconds; the link resends a reset within ~1 s), short enough
+ * that the guest's own I/O timeouts (30 s in Linux) are never near. Both paths use it.
+ */
+export const DEGRADE_AFTER_MS = 2000;
+
+/** How long the peer may take to catch up once the source guest stopped (the hold time bounds a cut). */
+export const settleTimeoutMs = (holdMs = 60_000) => Math.max(120_000, holdMs * 2);
+
+/** Restarts of one disk's source shim a move rides out. */
+const MAX_RESUMES = 5;
 
 export interface DiskPlan {
   /** The disk's name in streams and messages. */
@@ -54,6 +76,8 @@ export type DiskEvent =
   | { event: 'disks-prepared'; disks: Array<{ name: string; path: string; socket: string; pid: number }> }
   | { event: 'disk-progress'; disk: string; phase: string; bytesCopied: number; dataBytes: number; passDone: number; passTotal: number; mirroredBytes: number; rate: number; writes: DiskWrites | null }
   | { event: 'disks-synchronized' }
+  | { event: 'disk-shim-lost'; disk: string; why: string; lastBytesCopied: number; lastCursor: number }
+  | { event: 'disk-resumed'; disk: string; resumedFrom: number; copiedEverything: boolean; dataBytesBefore: number; restartBytes: number; recopyBound: number; note: string | null }
   | { event: 'disks-moved'; disks: DiskMoved[] }
   | { event: 'carrier'; state: string; why: string };
 
@@ -108,6 +132,9 @@ export class PeerDisks {
   #prepared = false;
   #failed: Promise<never>;
   #ownsLink: boolean;
+  /** Each disk's NBD streams to the peer that are still open. */
+  #streams = new Map<string, Set<Duplex>>();
+  #aborting = false;
 
   /** `link`: an existing link whose agent also serves the disks (the libvirt path's), else one of its own. */
   private constructor(readonly target: PeerTarget, link?: Link) {
@@ -165,28 +192,80 @@ export class PeerDisks {
    * is answered by the source alone and copied again once the link is back; the caller must
    * then wait for inSync() before the peer's guest runs.
    */
-  async copy(onEvent: (e: DiskEvent) => void, opts: { bandwidth?: number; degradeAfterMs?: number } = {}): Promise<void> {
+  async copy(onEvent: (e: DiskEvent) => void, opts: { bandwidth?: number; degradeAfterMs?: number; holdMs?: number } = {}): Promise<void> {
     const synced = this.#plans.map(async (p) => {
       const relay = await this.#relay(p);
       let resolveSynced!: () => void;
       const isSynced = new Promise<void>((r) => (resolveSynced = r));
-      const job = controlCall(`${p.sourceSocket}.ctl`, 'migrate.start', {
+      const job = this.#runJob(p, {
         // The peer created the file (O_EXCL, truncated to size): it reads as zeroes, so holes cost nothing.
         to: `nbd+unix:///${encodeURIComponent(p.exportName)}?socket=${relay}`, mode: 'mirror', handover: 'peer', peer: this.peerName, destinationZero: true,
         bandwidth: opts.bandwidth ?? 0, follow: true, abortOnDisconnect: true, ...(opts.degradeAfterMs ? { degradeAfterMs: opts.degradeAfterMs } : {}),
-      }, {
-        onEvent: (event, data) => {
-          const d = data as Record<string, unknown>;
-          if (event === 'phase' && d.phase === 'synchronized') resolveSynced();
-          if (event === 'progress') onEvent({ event: 'disk-progress', disk: p.name, phase: String(d.phase), bytesCopied: Number(d.bytesCopied), dataBytes: Number(d.dataBytes), passDone: Number(d.passDone), passTotal: Number(d.passTotal), mirroredBytes: Number(d.mirroredBytes), rate: Number(d.rate), writes: (d.writes as DiskWrites | null) ?? null });
-        },
-      });
+        // Who the job is, for the state a restarted shim resumes it from.
+        jobId: `${p.name}-${randomUUID()}`, destinationId: `${this.peerName}:${p.destSocket}:${p.destPath}`,
+      }, onEvent, resolveSynced, opts.holdMs ?? 60_000);
       job.catch(() => {});
       this.#jobs.set(p.name, job);
       await this.#race(Promise.race([isSynced, job.then(() => { throw new ControlError('protocol', `${p.name}: the job ended before it was synchronized`); })]));
     });
     await Promise.all(synced);
     onEvent({ event: 'disks-synchronized' });
+  }
+
+  /**
+   * Run a disk's job to its end; when its shim dies (the call ends with `closed`) and comes
+   * back within `holdMs`, resume the job there. A job's own failure ends it.
+   */
+  async #runJob(p: DiskPlan, params: Record<string, unknown>, onEvent: (e: DiskEvent) => void, onSynced: () => void, holdMs: number): Promise<unknown> {
+    let method = 'migrate.start', lastBytes = 0, lastCursor = 0;
+    for (let restarts = 0; ; restarts++) {
+      try {
+        return await controlCall(`${p.sourceSocket}.ctl`, method, params, {
+          onEvent: (event, data) => {
+            const d = data as Record<string, unknown>;
+            if (event === 'phase' && d.phase === 'synchronized') onSynced();
+            if (event === 'resumed' && d) {
+              const r = d as { resumedFrom: number; copiedEverything: boolean; dataBytesBefore: number; restartBytes: number; note: string | null };
+              // At most what the old job copied since its last persist is copied again.
+              onEvent({ event: 'disk-resumed', disk: p.name, ...r, recopyBound: r.copiedEverything ? lastBytes : Math.max(0, lastBytes - r.dataBytesBefore) });
+            }
+            if (event === 'progress' && d.phase !== undefined) {
+              lastBytes = Number(d.dataBytes);
+              if (d.phase === 'mirror') lastCursor = Number(d.passDone);
+              onEvent({ event: 'disk-progress', disk: p.name, phase: String(d.phase), bytesCopied: Number(d.bytesCopied), dataBytes: Number(d.dataBytes), passDone: Number(d.passDone), passTotal: Number(d.passTotal), mirroredBytes: Number(d.mirroredBytes), rate: Number(d.rate), writes: (d.writes as DiskWrites | null) ?? null });
+            }
+          },
+        });
+      } catch (e) {
+        if (!(e instanceof ControlError && e.code === 'closed') || this.#aborting || restarts >= MAX_RESUMES) throw e;
+        onEvent({ event: 'disk-shim-lost', disk: p.name, why: e.message, lastBytesCopied: lastBytes, lastCursor });
+        await this.#untilShimBack(p, holdMs);
+        await this.#untilStreamsEnded(p, holdMs);
+        method = 'migrate.resume';
+      }
+    }
+  }
+
+  /** The source shim's control socket answers again (it was restarted), within `holdMs`. */
+  async #untilShimBack(p: DiskPlan, holdMs: number): Promise<void> {
+    const deadline = Date.now() + holdMs;
+    for (;;) {
+      const up = await controlCall(`${p.sourceSocket}.ctl`, 'status', {}, { timeoutMs: 2000 }).then(() => true, () => false);
+      if (up) return;
+      if (this.#aborting) throw new ControlError('aborted', `${p.name}: the move is being aborted`);
+      if (Date.now() > deadline) throw new ControlError('shim-lost', `${p.name}: the source shim on ${p.sourceSocket} went away mid-copy and did not come back within ${Math.round(holdMs / 1000)} s: the move is aborted, the guest keeps its source disk`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  /** The dead shim's NBD streams to the peer have ended (whatever it had sent was applied or dropped there). */
+  async #untilStreamsEnded(p: DiskPlan, holdMs: number): Promise<void> {
+    const deadline = Date.now() + holdMs;
+    const open = this.#streams.get(p.name);
+    while (open && open.size > 0) {
+      if (Date.now() > deadline) throw new ControlError('shim-lost', `${p.name}: ${open.size} NBD streams of the dead source shim did not end on ${this.peerName} within ${Math.round(holdMs / 1000)} s: not resumed`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
   }
 
   /**
@@ -220,6 +299,7 @@ export class PeerDisks {
 
   /** Before the handover: roll the source jobs back and have the peer remove what it made. */
   async abort(reason: string): Promise<void> {
+    this.#aborting = true;
     for (const p of this.#plans) {
       if (this.#jobs.has(p.name)) await controlCall(`${p.sourceSocket}.ctl`, 'migrate.abort', {}, { timeoutMs: 60_000 }).catch(() => {});
     }
@@ -245,7 +325,14 @@ export class PeerDisks {
   /** A unix socket here whose every connection is a link stream to the peer's shim for `p`. */
   async #relay(p: DiskPlan): Promise<string> {
     const path = join(this.#dir, `${p.name}.nbd`);
-    this.#relays.push(await forwardUnix(path, (n) => this.link.stream(nbdStreamName(p.name, n))));
+    const open = new Set<Duplex>();
+    this.#streams.set(p.name, open);
+    this.#relays.push(await forwardUnix(path, (n) => {
+      const s = this.link.stream(nbdStreamName(p.name, n));
+      open.add(s);
+      s.once('close', () => open.delete(s));
+      return s;
+    }));
     return path;
   }
 }

@@ -23,22 +23,13 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Link } from '../link/link.ts';
-import { PeerDisks, planDisks, type DiskEvent, type DiskPlan, type PeerTarget } from '../hostmove/disks.ts';
+import { DEGRADE_AFTER_MS, PeerDisks, planDisks, settleTimeoutMs, type DiskEvent, type DiskPlan, type PeerTarget } from '../hostmove/disks.ts';
 import { mapPaths } from './domain-xml.ts';
 import { planShims } from './shim-plan.ts';
 import { startedBy } from './shim-control.ts';
 import { callDaemon, daemonSocket } from '../cli/daemon-client.ts';
 import { HandoverError, type DiskHandover, type DomainDisk, type PeerProbe } from './disk-handover.ts';
 
-/**
- * A guest write the peer has not answered within this time is answered by the source alone
- * (the link is cut, or the peer stalls): long enough that a healthy but loaded link never
- * degrades (its writes take milliseconds; the link resends a reset within ~1 s), short enough
- * that the guest's own I/O timeouts (30 s in Linux) are never near.
- */
-export const DEGRADE_AFTER_MS = 2000;
-/** How long the peer may take to catch up once the source QEMU is gone (the hold time bounds a cut). */
-const SETTLE_TIMEOUT_MS = 120_000;
 
 export interface LocalDisksOptions {
   /** The peer's directory for the new files (named as the files here). */
@@ -117,7 +108,7 @@ export class LocalDisksHandover implements DiskHandover {
   }
 
   async settle(): Promise<void> {
-    await this.#peer!.inSync(Math.max(SETTLE_TIMEOUT_MS, (this.ctx.holdMs ?? 60_000) * 2));
+    await this.#peer!.inSync(settleTimeoutMs(this.ctx.holdMs));
   }
 
   /** The copy ends in a synchronized mirror already. */

@@ -7,6 +7,7 @@ import type { DirtySet } from '../tracking/dirty-set.ts';
 import type { Copier } from './copier.ts';
 import type { JobCursors } from './cursors.ts';
 import type { Destination } from './destination.ts';
+import type { ResumeFigures } from './resume-keeper.ts';
 
 export type MigrateMode = 'auto' | 'precopy' | 'mirror';
 export type TrackerChoice = 'bitmap' | 'incremental' | 'bloom';
@@ -53,6 +54,13 @@ export interface MigrateOptions {
    * not stall the guest). Unset: the guest waits for both, as with a local destination.
    */
   degradeAfterMs?: number;
+  /**
+   * Handover 'peer': who this job is (the mover's id for it, and the peer's file and socket).
+   * With both, the job persists its resume state (resume-state.ts): a shim killed mid-copy and
+   * restarted resumes it (migrate.resume) instead of copying again.
+   */
+  jobId?: string;
+  destinationId?: string;
 }
 
 export const DEFAULT_OPTIONS: Omit<MigrateOptions, 'to'> = {
@@ -111,6 +119,8 @@ export interface JobFigures {
   stallMs: number | null;
   /** Where the stall went: drain (Gate.pause), final copy, destination flush, state commit and swap. */
   stallParts: { drainMs: number; copyMs: number; flushMs: number; commitMs: number } | null;
+  /** A job resumed after its shim was restarted: from where, and what was copied again. */
+  resume: ResumeFigures | null;
   savings: {
     /** Guest writes the incremental tracker did not mark (ahead of the first pass's cursor). */
     incrementalSkippedWrites: number;
@@ -146,4 +156,11 @@ export interface JobContext {
   progress(force?: boolean): void;
   /** Note a swapped dirty set (Bloom accounting). */
   noteSet(set: DirtySet): void;
+  /**
+   * With dest.initiallyZero: the destination reads as zeroes at and above this offset only (0
+   * for a fresh peer file; a resumed job's old copy may hold data below it).
+   */
+  destZeroFrom: number;
+  /** The copier is about to write the destination below `end` (the resume state records it first). */
+  willWrite(end: number): Promise<void> | undefined;
 }

@@ -19,7 +19,10 @@ import { RateLimiter } from './limiter.ts';
 import { openDestination, discard, type Destination } from './destination.ts';
 import { journalPath, writeJournal, removeJournal } from './journal.ts';
 import { precopy } from './precopy.ts';
-import { catchUp, mirrorPass, startMirroring, stopMirroring } from './selective.ts';
+import { catchUp, copyAgain, mirrorPass, startMirroring, stopMirroring } from './selective.ts';
+import { ResumeKeeper, type ResumeStart } from './resume-keeper.ts';
+import { resumePath } from './resume-state.ts';
+import { Tracker as TrackerLayer } from '../block/tracker.ts';
 import { switchOver, swapToLocalFile, CommittedError, type Handover } from './switchover.ts';
 import { JobCursors } from './cursors.ts';
 import { handOverToPeer } from './peer-handover.ts';
@@ -37,7 +40,8 @@ export interface JobResult extends JobFigures {
   error: { code: string; message: string } | null;
 }
 
-export type JobListener = (event: 'progress' | 'phase' | 'end', data: unknown) => void;
+/** `resumed`: once, at the start of a job resumed after its shim was restarted (figures.resume). */
+export type JobListener = (event: 'progress' | 'phase' | 'end' | 'resumed', data: unknown) => void;
 
 class AbortRequested extends Error {
   override name = 'AbortRequested';
@@ -49,7 +53,7 @@ export class MigrationJob {
   readonly from: string;
   readonly figures: JobFigures = {
     phase: 'starting', pass: 0, passDone: 0, passTotal: 0, passDataBytes: null, passDataDone: 0, bytesCopied: 0, dataBytes: 0, zeroBytes: 0, skippedBytes: 0,
-    mirroredBytes: 0, writes: null, rate: 0, passRate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null,
+    mirroredBytes: 0, writes: null, rate: 0, passRate: 0, dirtyBytes: 0, etaSeconds: null, switchedToMirror: false, stallMs: null, stallParts: null, resume: null,
     savings: { incrementalSkippedWrites: 0, incrementalSkippedBytes: 0, heatDeferredBytes: 0, heatSavedBytes: 0, bloomBytes: null, bitmapBytes: null, bloomFalsePositiveRate: null },
   };
   readonly done: Promise<JobResult>;
@@ -64,6 +68,9 @@ export class MigrationJob {
   /** copier.stats.extentBytes when the current pass began. */
   #passBase = 0;
   #mirror: Mirror | null = null;
+  /** Handover 'peer' with a job id: the state a restarted shim resumes from (resume-keeper.ts). */
+  readonly #keeper: ResumeKeeper | null;
+  readonly #resume: ResumeStart | null;
 
   private constructor(
     private readonly disk: MovableDisk,
@@ -72,6 +79,7 @@ export class MigrationJob {
     private readonly release: () => void,
     private readonly journal: string,
     private readonly strategy: Handover,
+    resume: ResumeStart | null,
   ) {
     this.from = disk.backing;
     this.#copier = new Copier(disk.bottom, dest.device, {
@@ -80,14 +88,20 @@ export class MigrationJob {
       limiter: new RateLimiter(opts.bandwidth),
       signal: this.#abort.signal,
     });
+    this.#resume = resume;
+    this.#keeper = opts.handover === 'peer' && opts.jobId && opts.destinationId
+      ? new ResumeKeeper(resumePath(disk.statePath), { jobId: opts.jobId, peer: opts.peer ?? '', destination: opts.destinationId, backing: disk.backing, size: disk.gate.size },
+        () => this.#mirror?.cursor ?? 0, () => this.#copier.stats.dataBytes, resume)
+      : null;
     this.done = this.#run();
   }
 
   /**
    * Claim the disk, check and open the destination, and start; errors here are the caller's.
    * The switch-over's strategy defaults to swapping the disk onto the destination here.
+   * `resume`: the shim was restarted mid-job; go on from what the old job persisted.
    */
-  static async start(disk: MovableDisk, opts: MigrateOptions, handover?: (dest: Destination) => Handover): Promise<MigrationJob> {
+  static async start(disk: MovableDisk, opts: MigrateOptions, handover?: (dest: Destination) => Handover, resume: ResumeStart | null = null): Promise<MigrationJob> {
     if (disk.readOnly) throw new ControlError('read-only', `${disk.label}: the shim serves its disk read-only; nothing to migrate live`);
     const release = disk.claim('migrate-storage');
     const journal = journalPath(disk.statePath);
@@ -96,7 +110,7 @@ export class MigrationJob {
       const dest = await openDestination(opts.to, facts, (path) => writeJournal(journal, path, true));
       if (opts.destinationZero) dest.initiallyZero = true;
       const strategy = handover ?? (opts.handover === 'peer' ? (d: Destination) => handOverToPeer(disk, d, opts.peer ?? 'the peer') : (d: Destination) => swapToLocalFile(disk, d));
-      return new MigrationJob(disk, opts, dest, release, journal, strategy(dest));
+      return new MigrationJob(disk, opts, dest, release, journal, strategy(dest), resume);
     } catch (e) {
       await removeJournal(journal).catch(() => {});
       release();
@@ -139,7 +153,7 @@ export class MigrationJob {
     };
   }
 
-  #emit(event: 'progress' | 'phase' | 'end', data: unknown): void {
+  #emit(event: 'progress' | 'phase' | 'end' | 'resumed', data: unknown): void {
     for (const fn of this.#listeners) {
       try {
         fn(event, data);
@@ -180,7 +194,8 @@ export class MigrationJob {
     // read the job's cursors; only the phases move them.
     const cursors = new JobCursors();
     const granularity = jobGranularity(gate.size, disk.granularity);
-    const { tracker, mirror } = migratingStack(disk.bottom, dest.device, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat, cursors, degradeAfterMs: opts.degradeAfterMs });
+    const keeper = this.#keeper;
+    const { tracker, mirror } = migratingStack(disk.bottom, dest.device, { kind: opts.tracker === 'bloom' ? 'bloom' : 'bitmap', granularity, heat: opts.heat, cursors, degradeAfterMs: opts.degradeAfterMs, onDegrade: keeper?.onDegrade });
     this.#mirror = mirror;
     let original: BlockDevice | null = null;
     let committed = false;
@@ -208,21 +223,42 @@ export class MigrationJob {
         this.#emit('progress', { ...this.figures, savings: undefined });
       },
       noteSet: (set: DirtySet) => this.#noteSet(set),
+      destZeroFrom: keeper?.zeroFrom ?? 0,
+      willWrite: (end) => keeper?.willWrite(end),
     };
     try {
       // Give the first tick a chance: the caller gets its answer (job started) first.
       await new Promise((r) => setImmediate(r));
+      // A resume needs the writes the shim served since its restart: its own tracker has them.
+      let sinceRestart: DirtySet | null = null;
       await gate.pause();
       try {
         original = gate.swap(tracker);
+        if (this.#resume && keeper && !keeper.copiesEverything) sinceRestart = original instanceof TrackerLayer && original.dirty ? original.swap() : null;
       } finally {
         gate.resume();
       }
+      if (keeper) {
+        if (this.#resume && !keeper.copiesEverything && !sinceRestart) keeper.copyEverything('the shim tracks no writes (--track none): what it served since its restart is unknown');
+        await keeper.start((e) => this.#emit('progress', { warning: `resume state: ${e.message}` }));
+        ctx.destZeroFrom = keeper.zeroFrom;
+      }
       let carry: DirtySet[] = [];
       if (opts.mode === 'mirror') {
-        await startMirroring(ctx, null);
+        const restart = await startMirroring(ctx, sinceRestart ? [sinceRestart] : null, keeper?.resumedFrom ?? 0);
+        if (this.#resume && keeper) {
+          this.figures.resume = keeper.figures(restart?.reduce((n, set) => n + set.dirtyBytes(), 0) ?? 0, keeper.note ?? this.#resume.note);
+          this.#emit('resumed', this.figures.resume);
+        }
+        keeper?.fullPass(true);
         await mirrorPass(ctx, null);
+        keeper?.fullPass(false);
+        // Only now the writes served between the restart and the resume (the full pass must
+        // never run after a pass that moved the cursor back: it skips holes as zeroes).
+        if (restart) await copyAgain(ctx, () => restart);
+        keeper?.initialCopyDone();
         await catchUp(ctx);
+        keeper?.caughtUp(mirror.degraded);
         if (opts.handover === 'peer') await this.#holdSynchronized(ctx);
         else await stopMirroring(ctx);
       } else {
@@ -240,6 +276,7 @@ export class MigrationJob {
       await sw.old.close().catch(() => {});
       if (opts.deleteSource && !isNbdUri(this.from)) await unlink(this.from).catch(() => {});
       await removeJournal(this.journal).catch(() => {});
+      await keeper?.end().catch(() => {});
       this.figures.phase = 'done';
       return this.#finish(null);
     } catch (e) {
@@ -249,6 +286,7 @@ export class MigrationJob {
       }
       const error = this.#describe(e);
       if (!committed) await this.#rollback(original, tracker, mirror);
+      await keeper?.end().catch(() => {});
       this.figures.phase = this.#abort.signal.aborted && !committed ? 'aborted' : 'failed';
       return this.#finish(error);
     } finally {
@@ -265,6 +303,7 @@ export class MigrationJob {
   async #holdSynchronized(ctx: JobContext): Promise<void> {
     for (;;) {
       await catchUp(ctx);
+      this.#keeper?.caughtUp(ctx.mirror.degraded);
       ctx.setPhase('synchronized');
       const why = await this.#waitSynchronized(ctx);
       if (why === 'handover' && !ctx.mirror.degraded) return;

@@ -19,7 +19,7 @@ export const MIRROR_WINDOW = 1024 * 1024;
  * Activate the mirror with the gate paused (no write in flight may straddle the change) and
  * take the tracker's set into `carry` so nothing written so far is missed.
  */
-export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null): Promise<DirtySet[] | null> {
+export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null, from = 0): Promise<DirtySet[] | null> {
   const { gate, tracker, mirror, cursors } = ctx;
   await gate.pause();
   try {
@@ -32,6 +32,8 @@ export async function startMirroring(ctx: JobContext, carry: DirtySet[] | null):
     // make the switch-over recopy mirrored blocks.
     cursors.trackNothing();
     cursors.mirrorFromStart();
+    // A resumed job: the destination is in step below `from` already (resume-state.ts).
+    if (from > 0) cursors.mirroredUpTo(from);
     mirror.start(carry ? new DirtyBitmap(ctx.size, ctx.granularity) : null);
   } finally {
     gate.resume();
@@ -65,15 +67,17 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null, phas
     cursors.mirroredUpTo(start);
     // Copying everything: a hole or zero extent ahead is passed in one step, not window by window.
     if (!sets && (await skipZeroExtent(ctx))) continue;
-    const end = Math.min(size, start + MIRROR_WINDOW);
+    // A window never straddles destZeroFrom: below it the destination may hold old data.
+    const end = Math.min(size, start + MIRROR_WINDOW, start < ctx.destZeroFrom ? ctx.destZeroFrom : Infinity);
     // Pay the bandwidth limit before taking the window, not while holding it: a guest
     // write into the window then waits for one window's I/O, never for the limiter.
     await copier.opts.limiter?.ready(ctx.signal);
     throwIfAborted(ctx.signal);
+    await ctx.willWrite(end);
     await mirror.hold(start, end);
     try {
       const work = sets ? unionRanges(sets.map((s) => s.ranges(start)), start, end) : [{ offset: start, length: end - start }];
-      await copier.copy(work, { destIsZero: !carry && ctx.dest.initiallyZero, chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency), deferLimit: true });
+      await copier.copy(work, { destIsZero: !carry && destIsZeroAt(ctx, start), chunkSize: Math.max(64 * 1024, MIRROR_WINDOW / copier.concurrency), deferLimit: true });
       cursors.mirroredUpTo(end);
     } finally {
       mirror.release();
@@ -103,26 +107,40 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null, phas
  * marked pending and copied when it gets there). Repeats if the pass degraded again.
  */
 export async function catchUp(ctx: JobContext): Promise<void> {
-  const { mirror, gate, cursors } = ctx;
+  const { mirror } = ctx;
   while (mirror.degraded) {
     ctx.setPhase('catching-up');
     await mirror.untilSettled(ctx.signal);
     throwIfAborted(ctx.signal);
     if (mirror.error) throw mirror.error;
-    let lagging: DirtySet | null;
-    // Paused: no write straddles taking the set and moving the cursor back.
-    await gate.pause();
-    try {
-      lagging = mirror.takeLagging();
-      if (lagging) {
-        cursors.mirrorFromStart();
-        mirror.start(new DirtyBitmap(ctx.size, ctx.granularity));
-      }
-    } finally {
-      gate.resume();
-    }
-    if (lagging) await mirrorPass(ctx, [lagging], 'catching-up');
+    await copyAgain(ctx, () => {
+      const lagging = mirror.takeLagging();
+      return lagging ? [lagging] : null;
+    });
   }
+}
+
+/**
+ * A mirror pass over the sets `take` returns alone (null: nothing to do), the cursor from the
+ * start: writes behind it are mirrored again, ahead of it marked pending and copied when it
+ * gets there. `take` runs with the gate paused, so no write straddles taking the sets and
+ * moving the cursor back. Holes in the sets are written as zeroes (the destination may hold
+ * older data there).
+ */
+export async function copyAgain(ctx: JobContext, take: () => DirtySet[] | null): Promise<void> {
+  const { mirror, gate, cursors } = ctx;
+  let sets: DirtySet[] | null;
+  await gate.pause();
+  try {
+    sets = take();
+    if (sets) {
+      cursors.mirrorFromStart();
+      mirror.start(new DirtyBitmap(ctx.size, ctx.granularity));
+    }
+  } finally {
+    gate.resume();
+  }
+  if (sets) await mirrorPass(ctx, sets, 'catching-up');
 }
 
 /** The most a zero extent skipped by the mirror pass covers in one step. */
@@ -138,14 +156,14 @@ const SKIP_MAX = 64 * 1024 * 1024 * 1024;
 async function skipZeroExtent(ctx: JobContext): Promise<boolean> {
   const { mirror, copier, size, cursors } = ctx;
   if (!copier.source.caps.canBlockStatus) return false;
-  const start = cursors.mirroredBelow, end = Math.min(size, start + SKIP_MAX);
+  const start = cursors.mirroredBelow, end = Math.min(size, start + SKIP_MAX, start < ctx.destZeroFrom ? ctx.destZeroFrom : Infinity);
   await mirror.hold(start, end);
   try {
     const [first] = await copier.source.blockStatus(start, end - start);
     if (!first || !first.zero || first.offset > start) return false;
     const stop = Math.min(end, first.offset + first.length);
     if (stop - start < MIRROR_WINDOW) return false;
-    await copier.zeroRange(start, stop - start, ctx.dest.initiallyZero);
+    await copier.zeroRange(start, stop - start, destIsZeroAt(ctx, start));
     cursors.mirroredUpTo(stop);
     return true;
   } finally {
@@ -176,6 +194,11 @@ export async function stopMirroring(ctx: JobContext): Promise<void> {
   } finally {
     gate.resume();
   }
+}
+
+/** The destination reads as zeroes from `start` (up to the end of a window that does not straddle destZeroFrom). */
+function destIsZeroAt(ctx: JobContext, start: number): boolean {
+  return ctx.dest.initiallyZero && start >= ctx.destZeroFrom;
 }
 
 /** Dirty bytes at or after `from` (an estimate for progress only; bounded work). */

@@ -60,6 +60,12 @@ export interface MemoryMigrateOptions {
   onEvent: (e: MigrateEvent) => void;
   /** Aborts the migration (before the commit) when it fires. */
   signal?: AbortSignal;
+  /**
+   * Runs once the source is in postmigrate (the guest stopped there) and before the commit
+   * lets the destination resume: moved disks whose mirror degraded catch up here
+   * (PeerDisks.inSync). A failure rolls the migration back.
+   */
+  beforeCommit?: () => Promise<void>;
 }
 
 export type MigrateEvent =
@@ -203,6 +209,8 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     const ended = await Promise.race([relay.forwardEnded.then(() => true), new Promise<false>((res) => setTimeout(() => res(false), 10_000).unref())]);
     if (!ended) o.onEvent({ event: 'warning', message: 'the source QEMU kept its migration socket open after completing: the destination cannot check the stream it received' });
     const stream = ended ? { bytes: relay.counts.forward, crc: relay.counts.forwardCrc } : undefined;
+
+    if (o.beforeCommit) await o.beforeCommit().catch((e: Error) => { throw new MigrateError('source', `before the commit: ${e.message}`); });
 
     // The point of no return: from here the destination owns the guest.
     committed = true;

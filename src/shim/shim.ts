@@ -40,6 +40,8 @@ export interface ShimOptions {
   socketMode?: number;
   /** Memory bounds of the NBD server (defaults in src/nbd/server.ts and server-transmission.ts). */
   nbdLimits?: NbdMemoryLimits;
+  /** Runs with the state path before the shim serves anything (nothing may write the disk before it resolves). */
+  beforeServe?: (statePath: string) => Promise<void>;
   /** Adds control methods (e.g. migrate.*) once the shim serves, before its control socket listens. */
   extend?: (shim: Shim) => void | Promise<void>;
 }
@@ -107,6 +109,7 @@ export class Shim {
     const control = new ControlServer();
     const shim = new Shim(opts, gate, state, server, control, bottom, lock);
     try {
+      if (!opts.readOnly) await opts.beforeServe?.(opts.statePath);
       await server.listenUnix(opts.socket, opts.socketMode ?? 0o600);
       if (opts.tcp) await server.listenTcp(opts.tcp.host, opts.tcp.port);
       control.on('status', () => shim.status());

@@ -30,7 +30,8 @@ export const GUEST_DISK_NODE = 'd0';
 export const GUEST_DISK_DEVICE = 'vd0';
 
 export type GuestMode = 'pattern' | 'verify' | 'writer' | 'idle' | 'dirty' | 'fillfree' | 'redirty';
-export type GuestDisk = { nbdSocket: string; exportName: string } | { file: string; format?: 'raw' | 'qcow2' };
+/** `reconnectDelay`: seconds QEMU holds the guest's requests while the NBD server is gone (default 0: they fail). */
+export type GuestDisk = { nbdSocket: string; exportName: string; reconnectDelay?: number } | { file: string; format?: 'raw' | 'qcow2' };
 
 export interface GuestParams {
   /** Blocks written/verified, or the writer's slot count (default 256). */
@@ -97,7 +98,7 @@ const q = (s: string) => s.replaceAll(',', ',,');
 
 function diskArgs(disk: GuestDisk): string[] {
   const node = 'nbdSocket' in disk
-    ? { driver: 'nbd', 'node-name': GUEST_DISK_NODE, server: { type: 'unix', path: disk.nbdSocket }, export: disk.exportName }
+    ? { driver: 'nbd', 'node-name': GUEST_DISK_NODE, server: { type: 'unix', path: disk.nbdSocket }, export: disk.exportName, ...(disk.reconnectDelay ? { 'reconnect-delay': disk.reconnectDelay } : {}) }
     : { driver: disk.format ?? 'raw', 'node-name': GUEST_DISK_NODE, file: { driver: 'file', filename: disk.file, 'node-name': `${GUEST_DISK_NODE}-file` } };
   // JSON -blockdev needs no escaping; the device id lets tests address it over QMP.
   return ['-blockdev', JSON.stringify(node), '-device', `virtio-blk-pci,drive=${GUEST_DISK_NODE},id=${GUEST_DISK_DEVICE}`];

@@ -158,10 +158,11 @@ export interface JsonLinesRun<E> { code: number | null; events: E[]; stderr: str
  * Run `cmd args` inside `host`'s namespace, parsing its stdout as JSON lines; `during` sees
  * each event as it comes (to cut the network at the right moment). Killed after `timeoutMs`.
  */
-export function jsonLinesInNs<E>(host: Host, cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; during?: (e: E) => void; argv?: HostArgv } = {}): Promise<JsonLinesRun<E>> {
+export function jsonLinesInNs<E>(host: Host, cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; during?: (e: E) => void; argv?: HostArgv; onSpawn?: (pid: number) => void } = {}): Promise<JsonLinesRun<E>> {
   const [c, argv] = opts.argv ? opts.argv(cmd, args) : nsArgv(host, cmd, args);
   return new Promise((resolve) => {
     const p = spawn(c, argv, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    if (p.pid !== undefined) opts.onSpawn?.(p.pid);
     onCleanup(() => { if (p.exitCode === null) p.kill('SIGKILL'); });
     const events: E[] = [];
     let buf = '', stderr = '';

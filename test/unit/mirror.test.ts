@@ -162,6 +162,41 @@ test('degraded: a write the peer leaves unanswered is answered by the source alo
   assert.equal(await peer.dev.read(8 * G, G), fill(4), 'mirrored again');
 });
 
+test('onDegrade: no write is answered by the source alone before the degradation is recorded; a failed record makes it wait for the peer', async () => {
+  const src = new MemoryDevice(SIZE), peer = cuttable(SIZE);
+  const cursors = new JobCursors();
+  let record!: () => void, fail!: (e: Error) => void, calls = 0;
+  const m = new Mirror(src, peer.dev, cursors, { degradeAfterMs: 30, granularity: G, onDegrade: () => { calls++; return new Promise<void>((res, rej) => { record = res; fail = rej; }); } });
+  m.start(new DirtyBitmap(SIZE, G));
+  cursors.mirroredUpTo(SIZE);
+  peer.cut();
+  let first = false, second = false;
+  const w1 = m.write(0, fill(1)).then(() => (first = true));
+  await new Promise((r) => setTimeout(r, 80));
+  assert.ok(m.degraded, 'the peer is late: the write is lagging');
+  const w2 = m.write(4 * G, fill(2)).then(() => (second = true));
+  await new Promise((r) => setTimeout(r, 20));
+  assert.not.ok(first || second, 'neither is acknowledged before the record is durable');
+  assert.is(calls, 1, 'one record per degradation');
+  record();
+  await Promise.all([w1, w2]);
+  peer.heal();
+  await m.untilSettled();
+  m.takeLagging();
+  // The next degradation is recorded again; a record that fails: the guest waits for the peer.
+  peer.cut();
+  let third = false;
+  const w3 = m.write(8 * G, fill(3)).then(() => (third = true));
+  await new Promise((r) => setTimeout(r, 80));
+  assert.is(calls, 2);
+  fail(new Error('EIO'));
+  await new Promise((r) => setTimeout(r, 20));
+  assert.not.ok(third, 'not recorded: it waits for the peer');
+  peer.heal();
+  await w3;
+  assert.equal(await peer.dev.read(8 * G, G), fill(3), 'the peer has it');
+});
+
 test('without degradeAfterMs a write waits for the peer, however long', async () => {
   const src = new MemoryDevice(SIZE), peer = cuttable(SIZE);
   const cursors = new JobCursors();

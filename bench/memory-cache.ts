@@ -76,6 +76,9 @@ interface Outcome {
   streamBytes: number;
   wireBytes: number;
   suspended: boolean;
+  /** CPU seconds per GiB of QEMU's stream of each relay's process (source: `done.cpuMs`; destination: the agent's log). */
+  srcCpu?: number;
+  dstCpu?: number;
   /** Set when the migration completed but the guest crashed on the destination. */
   broken?: string;
   cache?: CacheFigures;
@@ -104,9 +107,9 @@ function decodeMs(agentLog: string): number | null {
 }
 
 /** A median of the figures that exist ('-' when none does: no move had a delta, no decoder log). */
-function medOf(v: Array<number | null | undefined>, unit: string): string {
+function medOf(v: Array<number | null | undefined>, unit: string, digits = 0): string {
   const ok = v.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
-  return ok.length ? `${med(ok).toFixed(0)}${unit}` : '-';
+  return ok.length ? `${med(ok).toFixed(digits)}${unit}` : '-';
 }
 
 /** The cache's figures, medians over the moves: B/delta only over moves that had hits (was NaN with none). */
@@ -121,6 +124,8 @@ function rawBusyPct(windows: NonNullable<CacheFigures['windows']>): number | nul
   for (const w of windows) { all += w.in; if (!w.compressing && w.backlog > BUSY) rawBusy += w.in; }
   return all ? (100 * rawBusy) / all : null;
 }
+
+const perGiB = (ms: number, bytes: number) => (ms / 1000) * 1024 * MiB / bytes;
 
 function lastPass(vm: Vm): number {
   return vm.lines.length ? vm.lines[vm.lines.length - 1]!.n : 0;
@@ -162,7 +167,7 @@ export async function main(argv: string[]): Promise<void> {
         '--timeout', '120s', '--timeout-action', 'suspend', ...sys.args(o)], { cwd: root, timeoutMs: 300_000 });
       const wallMs = performance.now() - t0;
       const wireBytes = (await txBytes(hosts.a)) - tx0;
-      const done = r.events.find((e) => e.event === 'done') as (Event & { downtimeMs: number; transferred: number; relayed: { link: number; forwardCrc: number }; link: { reconnects: number; resentBytes: number }; cache?: CacheFigures }) | undefined;
+      const done = r.events.find((e) => e.event === 'done') as (Event & { cpuMs: number; downtimeMs: number; transferred: number; relayed: { link: number; forwardCrc: number }; link: { reconnects: number; resentBytes: number }; cache?: CacheFigures }) | undefined;
       // What the destination QEMU got, from this migration's agent log in B: the same bytes the source QEMU sent?
       await tls?.listener.stop();
       const agentLog = tls ? tls.listener.output() : (existsSync(agentDir) ? readdirSync(agentDir) : []).filter((f) => f.endsWith('.log') && !logs0.has(f)).map((f) => readFileSync(join(agentDir, f), 'utf8')).join('');
@@ -190,6 +195,7 @@ export async function main(argv: string[]): Promise<void> {
       const c = done.cache;
       const out: Outcome = {
         ok: true, broken, wallMs, qemuMs: info['total-time'] ?? NaN, downtimeMs: done.downtimeMs ?? NaN, guestGapMs: gap,
+        srcCpu: perGiB(done.cpuMs, done.transferred), dstCpu: perGiB(Number(/this process's CPU (\d+) ms/.exec(agentLog)?.[1] ?? NaN), done.transferred),
         qemuBytes: done.transferred, streamBytes: done.relayed.link, wireBytes, suspended: r.events.some((e) => e.event === 'warning' && String(e.message).includes('pausing the guest')),
         ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog), rawBusyPct: c.windows ? rawBusyPct(c.windows) : null } } : {}),
       };
@@ -197,7 +203,7 @@ export async function main(argv: string[]): Promise<void> {
       if (process.env.BENCH_VERBOSE) console.log(r.stderr.slice(-2000));
       // The governor's windows: QEMU MB/s in, link MB/s out, backlog, mode (C compressing, R raw).
       if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
-      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
+      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, CPU s/GiB source ${out.srcCpu!.toFixed(2)} destination ${out.dstCpu!.toFixed(2)}, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
       if (broken) {
         console.log(`  BROKEN: ${broken}`);
         await Promise.all([cur.guest.stop(), dst.guest.stop()]);
@@ -239,10 +245,11 @@ export async function main(argv: string[]): Promise<void> {
         rows.push([link, sys.name, `${rs.length}/${all.length}${rs.some((r) => r.suspended) ? ' (suspended)' : ''}${rs.some((r) => r.broken) ? ` (${rs.filter((r) => r.broken).length} crashed after)` : ''}`, m(rs, (r) => r.wireBytes) / MiB, m(rs, (r) => r.streamBytes) / MiB, m(rs, (r) => r.qemuBytes) / MiB,
           m(rs, (r) => r.qemuMs) / 1000, m(rs, (r) => r.wallMs) / 1000, m(rs, (r) => r.downtimeMs), m(rs, (r) => r.guestGapMs),
           m(rs, (r) => r.wireBytes) / m(plain, (r) => r.wireBytes), m(rs, (r) => r.qemuMs) / m(plain, (r) => r.qemuMs),
+          `${medOf(rs.map((r) => r.srcCpu), '', 2)} / ${medOf(rs.map((r) => r.dstCpu), '', 2)}`,
           c.length ? cacheSummary(c) : ''] as (string | number)[]);
       }
     }
-    console.log(table(['link', 'system', 'ok', 'wire MiB', 'stream MiB', 'QEMU MiB', 'QEMU total s', 'wall s', 'downtime ms', 'guest gap ms', 'wire / plain', 'time / plain', 'cache'], rows));
+    console.log(table(['link', 'system', 'ok', 'wire MiB', 'stream MiB', 'QEMU MiB', 'QEMU total s', 'wall s', 'downtime ms', 'guest gap ms', 'wire / plain', 'time / plain', 'CPU s/GiB src / dst', 'cache'], rows));
 
     // Issue 14's targets, from the medians above.
     const wan = links[0]![0];

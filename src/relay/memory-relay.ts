@@ -159,3 +159,9 @@ export async function destRelay(path: string, stream: Duplex, cache = false): Pr
   done.catch(() => {});
   return { counts, done };
 }
+
+/** CPU milliseconds (user + system) this process has used: what a relay's end costs, for `done` and the agent's log. */
+export function cpuMs(): number {
+  const c = process.cpuUsage();
+  return Math.round((c.user + c.system) / 1000);
+}

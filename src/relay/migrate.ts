@@ -19,7 +19,7 @@ import { Link } from '../link/link.ts';
 import { agentDialer, peerName as sshPeerName } from '../link/agent-link.ts';
 import { tlsDialer } from '../link/tls-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
-import { MEMORY_STREAM, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
+import { MEMORY_STREAM, cpuMs, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
 import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
 import type { CacheStats } from './cache/encoder.ts';
 import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
@@ -72,6 +72,8 @@ export type MigrateEvent =
   | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
   | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: RelayCounts; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats;
+    /** CPU milliseconds (user + system) this process used: the source relay, the link and its carrier, the QMP polling. */
+    cpuMs: number;
     /** The destination checked it received the stream the source QEMU sent (bytes and CRC-32) before running the guest. */
     streamVerified: boolean };
 
@@ -226,7 +228,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     if (link.state === 'running') await link.abort('finished: the guest runs on the destination');
     const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
     return {
-      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined,
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined, cpuMs: cpuMs(),
       ...(balloonSummary ? { balloon: balloonSummary } : {}),
       ...(relay.cache ? { cache: relay.cache.stats() } : {}),
     };

@@ -87,4 +87,28 @@ test('compressing carries less of QEMU\'s stream than raw did while the link was
   assert.ok(g.windows.length === 5 && g.windows[2]!.compressing && !g.windows[2]!.next, JSON.stringify(g.windows));
 });
 
+test('raw with the link keeping up for the through time: turned down for good (chunks pass through); a busy link ends it', async () => {
+  let backlog = 0;
+  const g = new Governor(() => backlog, 60_000, 1000);
+  g.compressing = false;
+  const window = async () => { await sleep(520); return g.account(4 << 20, 4 << 20, 0); };
+  await window();
+  assert.is(g.through, false, 'one quiet raw window is not enough');
+  await window();
+  await window();
+  assert.is(g.through, true, `quiet raw since more than 1 s: ${JSON.stringify(g.windows)}`);
+  backlog = BUSY * 2;
+  await window();
+  backlog = BUSY * 3;
+  assert.is(await window(), true, 'the link became the limit: compressing again (the encoder not measured yet)');
+  assert.is(g.through, false);
+});
+
+test('compressing on a busy link is never through, however long', async () => {
+  const g = new Governor(() => BUSY * 2, 60_000, 0);
+  for (let i = 0; i < 3; i++) { await sleep(520); g.account(4 << 20, 1 << 20, 10); }
+  assert.is(g.compressing, true);
+  assert.is(g.through, false);
+});
+
 test.run();

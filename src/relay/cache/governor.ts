@@ -26,9 +26,15 @@
 // When compressing carried less than 0.9 x what raw did, it goes raw and stays raw until the
 // figures are forgotten (REPROBE_MS, as above). Seen: compressing carried 19 MB/s of QEMU's
 // stream where the plain relay carried 33 (docs/performance.md, 2026-12-01 16:05).
+//
+// Turned down for good: raw while the link keeps up (never busy) for THROUGH_MS means the link
+// is not the limit, and compressing cannot win time there; the encoder then stops following
+// QEMU's records and passes whole chunks through (`through`; docs/memory-migration.md). A busy
+// window ends it (the governor's rules above may turn compression on again).
 export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
 const WINDOW_MS = 500;
 export const REPROBE_MS = 5000;
+export const THROUGH_MS = 2000;
 
 /** One window as the governor saw it: for the log, and to judge its choices afterwards. */
 export interface GovernorWindow {
@@ -65,8 +71,12 @@ export class Governor {
   private encMs = 0;
   private warm = false;
   private rawSince = 0;
+  /** Since when every window was raw with the link keeping up; null: not so now. */
+  private quietRawSince: number | null = null;
+  /** Raw, and the link kept up with QEMU's raw stream for THROUGH_MS: pass chunks through unparsed. */
+  through = false;
 
-  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS) {
+  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS, private readonly throughMs = THROUGH_MS) {
     this.backlog0 = backlog();
   }
 
@@ -107,6 +117,9 @@ export class Governor {
       this.sinceSwitch = 0;
       if (!want) this.rawSince = now;
     }
+    if (!was && !busy) this.quietRawSince ??= this.t0;
+    else this.quietRawSince = null;
+    this.through = !this.compressing && this.quietRawSince !== null && now - this.quietRawSince >= this.throughMs;
     if (this.windows.length === MAX_WINDOWS) this.windows.shift();
     this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
     this.t0 = now;

@@ -62,7 +62,7 @@ const XBZRLE: System = { name: 'QEMU XBZRLE', args: (o) => ['--compress', 'xbzrl
 const CACHE: System = { name: 'vmshift cache', args: (o) => ['--compress', 'cache', '--cache-size', o.cacheSize] };
 const ALL: Record<string, System> = { plain: PLAIN, xbzrle: XBZRLE, cache: CACHE };
 
-interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number; encodeMs?: number; decodeMs?: number | null; rawBusyPct?: number | null; windows?: Array<{ at: number; ms: number; compressing: boolean; in: number; out: number; encMs: number; backlog: number }> }
+interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; throughBytes?: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number; encodeMs?: number; decodeMs?: number | null; rawBusyPct?: number | null; windows?: Array<{ at: number; ms: number; compressing: boolean; through?: boolean; in: number; out: number; encMs: number; backlog: number }> }
 
 interface Outcome {
   ok: boolean;
@@ -76,7 +76,7 @@ interface Outcome {
   streamBytes: number;
   wireBytes: number;
   suspended: boolean;
-  /** CPU seconds per GiB of QEMU's stream of each relay's process (source: `done.cpuMs`; destination: the agent's log). */
+  /** CPU seconds per GiB of QEMU's stream of each relay's process (source: `done.cpuMs`, the whole move; destination: the agent's log, while the stream ran). */
   srcCpu?: number;
   dstCpu?: number;
   /** Set when the migration completed but the guest crashed on the destination. */
@@ -114,7 +114,7 @@ function medOf(v: Array<number | null | undefined>, unit: string, digits = 0): s
 
 /** The cache's figures, medians over the moves: B/delta only over moves that had hits (was NaN with none). */
 function cacheSummary(c: CacheFigures[]): string {
-  return `hits ${med(c.map((x) => x.hits))}, ${medOf(c.map((x) => (x.hits ? x.deltaBytes / x.hits : null)), ' B')}/delta, raw pages ${med(c.map((x) => x.bypassedPages))} of ${med(c.map((x) => x.pages))}` +
+  return `hits ${med(c.map((x) => x.hits))}, ${medOf(c.map((x) => (x.hits ? x.deltaBytes / x.hits : null)), ' B')}/delta, raw pages ${med(c.map((x) => x.bypassedPages))} of ${med(c.map((x) => x.pages))}, through ${medOf(c.map((x) => (x.throughBytes ?? NaN) / MiB), ' MiB')}` +
     ` (${medOf(c.map((x) => x.rawBusyPct), '%')} of QEMU's bytes raw while the link was busy), turned ${med(c.map((x) => x.modeChanges))}x, encode ${medOf(c.map((x) => x.encodeMs), ' ms')}, decode ${medOf(c.map((x) => x.decodeMs), ' ms')}`;
 }
 
@@ -195,14 +195,14 @@ export async function main(argv: string[]): Promise<void> {
       const c = done.cache;
       const out: Outcome = {
         ok: true, broken, wallMs, qemuMs: info['total-time'] ?? NaN, downtimeMs: done.downtimeMs ?? NaN, guestGapMs: gap,
-        srcCpu: perGiB(done.cpuMs, done.transferred), dstCpu: perGiB(Number(/this process's CPU (\d+) ms/.exec(agentLog)?.[1] ?? NaN), done.transferred),
+        srcCpu: perGiB(done.cpuMs, done.transferred), dstCpu: perGiB(Number(/this process's CPU (\d+) ms in the stream/.exec(agentLog)?.[1] ?? NaN), done.transferred),
         qemuBytes: done.transferred, streamBytes: done.relayed.link, wireBytes, suspended: r.events.some((e) => e.event === 'warning' && String(e.message).includes('pausing the guest')),
-        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog), rawBusyPct: c.windows ? rawBusyPct(c.windows) : null } } : {}),
+        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, throughBytes: c.throughBytes, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog), rawBusyPct: c.windows ? rawBusyPct(c.windows) : null } } : {}),
       };
       list.push(out);
       if (process.env.BENCH_VERBOSE) console.log(r.stderr.slice(-2000));
       // The governor's windows: QEMU MB/s in, link MB/s out, backlog, mode (C compressing, R raw).
-      if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
+      if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : w.through ? 'T' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
       console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, CPU s/GiB source ${out.srcCpu!.toFixed(2)} destination ${out.dstCpu!.toFixed(2)}, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
       if (broken) {
         console.log(`  BROKEN: ${broken}`);

@@ -160,8 +160,12 @@ export async function destRelay(path: string, stream: Duplex, cache = false): Pr
   return { counts, done };
 }
 
-/** CPU milliseconds (user + system) this process has used: what a relay's end costs, for `done` and the agent's log. */
-export function cpuMs(): number {
-  const c = process.cpuUsage();
+/**
+ * CPU milliseconds (user + system) this process used since `from` (a `process.cpuUsage()`): what
+ * one end of a move costs, for `done` and the agent's log (from the move's start: the process's
+ * own start, module loading and compiling, is ~1 s and would hide the relay's share).
+ */
+export function cpuMsSince(from: NodeJS.CpuUsage): number {
+  const c = process.cpuUsage(from);
   return Math.round((c.user + c.system) / 1000);
 }

@@ -43,6 +43,8 @@ export interface GovernorWindow {
   ms: number;
   /** Compressing during the window; QEMU bytes in, link bytes out, encoding time, backlog at its end. */
   compressing: boolean;
+  /** Passing chunks through unparsed during the window (turned down for good). */
+  through: boolean;
   in: number;
   out: number;
   encMs: number;
@@ -106,7 +108,7 @@ export class Governor {
     if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) { this.encoderRate = null; this.carried.compressing = null; }
     const { compressing: c, raw: r } = this.carried;
     const carriesLess = c !== null && r !== null && c < r * 0.9;
-    const was = this.compressing;
+    const was = this.compressing, wasThrough = this.through;
     let want = this.compressing;
     if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
     else if (this.compressing && busy) want = !carriesLess;
@@ -121,7 +123,7 @@ export class Governor {
     else this.quietRawSince = null;
     this.through = !this.compressing && this.quietRawSince !== null && now - this.quietRawSince >= this.throughMs;
     if (this.windows.length === MAX_WINDOWS) this.windows.shift();
-    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
+    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, through: wasThrough, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
     this.t0 = now;
     this.backlog0 = b1;
     this.qemuIn = 0;

@@ -87,6 +87,18 @@ test('compressing carries less of QEMU\'s stream than raw did while the link was
   assert.ok(g.windows.length === 5 && g.windows[2]!.compressing && !g.windows[2]!.next, JSON.stringify(g.windows));
 });
 
+test('the backlog above BUSY in most samples of a window is a busy link, whatever the window\'s two ends read (the send window holds it near BUSY)', async () => {
+  let backlog = 0;
+  const g = new Governor(() => backlog);
+  const t0 = performance.now();
+  backlog = BUSY * 2;
+  while (performance.now() - t0 < 480) { assert.is(g.account(64 << 10, 16 << 10, 0.1), true); await sleep(20); }
+  backlog = 0;
+  await sleep(40);
+  assert.is(g.account(64 << 10, 16 << 10, 0.1), true, 'link busy while compressing: compression stays on');
+  assert.ok(g.linkRate !== null, 'and the link\'s rate was measured');
+});
+
 test('raw with the link keeping up for the through time: turned down for good (chunks pass through); a busy link ends it', async () => {
   let backlog = 0;
   const g = new Governor(() => backlog, 60_000, 1000);

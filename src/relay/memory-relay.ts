@@ -127,12 +127,12 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
       // buffer. The link's send window (src/link/window.ts) now holds the writer at a few MiB
       // where it once let 32 MiB pile up, so a writer held by it (or bytes in its buffer) is
       // the governor's "busy" too: counted as at least BUSY, the figure that meant it before.
-      const link = stream as Duplex & { resident?: number; held?: boolean };
+      const link = stream as Duplex & { resident?: number; held?: boolean; heldMs?: number };
       const backlog = () => {
         const b = (link.resident ?? 0) + stream.writableLength;
         return link.held || stream.writableLength > 0 ? Math.max(b, BUSY + 1) : b;
       };
-      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog });
+      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog, heldMs: () => link.heldMs ?? 0 });
       relay.cache = e.encoder;
       codec = e.stream;
     }

@@ -34,6 +34,8 @@ export interface EncoderOptions {
   budget: number;
   /** Bytes written but not yet taken by the link; absent = always compress. */
   backlog?: () => number;
+  /** Milliseconds the link has held its writer, in all (the link stream's `heldMs`). */
+  heldMs?: () => number;
   /** FITO tuning (tests). */
   adjustEvery?: number;
   /** Start compressing (default) or passing pages through raw (benchmarks, tests of the switch). */
@@ -99,7 +101,7 @@ export class CacheEncoder {
   constructor(o: EncoderOptions) {
     this.slots = Math.max(1, Math.floor(o.budget / PAGE_SIZE));
     this.fito = new FitoList<number, number>({ maxEntries: this.slots, adjustEvery: o.adjustEvery }, (_k, slot) => this.free.push(slot));
-    this.governor = o.backlog ? new Governor(o.backlog) : null;
+    this.governor = o.backlog ? new Governor(o.backlog, undefined, undefined, o.heldMs) : null;
     if (o.compress === false) this.mode = 'raw';
   }
 

@@ -7,9 +7,12 @@
 //   L  the link's speed, from the windows in which bytes waited for it (busy: the backlog above
 //      BUSY in more than half of the samples, one at the window's start and one per encode call):
 //      what the link took = written - growth of the backlog.
-//      (Both ends of the window above BUSY was the rule before: the link's send window holds the
-//      backlog near BUSY, and on the 50 MiB/s WAN two samples at the ends read busy in almost no
-//      window, though the link carried its limit: the governor passed the stream through.)
+//      or, where the link says how long its writer was held by its send window (`heldMs`),
+//      held for more than half the window. (Both ends of the window above BUSY was the rule
+//      before: the send window holds the backlog near BUSY, and on the 50 MiB/s WAN two samples
+//      at the ends read busy in almost no window though the link carried its limit, and the
+//      governor passed the stream through. The samples alone are biased too: the encoder runs
+//      right after the link drained, when the backlog is lowest.)
 // and decides: compressing while the link is busy -> keep on (link-bound: compression wins).
 // Compressing while the link waits for us -> raw instead if the link is known to be faster
 // than the encoder (or not known yet: probe it raw). Raw while the link is busy -> compress
@@ -85,8 +88,11 @@ export class Governor {
   /** Raw, and the link kept up with QEMU's raw stream for THROUGH_MS: pass chunks through unparsed. */
   through = false;
 
-  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS, private readonly throughMs = THROUGH_MS) {
+  private held0: number;
+
+  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS, private readonly throughMs = THROUGH_MS, private readonly heldMs: () => number = () => 0) {
     this.backlog0 = backlog();
+    this.held0 = heldMs();
     if (this.backlog0 > BUSY) this.busySamples = 1;
   }
 
@@ -101,7 +107,9 @@ export class Governor {
     this.samples++;
     if (b1 > BUSY) this.busySamples++;
     if (dt < WINDOW_MS) return this.compressing;
-    const busy = this.busySamples * 2 > this.samples;
+    const held = this.heldMs();
+    const busy = this.busySamples * 2 > this.samples || (held - this.held0) * 2 > dt;
+    this.held0 = held;
     if (busy) this.linkRate = Math.max(0, (this.written - (b1 - this.backlog0)) / (dt / 1000));
     if (this.compressing && this.encMs > 50) {
       if (this.warm) this.encoderRate = this.encIn / (this.encMs / 1000);

@@ -27,9 +27,12 @@
 // The encoder and link figures can both say "compress" while compressing still moves QEMU's
 // stream slower: the limit may be the destination (its decoder costs more CPU than passing
 // through) or a CPU both ends share with the guest. So it also measures the outcome: how much of
-// QEMU's stream each mode carried per second in the windows the link was busy (C and R; the
-// first window of each mode is left out: the other mode's backlog still drains in it, or at the
-// start the encoder is cold).
+// QEMU's stream each mode carried per second (C and R; the first window of each mode is left
+// out: the other mode's backlog still drains in it, or at the start the encoder is cold). In
+// every window, not only the busy ones: compressing on a link that is the limit makes it not
+// busy (it then carries ~4x the stream), so C was seldom measured where it mattered, and on a
+// loaded host the link reads busy when the destination is slow to take the bytes, where
+// compressing (the decoder's CPU) carries less, seen at 3-30 MB/s against 20-50 raw.
 // When compressing carried less than 0.9 x what raw did, it goes raw and stays raw until the
 // figures are forgotten (REPROBE_MS, as above). Seen: compressing carried 19 MB/s of QEMU's
 // stream where the plain relay carried 33 (docs/performance.md, 2026-12-01 16:05).
@@ -69,7 +72,7 @@ export class Governor {
   /** Bytes per second; null until measured. */
   encoderRate: number | null = null;
   linkRate: number | null = null;
-  /** QEMU bytes per second carried while the link was busy, compressing and raw; null until measured. */
+  /** QEMU bytes per second carried, compressing and raw (first window of a mode left out); null until measured. */
   carried: { compressing: number | null; raw: number | null } = { compressing: null, raw: null };
   private sinceSwitch = 0;
   private t0 = performance.now();
@@ -117,7 +120,7 @@ export class Governor {
     }
     this.sinceSwitch++;
     // Not the first window of a mode (the other mode's backlog drains; at the start, the encoder is cold).
-    if (busy && (this.sinceSwitch > 1 || (this.changes === 0 && !this.compressing))) {
+    if (this.sinceSwitch > 1 || (this.changes === 0 && !this.compressing)) {
       const rate = this.qemuIn / (dt / 1000);
       const k = this.compressing ? 'compressing' : 'raw';
       const old = this.carried[k];
@@ -128,7 +131,7 @@ export class Governor {
     const carriesLess = c !== null && r !== null && c < r * 0.9;
     const was = this.compressing, wasThrough = this.through;
     let want = this.compressing;
-    if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
+    if (this.compressing && !busy) want = !carriesLess && this.linkRate !== null && this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
     else if (this.compressing && busy) want = !carriesLess;
     else if (!this.compressing && busy) want = !carriesLess && (this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1);
     if (want !== this.compressing) {

@@ -8,6 +8,8 @@
 //   decoder                 CacheDecoder on those frames
 //   encoder, pass-through   the encoder turned down (pages go raw: the reader and RAW frames only)
 //   decoder, pass-through
+//   encoder, through        turned down for good (whole chunks as THRU frames, the reader skimming)
+//   decoder, through
 // in 64 KiB chunks (what QEMU's socket gives the relay), with the CPU time of this process
 // (user+sys) and the wall time, and checks the sha256 of what the decoder gave back.
 import { createHash } from 'node:crypto';
@@ -77,8 +79,9 @@ export async function main(argv: string[]): Promise<void> {
     console.log(`stream ${file}: ${(stream.length / MiB).toFixed(1)} MiB; budget ${o.budget} MiB; load before: ${await load()}`);
     const rows: (string | number)[][] = [];
     for (let round = 0; round < o.rounds; round++) {
-      for (const mode of (process.env.CODEC_MODES ?? 'compressing,pass-through').split(',') as Array<'compressing' | 'pass-through'>) {
+      for (const mode of (process.env.CODEC_MODES ?? 'compressing,pass-through,through').split(',') as Array<'compressing' | 'pass-through' | 'through'>) {
         const enc = new CacheEncoder({ budget: o.budget * MiB, compress: mode === 'compressing' });
+        if (mode === 'through') enc.setMode('through');
         const e = timed(() => {
           const out: Buffer[] = [];
           for (const c of chunks(stream, 64 * 1024)) for (const f of enc.encode(c)) out.push(f);

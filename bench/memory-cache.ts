@@ -1,14 +1,18 @@
-// `npm run bench -- memory-cache [--rounds N] [--mib M] [--cache-size SIZE] [--rate MiB/s] [--no-fast]`:
+// `npm run bench -- memory-cache [--rounds N] [--mib M] [--cache-size SIZE] [--rate MiB/s] [--no-fast] [--carrier tls|ssh]`:
 // what the memory cache (src/relay/cache/) buys on a WAN (issue 14). The tiny guest in
 // mode=redirty (a working set of `--mib` MiB, default 64, rewritten pass after pass with one
 // byte in 64 changed) moves between two hosts (network namespaces A and B, sshd in B) with
-// `vmshift migrate` over SSH three ways, interleaved (order rotated each round):
+// `vmshift migrate` three ways, interleaved (order rotated each round), over TLS (default:
+// `vmshift link-agent --listen` in B, `--peer tls://`) or SSH (`--carrier ssh`, sshd in B):
 //   plain relay    --compress none: QEMU's stream as it is
 //   QEMU XBZRLE    --compress xbzrle --cache-size SIZE (the largest power of two within it)
 //   vmshift cache  --compress cache --cache-size SIZE
 // on a link limited to `--rate` MiB/s (default 50: tbf on both veth ends, inside the
 // namespaces; never on the machine's own interfaces) and on the unlimited veth (the fast link,
-// where the cache must not be slower: it turns itself down). The same QEMU parameters for all
+// where the cache must not be slower: it turns itself down). TLS is the default because the
+// link must be the limit for the bench to show what the cache buys: over ssh2 the plain relay
+// moved only 22-35 MiB/s on the 50 MiB/s WAN here (the carrier's CPU), over TLS the link's
+// rate (docs/performance.md). The same QEMU parameters for all
 // (return-path, downtime-limit 300 ms, max-bandwidth 4 GiB/s: the link is the limit).
 // Per row: bytes on the wire (A's veth tx counter: the SSH carrier's bytes, link framing,
 // TCP), bytes of the stream the relay put on the link, QEMU's ram.transferred, QEMU's
@@ -19,9 +23,10 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { bootGuest, ensureGuest } from '../test/helpers/guest.ts';
 import { cleanupAll, run, waitForSocket } from '../test/helpers/proc.ts';
-import { inNs, inNsStatus, jsonLinesInNs, startSshd, twoHosts, type Host, type TwoHosts } from '../test/helpers/hosts.ts';
-import { guestGap, med, qmp, watch, type MigrateInfo, type Vm } from './memory.ts';
+import { inNs, inNsStatus, jsonLinesInNs, makeCerts, startSshd, twoHosts, type Host, type TwoHosts } from '../test/helpers/hosts.ts';
+import { guestGap, med, qmp, tlsListener, watch, type MigrateInfo, type Vm } from './memory.ts';
 import { table } from './lib.ts';
+import { BUSY } from '../src/relay/cache/governor.ts';
 
 const root = new URL('..', import.meta.url).pathname;
 const vmshift = join(root, 'bin/vmshift');
@@ -29,10 +34,10 @@ const MiB = 1024 * 1024;
 const DOWNTIME_MS = 300;
 const BANDWIDTH = 4 * 1024 * MiB;
 
-interface Options { rounds: number; mib: number; cacheSize: string; rate: number; fast: boolean; only: string[] }
+interface Options { rounds: number; mib: number; cacheSize: string; rate: number; fast: boolean; only: string[]; carrier: 'tls' | 'ssh' }
 
 function parseArgs(args: string[]): Options {
-  const o: Options = { rounds: 2, mib: 64, cacheSize: '64M', rate: 50, fast: true, only: [] };
+  const o: Options = { rounds: 2, mib: 64, cacheSize: '64M', rate: 50, fast: true, only: [], carrier: 'tls' };
   for (let i = 0; i < args.length; i++) {
     const a = args[i];
     if (a === '--rounds') o.rounds = Number(args[++i]);
@@ -41,7 +46,11 @@ function parseArgs(args: string[]): Options {
     else if (a === '--rate') o.rate = Number(args[++i]);
     else if (a === '--no-fast') o.fast = false;
     else if (a === '--only') o.only.push(String(args[++i]));
-    else throw new Error(`bench memory-cache: unknown option ${a} (--rounds N, --mib M, --cache-size SIZE, --rate MiB/s, --no-fast, --only plain|xbzrle|cache)`);
+    else if (a === '--carrier') {
+      const c = String(args[++i]);
+      if (c !== 'tls' && c !== 'ssh') throw new Error(`bench memory-cache: --carrier ${c}: tls or ssh`);
+      o.carrier = c;
+    } else throw new Error(`bench memory-cache: unknown option ${a} (--rounds N, --mib M, --cache-size SIZE, --rate MiB/s, --no-fast, --only plain|xbzrle|cache, --carrier tls|ssh)`);
   }
   if (!(o.rounds >= 1) || !(o.mib >= 1) || !(o.rate > 0)) throw new Error('bench memory-cache: --rounds, --mib and --rate must be positive');
   return o;
@@ -53,7 +62,7 @@ const XBZRLE: System = { name: 'QEMU XBZRLE', args: (o) => ['--compress', 'xbzrl
 const CACHE: System = { name: 'vmshift cache', args: (o) => ['--compress', 'cache', '--cache-size', o.cacheSize] };
 const ALL: Record<string, System> = { plain: PLAIN, xbzrle: XBZRLE, cache: CACHE };
 
-interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number; encodeMs?: number; decodeMs?: number | null; windows?: Array<{ at: number; ms: number; compressing: boolean; in: number; out: number; encMs: number; backlog: number }> }
+interface CacheFigures { hits: number; misses: number; hitRate: number; deltaBytes: number; newBytes: number; bypassedPages: number; throughBytes?: number; modeChanges: number; encoderRate: number | null; linkRate: number | null; pages: number; encodeMs?: number; decodeMs?: number | null; rawBusyPct?: number | null; windows?: Array<{ at: number; ms: number; compressing: boolean; through?: boolean; in: number; out: number; encMs: number; backlog: number }> }
 
 interface Outcome {
   ok: boolean;
@@ -67,6 +76,9 @@ interface Outcome {
   streamBytes: number;
   wireBytes: number;
   suspended: boolean;
+  /** CPU seconds per GiB of QEMU's stream of each relay's process (source: `done.cpuMs`, the whole move; destination: the agent's log, while the stream ran). */
+  srcCpu?: number;
+  dstCpu?: number;
   /** Set when the migration completed but the guest crashed on the destination. */
   broken?: string;
   cache?: CacheFigures;
@@ -94,6 +106,27 @@ function decodeMs(agentLog: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
+/** A median of the figures that exist ('-' when none does: no move had a delta, no decoder log). */
+function medOf(v: Array<number | null | undefined>, unit: string, digits = 0): string {
+  const ok = v.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
+  return ok.length ? `${med(ok).toFixed(digits)}${unit}` : '-';
+}
+
+/** The cache's figures, medians over the moves: B/delta only over moves that had hits (was NaN with none). */
+function cacheSummary(c: CacheFigures[]): string {
+  return `hits ${med(c.map((x) => x.hits))}, ${medOf(c.map((x) => (x.hits ? x.deltaBytes / x.hits : null)), ' B')}/delta, raw pages ${med(c.map((x) => x.bypassedPages))} of ${med(c.map((x) => x.pages))}, through ${medOf(c.map((x) => (x.throughBytes ?? NaN) / MiB), ' MiB')}` +
+    ` (${medOf(c.map((x) => x.rawBusyPct), '%')} of QEMU's bytes raw while the link was busy), turned ${med(c.map((x) => x.modeChanges))}x, encode ${medOf(c.map((x) => x.encodeMs), ' ms')}, decode ${medOf(c.map((x) => x.decodeMs), ' ms')}`;
+}
+
+/** The share of QEMU's bytes the governor sent raw in windows where the link was the limit (backlog above BUSY). */
+function rawBusyPct(windows: NonNullable<CacheFigures['windows']>): number | null {
+  let all = 0, rawBusy = 0;
+  for (const w of windows) { all += w.in; if (!w.compressing && w.backlog > BUSY) rawBusy += w.in; }
+  return all ? (100 * rawBusy) / all : null;
+}
+
+const perGiB = (ms: number, bytes: number) => (ms / 1000) * 1024 * MiB / bytes;
+
 function lastPass(vm: Vm): number {
   return vm.lines.length ? vm.lines[vm.lines.length - 1]!.n : 0;
 }
@@ -104,7 +137,7 @@ export async function main(argv: string[]): Promise<void> {
   const SYSTEMS = o.only.length ? o.only.map((k) => ALL[k]!) : [PLAIN, XBZRLE, CACHE];
   const load = async () => (await run('uptime', [])).stdout.trim();
   console.log(`load before: ${await load()}`);
-  console.log(`guest: mode=redirty mib=${o.mib} (256 MiB RAM); cache size ${o.cacheSize}; WAN ${o.rate} MiB/s${o.fast ? ' and the unlimited veth' : ''}; ${o.rounds} round(s)`);
+  console.log(`guest: mode=redirty mib=${o.mib} (256 MiB RAM); cache size ${o.cacheSize}; WAN ${o.rate} MiB/s${o.fast ? ' and the unlimited veth' : ''}; carrier ${o.carrier}; ${o.rounds} round(s)`);
   try {
     await ensureGuest();
     const hosts = await twoHosts();
@@ -114,7 +147,8 @@ export async function main(argv: string[]): Promise<void> {
       const q = join(hosts.dir, `q${++n}.qmp`);
       return watch(bootGuest({ mode: 'redirty', params: { mib: o.mib }, qmpSocket: q, extraArgs: incoming ? ['-incoming', 'defer', '-S'] : [] }), q);
     };
-    const peer = ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
+    const sshPeer = ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
+    const certs = o.carrier === 'tls' ? await makeCerts(join(hosts.dir, 'certs'), hosts.b.addr) : null;
     const results = new Map<string, Outcome[]>();
 
     const step = async (link: string, cur: Vm, sys: System): Promise<Vm> => {
@@ -122,6 +156,9 @@ export async function main(argv: string[]): Promise<void> {
       await waitForSocket(dst.qmp, dst.guest.daemon);
       const agentDir = join(hosts.dir, 'agent');
       const logs0 = new Set(existsSync(agentDir) ? readdirSync(agentDir) : []);
+      // Over TLS a listener per move: its output is this move's agent log.
+      const tls = certs ? await tlsListener(hosts, vmshift, certs) : null;
+      const peer = tls ? tls.peer : sshPeer;
       const tx0 = await txBytes(hosts.a);
       const t0 = performance.now();
       // --timeout ... suspend: a plain relay that cannot keep up with the guest still completes (and says so).
@@ -130,9 +167,10 @@ export async function main(argv: string[]): Promise<void> {
         '--timeout', '120s', '--timeout-action', 'suspend', ...sys.args(o)], { cwd: root, timeoutMs: 300_000 });
       const wallMs = performance.now() - t0;
       const wireBytes = (await txBytes(hosts.a)) - tx0;
-      const done = r.events.find((e) => e.event === 'done') as (Event & { downtimeMs: number; transferred: number; relayed: { link: number; forwardCrc: number }; link: { reconnects: number; resentBytes: number }; cache?: CacheFigures }) | undefined;
+      const done = r.events.find((e) => e.event === 'done') as (Event & { cpuMs: number; downtimeMs: number; transferred: number; relayed: { link: number; forwardCrc: number }; link: { reconnects: number; resentBytes: number }; cache?: CacheFigures }) | undefined;
       // What the destination QEMU got, from this migration's agent log in B: the same bytes the source QEMU sent?
-      const agentLog = (existsSync(agentDir) ? readdirSync(agentDir) : []).filter((f) => f.endsWith('.log') && !logs0.has(f)).map((f) => readFileSync(join(agentDir, f), 'utf8')).join('');
+      await tls?.listener.stop();
+      const agentLog = tls ? tls.listener.output() : (existsSync(agentDir) ? readdirSync(agentDir) : []).filter((f) => f.endsWith('.log') && !logs0.has(f)).map((f) => readFileSync(join(agentDir, f), 'utf8')).join('');
       const dstCrc = /crc32 of what QEMU got ([0-9a-f]{8})/.exec(agentLog)?.[1] ?? null;
       const same = done && dstCrc !== null ? parseInt(dstCrc, 16) === done.relayed.forwardCrc : null;
       if (same === false || process.env.BENCH_VERBOSE) console.log(`  agent log:\n${agentLog.slice(-1500)}`);
@@ -157,14 +195,15 @@ export async function main(argv: string[]): Promise<void> {
       const c = done.cache;
       const out: Outcome = {
         ok: true, broken, wallMs, qemuMs: info['total-time'] ?? NaN, downtimeMs: done.downtimeMs ?? NaN, guestGapMs: gap,
+        srcCpu: perGiB(done.cpuMs, done.transferred), dstCpu: perGiB(Number(/this process's CPU (\d+) ms in the stream/.exec(agentLog)?.[1] ?? NaN), done.transferred),
         qemuBytes: done.transferred, streamBytes: done.relayed.link, wireBytes, suspended: r.events.some((e) => e.event === 'warning' && String(e.message).includes('pausing the guest')),
-        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog) } } : {}),
+        ...(c ? { cache: { hits: c.hits, misses: c.misses, hitRate: c.hitRate, deltaBytes: c.deltaBytes, newBytes: c.newBytes, bypassedPages: c.bypassedPages, throughBytes: c.throughBytes, modeChanges: c.modeChanges, encoderRate: c.encoderRate, linkRate: c.linkRate, pages: c.pages, encodeMs: c.encodeMs, decodeMs: decodeMs(agentLog), rawBusyPct: c.windows ? rawBusyPct(c.windows) : null } } : {}),
       };
       list.push(out);
       if (process.env.BENCH_VERBOSE) console.log(r.stderr.slice(-2000));
       // The governor's windows: QEMU MB/s in, link MB/s out, backlog, mode (C compressing, R raw).
-      if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
-      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
+      if (process.env.BENCH_VERBOSE && c?.windows?.length) console.log(`  governor: ${c.windows.map((w) => `${w.compressing ? 'C' : w.through ? 'T' : 'R'} ${(w.in / w.ms / 1000).toFixed(0)}/${(w.out / w.ms / 1000).toFixed(0)} MB/s b${(w.backlog / MiB).toFixed(0)}`).join(', ')}`);
+      console.log(`${key}: wall ${(wallMs / 1000).toFixed(1)} s, CPU s/GiB source ${out.srcCpu!.toFixed(2)} destination ${out.dstCpu!.toFixed(2)}, QEMU ${out.qemuMs} ms, downtime ${out.downtimeMs} ms, gap ${Math.round(gap)} ms, QEMU ${(out.qemuBytes / MiB).toFixed(1)} MiB, stream ${(out.streamBytes / MiB).toFixed(1)} MiB (${same === null ? 'not compared' : same ? 'arrived identical' : 'ARRIVED DIFFERENT'}), link ${JSON.stringify({ reconnects: done.link.reconnects, resent: done.link.resentBytes })}, wire ${(wireBytes / MiB).toFixed(1)} MiB${info['xbzrle-cache'] ? `, QEMU's XBZRLE pages ${info['xbzrle-cache'].pages}` : ''}${out.suspended ? ', SUSPENDED at the timeout' : ''}${c ? `, cache ${JSON.stringify({ ...out.cache, windows: undefined })}` : ''}`);
       if (broken) {
         console.log(`  BROKEN: ${broken}`);
         await Promise.all([cur.guest.stop(), dst.guest.stop()]);
@@ -206,10 +245,11 @@ export async function main(argv: string[]): Promise<void> {
         rows.push([link, sys.name, `${rs.length}/${all.length}${rs.some((r) => r.suspended) ? ' (suspended)' : ''}${rs.some((r) => r.broken) ? ` (${rs.filter((r) => r.broken).length} crashed after)` : ''}`, m(rs, (r) => r.wireBytes) / MiB, m(rs, (r) => r.streamBytes) / MiB, m(rs, (r) => r.qemuBytes) / MiB,
           m(rs, (r) => r.qemuMs) / 1000, m(rs, (r) => r.wallMs) / 1000, m(rs, (r) => r.downtimeMs), m(rs, (r) => r.guestGapMs),
           m(rs, (r) => r.wireBytes) / m(plain, (r) => r.wireBytes), m(rs, (r) => r.qemuMs) / m(plain, (r) => r.qemuMs),
-          c.length ? `hits ${med(c.map((x) => x.hits))}, ${med(c.map((x) => x.hits ? x.deltaBytes / x.hits : NaN)).toFixed(0)} B/delta, raw pages ${med(c.map((x) => x.bypassedPages))}, turned ${med(c.map((x) => x.modeChanges))}x, encode ${med(c.map((x) => x.encodeMs ?? NaN)).toFixed(0)} ms, decode ${med(c.map((x) => x.decodeMs ?? NaN)).toFixed(0)} ms` : ''] as (string | number)[]);
+          `${medOf(rs.map((r) => r.srcCpu), '', 2)} / ${medOf(rs.map((r) => r.dstCpu), '', 2)}`,
+          c.length ? cacheSummary(c) : ''] as (string | number)[]);
       }
     }
-    console.log(table(['link', 'system', 'ok', 'wire MiB', 'stream MiB', 'QEMU MiB', 'QEMU total s', 'wall s', 'downtime ms', 'guest gap ms', 'wire / plain', 'time / plain', 'cache'], rows));
+    console.log(table(['link', 'system', 'ok', 'wire MiB', 'stream MiB', 'QEMU MiB', 'QEMU total s', 'wall s', 'downtime ms', 'guest gap ms', 'wire / plain', 'time / plain', 'CPU s/GiB src / dst', 'cache'], rows));
 
     // Issue 14's targets, from the medians above.
     const wan = links[0]![0];

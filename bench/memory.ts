@@ -202,6 +202,15 @@ const openssh: System = {
 
 interface Event { event: string; [k: string]: unknown }
 
+/** `vmshift link-agent --listen` in B on a random port, and the `--peer tls://` arguments that reach it. */
+export async function tlsListener(hosts: TwoHosts, vmshift: string, certs: string, shared = false): Promise<{ listener: ReturnType<typeof daemonInNs>; peer: string[] }> {
+  const port = 30000 + Math.floor(Math.random() * 10000);
+  const listener = daemonInNs(hosts.b, vmshift, ['link-agent', '--listen', `${hosts.b.addr}:${port}`, '--tls-dir', certs,
+    '--socket-dir', join(hosts.dir, 'tls-agent'), ...(shared ? ['--shared-dir', hosts.shared] : [])]);
+  for (let i = 0; i < 400 && !listener.output().includes('listening'); i++) await sleep(25);
+  return { listener, peer: ['--peer', `tls://${hosts.b.addr}:${port}`, '--tls-dir', certs] };
+}
+
 /** The CPU the newest agent in `dir` logged when it finished (src/link/agent.ts), in ms. */
 async function agentCpuMs(dir: string): Promise<number | null> {
   if (!existsSync(dir)) return null;
@@ -225,11 +234,7 @@ function vmshiftSystem(carrier: 'ssh' | 'tls', shared: boolean, vmshift = defaul
       if (carrier === 'ssh') {
         peer = ['--peer', `ssh://root@${hosts.b.addr}:${sshd.port}`, '--identity', sshd.identity, '--known-hosts', sshd.knownHosts];
       } else {
-        const port = 30000 + Math.floor(Math.random() * 10000);
-        listener = daemonInNs(hosts.b, vmshift, ['link-agent', '--listen', `${hosts.b.addr}:${port}`, '--tls-dir', ctx.certs!,
-          '--socket-dir', join(hosts.dir, 'tls-agent'), ...(shared ? ['--shared-dir', hosts.shared] : [])]);
-        for (let i = 0; i < 400 && !listener.output().includes('listening'); i++) await sleep(25);
-        peer = ['--peer', `tls://${hosts.b.addr}:${port}`, '--tls-dir', ctx.certs!];
+        ({ listener, peer } = await tlsListener(hosts, vmshift, ctx.certs!, shared));
       }
       const t0 = performance.now();
       let faulted = false;

@@ -48,6 +48,8 @@ export class LinkStream extends Duplex {
   /** How far the writer may run ahead of the peer's acknowledgements on the network (window.ts). */
   readonly window: SendWindow;
   private waitingWrite: ((e?: Error | null) => void) | null = null;
+  private heldSince = 0;
+  private heldTotal = 0;
 
   // -- receiving --
   recvNext = 0;
@@ -84,6 +86,23 @@ export class LinkStream extends Duplex {
     return this.waitingWrite !== null;
   }
 
+  /** Milliseconds the writer has been held, in all (the memory cache's governor: the share of a window the link was the limit). */
+  get heldMs(): number {
+    return this.heldTotal + (this.waitingWrite ? performance.now() - this.heldSince : 0);
+  }
+
+  private hold(cb: (e?: Error | null) => void): void {
+    this.waitingWrite = cb;
+    this.heldSince = performance.now();
+  }
+
+  private unhold(): ((e?: Error | null) => void) | null {
+    const w = this.waitingWrite;
+    if (w) this.heldTotal += performance.now() - this.heldSince;
+    this.waitingWrite = null;
+    return w;
+  }
+
   /** What we may acknowledge: what the user has read (bytes still in our readable buffer are not). */
   ackOffset(): number {
     return this.recvNext - this.readableLength;
@@ -107,7 +126,7 @@ export class LinkStream extends Duplex {
     }
     this.host.kick();
     if (this.admits()) cb();
-    else this.waitingWrite = cb;
+    else this.hold(cb);
   }
 
   override _final(cb: (e?: Error | null) => void): void {
@@ -136,9 +155,7 @@ export class LinkStream extends Duplex {
 
   override _destroy(err: Error | null, cb: (e?: Error | null) => void): void {
     this.host.onStreamDestroyed(this, err);
-    const w = this.waitingWrite;
-    this.waitingWrite = null;
-    w?.(err);
+    this.unhold()?.(err);
     cb(err);
   }
 
@@ -162,11 +179,7 @@ export class LinkStream extends Duplex {
 
   /** Let a held write through once it is within the window and memory below its bound again. */
   release(): void {
-    if (this.waitingWrite && this.admits()) {
-      const w = this.waitingWrite;
-      this.waitingWrite = null;
-      w();
-    }
+    if (this.waitingWrite && this.admits()) this.unhold()!();
   }
 
   /** The chunk holding `offset`, by binary search (chunks are contiguous and ascending). */

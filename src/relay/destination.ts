@@ -15,7 +15,7 @@ import { QmpClient } from '../qemu/qmp.ts';
 import type { Link } from '../link/link.ts';
 import type { LinkStream } from '../link/stream.ts';
 import { CONTROL_STREAM, Control, type ControlMsg } from './control.ts';
-import { MEMORY_STREAM, destRelay, type RelayCounts } from './memory-relay.ts';
+import { MEMORY_STREAM, cpuMsSince, destRelay, type RelayCounts } from './memory-relay.ts';
 
 interface MigrateStatus { status?: string; 'error-desc'?: string }
 
@@ -172,8 +172,9 @@ export function serveDestination(link: Link, fixedQmp: string | undefined, incom
   link.on('stream', (s: LinkStream) => {
     if (s.streamName === CONTROL_STREAM) void onControl(new Control(s, 'the source host'));
     else if (s.streamName === MEMORY_STREAM) {
+      const cpu0 = process.cpuUsage();
       destRelay(incomingPath, s, cache).then(
-        (r) => { relayed = r.counts; return r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward} in ${r.counts.codecMs} ms of decoding)` : ''}, ${r.counts.back} bytes of return path out; crc32 of what QEMU got ${r.counts.forwardCrc.toString(16).padStart(8, '0')}`), (e: Error) => log(`memory relay: ${e.message}`)); },
+        (r) => { relayed = r.counts; return r.done.then(() => log(`memory stream done: ${r.counts.link} bytes from the link${cache ? ` (the cache rebuilt ${r.counts.forward} in ${r.counts.codecMs} ms of decoding)` : ''}, ${r.counts.back} bytes of return path out; crc32 of what QEMU got ${r.counts.forwardCrc.toString(16).padStart(8, '0')}; this process's CPU ${cpuMsSince(cpu0)} ms in the stream`), (e: Error) => log(`memory relay: ${e.message}`)); },
         (e: Error) => { log(e.message); s.destroy(e); },
       );
     }

@@ -127,12 +127,12 @@ export async function sourceRelay(path: string, open: () => Duplex, cache?: Cach
       // buffer. The link's send window (src/link/window.ts) now holds the writer at a few MiB
       // where it once let 32 MiB pile up, so a writer held by it (or bytes in its buffer) is
       // the governor's "busy" too: counted as at least BUSY, the figure that meant it before.
-      const link = stream as Duplex & { resident?: number; held?: boolean };
+      const link = stream as Duplex & { resident?: number; held?: boolean; heldMs?: number };
       const backlog = () => {
         const b = (link.resident ?? 0) + stream.writableLength;
         return link.held || stream.writableLength > 0 ? Math.max(b, BUSY + 1) : b;
       };
-      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog });
+      const e = encoderStream({ budget: cache.budget, backlog: cache.turnDown === false ? undefined : backlog, heldMs: () => link.heldMs ?? 0 });
       relay.cache = e.encoder;
       codec = e.stream;
     }
@@ -158,4 +158,14 @@ export async function destRelay(path: string, stream: Duplex, cache = false): Pr
   const done = splice(sock, stream, counts, false, d?.stream).finally(() => { if (d) counts.codecMs = Math.round(d.decoder.ms); });
   done.catch(() => {});
   return { counts, done };
+}
+
+/**
+ * CPU milliseconds (user + system) this process used since `from` (a `process.cpuUsage()`): what
+ * one end of a move costs, for `done` and the agent's log (from the move's start: the process's
+ * own start, module loading and compiling, is ~1 s and would hide the relay's share).
+ */
+export function cpuMsSince(from: NodeJS.CpuUsage): number {
+  const c = process.cpuUsage(from);
+  return Math.round((c.user + c.system) / 1000);
 }

@@ -19,7 +19,7 @@ import { Link } from '../link/link.ts';
 import { agentDialer, peerName as sshPeerName } from '../link/agent-link.ts';
 import { tlsDialer } from '../link/tls-carrier.ts';
 import { CONTROL_STREAM, Control } from './control.ts';
-import { MEMORY_STREAM, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
+import { MEMORY_STREAM, cpuMsSince, sourceRelay, type RelayCounts, type SourceRelay } from './memory-relay.ts';
 import { chooseParameters, type Compress } from '../policy/qemu-params.ts';
 import type { CacheStats } from './cache/encoder.ts';
 import { giveBack, probeBalloon, shrink, watch, type BalloonRun, type ShrinkResult } from '../balloon/shrink.ts';
@@ -78,6 +78,8 @@ export type MigrateEvent =
   | ({ event: 'balloon' } & BalloonDecision)
   | { event: 'committed' }
   | { event: 'done'; ms: number; downtimeMs: number | null; transferred: number; relayed: RelayCounts; link: ReturnType<Link['stats']>; balloon?: BalloonSummary; cache?: CacheStats;
+    /** CPU milliseconds (user + system) this process used in the move: the source relay, the link and its carrier, QMP. */
+    cpuMs: number;
     /** The destination checked it received the stream the source QEMU sent (bytes and CRC-32) before running the guest. */
     streamVerified: boolean };
 
@@ -98,6 +100,7 @@ const ACTIVE = new Set(['setup', 'active', 'pre-switchover', 'device', 'wait-unp
 
 export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEvent & { event: 'done' }> {
   const t0 = performance.now();
+  const cpu0 = process.cpuUsage();
   const src = await QmpClient.connect(o.qmp, { connectTimeoutMs: 5000 }).catch((e: Error) => { throw new MigrateError('source', `cannot reach the source QEMU at ${o.qmp}: ${e.message}`); });
   const st0 = await src.execute<{ status: string }>('query-status');
   if (st0.status !== 'running' && st0.status !== 'paused') { await src.close(); throw new MigrateError('source', `the source guest is "${st0.status}"; only a running or paused guest can migrate`); }
@@ -234,7 +237,7 @@ export async function migrateMemory(o: MemoryMigrateOptions): Promise<MigrateEve
     if (link.state === 'running') await link.abort('finished: the guest runs on the destination');
     const balloonSummary = balloon && shrunk ? { ...shrunk, atSwitch: await balloon.balloon.actual().catch(() => shrunk!.actual), restored: ans.op === 'running' ? ans.balloon ?? null : null } : undefined;
     return {
-      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined,
+      event: 'done', ms: Math.round(performance.now() - t0), downtimeMs: info.downtime ?? null, transferred: info.ram?.transferred ?? 0, relayed: relay.counts, link: link.stats(), streamVerified: stream !== undefined, cpuMs: cpuMsSince(cpu0),
       ...(balloonSummary ? { balloon: balloonSummary } : {}),
       ...(relay.cache ? { cache: relay.cache.stats() } : {}),
     };

@@ -12,7 +12,7 @@ import { bootGuest, ensureGuest, type Guest } from '../helpers/guest.ts';
 import { cleanupAll, tempDir, waitForSocket } from '../helpers/proc.ts';
 import { recordStream } from '../helpers/mig-streams.ts';
 import { StreamReader } from '../../src/memstream/reader.ts';
-import { CacheEncoder } from '../../src/relay/cache/encoder.ts';
+import { CacheEncoder, type EncoderMode } from '../../src/relay/cache/encoder.ts';
 import { CacheDecoder } from '../../src/relay/cache/decoder.ts';
 import { decoderStream, encoderStream } from '../../src/relay/cache/streams.ts';
 
@@ -124,6 +124,57 @@ test('compression turned off and on every 1, 3 and 17 chunks (the governor\'s sw
       if (name === 'dirty') assert.ok(st.hits > 20, `hits across switches: ${st.hits}`);
     }
   }
+});
+
+test('turned down for good and back (whole chunks as THRU frames, the reader skimming) every 1, 5 and 17 chunks, chunks of any size: the same sha256', () => {
+  const modes: EncoderMode[] = ['compress', 'through', 'raw', 'through', 'compress', 'raw'];
+  for (const name of ['dirty', 'xbzrle'] as const) {
+    const input = streams[name];
+    for (const [every, max] of [[1, 65536], [5, 300], [17, 9000]] as const) {
+      const enc = new CacheEncoder({ budget: 64 << 20 });
+      const out: Buffer[] = [];
+      let n = 0, k = 0;
+      for (const c of chunks(input, max, every)) {
+        if (++n % every === 0) enc.setMode(modes[k++ % modes.length]!);
+        out.push(...enc.encode(c));
+      }
+      out.push(...enc.finish());
+      const { out: back, error } = decode(Buffer.concat(out), 50_000, every);
+      assert.is(error, null);
+      assert.ok(back.equals(input), `${name}, switched every ${every} chunks of 1..${max} bytes: ${back.length} of ${input.length} bytes`);
+      const st = enc.stats();
+      // (Chunks of 300 bytes at most, switched every 5: no page record is ever followed whole.)
+      assert.ok(st.throughBytes > input.length / 5 && (max < 4096 || (st.bypassedPages > 10 && st.pages - st.bypassedPages > 10)), JSON.stringify({ ...st, history: undefined, windows: undefined }));
+    }
+  }
+});
+
+test('THRU frames: a cut, a flipped bit in a head, or garbage from a frame\'s start never give a wrong byte', () => {
+  const input = streams.dirty;
+  const enc = new CacheEncoder({ budget: 64 << 20 });
+  enc.setMode('through');
+  const frames = Buffer.concat([...enc.encode(input.subarray(0, 65536)), ...[...chunks(input.subarray(65536), 65536, 3)].flatMap((c) => enc.encode(c)), ...enc.finish()]);
+  assert.is(frames[12], 0x04, 'a THRU frame after the hello');
+  const ok = decode(frames);
+  assert.is(ok.error, null);
+  assert.ok(ok.out.equals(input));
+  const second = 12 + 9 + 65536; // the second frame's head
+  const check = (bad: Buffer, what: string) => {
+    const r = decode(bad);
+    assert.ok(r.out.equals(input.subarray(0, r.out.length)), `${what}: what came out is a prefix`);
+    assert.ok(r.error, `${what}: reported (${r.out.length} good bytes)`);
+  };
+  check(frames.subarray(0, second + 100), 'cut inside a THRU frame');
+  check(frames.subarray(0, second + 4), 'cut inside a THRU head');
+  for (const bit of [0, 10, 40, 70]) {
+    const flip = Buffer.from(frames);
+    flip[second + (bit >> 3)] ^= 1 << (bit & 7);
+    check(flip, `bit ${bit} of a THRU head flipped`);
+  }
+  let s = 5;
+  const junk = Buffer.alloc(100_000);
+  for (let i = 0; i < junk.length; i++) { s = (s * 1103515245 + 12345) >>> 0; junk[i] = s >>> 24; }
+  check(Buffer.concat([frames.subarray(0, second), junk]), 'garbage from a frame\'s start');
 });
 
 test('through the relays\' streams (QEMU\'s bytes passed on as views, small frames joined): the same sha256', async () => {

@@ -87,4 +87,52 @@ test('compressing carries less of QEMU\'s stream than raw did while the link was
   assert.ok(g.windows.length === 5 && g.windows[2]!.compressing && !g.windows[2]!.next, JSON.stringify(g.windows));
 });
 
+test('compressing carries less of QEMU\'s stream than raw did, the link not busy either way (the host\'s CPU is the limit): raw, though the encoder reads faster than the link', async () => {
+  const g = new Governor(() => 0, 60_000);
+  // As measured before: raw carried ~30 MB/s, the link ~30 MB/s, the encoder 100 MB/s.
+  g.carried.raw = 30e6;
+  g.linkRate = 30e6;
+  g.encoderRate = 100e6;
+  const window = async (inB: number, outB: number, ms: number) => { await sleep(520); return g.account(inB, outB, ms); };
+  assert.is(await window(2 << 20, 1 << 19, 20), true, 'the first compressing window: not counted');
+  // Compressing carries ~4 MB/s of QEMU's stream, the link not busy: raw.
+  assert.is(await window(2 << 20, 1 << 19, 20), false, `carried ${JSON.stringify(g.carried)}, encoder ${g.encoderRate}, link ${g.linkRate}`);
+});
+
+test('the backlog above BUSY in most samples of a window is a busy link, whatever the window\'s two ends read (the send window holds it near BUSY)', async () => {
+  let backlog = 0;
+  const g = new Governor(() => backlog);
+  const t0 = performance.now();
+  backlog = BUSY * 2;
+  while (performance.now() - t0 < 480) { assert.is(g.account(64 << 10, 16 << 10, 0.1), true); await sleep(20); }
+  backlog = 0;
+  await sleep(40);
+  assert.is(g.account(64 << 10, 16 << 10, 0.1), true, 'link busy while compressing: compression stays on');
+  assert.ok(g.linkRate !== null, 'and the link\'s rate was measured');
+});
+
+test('raw with the link keeping up for the through time: turned down for good (chunks pass through); a busy link ends it', async () => {
+  let backlog = 0;
+  const g = new Governor(() => backlog, 60_000, 1000);
+  g.compressing = false;
+  const window = async () => { await sleep(520); return g.account(4 << 20, 4 << 20, 0); };
+  await window();
+  assert.is(g.through, false, 'one quiet raw window is not enough');
+  await window();
+  await window();
+  assert.is(g.through, true, `quiet raw since more than 1 s: ${JSON.stringify(g.windows)}`);
+  backlog = BUSY * 2;
+  await window();
+  backlog = BUSY * 3;
+  assert.is(await window(), true, 'the link became the limit: compressing again (the encoder not measured yet)');
+  assert.is(g.through, false);
+});
+
+test('compressing on a busy link is never through, however long', async () => {
+  const g = new Governor(() => BUSY * 2, 60_000, 0);
+  for (let i = 0; i < 3; i++) { await sleep(520); g.account(4 << 20, 1 << 20, 10); }
+  assert.is(g.compressing, true);
+  assert.is(g.through, false);
+});
+
 test.run();

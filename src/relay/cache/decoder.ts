@@ -7,7 +7,7 @@ import { uncompressSync } from 'lz4-napi';
 import { crc32 } from 'node:zlib';
 import { checksum } from '../../link/checksum.ts';
 import { PAGE_SIZE } from '../../memstream/reader.ts';
-import { FRAME, HELLO_LEN, HELLO_MAGIC, MAX_SLOTS, NO_SLOT } from './frames.ts';
+import { FRAME, HELLO_LEN, HELLO_MAGIC, MAX_SLOTS, NO_SLOT, THRU_HEAD } from './frames.ts';
 
 /** The longest frame header: a page frame's (7 + the longest QEMU record header + 2). */
 const MAX_HEAD = 7 + 8 + 256 + 2;
@@ -41,6 +41,8 @@ export class CacheDecoder {
   private copies = new Slots();
   private filled: Uint8Array = new Uint8Array(0);
   private failed: CacheStreamError | null = null;
+  /** Bytes of a THRU frame still to come: handed on as they arrive. */
+  private thruLeft = 0;
   bytesIn = 0;
   bytesOut = 0;
   /** Milliseconds spent decoding (and joining the output), for the log. */
@@ -79,6 +81,14 @@ export class CacheDecoder {
       }
       let at = 0;
       for (;;) {
+        if (this.thruLeft) {
+          const n = Math.min(this.thruLeft, chunk.length - at);
+          if (n === 0) break;
+          out.push(chunk.subarray(at, at + n));
+          this.thruLeft -= n;
+          at += n;
+          continue;
+        }
         const used = this.frame(chunk, at, out);
         if (used === 0) break;
         at += used;
@@ -107,6 +117,7 @@ export class CacheDecoder {
     if (this.failed) return this.failed;
     if (this.slots < 0) this.failed = new CacheStreamError('the stream ended before the hello');
     else if (this.heldLen) this.failed = new CacheStreamError(`the stream ended inside a frame (${this.heldLen} bytes held back)`);
+    else if (this.thruLeft) this.failed = new CacheStreamError(`the stream ended inside a pass-through frame (${this.thruLeft} bytes short)`);
     return this.failed;
   }
 
@@ -125,6 +136,7 @@ export class CacheDecoder {
       if (len > 64 * 1024 * 1024) throw new CacheStreamError(`a raw frame of ${len} bytes`);
       return 5 + len + 4;
     }
+    if (type === FRAME.THRU) return left < THRU_HEAD ? 0 : THRU_HEAD; // the head only: its bytes follow unframed
     if (type !== FRAME.NEW && type !== FRAME.DELTA) throw new CacheStreamError(`unknown frame type 0x${type.toString(16)}`);
     if (left < 7) return 0;
     const hlen = b.readUInt16BE(at + 5);
@@ -148,6 +160,11 @@ export class CacheDecoder {
       return HELLO_LEN;
     }
     const type = b[at]!;
+    if (type === FRAME.THRU) {
+      if (crc32(b.subarray(at, at + 5)) !== b.readUInt32BE(at + 5)) throw new CacheStreamError('a pass-through frame\'s head failed its CRC');
+      this.thruLeft = b.readUInt32BE(at + 1);
+      return THRU_HEAD;
+    }
     if (type === FRAME.RAW) {
       const len = size - 9;
       const data = b.subarray(at + 5, at + 5 + len);

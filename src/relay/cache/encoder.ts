@@ -8,12 +8,16 @@
 //
 // Turning itself down: compressing costs CPU the guest and QEMU want too, and it only pays
 // while the link is the bottleneck (./governor.ts decides from the encoder's and the link's
-// measured speeds). While it is down, pages go on raw and leave the cache.
+// measured speeds). While it is down, pages go on raw and leave the cache. Down for good (the
+// link kept up with the raw stream for a while: `through`), whole chunks go on as THRU frames:
+// the cache is emptied at once (every copy would go stale), and the reader only skims the
+// records, so that compressing can start again at the next record if the link becomes the
+// limit (the bytes it still holds then were already sent: `ahead`).
 import { compressSync } from 'lz4-napi';
 import { checksum } from '../../link/checksum.ts';
 import { PAGE_SIZE, StreamReader, type Token } from '../../memstream/reader.ts';
 import { FitoList, type FitoSample } from './fito.ts';
-import { FRAME, NO_SLOT, hello, pageFrame, rawFrame } from './frames.ts';
+import { FRAME, NO_SLOT, hello, pageFrame, rawFrame, thruHead } from './frames.ts';
 import { Slots } from './slots.ts';
 import { Governor, type GovernorWindow } from './governor.ts';
 
@@ -30,11 +34,16 @@ export interface EncoderOptions {
   budget: number;
   /** Bytes written but not yet taken by the link; absent = always compress. */
   backlog?: () => number;
+  /** Milliseconds the link has held its writer, in all (the link stream's `heldMs`). */
+  heldMs?: () => number;
   /** FITO tuning (tests). */
   adjustEvery?: number;
   /** Start compressing (default) or passing pages through raw (benchmarks, tests of the switch). */
   compress?: boolean;
 }
+
+/** compress: pages as deltas or lz4; raw: pages raw, records followed; through: whole chunks unparsed. */
+export type EncoderMode = 'compress' | 'raw' | 'through';
 
 export interface CacheStats {
   /** Bytes QEMU sent, bytes put on the link. */
@@ -49,6 +58,8 @@ export interface CacheStats {
   newBytes: number;
   /** Pages sent raw because the link kept up (the cache turned down). */
   bypassedPages: number;
+  /** QEMU bytes passed through unparsed in THRU frames (turned down for good). */
+  throughBytes: number;
   /** New pages sent without a copy kept: the budget was outgrown (FitoList.outgrown). */
   notKept: number;
   modeChanges: number;
@@ -78,24 +89,54 @@ export class CacheEncoder {
   private scratch = Buffer.alloc(PAGE_SIZE);
   private raw: Buffer[] = [];
   private out: Buffer[] = [];
-  private compressing = true;
+  private mode: EncoderMode = 'compress';
+  /** QEMU bytes already on the link (THRU frames) that the reader has not handed out as tokens. */
+  private ahead = 0;
   private governor: Governor | null;
   private started = false;
   /** Milliseconds spent encoding (and joining the output), counted by the relay's stream. */
   ms = 0;
-  private readonly s = { bytesIn: 0, bytesOut: 0, pages: 0, deltaBytes: 0, newBytes: 0, bypassedPages: 0, modeChanges: 0, notKept: 0 };
+  private readonly s = { bytesIn: 0, bytesOut: 0, pages: 0, deltaBytes: 0, newBytes: 0, bypassedPages: 0, modeChanges: 0, notKept: 0, throughBytes: 0 };
 
   constructor(o: EncoderOptions) {
     this.slots = Math.max(1, Math.floor(o.budget / PAGE_SIZE));
     this.fito = new FitoList<number, number>({ maxEntries: this.slots, adjustEvery: o.adjustEvery }, (_k, slot) => this.free.push(slot));
-    this.governor = o.backlog ? new Governor(o.backlog) : null;
-    if (o.compress === false) this.compressing = false;
+    this.governor = o.backlog ? new Governor(o.backlog, undefined, undefined, o.heldMs) : null;
+    if (o.compress === false) this.mode = 'raw';
   }
 
   /** Turn compression on or off from the next page on (without a governor: benchmarks, tests). */
   setCompressing(on: boolean): void {
-    if (on !== this.compressing) this.s.modeChanges++;
-    this.compressing = on;
+    this.setMode(on ? 'compress' : 'raw');
+  }
+
+  /** Change the mode from the next chunk on (without a governor: benchmarks, tests). */
+  setMode(m: EncoderMode): void {
+    if (m === this.mode) return;
+    this.s.modeChanges++;
+    this.switchTo(m);
+  }
+
+  private switchTo(m: EncoderMode): void {
+    if (m === 'through') {
+      // Every copy goes stale from here: the records are no longer followed page by page.
+      for (const slot of this.fito.clear()) this.free.push(slot);
+      this.flushRaw();
+      // What the reader holds (an unfinished record) goes first, then whole chunks; the part of
+      // it already sent (back from THRU frames only a moment ago) not again.
+      this.thru(this.reader.pending.subarray(this.ahead));
+      this.ahead = 0;
+    } else if (this.mode === 'through') {
+      // Back to following records: the reader's held bytes are on the link already.
+      this.ahead = this.reader.pending.length;
+    }
+    this.reader.skim = m === 'through';
+    this.mode = m;
+  }
+
+  private thru(b: Buffer): void {
+    if (!b.length) return;
+    this.out.push(thruHead(b.length), b);
   }
 
   /** Frames for the next bytes of QEMU's stream (the hello first). */
@@ -103,12 +144,18 @@ export class CacheEncoder {
     this.s.bytesIn += chunk.length;
     if (!this.started) { this.started = true; this.out.push(hello(this.slots, PAGE_SIZE)); }
     const t0 = performance.now();
-    for (const t of this.reader.push(chunk)) this.token(t);
+    if (this.mode === 'through') {
+      this.s.throughBytes += chunk.length;
+      this.thru(chunk);
+      this.reader.push(chunk); // skims: no tokens, only where the records are
+    } else for (const t of this.reader.push(chunk)) this.token(t);
     const out = this.take();
     if (this.governor) {
       let n = 0;
       for (const b of out) n += b.length;
-      this.compressing = this.governor.account(chunk.length, n, performance.now() - t0);
+      const compress = this.governor.account(chunk.length, n, performance.now() - t0);
+      const next: EncoderMode = compress ? 'compress' : this.governor.through ? 'through' : 'raw';
+      if (next !== this.mode) this.switchTo(next);
       this.s.modeChanges = this.governor.changes;
     }
     return out;
@@ -117,7 +164,8 @@ export class CacheEncoder {
   /** The stream ended: what the reader held goes out raw. */
   finish(): Buffer[] {
     if (!this.started) { this.started = true; this.out.push(hello(this.slots, PAGE_SIZE)); }
-    for (const t of this.reader.end()) this.token(t);
+    const rest = this.reader.end();
+    if (this.mode !== 'through') for (const t of rest) this.token(t);
     return this.take();
   }
 
@@ -151,7 +199,28 @@ export class CacheEncoder {
     return this.free.pop()!;
   }
 
+  /** The part of a token's bytes not yet on the link (after THRU frames); null when all are. */
+  private unsent(t: Token & { kind: 'raw' | 'page' }): Buffer[] | null {
+    const parts = t.kind === 'raw' ? [t.data] : [t.header, t.data];
+    const out: Buffer[] = [];
+    for (const p of parts) {
+      const skip = Math.min(this.ahead, p.length);
+      this.ahead -= skip;
+      if (skip < p.length) out.push(p.subarray(skip));
+    }
+    return out.length ? out : null;
+  }
+
   private token(t: Token): void {
+    if (this.ahead > 0 && t.kind !== 'touch') {
+      // The first bytes after THRU frames: what was sent already is left out; a page cut by
+      // that point goes raw (its copy, if any, went in the clear).
+      const wasPage = t.kind === 'page';
+      const rest = this.unsent(t);
+      if (wasPage) { this.s.pages++; this.s.bypassedPages++; }
+      if (rest) this.raw.push(...rest);
+      return;
+    }
     if (t.kind === 'raw') { this.raw.push(t.data); return; }
     const key = this.key(t.block, t.offset);
     if (t.kind === 'touch') {
@@ -161,7 +230,7 @@ export class CacheEncoder {
       return;
     }
     this.s.pages++;
-    if (!this.compressing) {
+    if (this.mode !== 'compress') {
       const slot = this.fito.remove(key);
       if (slot !== undefined) this.free.push(slot);
       this.s.bypassedPages++;

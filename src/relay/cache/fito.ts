@@ -148,6 +148,14 @@ export class FitoList<K, V> {
     while (this.entries.size > this.target) this.evictOldest();
   }
 
+  /** Drop every entry without learning from them (all copies went stale at once); returns their values. */
+  clear(): V[] {
+    const values: V[] = [];
+    for (const n of this.entries.values()) values.push(n.value);
+    this.entries = new AgeQueue<K, V>();
+    return values;
+  }
+
   /** Whether `add` would have to evict to make room. */
   get full(): boolean { return this.entries.size >= this.target; }
 

@@ -10,15 +10,24 @@
 //          in `slot` (0xffffffff: not kept)
 //   DELTA  0x03, be32 slot, be16 hlen, header, be16 clen, lz4(page XOR copy in slot), be32 crc
 //          the page is the copy in `slot` XOR the decompressed bytes; the slot keeps the result
+//   THRU   0x04, be32 len, be32 crc of these 5 bytes, then len bytes as QEMU sent them
+//          the encoder turned down for good (./governor.ts `through`): whole chunks, not parsed
 //
-// Every frame's crc is the CRC-32 of the bytes it rebuilds: the decoder hands nothing on that
-// it could not check, so a cut, a truncated frame or garbage can stop the stream but never
-// produce a wrong byte on the destination side.
+// Every RAW, NEW and DELTA frame's crc is the CRC-32 of the bytes it rebuilds: the decoder
+// hands nothing on that it could not check, so a cut, a truncated frame or garbage can stop
+// the stream but never produce a wrong byte on the destination side. A THRU frame's CRC covers
+// its head only, as the link's DATA frames do (src/link/frames.ts): its bytes are QEMU's,
+// untouched by the cache, so no bug of the codec can change them; in transit the carriers
+// authenticate every byte (SSH's and TLS's AEAD ciphers; the shared file's records keep their
+// own CRC), and the destination agent checks the whole stream's length and CRC-32 before it
+// lets its QEMU run. Garbage still cannot pass as a THRU head (its CRC), so a garbage tail
+// stops the stream; a CRC over the bulk bytes cost each end 0.3-0.5 s of CPU per GiB here.
 import { crc32 } from 'node:zlib';
 
 export const HELLO_MAGIC = 0x564d4331; // "VMC1"
 export const HELLO_LEN = 12;
-export const FRAME = { RAW: 0x01, NEW: 0x02, DELTA: 0x03 } as const;
+export const FRAME = { RAW: 0x01, NEW: 0x02, DELTA: 0x03, THRU: 0x04 } as const;
+export const THRU_HEAD = 9;
 export const NO_SLOT = 0xffffffff;
 /** The most slots a decoder accepts (16 GiB of 4 KiB pages): a hello asking for more is refused. */
 export const MAX_SLOTS = 1 << 22;
@@ -69,4 +78,13 @@ export function pageFrame(type: number, slot: number, header: Buffer, data: Buff
   data.copy(f, at);
   f.writeUInt32BE(crc >>> 0, at + data.length);
   return f;
+}
+
+/** The head of a THRU frame of `len` bytes (they follow as they are). */
+export function thruHead(len: number): Buffer {
+  const h = Buffer.allocUnsafe(THRU_HEAD);
+  h[0] = FRAME.THRU;
+  h.writeUInt32BE(len, 1);
+  h.writeUInt32BE(crc32(h.subarray(0, 5)) >>> 0, 5);
+  return h;
 }

@@ -4,8 +4,15 @@
 //
 // Every window (500 ms) it measures:
 //   E  the encoder's speed while compressing (QEMU bytes per second of encoding time);
-//   L  the link's speed, from the windows in which bytes waited for it the whole time
-//      (backlog above BUSY at both ends): what the link took = written - growth of the backlog.
+//   L  the link's speed, from the windows in which bytes waited for it (busy: the backlog above
+//      BUSY in more than half of the samples, one at the window's start and one per encode call):
+//      what the link took = written - growth of the backlog.
+//      or, where the link says how long its writer was held by its send window (`heldMs`),
+//      held for more than half the window. (Both ends of the window above BUSY was the rule
+//      before: the send window holds the backlog near BUSY, and on the 50 MiB/s WAN two samples
+//      at the ends read busy in almost no window though the link carried its limit, and the
+//      governor passed the stream through. The samples alone are biased too: the encoder runs
+//      right after the link drained, when the backlog is lowest.)
 // and decides: compressing while the link is busy -> keep on (link-bound: compression wins).
 // Compressing while the link waits for us -> raw instead if the link is known to be faster
 // than the encoder (or not known yet: probe it raw). Raw while the link is busy -> compress
@@ -20,15 +27,24 @@
 // The encoder and link figures can both say "compress" while compressing still moves QEMU's
 // stream slower: the limit may be the destination (its decoder costs more CPU than passing
 // through) or a CPU both ends share with the guest. So it also measures the outcome: how much of
-// QEMU's stream each mode carried per second in the windows the link was busy (C and R; the
-// first window of each mode is left out: the other mode's backlog still drains in it, or at the
-// start the encoder is cold).
+// QEMU's stream each mode carried per second (C and R; the first window of each mode is left
+// out: the other mode's backlog still drains in it, or at the start the encoder is cold). In
+// every window, not only the busy ones: compressing on a link that is the limit makes it not
+// busy (it then carries ~4x the stream), so C was seldom measured where it mattered, and on a
+// loaded host the link reads busy when the destination is slow to take the bytes, where
+// compressing (the decoder's CPU) carries less, seen at 3-30 MB/s against 20-50 raw.
 // When compressing carried less than 0.9 x what raw did, it goes raw and stays raw until the
 // figures are forgotten (REPROBE_MS, as above). Seen: compressing carried 19 MB/s of QEMU's
 // stream where the plain relay carried 33 (docs/performance.md, 2026-12-01 16:05).
+//
+// Turned down for good: raw while the link keeps up (never busy) for THROUGH_MS means the link
+// is not the limit, and compressing cannot win time there; the encoder then stops following
+// QEMU's records and passes whole chunks through (`through`; docs/memory-migration.md). A busy
+// window ends it (the governor's rules above may turn compression on again).
 export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
 const WINDOW_MS = 500;
 export const REPROBE_MS = 5000;
+export const THROUGH_MS = 2000;
 
 /** One window as the governor saw it: for the log, and to judge its choices afterwards. */
 export interface GovernorWindow {
@@ -37,6 +53,8 @@ export interface GovernorWindow {
   ms: number;
   /** Compressing during the window; QEMU bytes in, link bytes out, encoding time, backlog at its end. */
   compressing: boolean;
+  /** Passing chunks through unparsed during the window (turned down for good). */
+  through: boolean;
   in: number;
   out: number;
   encMs: number;
@@ -54,7 +72,7 @@ export class Governor {
   /** Bytes per second; null until measured. */
   encoderRate: number | null = null;
   linkRate: number | null = null;
-  /** QEMU bytes per second carried while the link was busy, compressing and raw; null until measured. */
+  /** QEMU bytes per second carried, compressing and raw (first window of a mode left out); null until measured. */
   carried: { compressing: number | null; raw: number | null } = { compressing: null, raw: null };
   private sinceSwitch = 0;
   private t0 = performance.now();
@@ -65,9 +83,20 @@ export class Governor {
   private encMs = 0;
   private warm = false;
   private rawSince = 0;
+  /** This window's samples of the backlog, and how many were above BUSY. */
+  private samples = 1;
+  private busySamples = 0;
+  /** Since when every window was raw with the link keeping up; null: not so now. */
+  private quietRawSince: number | null = null;
+  /** Raw, and the link kept up with QEMU's raw stream for THROUGH_MS: pass chunks through unparsed. */
+  through = false;
 
-  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS) {
+  private held0: number;
+
+  constructor(private readonly backlog: () => number, private readonly reprobeMs = REPROBE_MS, private readonly throughMs = THROUGH_MS, private readonly heldMs: () => number = () => 0) {
     this.backlog0 = backlog();
+    this.held0 = heldMs();
+    if (this.backlog0 > BUSY) this.busySamples = 1;
   }
 
   /** Account one encode call: QEMU bytes in, link bytes out, time spent; returns whether to compress next. */
@@ -77,9 +106,13 @@ export class Governor {
     if (this.compressing) { this.encIn += bytesIn; this.encMs += ms; }
     const now = performance.now();
     const dt = now - this.t0;
-    if (dt < WINDOW_MS) return this.compressing;
     const b1 = this.backlog();
-    const busy = this.backlog0 > BUSY && b1 > BUSY;
+    this.samples++;
+    if (b1 > BUSY) this.busySamples++;
+    if (dt < WINDOW_MS) return this.compressing;
+    const held = this.heldMs();
+    const busy = this.busySamples * 2 > this.samples || (held - this.held0) * 2 > dt;
+    this.held0 = held;
     if (busy) this.linkRate = Math.max(0, (this.written - (b1 - this.backlog0)) / (dt / 1000));
     if (this.compressing && this.encMs > 50) {
       if (this.warm) this.encoderRate = this.encIn / (this.encMs / 1000);
@@ -87,7 +120,7 @@ export class Governor {
     }
     this.sinceSwitch++;
     // Not the first window of a mode (the other mode's backlog drains; at the start, the encoder is cold).
-    if (busy && (this.sinceSwitch > 1 || (this.changes === 0 && !this.compressing))) {
+    if (this.sinceSwitch > 1 || (this.changes === 0 && !this.compressing)) {
       const rate = this.qemuIn / (dt / 1000);
       const k = this.compressing ? 'compressing' : 'raw';
       const old = this.carried[k];
@@ -96,9 +129,9 @@ export class Governor {
     if (!this.compressing && busy && now - this.rawSince > this.reprobeMs) { this.encoderRate = null; this.carried.compressing = null; }
     const { compressing: c, raw: r } = this.carried;
     const carriesLess = c !== null && r !== null && c < r * 0.9;
-    const was = this.compressing;
+    const was = this.compressing, wasThrough = this.through;
     let want = this.compressing;
-    if (this.compressing && !busy) want = this.linkRate === null ? false : this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
+    if (this.compressing && !busy) want = !carriesLess && this.linkRate !== null && this.encoderRate !== null && this.encoderRate > this.linkRate * 1.1;
     else if (this.compressing && busy) want = !carriesLess;
     else if (!this.compressing && busy) want = !carriesLess && (this.encoderRate === null || this.encoderRate > this.linkRate! * 1.1);
     if (want !== this.compressing) {
@@ -107,10 +140,15 @@ export class Governor {
       this.sinceSwitch = 0;
       if (!want) this.rawSince = now;
     }
+    if (!was && !busy) this.quietRawSince ??= this.t0;
+    else this.quietRawSince = null;
+    this.through = !this.compressing && this.quietRawSince !== null && now - this.quietRawSince >= this.throughMs;
     if (this.windows.length === MAX_WINDOWS) this.windows.shift();
-    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
+    this.windows.push({ at: Math.round(this.t0 - this.start), ms: Math.round(dt), compressing: was, through: wasThrough, in: this.qemuIn, out: this.written, encMs: Math.round(this.encMs), backlog: b1, next: this.compressing });
     this.t0 = now;
     this.backlog0 = b1;
+    this.samples = 1;
+    this.busySamples = b1 > BUSY ? 1 : 0;
     this.qemuIn = 0;
     this.written = 0;
     this.encIn = 0;

@@ -286,10 +286,13 @@ export class Mirror extends Layer {
   /** Once per degradation: true when the job recorded it (or asked for no record). */
   #degradeRecorded(): Promise<boolean> {
     if (!this.#onDegrade) return Promise.resolve(true);
-    const r = (this.#recorded ??= this.#onDegrade().then(() => true, () => false));
-    // A failed record is tried again by the next write that would degrade.
-    void r.then((ok) => { if (!ok && this.#recorded === r) this.#recorded = null; });
-    return r;
+    if (!this.#recorded) {
+      const r = this.#onDegrade().then(() => true, () => false);
+      this.#recorded = r;
+      // A failed record is tried again by the next write that would degrade.
+      void r.then((ok) => { if (!ok && this.#recorded === r) this.#recorded = null; });
+    }
+    return this.#recorded;
   }
 
   #noteLatency(ms: number): void {

@@ -102,7 +102,7 @@ async function startAgentOver(c: Client, t: SshTarget): Promise<void> {
 /**
  * A dial function for `Link`: each call is one SSH connection carrying one channel. With the
  * OpenSSH client the first call still logs in with ssh2 (our host key check and its clear
- * refusal, and the agent's start), then every call is an `ssh -W` process (openssh-carrier.ts).
+ * refusal, and the agent's start), then every call is an `ssh -N -L` process (openssh-carrier.ts).
  */
 export function sshDialer(t: SshTarget): () => Promise<Duplex> {
   let started = false;

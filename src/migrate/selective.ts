@@ -73,7 +73,8 @@ export async function mirrorPass(ctx: JobContext, carry: DirtySet[] | null, phas
     // write into the window then waits for one window's I/O, never for the limiter.
     await copier.opts.limiter?.ready(ctx.signal);
     throwIfAborted(ctx.signal);
-    await ctx.willWrite(end);
+    const persisting = ctx.willWrite(end);
+    if (persisting) await persisting;
     await mirror.hold(start, end);
     try {
       const work = sets ? unionRanges(sets.map((s) => s.ranges(start)), start, end) : [{ offset: start, length: end - start }];

@@ -5,10 +5,9 @@
 // Every window (500 ms) it measures:
 //   E  the encoder's speed while compressing (QEMU bytes per second of encoding time);
 //   L  the link's speed, from the windows in which bytes waited for it (busy: the backlog above
-//      BUSY in more than half of the samples, one at the window's start and one per encode call):
-//      what the link took = written - growth of the backlog.
-//      or, where the link says how long its writer was held by its send window (`heldMs`),
-//      held for more than half the window. (Both ends of the window above BUSY was the rule
+//      BUSY in more than half of the samples, one at the window's start and one per encode call;
+//      or, where the link says how long its send window held its writer (`heldMs`), held for
+//      more than half the window): what the link took = written - growth of the backlog. (Both ends of the window above BUSY was the rule
 //      before: the send window holds the backlog near BUSY, and on the 50 MiB/s WAN two samples
 //      at the ends read busy in almost no window though the link carried its limit, and the
 //      governor passed the stream through. The samples alone are biased too: the encoder runs
@@ -41,7 +40,8 @@
 // is not the limit, and compressing cannot win time there; the encoder then stops following
 // QEMU's records and passes whole chunks through (`through`; docs/memory-migration.md). A busy
 // window ends it (the governor's rules above may turn compression on again).
-export const BUSY = 6 * 1024 * 1024; // above the link's network window (4 MiB in flight)
+// Above what the link's send window lets out on a 50 MiB/s WAN (rate x >= 50 ms, at least 2 MiB: src/link/window.ts).
+export const BUSY = 6 * 1024 * 1024;
 const WINDOW_MS = 500;
 export const REPROBE_MS = 5000;
 export const THROUGH_MS = 2000;
